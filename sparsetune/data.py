@@ -1,0 +1,275 @@
+"""Text sources -> records -> token batches.
+
+A source is a dataset name (`c4`, `wikitext2`, `alpaca`, `tinyshakespeare`), or a local `.txt`, `.jsonl`,
+`.json` or `.parquet` file. Names load from the HF hub with `datasets.load_dataset`; when a mirror dir is
+given (`--data-dir` or `SPARSETUNE_DATA_DIR`) they resolve to files laid out like `shared/data` instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsetune.errors import SparsetuneError
+
+DATA_DIR_ENV = "SPARSETUNE_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class NamedSplit:
+    """Where one split of a named dataset lives: on the hub, and inside a mirror dir."""
+
+    hub_path: str
+    hub_name: str | None
+    hub_split: str
+    mirror_file: str
+    hub_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# name -> split -> location. `train` feeds calibration and training, `test`/`validation` feed evaluation.
+NAMED_DATASETS: dict[str, dict[str, NamedSplit]] = {
+    "c4": {
+        "train": NamedSplit(
+            "allenai/c4",
+            None,
+            "train",
+            "c4/c4_sample.jsonl",
+            {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}},
+        ),
+        "validation": NamedSplit(
+            "allenai/c4",
+            None,
+            "validation",
+            "c4/c4_validation.jsonl",
+            {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}},
+        ),
+    },
+    "wikitext2": {
+        "train": NamedSplit("wikitext", "wikitext-2-raw-v1", "train", "wikitext-2-raw/wiki.train.raw"),
+        "test": NamedSplit("wikitext", "wikitext-2-raw-v1", "test", "wikitext-2-raw/wiki.test.raw"),
+    },
+    "alpaca": {
+        "train": NamedSplit("tatsu-lab/alpaca", None, "train", "alpaca/alpaca_small.json"),
+    },
+    "tinyshakespeare": {
+        "train": NamedSplit("karpathy/tiny_shakespeare", None, "train", "tinyshakespeare/input.txt"),
+    },
+}
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def mirror_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    chosen = data_dir or os.environ.get(DATA_DIR_ENV)
+    return Path(chosen).expanduser() if chosen else None
+
+
+def is_instruction_record(record: dict[str, Any]) -> bool:
+    return "instruction" in record and "output" in record
+
+
+def alpaca_prompt(record: dict[str, Any]) -> tuple[str, str]:
+    """(prompt, response) in the Stanford Alpaca template."""
+    template = ALPACA_PROMPT if record.get("input") else ALPACA_PROMPT_NO_INPUT
+    return template.format(instruction=record["instruction"], input=record.get("input", "")), str(record["output"])
+
+
+def record_text(record: dict[str, Any]) -> str:
+    """The plain text of a record: its `text`, or the Alpaca prompt followed by the response."""
+    if "text" in record:
+        return str(record["text"])
+    prompt, response = alpaca_prompt(record)
+    return prompt + response
+
+
+def load_records(
+    source: str, split: str = "train", data_dir: str | os.PathLike[str] | None = None
+) -> list[dict[str, Any]]:
+    """Load a source as a list of dict records, each with `text` or Alpaca `instruction/input/output`."""
+    if source in NAMED_DATASETS:
+        return _load_named(source, split, mirror_dir(data_dir))
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SparsetuneError(
+            f"data source {source!r} not found; pass an existing file or one of {', '.join(NAMED_DATASETS)}"
+        )
+    records = read_records_file(path)
+    if not records:
+        raise SparsetuneError(f"data source {source} is empty; pass a file with text in it")
+    return records
+
+
+def _load_named(name: str, split: str, mirror: Path | None) -> list[dict[str, Any]]:
+    splits = NAMED_DATASETS[name]
+    if split not in splits:
+        raise SparsetuneError(f"dataset {name} has no {split!r} split here; available: {', '.join(splits)}")
+    where = splits[split]
+    if mirror is not None:
+        path = mirror / where.mirror_file
+        if not path.exists():
+            raise SparsetuneError(
+                f"mirror file {path} for {name} ({split}) is missing; add it or point --data-dir/"
+                f"{DATA_DIR_ENV} at a mirror laid out like shared/data"
+            )
+        return read_records_file(path)
+    return _load_from_hub(name, where)
+
+
+def _load_from_hub(name: str, where: NamedSplit) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(where.hub_path, where.hub_name, split=where.hub_split, **where.hub_kwargs)
+    except Exception as err:  # noqa: BLE001 - offline, missing, auth: all mean "use a mirror"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise SparsetuneError(
+            f"could not load {name} from the hub ({first}); set --data-dir or {DATA_DIR_ENV} to a local mirror"
+        ) from err
+    if name == "wikitext2":
+        return [{"text": t} for t in ds["text"]]
+    return [dict(r) for r in ds]
+
+
+def read_records_file(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".raw"):
+        if path.name.startswith("wiki.") and suffix == ".raw":
+            return wikitext_rows(path.read_text(encoding="utf-8"))
+        return [{"text": path.read_text(encoding="utf-8")}]
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif suffix == ".json":
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+        rows = loaded if isinstance(loaded, list) else loaded.get("data", []) if isinstance(loaded, dict) else []
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        raise SparsetuneError(f"unsupported data file {path}; use .txt, .jsonl, .json or .parquet")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not ("text" in row or is_instruction_record(row)):
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise SparsetuneError(
+                f"{path} record {i} has no `text` field nor Alpaca `instruction/output` fields (found {keys}); "
+                "rename the text field to `text`"
+            )
+    return rows
+
+
+def wikitext_rows(raw: str) -> list[dict[str, Any]]:
+    """Rows as the HF `wikitext` loader yields them: every line keeps its newline, blank lines become ''."""
+    return [{"text": line if line.strip() else ""} for line in raw.splitlines(keepends=True)]
+
+
+def token_hash(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class CalibrationSet:
+    input_ids: torch.Tensor  # (N, T) int64
+    source: str
+    sampling: str
+    seed: int
+    token_hash: str
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seqlen(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "samples": self.n_samples,
+            "seqlen": self.seqlen,
+            "sampling": self.sampling,
+            "seed": self.seed,
+            "token_hash": self.token_hash,
+        }
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, verbose=False)["input_ids"])
+
+
+def calibration_set(
+    tokenizer: Any,
+    source: str,
+    n_samples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    sampling: str = "random",
+    data_dir: str | os.PathLike[str] | None = None,
+    records: list[dict[str, Any]] | None = None,
+) -> CalibrationSet:
+    """Draw `n_samples` windows of `seqlen` tokens from a source.
+
+    `random` (the Wanda/SparseGPT reference): pick a random document longer than `seqlen`, then a random
+    window inside it. `consecutive`: join all documents with "\\n\\n", tokenize once, take windows from the start.
+    """
+    if n_samples < 1 or seqlen < 1:
+        raise SparsetuneError("--calib-samples and --seqlen must be at least 1")
+    if records is None:
+        records = load_records(source, "train", data_dir)
+    texts = [record_text(r) for r in records]
+    if sampling == "consecutive":
+        ids = _encode(tokenizer, "\n\n".join(texts))
+        needed = n_samples * seqlen
+        if len(ids) < needed:
+            raise SparsetuneError(
+                f"calibration source {source} holds {len(ids)} tokens, {needed} are needed "
+                f"({n_samples} x {seqlen}); lower --calib-samples or --seqlen, or use more data"
+            )
+        batch = torch.tensor(ids[:needed], dtype=torch.int64).view(n_samples, seqlen)
+    elif sampling == "random":
+        batch = _random_windows(tokenizer, texts, source, n_samples, seqlen, seed)
+    else:
+        raise SparsetuneError(f"unknown --calib-sampling {sampling!r}; use random or consecutive")
+    return CalibrationSet(batch, source, sampling, seed, token_hash(batch))
+
+
+def _random_windows(
+    tokenizer: Any, texts: list[str], source: str, n_samples: int, seqlen: int, seed: int
+) -> torch.Tensor:
+    rng = random.Random(seed)
+    lengths: dict[int, list[int]] = {}
+    too_short: set[int] = set()
+    longest = 0
+    windows = []
+    while len(windows) < n_samples:
+        i = rng.randint(0, len(texts) - 1)
+        if i not in lengths:
+            lengths[i] = _encode(tokenizer, texts[i])
+        ids = lengths[i]
+        if len(ids) <= seqlen:
+            too_short.add(i)
+            longest = max(longest, len(ids))
+            if len(too_short) == len(texts):
+                raise SparsetuneError(
+                    f"calibration source {source} has no document longer than {seqlen} tokens (longest: "
+                    f"{longest}); use --calib-sampling consecutive or a shorter --seqlen"
+                )
+            continue
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        windows.append(ids[start : start + seqlen])
+    return torch.tensor(windows, dtype=torch.int64)

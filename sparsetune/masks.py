@@ -1,0 +1,117 @@
+"""Mask operations over weight tensors: unstructured (per row or per matrix) and N:M, plus sparsity stats.
+
+Conventions: a mask is a bool tensor, True = keep. N:M means N kept in every group of M consecutive input
+columns (dim 1 of a Linear weight of shape [out, in]); 2:4 is the Ampere/Hopper sparse tensor core pattern.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparsetune.errors import SparsetuneError
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    n: int
+    m: int
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+
+def parse_pattern(text: str | None) -> NMPattern | None:
+    """Parse "N:M" (0 < N < M). None or "" or "unstructured" -> None."""
+    if text is None or text in ("", "unstructured"):
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if not match:
+        raise SparsetuneError(f"pattern {text!r} is not N:M; write it like 2:4 (N kept out of every M)")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise SparsetuneError(f"pattern {text!r} needs 0 < N < M; write it like 2:4")
+    return NMPattern(n, m)
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not 0.0 <= sparsity < 1.0:
+        raise SparsetuneError(f"sparsity {sparsity} is outside [0, 1); pass e.g. --sparsity 0.5")
+    return float(sparsity)
+
+
+def prune_count(n: int, sparsity: float) -> int:
+    """How many of n entries to prune. The small epsilon keeps 0.7 * 10 == 7 despite float error."""
+    return int(n * sparsity + 1e-9)
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep all but the `prune_count(cols)` lowest scores of every row (Wanda's per-output comparison)."""
+    k = prune_count(scores.shape[1], sparsity)
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        idx = torch.topk(scores, k, dim=1, largest=False).indices
+        mask.scatter_(1, idx, False)
+    return mask
+
+
+def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep all but the `prune_count(numel)` lowest scores of the whole tensor (one threshold per matrix)."""
+    k = prune_count(scores.numel(), sparsity)
+    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        idx = torch.topk(scores.reshape(-1), k, largest=False).indices
+        mask[idx] = False
+    return mask.view_as(scores)
+
+
+def nm_mask(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """Keep the N highest scores in every group of M consecutive columns of every row."""
+    rows, cols = scores.shape
+    if cols % pattern.m:
+        raise SparsetuneError(f"{cols} columns are not divisible by M={pattern.m}")
+    groups = scores.reshape(rows, cols // pattern.m, pattern.m)  # (rows, groups, M)
+    keep = torch.topk(groups, pattern.n, dim=2).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, keep, True)
+    return mask.view(rows, cols)
+
+
+def is_nm(weight: torch.Tensor, pattern: NMPattern) -> bool:
+    return nm_violations(weight, pattern) == 0
+
+
+def nm_violations(weight: torch.Tensor, pattern: NMPattern) -> int:
+    """Number of M-groups holding more than N non-zeros."""
+    rows, cols = weight.shape
+    if cols % pattern.m:
+        return rows * -(-cols // pattern.m)
+    nonzero = (weight != 0).reshape(rows, cols // pattern.m, pattern.m).sum(dim=2)
+    return int((nonzero > pattern.n).sum())
+
+
+def tensor_sparsity(weight: torch.Tensor) -> float:
+    return float((weight == 0).sum()) / max(1, weight.numel())
+
+
+def linear_modules(root: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
+    return {f"{prefix}{name}": mod for name, mod in root.named_modules() if isinstance(mod, nn.Linear) and name != ""}
+
+
+def sparsity_stats(modules: dict[str, nn.Module]) -> dict[str, object]:
+    """Per-module and parameter-weighted global sparsity of the given modules' weights."""
+    per_module = {}
+    zeros = total = 0
+    for name, mod in modules.items():
+        w = mod.weight.detach()
+        z = int((w == 0).sum())
+        per_module[name] = {"shape": list(w.shape), "zeros": z, "numel": w.numel(), "sparsity": z / w.numel()}
+        zeros += z
+        total += w.numel()
+    return {"global_sparsity": zeros / max(1, total), "zeros": zeros, "numel": total, "modules": per_module}

@@ -1,0 +1,79 @@
+"""The settings of one prune run: the schema behind `sparsetune prune` flags and recipe `prune` stages."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sparsetune.masks import NMPattern, check_sparsity, parse_pattern
+
+METHOD_NAMES = ("magnitude", "wanda", "sparsegpt")
+
+
+class PruneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="HF model dir, hub id, .gguf file, or bundled alias (smollm2, llama)")
+    output: str | None = Field(None, description="Output dir for the pruned model")
+    method: Literal["magnitude", "wanda", "sparsegpt"] = Field("wanda", description="Pruning method")
+    sparsity: float | None = Field(
+        None, description="Unstructured sparsity in [0, 1), the fraction of weights set to zero [default: 0.5]"
+    )
+    pattern: str | None = Field(None, description="N:M pattern instead of --sparsity: N kept of every M input columns")
+    calib: str = Field("c4", description="Calibration data: c4, wikitext2, alpaca, or a .txt/.jsonl/.json/.parquet")
+    calib_samples: int = Field(128, ge=1, description="Number of calibration samples")
+    seqlen: int = Field(2048, ge=1, description="Tokens per calibration sample (capped at the model's max positions)")
+    seed: int = Field(0, description="Random seed for sampling calibration windows")
+    calib_sampling: Literal["random", "consecutive"] = Field(
+        "random", description="random: windows from random documents; consecutive: join, tokenize once, slice"
+    )
+    calib_batch_size: int = Field(4, ge=1, description="Samples per forward mini-batch in the calibration pass")
+    data_dir: str | None = Field(None, description="Local mirror dir for named datasets (or SPARSETUNE_DATA_DIR)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model dtype; auto = checkpoint dtype on GPU, float32 on CPU"
+    )
+    device: str = Field("auto", description="Compute device: auto, cpu, cuda, cuda:N")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it)")
+    targets: list[str] = Field(
+        default_factory=list,
+        description="Regexes of Linear names to prune (default: every Linear inside the decoder blocks)",
+    )
+    ignore: list[str] = Field(default_factory=list, description="Regexes of Linear names never to prune")
+    sequential: bool = Field(
+        True,
+        description="True-sequential one-pass engine; --no-sequential takes every statistic from the dense block",
+    )
+    untie_embeddings: bool = Field(
+        False, description="Allow pruning lm_head when it shares its weight with the embeddings (unties a copy)"
+    )
+    percdamp: float = Field(0.01, gt=0, description="SparseGPT dampening, a fraction of the mean Hessian diagonal")
+    blocksize: int = Field(128, ge=1, description="SparseGPT column block size")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_range(cls, value: float | None) -> float | None:
+        return None if value is None else check_sparsity(value)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_form(cls, value: str | None) -> str | None:
+        parsed = parse_pattern(value)
+        return None if parsed is None else str(parsed)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneConfig:
+        if self.pattern is not None and self.sparsity is not None:
+            raise ValueError("give either sparsity or pattern, not both")
+        if self.pattern is None and self.sparsity is None:
+            self.sparsity = 0.5
+        return self
+
+    @property
+    def nm(self) -> NMPattern | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        nm = self.nm
+        return nm.sparsity if nm is not None else float(self.sparsity or 0.0)

@@ -1,0 +1,76 @@
+"""Recipe plumbing shared by every command: YAML loading, CLI-over-recipe merging, one-line validation errors.
+
+Each command owns its settings schema (a pydantic model with a description on every field); Typer help texts
+and recipe validation both come from that one schema.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from sparsetune.errors import SparsetuneError
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def field_help(cls: type[BaseModel], name: str) -> str:
+    """A field's description plus its default, for `--help`."""
+    info = cls.model_fields[name]
+    text = info.description or ""
+    if not info.is_required():
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, bool):
+            default = str(default).lower()
+        if isinstance(default, list):
+            default = ",".join(map(str, default)) or "none"
+        text += f" [default: {default}]"
+    return text
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise SparsetuneError(f"recipe {p} not found; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise SparsetuneError(f"recipe {p}{where} is not valid YAML; fix the syntax") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SparsetuneError(f"recipe {p} must be a YAML mapping of settings")
+    return data
+
+
+def validate_config(cls: type[ConfigT], data: dict[str, Any], where: str = "settings") -> ConfigT:
+    """Validate `data` against `cls`, turning pydantic's report into one actionable line."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(root)"
+        if first["type"] == "extra_forbidden":
+            valid = ", ".join(sorted(cls.model_fields))
+            raise SparsetuneError(f"{where}: unknown key {key!r}; valid keys: {valid}") from err
+        msg = first["msg"].removeprefix("Value error, ")
+        raise SparsetuneError(f"{where}: {key}: {msg}") from err
+
+
+def merge_settings(recipe: dict[str, Any], cli_values: dict[str, Any]) -> dict[str, Any]:
+    """CLI values that were given (not None) override the recipe's."""
+    merged = dict(recipe)
+    merged.update({k: v for k, v in cli_values.items() if v is not None})
+    return merged
+
+
+def dump_yaml(cfg: BaseModel, path: str | os.PathLike[str], header: str = "") -> None:
+    data = cfg.model_dump(mode="json")
+    text = yaml.safe_dump(data, sort_keys=False)
+    Path(path).write_text((f"# {header}\n" if header else "") + text)
