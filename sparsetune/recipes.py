@@ -22,13 +22,13 @@ def field_help(cls: type[BaseModel], name: str) -> str:
     """A field's description plus its default, for `--help`."""
     info = cls.model_fields[name]
     text = info.description or ""
-    if not info.is_required():
+    if not info.is_required() and info.get_default(call_default_factory=True) is not None:
         default = info.get_default(call_default_factory=True)
         if isinstance(default, bool):
             default = str(default).lower()
         if isinstance(default, list):
             default = ",".join(map(str, default)) or "none"
-        text += f" [default: {default}]"
+        text += f" (default: {default})"
     return text
 
 

@@ -15,6 +15,12 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+@app.callback()
+def _root() -> None:
+    """Keeps `sparsetune` a command group even while only one subcommand is registered."""
+
+
 # One module per subcommand, in the order `--help` lists them.
 COMMAND_MODULES = ("prune", "evaluate", "export", "seft", "smet", "run")
 

@@ -16,9 +16,11 @@ class PruneConfig(BaseModel):
 
     model: str = Field(description="HF model dir, hub id, .gguf file, or bundled alias (smollm2, llama)")
     output: str | None = Field(None, description="Output dir for the pruned model")
-    method: Literal["magnitude", "wanda", "sparsegpt"] = Field("wanda", description="Pruning method")
+    method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
+        "wanda", description="Pruning method: magnitude, wanda or sparsegpt"
+    )
     sparsity: float | None = Field(
-        None, description="Unstructured sparsity in [0, 1), the fraction of weights set to zero [default: 0.5]"
+        None, description="Unstructured sparsity in [0, 1), the fraction of weights set to zero (default: 0.5)"
     )
     pattern: str | None = Field(None, description="N:M pattern instead of --sparsity: N kept of every M input columns")
     calib: str = Field("c4", description="Calibration data: c4, wikitext2, alpaca, or a .txt/.jsonl/.json/.parquet")

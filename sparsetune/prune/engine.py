@@ -1,0 +1,333 @@
+"""The one calibration engine every method shares: block by block over the decoder layers.
+
+For each block it makes one forward pass over the calibration samples (in mini-batches), in true-sequential
+order: statistics for [q, k, v] from the block input -> prune them -> attention with the pruned q, k, v gives
+the o_proj input -> prune o -> residual + norm give the [gate, up] input -> prune them -> act(gate) * up gives
+the down input -> prune down -> the pruned block's output becomes the next block's input. Every sublayer is
+computed once. `sequential=False` is the reference two-pass behaviour (statistics from the dense block, then a
+second pass through the pruned block).
+
+A method is a module of pure functions: `init_stats(in_features, device)`, `accumulate(stats, x)` and
+`prune_group(weights, stats, target, **options) -> pruned fp32 weights`. Linears that read the same input share
+one statistic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsetune.masks import NMPattern
+
+# Which input each Linear of a Llama-layout block reads; Linears of one group share a statistic.
+GROUP_OF = {
+    "self_attn.q_proj": "attn_in",
+    "self_attn.k_proj": "attn_in",
+    "self_attn.v_proj": "attn_in",
+    "self_attn.o_proj": "attn_out",
+    "mlp.gate_proj": "mlp_in",
+    "mlp.up_proj": "mlp_in",
+    "mlp.down_proj": "mlp_mid",
+}
+GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
+GROUP_READER = {"attn_in": "self_attn.q_proj", "attn_out": "self_attn.o_proj", "mlp_in": "mlp.gate_proj"}
+GROUP_READER["mlp_mid"] = "mlp.down_proj"
+
+
+@dataclass
+class BlockTargets:
+    """The Linears to prune in one decoder block, by group: group -> [(full name, module)]."""
+
+    index: int
+    groups: dict[str, list[tuple[str, nn.Linear]]] = field(default_factory=dict)
+
+    def modules(self) -> list[tuple[str, nn.Linear]]:
+        return [item for group in GROUPS for item in self.groups.get(group, [])]
+
+
+@dataclass
+class EngineOptions:
+    method: ModuleType
+    target: float | NMPattern
+    method_options: dict[str, Any]
+    sequential: bool = True
+    batch_size: int = 4
+    device: torch.device = torch.device("cpu")
+    # Cache act(gate)*up for the down_proj pass while it fits this budget; above it, recompute (slower, less memory).
+    mlp_cache_bytes: int = 8 << 30
+
+
+class _StopCapture(Exception):
+    """Raised by the recorders once they have what they need, to skip the rest of the model."""
+
+
+class _LayerRecorder(nn.Module):
+    """Stands in for a decoder layer: records what the model passes to it and forwards nothing."""
+
+    def __init__(self, index: int, sink: dict[str, Any], stop_at: int) -> None:
+        super().__init__()
+        self.index, self.sink, self.stop_at = index, sink, stop_at
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.index == 0:
+            self.sink["hidden"] = hidden_states
+        self.sink.setdefault("kwargs", {})[self.index] = kwargs
+        if self.index == self.stop_at:
+            raise _StopCapture
+        return hidden_states
+
+
+def batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _record(model: nn.Module, input_ids: torch.Tensor, stop_at: int) -> dict[str, Any]:
+    layers = model.model.layers
+    sink: dict[str, Any] = {}
+    model.model.layers = nn.ModuleList(_LayerRecorder(i, sink, stop_at) for i in range(len(layers)))
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopCapture:
+        pass
+    finally:
+        model.model.layers = layers
+    return sink
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device, store_device: torch.device
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Hidden states entering block 0 for every sample (N, T, hidden), and each block's extra inputs.
+
+    The extra inputs (attention mask, rotary embeddings, position ids) are recorded for every layer from one
+    sample, since families like Qwen2 give sliding-window layers a different mask; batch-1 tensors broadcast.
+    """
+    n_layers = len(model.model.layers)
+    head = [model.model.embed_tokens, model.model.rotary_emb]
+    homes = [next(m.parameters(), torch.empty(0)).device for m in head]
+    for m in head:
+        m.to(device)
+    try:
+        layer_kwargs_map = _record(model, input_ids[:1].to(device), stop_at=n_layers - 1)["kwargs"]
+        layer_kwargs = [layer_kwargs_map[i] for i in range(n_layers)]
+        first = None
+        for sl in batches(input_ids.shape[0], batch_size):
+            hidden = _record(model, input_ids[sl].to(device), stop_at=0)["hidden"]
+            if first is None:
+                shape = (input_ids.shape[0], *hidden.shape[1:])
+                first = torch.empty(shape, dtype=hidden.dtype, device=store_device)
+            first[sl] = hidden.to(store_device)
+    finally:
+        for m, home in zip(head, homes, strict=True):
+            m.to(home)
+    assert first is not None
+    return first, layer_kwargs
+
+
+def _prune_group(items: list[tuple[str, nn.Linear]], stats: Any, opts: EngineOptions) -> None:
+    if not items:
+        return
+    weights = [module.weight.data for _, module in items]
+    pruned = opts.method.prune_group(weights, stats, opts.target, **opts.method_options)
+    for (_, module), new in zip(items, pruned, strict=True):
+        module.weight.data.copy_(new.to(module.weight.dtype))
+
+
+def _accumulate_over(stats: Any, n: int, opts: EngineOptions, make_input: Callable[[slice], torch.Tensor]) -> Any:
+    for sl in batches(n, opts.batch_size):
+        opts.method.accumulate(stats, make_input(sl))
+    return reduce_stats(stats)
+
+
+def reduce_stats(stats: Any) -> Any:
+    """Sum statistics over processes when calibration is sharded across ranks (no-op in one process)."""
+    if isinstance(stats, torch.Tensor) and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stats)
+    return stats
+
+
+@torch.no_grad()
+def prune_block_sequential(
+    layer: nn.Module, X: torch.Tensor, kwargs: dict[str, Any], targets: BlockTargets, opts: EngineOptions
+) -> None:
+    """Prune one block in true-sequential order with one pass of compute; X becomes the block output in place."""
+    dev, n = opts.device, X.shape[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = targets.groups
+    init = opts.method.init_stats
+
+    def to_dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dev, non_blocking=True)
+
+    # 1. q, k, v read the normed block input.
+    if groups.get("attn_in"):
+        stats = init(X.shape[-1], dev)
+        _accumulate_over(stats, n, opts, lambda sl: layer.input_layernorm(to_dev(X[sl])))
+        _prune_group(groups["attn_in"], stats, opts)
+
+    # 2. o_proj reads the attention output computed with the pruned q, k, v. o_proj is swapped for an
+    #    identity while capturing, so its dense matmul is never computed.
+    o_proj = attn.o_proj
+    A = torch.empty((*X.shape[:-1], o_proj.in_features), dtype=X.dtype, device=X.device)
+    stats = init(o_proj.in_features, dev) if groups.get("attn_out") else None
+    attn.o_proj = nn.Identity()
+    try:
+        for sl in batches(n, opts.batch_size):
+            a = attn(hidden_states=layer.input_layernorm(to_dev(X[sl])), **kwargs)[0]
+            if stats is not None:
+                opts.method.accumulate(stats, a)
+            A[sl] = a.to(A.device)
+    finally:
+        attn.o_proj = o_proj
+    if stats is not None:
+        _prune_group(groups["attn_out"], reduce_stats(stats), opts)
+
+    # 3. gate and up read the normed residual stream after the pruned attention.
+    H1 = A if o_proj.in_features == X.shape[-1] else torch.empty_like(X)
+    stats = init(X.shape[-1], dev) if groups.get("mlp_in") else None
+    for sl in batches(n, opts.batch_size):
+        h1 = to_dev(X[sl]) + o_proj(to_dev(A[sl]))
+        if stats is not None:
+            opts.method.accumulate(stats, layer.post_attention_layernorm(h1))
+        H1[sl] = h1.to(H1.device)
+    if stats is not None:
+        _prune_group(groups["mlp_in"], reduce_stats(stats), opts)
+
+    # 4. down reads act(gate) * up computed with the pruned gate and up.
+    def mlp_mid(sl: slice) -> torch.Tensor:
+        hn = layer.post_attention_layernorm(to_dev(H1[sl]))
+        return mlp.act_fn(mlp.gate_proj(hn)) * mlp.up_proj(hn)
+
+    if groups.get("mlp_mid"):
+        inter = mlp.down_proj.in_features
+        z_bytes = n * X.shape[1] * inter * X.element_size()
+        Z = (
+            torch.empty((*X.shape[:-1], inter), dtype=X.dtype, device=X.device)
+            if z_bytes <= opts.mlp_cache_bytes
+            else None
+        )
+        stats = init(inter, dev)
+        for sl in batches(n, opts.batch_size):
+            z = mlp_mid(sl)
+            opts.method.accumulate(stats, z)
+            if Z is not None:
+                Z[sl] = z.to(Z.device)
+        _prune_group(groups["mlp_mid"], reduce_stats(stats), opts)
+        # 5. The block output (residual + pruned down) overwrites the block input.
+        for sl in batches(n, opts.batch_size):
+            z = to_dev(Z[sl]) if Z is not None else mlp_mid(sl)
+            X[sl] = (to_dev(H1[sl]) + mlp.down_proj(z)).to(X.device)
+    else:
+        for sl in batches(n, opts.batch_size):
+            X[sl] = (to_dev(H1[sl]) + mlp.down_proj(mlp_mid(sl))).to(X.device)
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def prune_block_two_pass(
+    layer: nn.Module, X: torch.Tensor, kwargs: dict[str, Any], targets: BlockTargets, opts: EngineOptions
+) -> None:
+    """Reference semantics: every statistic from the dense block, prune all, then run the pruned block."""
+    dev, n = opts.device, X.shape[0]
+    stats: dict[str, Any] = {}
+    hooks = []
+    for group, items in targets.groups.items():
+        if not items:
+            continue
+        reader = layer.get_submodule(GROUP_READER[group])
+        stats[group] = opts.method.init_stats(reader.in_features, dev)
+
+        def hook(_mod: nn.Module, args: tuple[Any, ...], group: str = group) -> None:
+            opts.method.accumulate(stats[group], args[0])
+
+        hooks.append(reader.register_forward_pre_hook(hook))
+    try:
+        for sl in batches(n, opts.batch_size):
+            layer(X[sl].to(dev), **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    for group in GROUPS:
+        if group in stats:
+            _prune_group(targets.groups[group], reduce_stats(stats[group]), opts)
+    for sl in batches(n, opts.batch_size):
+        X[sl] = _layer_output(layer(X[sl].to(dev), **kwargs)).to(X.device)
+
+
+@torch.no_grad()
+def prune_head(model: nn.Module, X: torch.Tensor, head: tuple[str, nn.Linear], opts: EngineOptions) -> None:
+    """Prune lm_head (only when explicitly targeted) from the final-norm output of the pruned blocks."""
+    norm = model.model.norm
+    home = next(norm.parameters()).device
+    norm.to(opts.device)
+    stats = opts.method.init_stats(head[1].in_features, opts.device)
+    _accumulate_over(stats, X.shape[0], opts, lambda sl: norm(X[sl].to(opts.device)))
+    norm.to(home)
+    _prune_group([head], stats, opts)
+
+
+def run_blocks(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    blocks: list[BlockTargets],
+    head: tuple[str, nn.Linear] | None,
+    opts: EngineOptions,
+    on_block_done: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """Run the engine over every block; returns phase timings in seconds."""
+    store = activation_device(model, input_ids, opts.device)
+    t0 = time.perf_counter()
+    X, layer_kwargs = capture_block_inputs(model, input_ids, opts.batch_size, opts.device, store)
+    timings = {"capture_s": time.perf_counter() - t0}
+    layers = model.model.layers
+    prune_block = prune_block_sequential if opts.sequential else prune_block_two_pass
+    t_blocks = time.perf_counter()
+    for i, layer in enumerate(layers):
+        t_block = time.perf_counter()
+        home = next(layer.parameters()).device
+        layer.to(opts.device)
+        kwargs = _on_device(layer_kwargs[i], opts.device)
+        prune_block(layer, X, kwargs, blocks[i], opts)
+        layer.to(home)
+        if on_block_done is not None:
+            on_block_done(i, time.perf_counter() - t_block)
+    timings["blocks_s"] = time.perf_counter() - t_blocks
+    if head is not None:
+        t_head = time.perf_counter()
+        prune_head(model, X, head, opts)
+        timings["head_s"] = time.perf_counter() - t_head
+    return timings
+
+
+def activation_device(model: nn.Module, input_ids: torch.Tensor, device: torch.device) -> torch.device:
+    """Keep activations on the compute device when about 3 copies fit in half its free memory, else on CPU."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    cfg = model.config
+    per_token = (2 * cfg.hidden_size + cfg.intermediate_size) * torch.finfo(model.dtype).bits // 8
+    need = input_ids.numel() * per_token
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < free // 2 else torch.device("cpu")
+
+
+def _on_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_on_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_on_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _on_device(v, device) for k, v in obj.items()}
+    return obj

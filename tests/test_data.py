@@ -1,0 +1,76 @@
+"""Text sources -> records -> calibration windows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparsetune.data import calibration_set, load_records, record_text, wikitext_rows
+from sparsetune.errors import SparsetuneError
+
+
+def test_file_formats(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "b.json").write_text(json.dumps([{"instruction": "Add", "input": "1+1", "output": "2"}]))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["p1", "p2", "p3"]}), tmp_path / "c.parquet")
+    (tmp_path / "d.txt").write_text("plain text")
+    assert [r["text"] for r in load_records(str(tmp_path / "a.jsonl"))] == ["one", "two"]
+    alpaca = load_records(str(tmp_path / "b.json"))
+    assert "### Instruction:\nAdd" in record_text(alpaca[0]) and record_text(alpaca[0]).endswith("### Response:\n2")
+    assert len(load_records(str(tmp_path / "c.parquet"))) == 3
+    assert load_records(str(tmp_path / "d.txt")) == [{"text": "plain text"}]
+
+
+def test_bad_records_name_the_field(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(SparsetuneError, match="no `text` field"):
+        load_records(str(tmp_path / "bad.jsonl"))
+
+
+def test_named_dataset_missing_mirror_file_names_the_path(tmp_path):
+    with pytest.raises(SparsetuneError, match=r"wikitext-2-raw/wiki.train.raw.*missing"):
+        load_records("wikitext2", "train", data_dir=tmp_path)
+
+
+def test_wikitext_rows_match_hf_loader_convention():
+    rows = wikitext_rows(" \n = Title = \n \n Body text . \n")
+    assert [r["text"] for r in rows] == ["", " = Title = \n", "", " Body text . \n"]
+
+
+def test_random_windows_are_seeded_and_hashed(tiny_tokenizer, text_file):
+    a = calibration_set(tiny_tokenizer, str(text_file), n_samples=4, seqlen=16, seed=0)
+    b = calibration_set(tiny_tokenizer, str(text_file), n_samples=4, seqlen=16, seed=0)
+    c = calibration_set(tiny_tokenizer, str(text_file), n_samples=4, seqlen=16, seed=1)
+    assert a.input_ids.shape == (4, 16) and torch.equal(a.input_ids, b.input_ids) and a.token_hash == b.token_hash
+    assert a.token_hash != c.token_hash
+
+
+def test_consecutive_windows_take_the_joined_stream_from_the_start(tiny_tokenizer, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["the man said", "good work"]))
+    calib = calibration_set(tiny_tokenizer, str(path), n_samples=1, seqlen=5, sampling="consecutive")
+    expected = tiny_tokenizer("the man said\n\ngood work")["input_ids"][:5]
+    assert calib.input_ids[0].tolist() == expected
+
+
+def test_too_few_tokens_says_how_many(tiny_tokenizer, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("the man said")
+    with pytest.raises(SparsetuneError, match=r"holds 3 tokens, 32 are needed"):
+        calibration_set(tiny_tokenizer, str(path), n_samples=2, seqlen=16, sampling="consecutive")
+    with pytest.raises(SparsetuneError, match="no document longer than 16 tokens"):
+        calibration_set(tiny_tokenizer, str(path), n_samples=2, seqlen=16, sampling="random")
+
+
+def test_shared_mirror_c4_and_alpaca(shared_data, tiny_tokenizer):
+    c4 = load_records("c4", "train", data_dir=shared_data)
+    assert len(c4) == 1000 and "text" in c4[0]
+    alpaca = load_records("alpaca", "train", data_dir=shared_data)
+    assert len(alpaca) == 2000 and "instruction" in alpaca[0]
+    wiki = load_records("wikitext2", "test", data_dir=shared_data)
+    assert len(wiki) == 4358

@@ -1,0 +1,163 @@
+"""`sparsetune prune` end to end on a tiny model, and every bad-input case (exit 2, one line, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sparsetune.cli.app import app
+
+runner = CliRunner(env={"COLUMNS": "250"})
+CALIB = ["--calib-samples", "4", "--seqlen", "32"]
+
+
+def _run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_prune_cli_end_to_end_and_recipe_reproduces(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    result = _run(
+        "prune",
+        tiny_model_dir,
+        "--method",
+        "sparsegpt",
+        "--pattern",
+        "2:4",
+        "--calib",
+        text_file,
+        *CALIB,
+        "-o",
+        out,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["pattern"] == "2:4" and summary["global_sparsity"] == pytest.approx(0.5)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert float((model.model.layers[1].mlp.down_proj.weight == 0).float().mean()) == pytest.approx(0.5)
+    report = json.loads((out / "sparsity_report.json").read_text())
+    assert report["calibration"]["token_hash"] and report["versions"]["torch"]
+    assert set(report["timings"]) >= {"load_s", "prune_s", "save_s", "calibration_data_s"}
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["method"] == "sparsegpt" and recipe["pattern"] == "2:4"
+    out2 = tmp_path / "out2"
+    result = _run("prune", "--recipe", out / "recipe.yaml", "-o", out2)
+    assert result.exit_code == 0, result.output
+    a, b = _weights(out), _weights(out2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the input model is untouched
+    assert float((_weights(tiny_model_dir)["model.layers.1.mlp.down_proj.weight"] == 0).float().mean()) == 0.0
+
+
+def test_prune_cli_defaults_and_overwrite(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    assert _run("prune", tiny_model_dir, "--calib", text_file, *CALIB, "-o", out).exit_code == 0
+    report = json.loads((out / "sparsity_report.json").read_text())
+    assert report["method"] == "wanda" and report["target_sparsity"] == 0.5 and report["sequential"] is True
+    again = _run("prune", tiny_model_dir, "--calib", text_file, *CALIB, "--sparsity", "0.7", "-o", out)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    forced = _run("prune", tiny_model_dir, "--calib", text_file, *CALIB, "--sparsity", "0.7", "-o", out, "--overwrite")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads((out / "sparsity_report.json").read_text())["target_sparsity"] == 0.7
+
+
+def test_help_lists_every_flag_with_defaults():
+    result = _run("prune", "--help")
+    assert result.exit_code == 0
+    for flag in (
+        "--method",
+        "--sparsity",
+        "--pattern",
+        "--calib",
+        "--calib-samples",
+        "--seqlen",
+        "--seed",
+        "--calib-sampling",
+        "--no-sequential",
+        "--targets",
+        "--ignore",
+        "--untie-embeddings",
+        "--recipe",
+        "--overwrite",
+        "--json",
+        "--dtype",
+        "--device",
+        "--trust-remote-code",
+        "--data-dir",
+    ):
+        assert flag in result.output, flag
+    assert "default: wanda" in result.output and "default: 128" in result.output
+
+
+def _corrupt_model(tiny_model_dir):
+    (tiny_model_dir / "model.safetensors").write_bytes(b"\x00\x01garbage" * 10)
+    return tiny_model_dir
+
+
+BAD_CASES = {
+    "missing model": (lambda d, f: ["./no/such/model", "--calib", f], "not found"),
+    "corrupt weights": (lambda d, f: [_corrupt_model(d), "--calib", f], "could not load model"),
+    "sparsity 1.0": (lambda d, f: [d, "--sparsity", "1.0", "--calib", f], "outside [0, 1)"),
+    "negative sparsity": (lambda d, f: [d, "--sparsity", "-0.1", "--calib", f], "outside [0, 1)"),
+    "pattern N>=M": (lambda d, f: [d, "--pattern", "4:2", "--calib", f], "0 < N < M"),
+    "pattern garbage": (lambda d, f: [d, "--pattern", "half", "--calib", f], "not N:M"),
+    "indivisible in_features": (lambda d, f: [d, "--pattern", "1:3", "--calib", f], "not divisible by M=3"),
+    "missing calibration": (lambda d, f: [d, "--calib", "/no/such.jsonl"], "not found"),
+    "empty calibration": (lambda d, f: [d, "--calib", _empty(f)], "is empty"),
+    "too-short calibration": (
+        lambda d, f: [d, "--calib", f, "--calib-samples", "500", "--calib-sampling", "consecutive"],
+        "are needed",
+    ),
+    "unknown recipe key": (lambda d, f: [d, "--recipe", _recipe(f, "sparsty: 0.5\n")], "unknown key 'sparsty'"),
+    "targets match nothing": (lambda d, f: [d, "--calib", f, "--targets", "nothing_here"], "matched no Linear"),
+}
+
+
+def _empty(text_file):
+    path = text_file.parent / "empty.jsonl"
+    path.write_text("")
+    return path
+
+
+def _recipe(text_file, body):
+    path = text_file.parent / "recipe.yaml"
+    path.write_text(body)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tiny_model_dir, text_file, tmp_path):
+    make_args, expected = BAD_CASES[case]
+    out = tmp_path / "out"
+    result = _run("prune", *make_args(tiny_model_dir, text_file), *CALIB[:0], "-o", out)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp dir left behind
+
+
+def test_existing_output_dir_is_refused_before_any_work(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _run("prune", tiny_model_dir, "--calib", text_file, "-o", out)
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_output_inside_the_input_is_refused(tiny_model_dir, text_file):
+    result = _run("prune", tiny_model_dir, "--calib", text_file, "-o", tiny_model_dir / "pruned")
+    assert result.exit_code == 2 and "overlaps the input" in result.output

@@ -1,0 +1,106 @@
+"""The engine's own invariants: block outputs, sequential vs two-pass, targets, tied embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from test_prune_methods import _calib
+
+from sparsetune.errors import SparsetuneError
+from sparsetune.prune import wanda
+from sparsetune.prune.api import plan_targets, prune_model
+from sparsetune.prune.config import PruneConfig
+from sparsetune.prune.engine import EngineOptions, capture_block_inputs, prune_block_sequential
+
+
+def _hidden_states(model, ids):
+    with torch.no_grad():
+        return model.model(input_ids=ids, output_hidden_states=True).hidden_states
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_capture_matches_model_embeddings_and_block_output_matches_pruned_forward(family):
+    model = make_tiny_model(family)
+    ids = _calib(n=6, t=16).input_ids
+    X, kwargs = capture_block_inputs(model, ids, 4, torch.device("cpu"), torch.device("cpu"))
+    hidden = _hidden_states(model, ids)
+    assert torch.allclose(X, hidden[0], atol=1e-6)
+    cfg = PruneConfig(model="x", method="wanda", sparsity=0.5)
+    blocks, _ = plan_targets(model, cfg)
+    opts = EngineOptions(method=wanda, target=0.5, method_options={}, batch_size=4)
+    layer = model.model.layers[0]
+    X_in = X.clone()
+    prune_block_sequential(layer, X, kwargs[0], blocks[0], opts)
+    with torch.no_grad():
+        expected = layer(X_in, **kwargs[0])
+    assert torch.allclose(X, expected, atol=1e-5)  # the engine's one pass equals the pruned block's forward
+
+
+def test_zero_sparsity_leaves_model_and_outputs_unchanged(tiny_tokenizer):
+    model = make_tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune_model(model, tiny_tokenizer, PruneConfig(model="x", sparsity=0.0), _calib(), show_progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_sequential_and_two_pass_differ_after_first_sublayer(tiny_tokenizer):
+    a, b = make_tiny_model("llama"), make_tiny_model("llama")
+    prune_model(a, tiny_tokenizer, PruneConfig(model="x", sequential=True), _calib(), show_progress=False)
+    prune_model(b, tiny_tokenizer, PruneConfig(model="x", sequential=False), _calib(), show_progress=False)
+    # q/k/v of block 0 see the same (dense) input in both modes; o_proj sees pruned attention only in sequential.
+    la, lb = a.model.layers[0].self_attn, b.model.layers[0].self_attn
+    assert torch.equal(la.q_proj.weight, lb.q_proj.weight)
+    assert not torch.equal(la.o_proj.weight, lb.o_proj.weight)
+
+
+def test_targets_and_ignore_regexes(tiny_tokenizer):
+    model = make_tiny_model("llama")
+    cfg = PruneConfig(model="x", targets=["mlp"], ignore=[r"layers\.1\."], sparsity=0.5)
+    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    assert set(report["modules"]) == {f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")}
+    assert float((model.model.layers[1].mlp.up_proj.weight == 0).float().mean()) == 0.0
+    assert float((model.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) == 0.0
+
+
+def test_targets_matching_nothing_is_an_error():
+    with pytest.raises(SparsetuneError, match="matched no Linear"):
+        plan_targets(make_tiny_model("llama"), PruneConfig(model="x", targets=["nonexistent"]))
+
+
+def test_pattern_not_dividing_in_features_names_the_module():
+    with pytest.raises(SparsetuneError, match=r"model\.layers\.0\.self_attn\.q_proj.*not divisible by M=3"):
+        plan_targets(make_tiny_model("llama"), PruneConfig(model="x", pattern="2:3"))
+
+
+def test_tied_lm_head_is_never_pruned_without_untie(tiny_tokenizer):
+    model = make_tiny_model("llama", tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embed = model.model.embed_tokens.weight.clone()
+    prune_model(model, tiny_tokenizer, PruneConfig(model="x", sparsity=0.5), _calib(), show_progress=False)
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    with pytest.raises(SparsetuneError, match="--untie-embeddings"):
+        plan_targets(model, PruneConfig(model="x", targets=["lm_head"]))
+
+
+def test_untie_embeddings_prunes_a_copy_of_lm_head(tiny_tokenizer):
+    model = make_tiny_model("llama", tie=True)
+    embed = model.model.embed_tokens.weight.clone()
+    cfg = PruneConfig(model="x", targets=["lm_head"], untie_embeddings=True, sparsity=0.5)
+    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    assert list(report["modules"]) == ["lm_head"]
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    zeros_per_row = (model.lm_head.weight == 0).sum(dim=1)
+    pad = model.config.pad_token_id  # its embedding row is all zeros from init
+    assert torch.all(zeros_per_row[torch.arange(256) != pad] == 32)
+    assert model.config.tie_word_embeddings is False
+
+
+def test_unsupported_family_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(SparsetuneError, match="supported decoder families: llama, mistral, qwen2"):
+        plan_targets(model, PruneConfig(model="x"))
