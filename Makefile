@@ -39,5 +39,18 @@ lint: dev
 test: lint
 	$(BIN)/python -m pytest -q
 
+# llm-compressor pins an older transformers, so the prune benchmark runs it from its own venv.
+$(VENV)-bench/.installed:
+	$(PYTHON) -m venv $(VENV)-bench
+	$(VENV)-bench/bin/pip install -q --upgrade pip
+	$(VENV)-bench/bin/pip install -q torch==2.13.0
+	$(VENV)-bench/bin/pip install -q llmcompressor==0.14.0.1 psutil
+	touch $@
+
+bench-env: $(VENV)-bench/.installed
+
+bench: install bench-env
+	$(BIN)/python scripts/bench_prune.py
+
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -52,13 +52,26 @@ def prune_count(n: int, sparsity: float) -> int:
     return int(n * sparsity + 1e-9)
 
 
-def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep all but the `prune_count(cols)` lowest scores of every row (Wanda's per-output comparison)."""
-    k = prune_count(scores.shape[1], sparsity)
+def row_mask(scores: torch.Tensor, sparsity: float, exact_total: bool = False) -> torch.Tensor:
+    """Keep all but the `prune_count(cols)` lowest scores of every row (Wanda's per-output comparison).
+
+    With `exact_total`, the matrix loses exactly round(rows * cols * sparsity) entries: every row prunes
+    floor(that / rows), and the rows whose next-lowest score is smallest prune one more.
+    """
+    rows, cols = scores.shape
+    if not exact_total:
+        k, extra = prune_count(cols, sparsity), 0
+    else:
+        total = round(rows * cols * sparsity)
+        k, extra = divmod(total, rows)
     mask = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        idx = torch.topk(scores, k, dim=1, largest=False).indices
-        mask.scatter_(1, idx, False)
+    if k + (extra > 0) == 0:
+        return mask
+    low = torch.topk(scores, k + (extra > 0), dim=1, largest=False)  # ascending per row
+    mask.scatter_(1, low.indices[:, :k], False)
+    if extra:
+        rows_plus_one = torch.topk(low.values[:, k], extra, largest=False).indices
+        mask[rows_plus_one, low.indices[rows_plus_one, k]] = False
     return mask
 
 

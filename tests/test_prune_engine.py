@@ -9,6 +9,7 @@ from test_prune_methods import _calib
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.prune import wanda
+from sparsetune.prune.activations import ActivationStore
 from sparsetune.prune.api import plan_targets, prune_model
 from sparsetune.prune.config import PruneConfig
 from sparsetune.prune.engine import EngineOptions, capture_block_inputs, prune_block_sequential
@@ -23,7 +24,7 @@ def _hidden_states(model, ids):
 def test_capture_matches_model_embeddings_and_block_output_matches_pruned_forward(family):
     model = make_tiny_model(family)
     ids = _calib(n=6, t=16).input_ids
-    X, kwargs = capture_block_inputs(model, ids, 4, torch.device("cpu"), torch.device("cpu"))
+    X, kwargs = capture_block_inputs(model, ids, 4, torch.device("cpu"), ActivationStore("memory", torch.device("cpu")))
     hidden = _hidden_states(model, ids)
     assert torch.allclose(X, hidden[0], atol=1e-6)
     cfg = PruneConfig(model="x", method="wanda", sparsity=0.5)

@@ -39,6 +39,14 @@ def prune_command(
     untie_embeddings: bool | None = typer.Option(
         None, "--untie-embeddings", help=_h("untie_embeddings"), show_default=False
     ),
+    owl: bool | None = typer.Option(None, "--owl", help=_h("owl"), show_default=False),
+    owl_m: float | None = typer.Option(None, help=_h("owl_m"), show_default=False),
+    owl_lambda: float | None = typer.Option(None, help=_h("owl_lambda"), show_default=False),
+    self_temperature: float | None = typer.Option(None, help=_h("self_temperature"), show_default=False),
+    offload_activations: str | None = typer.Option(None, help=_h("offload_activations"), show_default=False),
+    checkpoint_dir: str | None = typer.Option(None, help=_h("checkpoint_dir"), show_default=False),
+    resume: bool | None = typer.Option(None, "--resume", help=_h("resume"), show_default=False),
+    device_map: str | None = typer.Option(None, help=_h("device_map"), show_default=False),
     percdamp: float | None = typer.Option(None, help=_h("percdamp"), show_default=False),
     blocksize: int | None = typer.Option(None, help=_h("blocksize"), show_default=False),
     recipe: str | None = typer.Option(
@@ -73,6 +81,14 @@ def prune_command(
             "ignore": split_list(ignore),
             "sequential": sequential,
             "untie_embeddings": untie_embeddings,
+            "owl": owl,
+            "owl_m": owl_m,
+            "owl_lambda": owl_lambda,
+            "self_temperature": self_temperature,
+            "offload_activations": offload_activations,
+            "checkpoint_dir": checkpoint_dir,
+            "resume": resume,
+            "device_map": device_map,
             "percdamp": percdamp,
             "blocksize": blocksize,
         }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import time
@@ -12,9 +14,11 @@ import torch
 from torch import nn
 
 from sparsetune import data, masks, models
+from sparsetune.distributed import DistContext, dist_context
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
 from sparsetune.prune import magnitude, sparsegpt, wanda
+from sparsetune.prune.activations import ActivationStore
 from sparsetune.prune.config import PruneConfig
 from sparsetune.prune.engine import GROUP_OF, BlockTargets, EngineOptions, run_blocks
 from sparsetune.recipes import dump_yaml
@@ -77,18 +81,65 @@ def plan_targets(model: nn.Module, cfg: PruneConfig) -> tuple[list[BlockTargets]
     return blocks, head
 
 
-def make_calibration(model: nn.Module, tokenizer: Any, cfg: PruneConfig) -> data.CalibrationSet | None:
-    """The calibration set for cfg, or None for methods that need none."""
-    if not METHODS[cfg.method].NEEDS_CALIBRATION:
+def needs_calibration(cfg: PruneConfig) -> bool:
+    return bool(METHODS[cfg.method].NEEDS_CALIBRATION or cfg.owl)
+
+
+def make_calibration(
+    model: nn.Module, tokenizer: Any, cfg: PruneConfig, ctx: DistContext | None = None
+) -> data.CalibrationSet | None:
+    """The calibration set for cfg (all ranks get the full set), or None when the run needs none."""
+    if not needs_calibration(cfg):
         return None
     seqlen = cfg.seqlen
     limit = models.max_positions(model)
     if seqlen > limit:
         log.info("seqlen %d is above the model's max positions; using %d", seqlen, limit)
         seqlen = limit
+    if cfg.calib == "self":
+        from sparsetune.prune.self_calibration import self_calibration_set
+
+        ctx = ctx or DistContext(0, 1, models.resolve_device(cfg.device))
+        args = (model, tokenizer, cfg.calib_samples, seqlen, cfg.seed, cfg.self_temperature)
+        if not ctx.is_main:  # rank 0 generates and caches; the others read its cache
+            ctx.barrier()
+            return self_calibration_set(*args, batch_size=16)[0]
+        calib, info = self_calibration_set(*args, batch_size=16)
+        ctx.barrier()
+        log.info("self-calibration: %s", info)
+        return calib
     return data.calibration_set(
         tokenizer, cfg.calib, cfg.calib_samples, seqlen, cfg.seed, cfg.calib_sampling, cfg.data_dir
     )
+
+
+def settings_hash(cfg: PruneConfig) -> str:
+    """Hash of every setting that changes the result (not where it is written or which device runs it)."""
+    skip = {"output", "device", "data_dir", "checkpoint_dir", "resume", "device_map", "trust_remote_code", "model"}
+    relevant = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _checkpointer(model: nn.Module, cfg: PruneConfig, calib: data.CalibrationSet, ctx: DistContext):
+    from sparsetune.prune.checkpoint import Checkpointer
+
+    if cfg.checkpoint_dir is None:
+        return None
+    identity = {
+        "model_fingerprint": models.model_fingerprint(model),
+        "settings_hash": settings_hash(cfg),
+        "calibration_hash": calib.token_hash,
+    }
+    ckpt = Checkpointer(Path(cfg.checkpoint_dir), identity, ctx.rank, ctx.world)
+    if cfg.resume and not ckpt.exists():
+        raise SparsetuneError(f"--resume: no checkpoint in {cfg.checkpoint_dir}; run once without --resume")
+    if not cfg.resume and ckpt.exists():
+        raise SparsetuneError(
+            f"{cfg.checkpoint_dir} already holds a checkpoint; pass --resume to continue it or use an empty dir"
+        )
+    if cfg.resume:
+        ckpt.load_state()  # refuse a mismatched or unreadable checkpoint before any work
+    return ckpt
 
 
 def prune_model(
@@ -97,40 +148,93 @@ def prune_model(
     cfg: PruneConfig,
     calib: data.CalibrationSet | None = None,
     show_progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> dict[str, Any]:
-    """Prune `model` in place as `cfg` says; returns the sparsity report (without saving anything)."""
+    """Prune `model` in place as `cfg` says; returns the sparsity report (without saving anything).
+
+    In a multi-process run (`ctx.world > 1`) every rank passes the full calibration set; each accumulates
+    statistics on its shard, the statistics are all-reduced, and every rank applies the identical masks.
+    """
+    ctx = ctx or DistContext(0, 1, models.resolve_device(cfg.device))
     blocks, head = plan_targets(model, cfg)
+    if cfg.block_sparsity is not None and len(cfg.block_sparsity) != len(blocks):
+        raise SparsetuneError(
+            f"block_sparsity lists {len(cfg.block_sparsity)} values but the model has {len(blocks)} blocks; "
+            "give one sparsity per decoder block"
+        )
     method = METHODS[cfg.method]
     before = masks.sparsity_stats(dict(item for b in blocks for item in b.modules()))["global_sparsity"]
     if head is not None and models.embeddings_tied(model):
         models.untie_embeddings(model)
         head = ("lm_head", model.get_output_embeddings())
-    timings: dict[str, float] = {}
-    if method.NEEDS_CALIBRATION and calib is None:
+    timings: dict[str, Any] = {}
+    if needs_calibration(cfg) and calib is None:
         t0 = time.perf_counter()
-        calib = make_calibration(model, tokenizer, cfg)
+        calib = make_calibration(model, tokenizer, cfg, ctx)
         timings["calibration_data_s"] = time.perf_counter() - t0
     target: float | masks.NMPattern = cfg.nm or cfg.target_sparsity
-    device = models.resolve_device(cfg.device)
+    block_targets: list[float | masks.NMPattern] | None = list(cfg.block_sparsity) if cfg.block_sparsity else None
+    method_options = {
+        "blocksize": cfg.blocksize,
+        "percdamp": cfg.percdamp,
+        "exact_total": bool(cfg.owl or block_targets),
+    }
     t0 = time.perf_counter()
-    if method.NEEDS_CALIBRATION:
+    engine: dict[str, Any] = {}
+    if needs_calibration(cfg):
         assert calib is not None
+        checkpoint = _checkpointer(model, cfg, calib, ctx)
+        store = ActivationStore(
+            cfg.offload_activations if cfg.offload_activations == "disk" else "memory",
+            torch.device("cpu"),
+            _scratch_dir(cfg),
+        )
         opts = EngineOptions(
             method=method,
             target=target,
-            method_options={"blocksize": cfg.blocksize, "percdamp": cfg.percdamp},
+            method_options=method_options,
             sequential=cfg.sequential,
             batch_size=cfg.calib_batch_size,
-            device=device,
+            device=ctx.device,
+            block_targets=block_targets,
+            owl_m=cfg.owl_m if cfg.owl else None,
+            owl_lambda=cfg.owl_lambda,
+            store=store if cfg.offload_activations == "disk" or ctx.device.type == "cpu" else None,
+            checkpoint=checkpoint,
+            resume=cfg.resume,
+            keep_placement=cfg.device_map is not None,
         )
-        with _block_progress(len(blocks), show_progress) as advance:
-            timings.update(run_blocks(model, calib.input_ids, blocks, head, opts, on_block_done=advance))
+        with _block_progress(len(blocks), show_progress and ctx.is_main) as advance:
+            engine = run_blocks(model, ctx.shard(calib.input_ids), blocks, head, opts, on_block_done=advance)
     else:
-        items = [item for b in blocks for item in b.modules()] + ([head] if head else [])
-        for _, module in items:
-            module.weight.data.copy_(method.prune_group([module.weight.data], None, target)[0])
+        for i, block in enumerate(blocks):
+            block_target = block_targets[i] if block_targets else target
+            for _, module in block.modules() + ([head] if head and i == len(blocks) - 1 else []):
+                pruned = method.prune_group([module.weight.data], None, block_target, **method_options)[0]
+                module.weight.data.copy_(pruned.to(module.weight.dtype))
+    timings.update({k: v for k, v in engine.items() if k.endswith("_s")})
     timings["prune_s"] = time.perf_counter() - t0
-    return build_report(model, cfg, blocks, head, calib, timings, before)
+    report = build_report(model, cfg, blocks, head, calib, timings, before)
+    report["processes"] = ctx.world
+    if "resumed_from_block" in engine:
+        report["resumed_from_block"] = engine["resumed_from_block"]
+    if cfg.owl or block_targets:
+        report["layerwise"] = {
+            "source": "owl" if cfg.owl else "explicit",
+            "block_targets": engine.get("block_targets", [str(t) for t in (block_targets or [])]),
+            "owl_outlier_ratios": engine.get("owl_outlier_ratios"),
+            "owl_m": cfg.owl_m if cfg.owl else None,
+            "owl_lambda": cfg.owl_lambda if cfg.owl else None,
+        }
+    return report
+
+
+def _scratch_dir(cfg: PruneConfig) -> str | None:
+    """Disk offload files go next to the checkpoint (or the output) so they land on the same big disk."""
+    if cfg.offload_activations != "disk":
+        return None
+    base = cfg.checkpoint_dir or (str(Path(cfg.output).expanduser().resolve().parent) if cfg.output else None)
+    return str(Path(base) / ".sparsetune-activations") if base else None
 
 
 def build_report(
@@ -211,17 +315,57 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
     if cfg.output is None:
         raise SparsetuneError("missing --output; pass -o OUT_DIR")
     out = check_output_dir(cfg.output, overwrite, inputs=(cfg.model,))
+    ctx = dist_context(cfg.device)
     t0 = time.perf_counter()
+    device_map = plan_device_map(cfg) if cfg.device_map else None
     model, tokenizer = models.load_model(
-        cfg.model, dtype=cfg.dtype, device=_load_device(cfg), trust_remote_code=cfg.trust_remote_code
+        cfg.model,
+        dtype=cfg.dtype,
+        device="cpu" if ctx.device.type == "cuda" else cfg.device,  # blocks visit the GPU one at a time
+        trust_remote_code=cfg.trust_remote_code,
+        device_map=device_map,
     )
     load_s = time.perf_counter() - t0
     plan_targets(model, cfg)  # fail on bad targets before spending time on calibration data
     t0 = time.perf_counter()
-    calib = make_calibration(model, tokenizer, cfg)
+    calib = make_calibration(model, tokenizer, cfg, ctx)
     calib_s = time.perf_counter() - t0
-    report = prune_model(model, tokenizer, cfg, calib, show_progress=show_progress)
+    report = prune_model(model, tokenizer, cfg, calib, show_progress=show_progress, ctx=ctx)
     report["timings"].update({"load_s": round(load_s, 3), "calibration_data_s": round(calib_s, 3)})
+    if ctx.is_main:  # every rank holds identical weights; one writes them
+        save_pruned(model, tokenizer, cfg, report, out, overwrite)
+    ctx.barrier()
+    return report
+
+
+def plan_device_map(cfg: PruneConfig, max_memory: dict[Any, Any] | None = None) -> dict[str, Any]:
+    """Accelerate's big-model placement: whole decoder blocks spread over the GPUs, then the CPU."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.device_map != "auto":
+        raise SparsetuneError(f"--device-map {cfg.device_map!r} is not supported; use --device-map auto")
+    kind, location = models.resolve_model_path(cfg.model)
+    if kind == "bundled":
+        location = str(models.bundled_model_dir())
+    if kind == "gguf":
+        raise SparsetuneError("--device-map auto needs a HF model dir or hub id, not a .gguf file; convert it first")
+    config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    dtype = models.resolve_dtype(cfg.dtype, models.resolve_device(cfg.device)) or torch.float16
+    empty.to(dtype)
+    no_split = getattr(empty, "_no_split_modules", None) or []
+    if max_memory is None:
+        max_memory = get_balanced_memory(empty, dtype=dtype, no_split_module_classes=no_split)
+    return dict(infer_auto_device_map(empty, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype))
+
+
+def save_pruned(
+    model: nn.Module, tokenizer: Any, cfg: PruneConfig, report: dict[str, Any], out: Path, overwrite: bool
+) -> None:
+    """Write the HF dir, sparsity_report.json and recipe.yaml into a temp dir, then rename it into place."""
     t0 = time.perf_counter()
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         models.save_model(model, tokenizer, tmp)
@@ -231,12 +375,6 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
         write_json(Path(tmp) / REPORT_FILE, report)
         dump_yaml(cfg, Path(tmp) / "recipe.yaml", header="sparsetune prune --recipe recipe.yaml reproduces this run")
     report["summary"]["output"] = str(out)
-    return report
-
-
-def _load_device(cfg: PruneConfig) -> str:
-    """Big models stay on CPU and move to the GPU one block at a time; small ones load onto the device."""
-    return "cpu" if models.resolve_device(cfg.device).type == "cuda" else cfg.device
 
 
 def print_summary(report: dict[str, Any]) -> None:

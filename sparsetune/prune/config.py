@@ -23,7 +23,11 @@ class PruneConfig(BaseModel):
         None, description="Unstructured sparsity in [0, 1), the fraction of weights set to zero (default: 0.5)"
     )
     pattern: str | None = Field(None, description="N:M pattern instead of --sparsity: N kept of every M input columns")
-    calib: str = Field("c4", description="Calibration data: c4, wikitext2, alpaca, or a .txt/.jsonl/.json/.parquet")
+    calib: str = Field(
+        "c4",
+        description="Calibration data: c4, wikitext2, alpaca, self (sampled from the model), "
+        "or a .txt/.jsonl/.json/.parquet file",
+    )
     calib_samples: int = Field(128, ge=1, description="Number of calibration samples")
     seqlen: int = Field(2048, ge=1, description="Tokens per calibration sample (capped at the model's max positions)")
     seed: int = Field(0, description="Random seed for sampling calibration windows")
@@ -49,6 +53,21 @@ class PruneConfig(BaseModel):
     untie_embeddings: bool = Field(
         False, description="Allow pruning lm_head when it shares its weight with the embeddings (unties a copy)"
     )
+    owl: bool = Field(False, description="OWL: per-block sparsity from Wanda outlier ratios (mean stays the target)")
+    owl_m: float = Field(5.0, gt=0, description="OWL outlier threshold: scores above M x the block mean")
+    owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="OWL spread: block densities span 2 x lambda")
+    block_sparsity: list[float] | None = Field(
+        None, description="Explicit per-block sparsity list (one per decoder block; recipes only)"
+    )
+    self_temperature: float = Field(1.0, gt=0, description="Sampling temperature for --calib self")
+    offload_activations: Literal["cpu", "disk"] = Field(
+        "cpu", description="Where calibration activations live between blocks: cpu (RAM) or disk (memory-mapped)"
+    )
+    checkpoint_dir: str | None = Field(None, description="Save progress here after every finished block")
+    resume: bool = Field(False, description="Continue from the last finished block in --checkpoint-dir")
+    device_map: str | None = Field(
+        None, description="auto: place blocks across GPUs and CPU with accelerate (models bigger than one device)"
+    )
     percdamp: float = Field(0.01, gt=0, description="SparseGPT dampening, a fraction of the mean Hessian diagonal")
     blocksize: int = Field(128, ge=1, description="SparseGPT column block size")
 
@@ -63,12 +82,21 @@ class PruneConfig(BaseModel):
         parsed = parse_pattern(value)
         return None if parsed is None else str(parsed)
 
+    @field_validator("block_sparsity")
+    @classmethod
+    def _block_range(cls, value: list[float] | None) -> list[float] | None:
+        return None if value is None else [check_sparsity(v) for v in value]
+
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
         if self.pattern is not None and self.sparsity is not None:
             raise ValueError("give either sparsity or pattern, not both")
         if self.pattern is None and self.sparsity is None:
             self.sparsity = 0.5
+        if self.block_sparsity is not None and (self.owl or self.pattern is not None):
+            raise ValueError("block_sparsity is an unstructured per-block list; drop owl/pattern to use it")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("--resume needs --checkpoint-dir")
         return self
 
     @property

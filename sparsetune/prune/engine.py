@@ -14,9 +14,11 @@ one statistic.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -24,6 +26,10 @@ import torch
 from torch import nn
 
 from sparsetune.masks import NMPattern
+from sparsetune.prune.activations import ActivationStore, DiskTensor
+from sparsetune.prune.checkpoint import Checkpointer
+
+KILL_AFTER_BLOCK_ENV = "SPARSETUNE_TEST_KILL_AFTER_BLOCK"  # test hook: SIGKILL self after this block's checkpoint
 
 # Which input each Linear of a Llama-layout block reads; Linears of one group share a statistic.
 GROUP_OF = {
@@ -61,6 +67,13 @@ class EngineOptions:
     device: torch.device = torch.device("cpu")
     # Cache act(gate)*up for the down_proj pass while it fits this budget; above it, recompute (slower, less memory).
     mlp_cache_bytes: int = 8 << 30
+    block_targets: list[float | NMPattern] | None = None  # explicit per-block targets; None = uniform `target`
+    owl_m: float | None = None  # set to compute per-block targets with OWL before pruning
+    owl_lambda: float = 0.08
+    store: ActivationStore | None = None  # where activations live (default: memory on the best device)
+    checkpoint: Checkpointer | None = None
+    resume: bool = False
+    keep_placement: bool = False  # device_map runs: compute each block where accelerate placed it
 
 
 class _StopCapture(Exception):
@@ -103,8 +116,8 @@ def _record(model: nn.Module, input_ids: torch.Tensor, stop_at: int) -> dict[str
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device, store_device: torch.device
-) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device, store: ActivationStore
+) -> tuple[torch.Tensor | DiskTensor, list[dict[str, Any]]]:
     """Hidden states entering block 0 for every sample (N, T, hidden), and each block's extra inputs.
 
     The extra inputs (attention mask, rotary embeddings, position ids) are recorded for every layer from one
@@ -122,9 +135,8 @@ def capture_block_inputs(
         for sl in batches(input_ids.shape[0], batch_size):
             hidden = _record(model, input_ids[sl].to(device), stop_at=0)["hidden"]
             if first is None:
-                shape = (input_ids.shape[0], *hidden.shape[1:])
-                first = torch.empty(shape, dtype=hidden.dtype, device=store_device)
-            first[sl] = hidden.to(store_device)
+                first = store.empty((input_ids.shape[0], *hidden.shape[1:]), hidden.dtype)
+            first[sl] = hidden.to(first.device)
     finally:
         for m, home in zip(head, homes, strict=True):
             m.to(home)
@@ -156,7 +168,7 @@ def reduce_stats(stats: Any) -> Any:
 
 @torch.no_grad()
 def prune_block_sequential(
-    layer: nn.Module, X: torch.Tensor, kwargs: dict[str, Any], targets: BlockTargets, opts: EngineOptions
+    layer: nn.Module, X: torch.Tensor | DiskTensor, kwargs: dict[str, Any], targets: BlockTargets, opts: EngineOptions
 ) -> None:
     """Prune one block in true-sequential order with one pass of compute; X becomes the block output in place."""
     dev, n = opts.device, X.shape[0]
@@ -176,29 +188,32 @@ def prune_block_sequential(
     # 2. o_proj reads the attention output computed with the pruned q, k, v. o_proj is swapped for an
     #    identity while capturing, so its dense matmul is never computed.
     o_proj = attn.o_proj
-    A = torch.empty((*X.shape[:-1], o_proj.in_features), dtype=X.dtype, device=X.device)
-    stats = init(o_proj.in_features, dev) if groups.get("attn_out") else None
+    store = opts.store or ActivationStore("memory", X.device)
+    A = store.empty((*X.shape[:-1], o_proj.in_features), X.dtype)
+    prune_o = bool(groups.get("attn_out"))
+    stats = init(o_proj.in_features, dev) if prune_o else None
     attn.o_proj = nn.Identity()
     try:
         for sl in batches(n, opts.batch_size):
             a = attn(hidden_states=layer.input_layernorm(to_dev(X[sl])), **kwargs)[0]
-            if stats is not None:
+            if prune_o:
                 opts.method.accumulate(stats, a)
             A[sl] = a.to(A.device)
     finally:
         attn.o_proj = o_proj
-    if stats is not None:
+    if prune_o:
         _prune_group(groups["attn_out"], reduce_stats(stats), opts)
 
     # 3. gate and up read the normed residual stream after the pruned attention.
-    H1 = A if o_proj.in_features == X.shape[-1] else torch.empty_like(X)
-    stats = init(X.shape[-1], dev) if groups.get("mlp_in") else None
+    H1 = A if o_proj.in_features == X.shape[-1] else store.empty(tuple(X.shape), X.dtype)
+    prune_mlp_in = bool(groups.get("mlp_in"))
+    stats = init(X.shape[-1], dev) if prune_mlp_in else None
     for sl in batches(n, opts.batch_size):
         h1 = to_dev(X[sl]) + o_proj(to_dev(A[sl]))
-        if stats is not None:
+        if prune_mlp_in:
             opts.method.accumulate(stats, layer.post_attention_layernorm(h1))
         H1[sl] = h1.to(H1.device)
-    if stats is not None:
+    if prune_mlp_in:
         _prune_group(groups["mlp_in"], reduce_stats(stats), opts)
 
     # 4. down reads act(gate) * up computed with the pruned gate and up.
@@ -208,7 +223,7 @@ def prune_block_sequential(
 
     if groups.get("mlp_mid"):
         inter = mlp.down_proj.in_features
-        z_bytes = n * X.shape[1] * inter * X.element_size()
+        z_bytes = n * X.shape[1] * inter * X.element_size() if store.mode != "disk" else 0
         Z = (
             torch.empty((*X.shape[:-1], inter), dtype=X.dtype, device=X.device)
             if z_bytes <= opts.mlp_cache_bytes
@@ -236,9 +251,22 @@ def _layer_output(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def prune_block_two_pass(
-    layer: nn.Module, X: torch.Tensor, kwargs: dict[str, Any], targets: BlockTargets, opts: EngineOptions
+    layer: nn.Module, X: torch.Tensor | DiskTensor, kwargs: dict[str, Any], targets: BlockTargets, opts: EngineOptions
 ) -> None:
     """Reference semantics: every statistic from the dense block, prune all, then run the pruned block."""
+    dev, n = opts.device, X.shape[0]
+    stats = _dense_group_stats(layer, X, kwargs, targets, opts)
+    for group in GROUPS:
+        if group in stats:
+            _prune_group(targets.groups[group], stats[group], opts)
+    for sl in batches(n, opts.batch_size):
+        X[sl] = _layer_output(layer(X[sl].to(dev), **kwargs)).to(X.device)
+
+
+def _dense_group_stats(
+    layer: nn.Module, X: torch.Tensor | DiskTensor, kwargs: dict[str, Any], targets: BlockTargets, opts: EngineOptions
+) -> dict[str, Any]:
+    """Statistics of every targeted group from one forward pass of the block as it is (all-reduced)."""
     dev, n = opts.device, X.shape[0]
     stats: dict[str, Any] = {}
     hooks = []
@@ -258,15 +286,13 @@ def prune_block_two_pass(
     finally:
         for h in hooks:
             h.remove()
-    for group in GROUPS:
-        if group in stats:
-            _prune_group(targets.groups[group], reduce_stats(stats[group]), opts)
-    for sl in batches(n, opts.batch_size):
-        X[sl] = _layer_output(layer(X[sl].to(dev), **kwargs)).to(X.device)
+    return {group: reduce_stats(value) for group, value in stats.items()}
 
 
 @torch.no_grad()
-def prune_head(model: nn.Module, X: torch.Tensor, head: tuple[str, nn.Linear], opts: EngineOptions) -> None:
+def prune_head(
+    model: nn.Module, X: torch.Tensor | DiskTensor, head: tuple[str, nn.Linear], opts: EngineOptions
+) -> None:
     """Prune lm_head (only when explicitly targeted) from the final-norm output of the pruned blocks."""
     norm = model.model.norm
     home = next(norm.parameters()).device
@@ -284,30 +310,101 @@ def run_blocks(
     head: tuple[str, nn.Linear] | None,
     opts: EngineOptions,
     on_block_done: Callable[[int, float], None] | None = None,
-) -> dict[str, float]:
-    """Run the engine over every block; returns phase timings in seconds."""
-    store = activation_device(model, input_ids, opts.device)
+) -> dict[str, Any]:
+    """Run the engine over every block; returns phase timings (seconds) and the per-block targets used."""
+    if opts.store is None:
+        opts = replace(opts, store=ActivationStore("memory", activation_device(model, input_ids, opts.device)))
+    assert opts.store is not None
     t0 = time.perf_counter()
-    X, layer_kwargs = capture_block_inputs(model, input_ids, opts.batch_size, opts.device, store)
-    timings = {"capture_s": time.perf_counter() - t0}
+    X, layer_kwargs = capture_block_inputs(model, input_ids, opts.batch_size, opts.device, opts.store)
+    result: dict[str, Any] = {"capture_s": time.perf_counter() - t0}
     layers = model.model.layers
+    start = 0
+    if opts.resume and opts.checkpoint is not None and opts.checkpoint.exists():
+        start, targets = opts.checkpoint.restore(model, X)
+        result["resumed_from_block"] = start
+    elif opts.block_targets is not None:
+        targets = list(opts.block_targets)
+    elif opts.owl_m is not None:
+        t0 = time.perf_counter()
+        targets, result["owl_outlier_ratios"] = owl_targets(model, X, layer_kwargs, blocks, opts)
+        result["owl_s"] = time.perf_counter() - t0
+    else:
+        targets = [opts.target] * len(layers)
     prune_block = prune_block_sequential if opts.sequential else prune_block_two_pass
     t_blocks = time.perf_counter()
-    for i, layer in enumerate(layers):
+    for i in range(start, len(layers)):
         t_block = time.perf_counter()
-        home = next(layer.parameters()).device
-        layer.to(opts.device)
-        kwargs = _on_device(layer_kwargs[i], opts.device)
-        prune_block(layer, X, kwargs, blocks[i], opts)
-        layer.to(home)
+        with _block_on_device(layers[i], opts) as dev:
+            block_opts = replace(opts, target=targets[i], device=dev)
+            prune_block(layers[i], X, _on_device(layer_kwargs[i], dev), blocks[i], block_opts)
+        if opts.checkpoint is not None:
+            opts.checkpoint.save(i, layers[i], X, targets)
+            _test_kill_hook(i)
         if on_block_done is not None:
             on_block_done(i, time.perf_counter() - t_block)
-    timings["blocks_s"] = time.perf_counter() - t_blocks
+    result["blocks_s"] = time.perf_counter() - t_blocks
+    result["block_targets"] = [str(t) if isinstance(t, NMPattern) else float(t) for t in targets]
     if head is not None:
         t_head = time.perf_counter()
         prune_head(model, X, head, opts)
-        timings["head_s"] = time.perf_counter() - t_head
-    return timings
+        result["head_s"] = time.perf_counter() - t_head
+    return result
+
+
+class _block_on_device:  # noqa: N801 - a context manager
+    """Move a block to the compute device for its turn (or keep accelerate's placement), then back home."""
+
+    def __init__(self, layer: nn.Module, opts: EngineOptions) -> None:
+        self.layer, self.opts = layer, opts
+        self.home = next(layer.parameters()).device
+
+    def __enter__(self) -> torch.device:
+        if self.opts.keep_placement:
+            return self.home
+        self.layer.to(self.opts.device)
+        return self.opts.device
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.opts.keep_placement:
+            self.layer.to(self.home)
+
+
+def _test_kill_hook(block: int) -> None:
+    if os.environ.get(KILL_AFTER_BLOCK_ENV) == str(block):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@torch.no_grad()
+def owl_targets(
+    model: nn.Module,
+    X: torch.Tensor | DiskTensor,
+    layer_kwargs: list[dict[str, Any]],
+    blocks: list[BlockTargets],
+    opts: EngineOptions,
+) -> tuple[list[float | NMPattern], list[float]]:
+    """OWL pre-pass through the dense model: each block's Wanda outlier ratio, then per-block targets."""
+    from sparsetune.prune import owl, wanda
+
+    assert opts.store is not None and opts.owl_m is not None
+    H = opts.store.copy(X)
+    ratios, sizes = [], []
+    for i, layer in enumerate(model.model.layers):
+        with _block_on_device(layer, opts) as dev:
+            kwargs = _on_device(layer_kwargs[i], dev)
+            stats = _dense_group_stats(layer, H, kwargs, blocks[i], replace(opts, method=wanda, device=dev))
+            scores = [wanda.scores(m.weight.data, stats[g]) for g, items in blocks[i].groups.items() for _, m in items]
+            ratios.append(owl.outlier_ratio(scores, opts.owl_m))
+            sizes.append(sum(m.weight.numel() for _, m in blocks[i].modules()))
+            for sl in batches(H.shape[0], opts.batch_size):
+                H[sl] = _layer_output(layer(H[sl].to(dev), **kwargs)).to(H.device)
+    if isinstance(H, DiskTensor):
+        H.close()
+    uniform = opts.target.sparsity if isinstance(opts.target, NMPattern) else float(opts.target)
+    sparsities = owl.block_sparsities(ratios, sizes, uniform, opts.owl_lambda)
+    if isinstance(opts.target, NMPattern):
+        return list(owl.block_patterns(sparsities, opts.target)), ratios
+    return list(sparsities), ratios
 
 
 def activation_device(model: nn.Module, input_ids: torch.Tensor, device: torch.device) -> torch.device:

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from sparsetune.errors import SparsetuneError
-from sparsetune.masks import NMPattern, prune_count
+from sparsetune.masks import NMPattern
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,19 @@ def prune_group(
     return list(torch.split(W, rows, dim=0))
 
 
-def _block_mask(scores: torch.Tensor, sparsity: float, segments: list[int]) -> torch.Tensor:
-    """Prune the lowest `sparsity` fraction of each segment's (rows x block) scores (adaptive mask selection)."""
+def _block_mask(
+    scores: torch.Tensor, sparsity: float, segments: list[int], col_start: int, col_end: int
+) -> torch.Tensor:
+    """Prune the lowest `sparsity` fraction of each segment's (rows x block) scores (adaptive mask selection).
+
+    Counts are cumulative over the blocks (round(s * rows * cols_so_far) minus what earlier blocks pruned), so
+    each matrix ends with exactly round(s * numel) zeros.
+    """
     mask = torch.zeros_like(scores, dtype=torch.bool)  # True = prune
     start = 0
     for n_rows in segments:
         seg = scores[start : start + n_rows]
-        k = prune_count(seg.numel(), sparsity)
+        k = round(sparsity * n_rows * col_end) - round(sparsity * n_rows * col_start)
         if k > 0:
             idx = torch.topk(seg.reshape(-1), k, largest=False).indices
             mask[start : start + n_rows].view(-1)[idx] = True
@@ -103,7 +109,7 @@ def solve(
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)  # (b,)
         if nm is None:
-            prune = _block_mask(W1.pow(2) / d.pow(2).unsqueeze(0), float(target), segments)
+            prune = _block_mask(W1.pow(2) / d.pow(2).unsqueeze(0), float(target), segments, i1, i2)
         else:
             prune = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):

@@ -29,12 +29,20 @@ def scores(weight: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
 
 
 def prune_group(
-    weights: list[torch.Tensor], stats: torch.Tensor, target: float | NMPattern, **_: object
+    weights: list[torch.Tensor],
+    stats: torch.Tensor,
+    target: float | NMPattern,
+    exact_total: bool = False,
+    **_: object,
 ) -> list[torch.Tensor]:
-    """Return each weight (fp32) with its lowest-scoring entries zeroed."""
+    """Return each weight (fp32) with its lowest-scoring entries zeroed (per row, or per N:M group).
+
+    `exact_total` prunes exactly round(numel * sparsity) per matrix (rows differ by at most one), which
+    non-uniform per-block sparsities (OWL) need to hit the global target.
+    """
     pruned = []
     for w in weights:
         s = scores(w, stats)
-        mask = nm_mask(s, target) if isinstance(target, NMPattern) else row_mask(s, target)
+        mask = nm_mask(s, target) if isinstance(target, NMPattern) else row_mask(s, target, exact_total)
         pruned.append(w.float() * mask)
     return pruned

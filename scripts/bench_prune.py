@@ -1,0 +1,164 @@
+"""Benchmark `sparsetune prune` against llm-compressor on the same tokens (the project's prune testbed).
+
+Testbed: the bundled SmolLM2-135M in fp32 (converted once into a cached HF dir that both tools load);
+calibration on the first 32 windows of 512 tokens of c4/c4_sample.jsonl (consecutive); evaluation on the
+WikiText-2 raw test file tokenized once, first 32 non-overlapping 1024-token windows, ppl = exp(mean loss).
+Every run is its own process; the pruning phase is timed inside it (model load excluded) and the whole
+process wall time is reported beside it. One JSON line per run; time ratios compare runs of this invocation.
+
+    make bench-env                      # once: .venv-bench with llm-compressor 0.14 (its own transformers)
+    .venv/bin/python scripts/bench_prune.py [--quick] [--runs wanda-50,sparsegpt-2:4] [--no-llmc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_common import CALIB_WINDOWS, EVAL_WINDOWS, Timer, peak_rss_gb, perplexity, testbed_ids  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ["wanda-50", "sparsegpt-50", "wanda-2:4", "sparsegpt-2:4"]
+
+
+def _parse_run(run: str) -> tuple[str, str, float]:
+    method, target = run.split("-", 1)
+    if ":" in target:
+        return method, target, 0.5
+    return method, "unstructured", int(target) / 100
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One sparsetune run in this process: load, prune (timed), then evaluate."""
+    wall0 = time.perf_counter()
+    import torch
+    from safetensors.torch import load_file
+
+    from sparsetune import models
+    from sparsetune.data import CalibrationSet, token_hash
+    from sparsetune.prune.api import prune_model
+    from sparsetune.prune.config import PruneConfig
+
+    ids = load_file(args.ids)
+    model, tok = models.load_model(args.model, dtype="float32")
+    embed_before = model.get_input_embeddings().weight.detach().clone()
+    result: dict[str, object] = {}
+    if args.method != "dense":
+        target = {"pattern": args.pattern} if args.pattern != "unstructured" else {"sparsity": args.sparsity}
+        extra = json.loads(args.extra)
+        cfg = PruneConfig(model=args.model, method=args.method, sequential=not args.two_pass, **target, **extra)
+        calib = CalibrationSet(ids["calib"], "c4", "consecutive", 0, token_hash(ids["calib"]))
+        with Timer() as t:
+            report = prune_model(model, tok, cfg, calib, show_progress=False)
+        result.update(prune_s=t.seconds, global_sparsity=report["global_sparsity"])
+        if "owl" in report:
+            result["owl_block_sparsity"] = report["owl"].get("block_sparsity")
+    result["peak_rss_gb"] = peak_rss_gb()
+    result["embed_untouched"] = bool(torch.equal(model.get_input_embeddings().weight.detach(), embed_before))
+    result["ppl"] = perplexity(model, ids["eval"])
+    result["wall_s"] = time.perf_counter() - wall0
+    print(json.dumps(result))
+
+
+def _subprocess_json(cmd: list[str]) -> dict[str, object]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        return {
+            "error": proc.stderr.strip().splitlines()[-1:] or ["failed"],
+            "process_wall_s": time.perf_counter() - t0,
+        }
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["process_wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None)
+    p.add_argument("--ids", default=None)
+    p.add_argument("--method", default="wanda")
+    p.add_argument("--pattern", default="unstructured")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--two-pass", action="store_true")
+    p.add_argument("--extra", default="{}", help="extra PruneConfig settings as JSON (worker)")
+    p.add_argument("--runs", default=",".join(RUNS), help="comma list of METHOD-SPARSITY%% or METHOD-N:M")
+    p.add_argument("--no-llmc", action="store_true", help="skip llm-compressor (no .venv-bench)")
+    p.add_argument("--no-two-pass", action="store_true", help="skip the --no-sequential parity runs")
+    p.add_argument("--quick", action="store_true", help="4 calibration and 2 eval windows: checks the plumbing")
+    p.add_argument("--data-dir", default=os.environ.get("SPARSETUNE_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "prune.jsonl"))
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from safetensors.torch import save_file
+
+    from sparsetune import models
+
+    model_dir = str(models.bundled_model_dir())
+    _, tok = models.load_model(model_dir, need_tokenizer=True)
+    calib_n, eval_n = (4, 2) if args.quick else (CALIB_WINDOWS, EVAL_WINDOWS)
+    data = Path(args.data_dir)
+    calib, eval_ids = testbed_ids(
+        tok, str(data / "c4/c4_sample.jsonl"), str(data / "wikitext-2-raw/wiki.test.raw"), calib_n, eval_n
+    )
+    cache = ROOT / "bench" / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    ids_file = str(cache / f"testbed-ids-{calib_n}-{eval_n}.safetensors")
+    save_file({"calib": calib, "eval": eval_ids}, ids_file)
+    llmc_python = ROOT / ".venv-bench" / "bin" / "python"
+    if not args.no_llmc and not llmc_python.exists():
+        sys.exit("llm-compressor venv missing: run `make bench-env` first, or pass --no-llmc")
+
+    me = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model_dir, "--ids", ids_file]
+    lines = []
+
+    def emit(record: dict[str, object]) -> None:
+        record = {"bench": "prune", "quick": args.quick, **record}
+        print(json.dumps(record), flush=True)
+        lines.append(record)
+
+    emit({"tool": "dense", **_subprocess_json([*me, "--method", "dense"])})
+    for run in [r for r in args.runs.split(",") if r]:
+        method, pattern, sparsity = _parse_run(run)
+        common = ["--method", method, "--pattern", pattern, "--sparsity", str(sparsity)]
+        ours = _subprocess_json([*me, *common])
+        theirs = None
+        if not args.no_llmc:
+            theirs = _subprocess_json(
+                [
+                    str(llmc_python),
+                    str(ROOT / "scripts" / "bench_prune_llmc_worker.py"),
+                    "--model",
+                    model_dir,
+                    "--ids",
+                    ids_file,
+                    *common,
+                ]
+            )
+            emit({"tool": "llm-compressor", "run": run, **theirs})
+        record = {"tool": "sparsetune", "run": run, "sequential": True, **ours}
+        if theirs and "prune_s" in theirs and "prune_s" in ours:
+            record["time_ratio_vs_llmc"] = ours["prune_s"] / theirs["prune_s"]
+            record["ppl_vs_llmc"] = ours["ppl"] / theirs["ppl"]
+            record["rss_ratio_vs_llmc"] = ours["peak_rss_gb"] / theirs["peak_rss_gb"]
+        emit(record)
+        if not args.no_two_pass:
+            two = _subprocess_json([*me, *common, "--two-pass"])
+            emit({"tool": "sparsetune", "run": run, "sequential": False, **two})
+    with open(args.out, "a") as f:
+        for record in lines:
+            f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), **record}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
