@@ -47,6 +47,9 @@ def worker(args: argparse.Namespace) -> None:
 
     ids = load_file(args.ids)
     model, tok = models.load_model(args.model, dtype="float32")
+    if args.blocks:  # memory benchmarks: the peak is reached within the first blocks
+        model.model.layers = model.model.layers[: args.blocks]
+        model.config.num_hidden_layers = args.blocks
     embed_before = model.get_input_embeddings().weight.detach().clone()
     result: dict[str, object] = {}
     if args.method != "dense":
@@ -54,14 +57,21 @@ def worker(args: argparse.Namespace) -> None:
         extra = json.loads(args.extra)
         cfg = PruneConfig(model=args.model, method=args.method, sequential=not args.two_pass, **target, **extra)
         calib = CalibrationSet(ids["calib"], "c4", "consecutive", 0, token_hash(ids["calib"]))
+        if cfg.calib == "self":
+            from sparsetune.prune.api import make_calibration
+
+            with Timer() as t:
+                calib = make_calibration(model, tok, cfg)
+            result["self_calibration_s"] = t.seconds
         with Timer() as t:
             report = prune_model(model, tok, cfg, calib, show_progress=False)
         result.update(prune_s=t.seconds, global_sparsity=report["global_sparsity"])
-        if "owl" in report:
-            result["owl_block_sparsity"] = report["owl"].get("block_sparsity")
+        if "layerwise" in report:
+            result["block_targets"] = report["layerwise"]["block_targets"]
     result["peak_rss_gb"] = peak_rss_gb()
     result["embed_untouched"] = bool(torch.equal(model.get_input_embeddings().weight.detach(), embed_before))
-    result["ppl"] = perplexity(model, ids["eval"])
+    if not args.blocks:
+        result["ppl"] = perplexity(model, ids["eval"])
     result["wall_s"] = time.perf_counter() - wall0
     print(json.dumps(result))
 
@@ -89,6 +99,14 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--two-pass", action="store_true")
     p.add_argument("--extra", default="{}", help="extra PruneConfig settings as JSON (worker)")
+    p.add_argument("--blocks", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--suite",
+        default="llmc",
+        choices=["llmc", "owl", "selfcalib", "offload"],
+        help="llmc: sparsetune vs llm-compressor; owl: 70%% with and without OWL; selfcalib: self vs C4 "
+        "calibration at 50%%; offload: peak RSS with 128x2048 samples, activations in cpu vs disk",
+    )
     p.add_argument("--runs", default=",".join(RUNS), help="comma list of METHOD-SPARSITY%% or METHOD-N:M")
     p.add_argument("--no-llmc", action="store_true", help="skip llm-compressor (no .venv-bench)")
     p.add_argument("--no-two-pass", action="store_true", help="skip the --no-sequential parity runs")
@@ -123,9 +141,14 @@ def main() -> None:
     lines = []
 
     def emit(record: dict[str, object]) -> None:
-        record = {"bench": "prune", "quick": args.quick, **record}
+        record = {"bench": "prune", "suite": args.suite, "quick": args.quick, **record}
         print(json.dumps(record), flush=True)
         lines.append(record)
+
+    if args.suite != "llmc":
+        other_suite(args, me, emit, model_dir, tok)
+        _append(args.out, lines)
+        return
 
     emit({"tool": "dense", **_subprocess_json([*me, "--method", "dense"])})
     for run in [r for r in args.runs.split(",") if r]:
@@ -155,9 +178,55 @@ def main() -> None:
         if not args.no_two_pass:
             two = _subprocess_json([*me, *common, "--two-pass"])
             emit({"tool": "sparsetune", "run": run, "sequential": False, **two})
-    with open(args.out, "a") as f:
+    _append(args.out, lines)
+
+
+def _append(path: str, lines: list[dict[str, object]]) -> None:
+    with open(path, "a") as f:
         for record in lines:
             f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), **record}) + "\n")
+
+
+def other_suite(args: argparse.Namespace, me: list[str], emit, model_dir: str, tok) -> None:
+    """The OWL, self-calibration and activation-offload measurements (sparsetune only)."""
+    if args.suite == "owl":
+        for method in ("wanda", "sparsegpt"):
+            common = ["--method", method, "--sparsity", "0.7"]
+            base = _subprocess_json([*me, *common])
+            emit({"tool": "sparsetune", "run": f"{method}-70", **base})
+            with_owl = _subprocess_json([*me, *common, "--extra", json.dumps({"owl": True})])
+            if "ppl" in base and "ppl" in with_owl:
+                with_owl["ppl_vs_uniform"] = with_owl["ppl"] / base["ppl"]
+            emit({"tool": "sparsetune", "run": f"owl-{method}-70", **with_owl})
+    elif args.suite == "selfcalib":
+        import shutil
+
+        from sparsetune.models import cache_dir
+
+        shutil.rmtree(cache_dir() / "self-calibration", ignore_errors=True)  # time one real generation
+        n, seqlen = (4, 128) if args.quick else (32, 512)
+        for method in ("wanda", "sparsegpt"):
+            c4 = _subprocess_json([*me, "--method", method])
+            emit({"tool": "sparsetune", "run": f"{method}-50-c4", **c4})
+            extra = {"calib": "self", "calib_samples": n, "seqlen": seqlen}
+            own = _subprocess_json([*me, "--method", method, "--extra", json.dumps(extra)])
+            if "ppl" in c4 and "ppl" in own:
+                own["ppl_vs_c4"] = own["ppl"] / c4["ppl"]
+            emit({"tool": "sparsetune", "run": f"{method}-50-self", **own})
+    else:  # offload: 128 x 2048 samples; the peak comes within the first blocks, so prune 3 of them
+        from safetensors.torch import save_file
+
+        from sparsetune.data import calibration_set
+
+        n, seqlen = (8, 256) if args.quick else (128, 2048)
+        data = Path(args.data_dir) / "c4" / "c4_sample.jsonl"
+        calib = calibration_set(tok, str(data), n, seqlen, sampling="consecutive")
+        big = str(ROOT / "bench" / "cache" / f"offload-ids-{n}-{seqlen}.safetensors")
+        save_file({"calib": calib.input_ids, "eval": calib.input_ids[:1].clone()}, big)
+        for mode in ("cpu", "disk"):
+            extra = {"offload_activations": mode, "output": str(ROOT / "bench" / "cache" / "offload-out")}
+            cmd = [*me[:-1], big, "--method", "wanda", "--blocks", "3", "--extra", json.dumps(extra)]
+            emit({"tool": "sparsetune", "run": f"wanda-{n}x{seqlen}-{mode}", "blocks": 3, **_subprocess_json(cmd)})
 
 
 if __name__ == "__main__":

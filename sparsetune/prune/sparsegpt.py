@@ -73,6 +73,22 @@ def prune_group(
     return list(torch.split(W, rows, dim=0))
 
 
+def lowest_k(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of exactly the k smallest entries of a 1-D tensor (kthvalue is much faster than topk)."""
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    if k >= flat.numel():
+        return ~mask
+    threshold = torch.kthvalue(flat, k).values
+    mask = flat < threshold
+    missing = k - int(mask.sum())
+    if missing > 0:  # ties at the threshold: take the first ones
+        ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
+        mask[ties] = True
+    return mask
+
+
 def _block_mask(
     scores: torch.Tensor, sparsity: float, segments: list[int], col_start: int, col_end: int
 ) -> torch.Tensor:
@@ -84,11 +100,9 @@ def _block_mask(
     mask = torch.zeros_like(scores, dtype=torch.bool)  # True = prune
     start = 0
     for n_rows in segments:
-        seg = scores[start : start + n_rows]
         k = round(sparsity * n_rows * col_end) - round(sparsity * n_rows * col_start)
-        if k > 0:
-            idx = torch.topk(seg.reshape(-1), k, largest=False).indices
-            mask[start : start + n_rows].view(-1)[idx] = True
+        seg = scores[start : start + n_rows]
+        mask[start : start + n_rows] = lowest_k(seg.reshape(-1), k).view_as(seg)
         start += n_rows
     return mask
 
@@ -96,33 +110,38 @@ def _block_mask(
 def solve(
     W: torch.Tensor, Hinv: torch.Tensor, target: float | NMPattern, blocksize: int, segments: list[int]
 ) -> torch.Tensor:
-    """Column-by-column OBS pruning of W (rows, cols) in blocks of `blocksize` columns, in place."""
+    """Column-by-column OBS pruning of W (rows, cols) in blocks of `blocksize` columns, in place.
+
+    The OBS step for column i is W[:, i:] -= err (outer) Hinv[i, i:] with err = (w - q) / Hinv[i, i], where q
+    is w with its pruned rows zeroed. Since Hinv[i, i] = d, that step also turns column i itself into q
+    (kept rows have err = 0 and stay untouched); pruned entries are set to exact zeros at the end of a block.
+    """
     cols = W.shape[1]
     nm = target if isinstance(target, NMPattern) else None
     if nm is not None and blocksize % nm.m:
         blocksize = max(nm.m, blocksize - blocksize % nm.m)  # N:M groups must not straddle blocks
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()  # (rows, b)
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        # Work on the transposed block (b, rows) so that every column step touches contiguous memory.
+        W1 = W[:, i1:i2].t().contiguous()  # (b, rows)
+        Err1 = torch.empty_like(W1)  # (b, rows)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)  # (b,)
         if nm is None:
-            prune = _block_mask(W1.pow(2) / d.pow(2).unsqueeze(0), float(target), segments, i1, i2)
+            prune = _block_mask(W1.t().pow(2) / d.pow(2).unsqueeze(0), float(target), segments, i1, i2).t()
         else:
             prune = torch.zeros_like(W1, dtype=torch.bool)
+        prune = prune.contiguous()  # (b, rows)
+        scale = prune.to(W1.dtype) / d.unsqueeze(1)  # (b, rows): 1/d where pruned, else 0
         for i in range(i2 - i1):
             if nm is not None and i % nm.m == 0:
-                group = W1[:, i : i + nm.m].pow(2) / d[i : i + nm.m].pow(2).unsqueeze(0)
-                drop = torch.topk(group, nm.m - nm.n, dim=1, largest=False).indices
-                prune.scatter_(1, i + drop, True)
-            w = W1[:, i]
-            q = w.masked_fill(prune[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+                group = W1[i : i + nm.m].pow(2) / d[i : i + nm.m].pow(2).unsqueeze(1)  # (M, rows)
+                drop = torch.topk(group, nm.m - nm.n, dim=0, largest=False).indices
+                prune[i : i + nm.m].scatter_(0, drop, True)
+                scale[i : i + nm.m] = prune[i : i + nm.m].to(W1.dtype) / d[i : i + nm.m].unsqueeze(1)
+            err = torch.mul(W1[i], scale[i], out=Err1[i])
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+        W1.masked_fill_(prune, 0.0)
+        W[:, i1:i2] = W1.t()
+        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1.0)
     return W
