@@ -20,7 +20,7 @@ def _hidden_states(model, ids):
         return model.model(input_ids=ids, output_hidden_states=True).hidden_states
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_capture_matches_model_embeddings_and_block_output_matches_pruned_forward(family):
     model = make_tiny_model(family)
     ids = _calib(n=6, t=16).input_ids

@@ -105,6 +105,8 @@ def prune_command(
             raise_missing("--output", "pass -o OUT_DIR")
         cfg = validate_config(PruneConfig, settings, where=f"recipe {recipe}" if recipe else "prune")
         report = run_prune(cfg, overwrite=overwrite, show_progress=not json_out)
+        if report.get("rank", 0) != 0:  # in multi-process runs only rank 0 reports
+            return
         if json_out:
             typer.echo(json.dumps(report["summary"]))
         else:

@@ -216,6 +216,7 @@ def prune_model(
     timings["prune_s"] = time.perf_counter() - t0
     report = build_report(model, cfg, blocks, head, calib, timings, before)
     report["processes"] = ctx.world
+    report["rank"] = ctx.rank
     if "resumed_from_block" in engine:
         report["resumed_from_block"] = engine["resumed_from_block"]
     if cfg.owl or block_targets:
