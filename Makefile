@@ -52,5 +52,18 @@ bench-env: $(VENV)-bench/.installed
 bench: install bench-env
 	$(BIN)/python scripts/bench_prune.py
 
+# compressed-tensors 0.14.0.1 (the last release with the sparse compressors) pulls transformers 4.57 and needs
+# psutil, which it does not declare; accelerate lets transformers 4.57 load the files too. torch goes in first.
+$(VENV)-interop/.installed:
+	$(PYTHON) -m venv $(VENV)-interop
+	$(VENV)-interop/bin/pip install -q --upgrade pip
+	$(VENV)-interop/bin/pip install -q torch==2.13.0
+	$(VENV)-interop/bin/pip install -q compressed-tensors==0.14.0.1 psutil accelerate
+	touch $@
+
+# Our sparse-bitmask / sparse-24-bitmask files vs compressed-tensors 0.14.0.1, both ways (about 15 s).
+interop: install $(VENV)-interop/.installed
+	$(BIN)/python scripts/interop_compressed_tensors.py
+
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

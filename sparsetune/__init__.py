@@ -7,9 +7,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def load(path: str, **kwargs: Any) -> Any:
-    """Load any sparsetune output dir (plain HF or an exported sparse format) as a transformers model."""
+def load(path: str, semi_structured: bool = False, **kwargs: Any) -> Any:
+    """Load any sparsetune output dir (plain HF or an exported sparse format) as a transformers model.
+
+    With `semi_structured=True`, exact 2:4 fp16/bf16 Linears run on sparse tensor cores (CUDA, compute
+    capability >= 8.0); elsewhere the weights stay decompressed and one info line says so.
+    """
     from sparsetune.models import load_model
 
     model, _ = load_model(path, **kwargs)
+    if semi_structured:
+        from sparsetune.export.loader import to_semi_structured
+
+        to_semi_structured(model)
     return model

@@ -1,0 +1,107 @@
+"""Settings of `sparsetune eval`, `sparsetune sweep` and `sparsetune report`: the schemas behind their flags
+and behind recipe `eval` / `sweep` / `report` stages."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sparsetune.masks import check_sparsity, parse_pattern
+from sparsetune.prune.config import METHOD_NAMES
+
+
+class EvalSettings(BaseModel):
+    """What to measure on a model: perplexity sources and lm-eval tasks (shared by eval and sweep)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ppl: list[str] = Field(
+        default_factory=lambda: ["wikitext2"],
+        description="Perplexity sources: wikitext2, c4, or a local .txt/.jsonl/.json/.parquet file; none to skip",
+    )
+    seqlen: int | None = Field(
+        None, ge=2, description="Tokens per perplexity window (default: 2048, capped at the model's max positions)"
+    )
+    stride: int | None = Field(
+        None, ge=1, description="Sliding-window perplexity: start a window every STRIDE tokens (default: disjoint)"
+    )
+    limit_windows: int | None = Field(None, ge=1, description="Evaluate only the first N perplexity windows")
+    ppl_batch_size: int = Field(1, ge=1, description="Perplexity windows per forward pass")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval tasks, e.g. arc_easy,piqa (offline copies from the data mirror when one is set)",
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per lm-eval task (task default: 0)")
+    limit: float | None = Field(
+        None, gt=0, description="lm-eval documents per task: a count, or a fraction below 1 (for quick checks)"
+    )
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size")
+    include_path: list[str] = Field(
+        default_factory=list, description="Extra dirs of lm-eval task YAMLs, exactly as lm-eval's --include_path"
+    )
+    data_dir: str | None = Field(None, description="Local mirror dir for named datasets (or SPARSETUNE_DATA_DIR)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model dtype; auto = checkpoint dtype on GPU, float32 on CPU"
+    )
+    device: str = Field("auto", description="Compute device: auto, cpu, cuda, cuda:N")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it)")
+
+    @field_validator("ppl")
+    @classmethod
+    def _none_means_empty(cls, value: list[str]) -> list[str]:
+        return [] if [v.lower() for v in value] == ["none"] else value
+
+
+class EvalConfig(EvalSettings):
+    models: list[str] = Field(
+        min_length=1, description="Models to compare (the first is the baseline): dirs, hub ids, .gguf, aliases"
+    )
+    output: str | None = Field(None, description="Write eval.json and eval.md into this dir")
+
+
+class SweepConfig(EvalSettings):
+    model: str = Field(description="The dense base model: HF dir, hub id, .gguf file, or bundled alias")
+    output: str = Field(description="Output dir for sweep.json, sweep.md, sweep.png and the per-point results")
+    methods: list[Literal["magnitude", "wanda", "sparsegpt"]] = Field(
+        default_factory=lambda: ["wanda", "sparsegpt", "magnitude"], description="Pruning methods to sweep"
+    )
+    sparsities: list[float] = Field(
+        default_factory=lambda: [0.3, 0.5, 0.6, 0.7], description="Unstructured sparsities to sweep"
+    )
+    patterns: list[str] = Field(default_factory=list, description="N:M patterns to sweep as well, e.g. 2:4,4:8")
+    calib: str = Field("c4", description="Calibration data (one set, reused by every point): c4, wikitext2, a file")
+    calib_samples: int = Field(128, ge=1, description="Number of calibration samples")
+    calib_seqlen: int = Field(
+        2048, ge=1, description="Tokens per calibration sample (capped at the model's max positions)"
+    )
+    calib_sampling: Literal["random", "consecutive"] = Field(
+        "random", description="random: windows from random documents; consecutive: join, tokenize once, slice"
+    )
+    calib_batch_size: int = Field(4, ge=1, description="Calibration samples per forward mini-batch")
+    seed: int = Field(0, description="Random seed for sampling calibration windows")
+    resume: bool = Field(False, description="Continue an interrupted sweep, skipping the points already finished")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"give at least one method of {', '.join(METHOD_NAMES)}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("sparsities")
+    @classmethod
+    def _sparsity_range(cls, value: list[float]) -> list[float]:
+        return sorted({check_sparsity(v) for v in value})
+
+    @field_validator("patterns")
+    @classmethod
+    def _pattern_form(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(str(parse_pattern(v)) for v in value))
+
+
+class ReportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="A pruned model dir holding sparsity_report.json")
+    output: str | None = Field(None, description="Output dir for the PNGs and report.md (default: MODEL-report)")

@@ -1,0 +1,282 @@
+"""Perplexity: one token stream, cut into windows, scored batch by batch.
+
+The default protocol is the one the Wanda and SparseGPT papers report: WikiText-2 test rows joined with
+"\\n\\n", tokenized once, cut into non-overlapping windows of `seqlen` tokens (the tail that does not fill a
+window is dropped), ppl = exp(mean NLL of every predicted token). `stride` gives the sliding-window variant:
+windows of up to `seqlen` tokens start every `stride` tokens and each token is scored once, with as much
+left context as the window allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsetune import data, models
+from sparsetune.errors import SparsetuneError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEQLEN = 2048
+# lm_head rows computed at once: bounds the fp32 logits held in memory (1024 x 49k vocab = 200 MB).
+HEAD_CHUNK_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a named dataset becomes one token stream (as the papers that report it do)."""
+
+    split: str
+    joiner: str
+    max_docs: int | None = None
+    max_windows: int | None = None
+
+
+PROTOCOLS = {
+    # Wanda / SparseGPT: "\n\n".join(test["text"]), every full window.
+    "wikitext2": Protocol("test", "\n\n"),
+    # SparseGPT: " ".join of the first 1100 validation documents, the first 256 windows.
+    "c4": Protocol("validation", " ", max_docs=1100, max_windows=256),
+}
+FILE_PROTOCOL = Protocol("train", "\n\n")
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens [begin, end) go in; tokens [first_target, end) are scored (each from the logits one step earlier)."""
+
+    begin: int
+    end: int
+    first_target: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
+
+
+def protocol_for(source: str) -> Protocol:
+    if source in PROTOCOLS:
+        return PROTOCOLS[source]
+    if source in data.NAMED_DATASETS:
+        raise SparsetuneError(
+            f"--ppl {source}: this dataset has no evaluation split; use {', '.join(PROTOCOLS)} or a local text file"
+        )
+    return FILE_PROTOCOL
+
+
+def eval_text(source: str, data_dir: str | os.PathLike[str] | None = None) -> str:
+    """The text of a perplexity source: a named set's evaluation split (hub or mirror) or a local file."""
+    protocol = protocol_for(source)
+    records = data.load_records(source, protocol.split, data_dir)
+    if protocol.max_docs is not None:
+        records = records[: protocol.max_docs]
+    return protocol.joiner.join(data.record_text(r) for r in records)
+
+
+def eval_token_ids(tokenizer: Any, source: str, data_dir: str | os.PathLike[str] | None = None) -> torch.Tensor:
+    """The whole source tokenized once, as a 1-D int64 tensor (special tokens as the tokenizer adds them)."""
+    ids = tokenizer(eval_text(source, data_dir), verbose=False)["input_ids"]
+    if len(ids) < 2:
+        raise SparsetuneError(f"--ppl {source} holds fewer than 2 tokens; pass a source with text in it")
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def resolve_seqlen(seqlen: int | None, model_limit: int) -> int:
+    """`None` -> 2048 capped at the model's max positions; an explicit longer seqlen is an error."""
+    if seqlen is None:
+        return min(DEFAULT_SEQLEN, model_limit)
+    if seqlen < 2:
+        raise SparsetuneError(f"--seqlen {seqlen} is too short; a window needs at least 2 tokens")
+    if seqlen > model_limit:
+        raise SparsetuneError(
+            f"--seqlen {seqlen} is longer than the model allows ({model_limit} positions); "
+            f"pass --seqlen {model_limit} or less"
+        )
+    return seqlen
+
+
+def make_windows(
+    n_tokens: int, seqlen: int, stride: int | None = None, limit_windows: int | None = None
+) -> list[Window]:
+    """Non-overlapping full windows (stride None), or sliding windows that score every token once."""
+    if stride is None:
+        windows = [Window(i * seqlen, (i + 1) * seqlen, i * seqlen + 1) for i in range(n_tokens // seqlen)]
+    else:
+        if not 1 <= stride <= seqlen:
+            raise SparsetuneError(f"--stride {stride} must be between 1 and --seqlen ({seqlen})")
+        windows, scored_to = [], 0
+        for begin in range(0, n_tokens, stride):
+            end = min(begin + seqlen, n_tokens)
+            if end - begin >= 2:
+                windows.append(Window(begin, end, max(scored_to, begin + 1)))
+            scored_to = end
+            if end == n_tokens:
+                break
+    if not windows:
+        raise SparsetuneError(
+            f"the text holds {n_tokens} tokens, fewer than one window of {seqlen}; lower --seqlen or use more text"
+        )
+    return windows[:limit_windows] if limit_windows is not None else windows
+
+
+def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
+    """Consecutive windows of equal length, at most `batch_size` per batch."""
+    batches: list[list[Window]] = []
+    for w in windows:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].length == w.length:
+            batches[-1].append(w)
+        else:
+            batches.append([w])
+    return batches
+
+
+def _has_plain_head(model: nn.Module) -> bool:
+    """True when logits are exactly lm_head(last hidden state): no soft-capping or logit scaling to copy."""
+    cfg = model.config
+    return (
+        getattr(cfg, "model_type", None) in models.SUPPORTED_FAMILIES
+        and isinstance(getattr(model, "model", None), nn.Module)
+        and isinstance(model.get_output_embeddings(), nn.Linear)
+        and getattr(cfg, "final_logit_softcapping", None) is None
+        and getattr(cfg, "logit_scale", None) is None
+    )
+
+
+def _token_nll(model: nn.Module, input_ids: torch.Tensor, first: int) -> torch.Tensor:
+    """NLL of tokens input_ids[:, first:] given their prefixes; returns (B, T - first) fp32.
+
+    The decoder runs once; the vocabulary projection and log-softmax run on chunks of positions, so the fp32
+    logits of the whole batch never exist at once, and positions that are only context are never projected.
+    """
+    bsz, seqlen = input_ids.shape
+    if _has_plain_head(model):
+        hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
+        head = model.get_output_embeddings()
+    else:
+        hidden = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+        head = None
+    states = hidden[:, first - 1 : seqlen - 1].reshape(-1, hidden.shape[-1])  # (B * (T - first), H or V)
+    targets = input_ids[:, first:].reshape(-1)  # (B * (T - first),)
+    nll = torch.empty(targets.shape, dtype=torch.float32, device=input_ids.device)
+    for lo in range(0, targets.numel(), HEAD_CHUNK_TOKENS):
+        hi = lo + HEAD_CHUNK_TOKENS
+        logits = (head(states[lo:hi]) if head is not None else states[lo:hi]).float()  # (chunk, V)
+        nll[lo:hi] = F.cross_entropy(logits, targets[lo:hi], reduction="none")
+    return nll.view(bsz, seqlen - first)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.inference_mode()
+def perplexity_on_ids(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seqlen: int,
+    stride: int | None = None,
+    limit_windows: int | None = None,
+    batch_size: int = 1,
+    show_progress: bool = False,
+    label: str = "ppl",
+) -> dict[str, Any]:
+    """Perplexity of `model` on the 1-D token tensor `ids` (see the module docstring for the protocol)."""
+    if batch_size < 1:
+        raise SparsetuneError("--ppl-batch-size must be at least 1")
+    windows = make_windows(int(ids.numel()), seqlen, stride, limit_windows)
+    device = _input_device(model)
+    total_nll = torch.zeros((), dtype=torch.float64)
+    scored = 0
+    t0 = time.perf_counter()
+    with _progress(sum(w.end - w.first_target for w in windows), show_progress, label) as advance:
+        for batch in _batches(windows, batch_size):
+            x = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)  # (B, T)
+            offsets = torch.tensor([w.first_target - w.begin for w in batch], device=device)  # (B,)
+            first = int(offsets.min())
+            nll = _token_nll(model, x, first)  # (B, T - first)
+            positions = torch.arange(first, x.shape[1], device=device)  # (T - first,)
+            keep = positions[None, :] >= offsets[:, None]  # (B, T - first)
+            total_nll += nll[keep].sum(dtype=torch.float64).cpu()
+            n = int(keep.sum())
+            scored += n
+            advance(n)
+    seconds = time.perf_counter() - t0
+    mean_nll = float(total_nll) / scored
+    return {
+        "ppl": math.exp(mean_nll),
+        "nll": mean_nll,
+        "protocol": "non-overlapping" if stride is None else "sliding",
+        "seqlen": seqlen,
+        "stride": stride,
+        "windows": len(windows),
+        "tokens_scored": scored,
+        "tokens_in_source": int(ids.numel()),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(sum(w.length for w in windows) / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    source: str = "wikitext2",
+    seqlen: int | None = None,
+    stride: int | None = None,
+    limit_windows: int | None = None,
+    batch_size: int = 1,
+    data_dir: str | os.PathLike[str] | None = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Perplexity of an in-memory model on a named set (wikitext2, c4) or a local text file.
+
+    Returns a dict with `ppl`, `nll` (mean token NLL), `windows`, `tokens_scored`, `seqlen`, `tokens_per_s`, ...
+    `seqlen=None` means 2048 capped at the model's max positions.
+    """
+    seq = resolve_seqlen(seqlen, models.max_positions(model))
+    ids = eval_token_ids(tokenizer, source, data_dir)
+    protocol = protocol_for(source)
+    if protocol.max_windows is not None:
+        limit_windows = min(limit_windows or protocol.max_windows, protocol.max_windows)
+    result = perplexity_on_ids(model, ids, seq, stride, limit_windows, batch_size, show_progress, label=source)
+    return {"source": source, **result}
+
+
+class _progress:  # noqa: N801 - a context manager used like a function
+    """A rich progress bar over scored tokens showing tokens/s; yields `advance(n_tokens)`."""
+
+    def __init__(self, total: int, enabled: bool, label: str) -> None:
+        self.total, self.enabled, self.label = total, enabled, label
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+        from rich.text import Text
+
+        class TokensPerSecond(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:,.0f} tok/s" if speed else "- tok/s")
+
+        self.bar = Progress(
+            TextColumn(f"ppl {self.label}"),
+            BarColumn(),
+            TextColumn("{task.completed:,}/{task.total:,} tokens"),
+            TokensPerSecond(),
+            TimeRemainingColumn(),
+        )
+        self.bar.__enter__()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)

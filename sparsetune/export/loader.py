@@ -1,0 +1,195 @@
+"""Loading exported checkpoints back as ordinary (decompressed) transformers models.
+
+Reads sparsetune exports and checkpoints written by compressed-tensors 0.14 (sparse-bitmask, sparse-24-bitmask).
+Every file is checked before any weight is used: its sha256 when sparsetune wrote it, the safetensors header,
+and each compressed tensor's shape, dtype and internal consistency. Any failure is a SparsetuneError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from torch import nn
+
+from sparsetune.errors import SparsetuneError
+from sparsetune.export import read_export_format
+from sparsetune.export.codecs import CODECS, TWO_FOUR, nm_group_violations
+from sparsetune.export.writer import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG
+
+log = logging.getLogger(__name__)
+
+
+def shard_files(path: Path) -> list[str]:
+    """The safetensors files of a checkpoint dir: the index's files, or the single model.safetensors."""
+    index = path / SAFE_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise SparsetuneError(f"{index} is not a valid safetensors index; re-export the model") from err
+        return sorted(set(weight_map.values()))
+    if (path / SAFE_WEIGHTS).exists():
+        return [SAFE_WEIGHTS]
+    raise SparsetuneError(f"{path} has no {SAFE_WEIGHTS} or {SAFE_INDEX}; re-export the model")
+
+
+def read_tensors(path: Path, digests: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint dir, each file verified against its recorded size and sha256 when given."""
+    tensors: dict[str, torch.Tensor] = {}
+    files = shard_files(path)
+    if digests is not None and sorted(digests) != files:
+        raise SparsetuneError(
+            f"{path} holds weight files {files} but {SPARSETUNE_CONFIG} lists {sorted(digests)}; re-export the model"
+        )
+    for name in files:
+        file = path / name
+        if not file.exists():
+            raise SparsetuneError(f"weight file {file} is missing; re-export the model")
+        data = file.read_bytes()
+        if digests is not None:
+            expected = digests[name]
+            if len(data) != expected["bytes"]:
+                raise SparsetuneError(
+                    f"{file} is truncated or corrupted ({len(data)} bytes, expected {expected['bytes']}); "
+                    "re-export or re-copy it"
+                )
+            if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+                raise SparsetuneError(f"{file} is corrupted (sha256 mismatch); re-export or re-copy it")
+        try:
+            part = safetensors_load(data)
+        except (SafetensorError, ValueError, RuntimeError) as err:
+            raise SparsetuneError(f"{file} is truncated or corrupted ({err}); re-export or re-copy it") from err
+        overlap = part.keys() & tensors.keys()
+        if overlap:
+            raise SparsetuneError(f"{file} repeats tensor {sorted(overlap)[0]}; re-export the model")
+        tensors.update(part)
+    return tensors
+
+
+def decompress_state(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """Replace every compressed module's parts by its dense `<m>.weight`; other tensors pass through."""
+    params, _, decompress = CODECS[fmt]
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        module, _, part = key.rpartition(".")
+        if part in params and module:
+            by_module.setdefault(module, {})[part] = tensor
+        else:
+            state[key] = tensor
+    for module, parts in by_module.items():
+        missing = [p for p in params if p not in parts]
+        if missing:
+            raise SparsetuneError(f"{module} lacks {module}.{missing[0]} in its {fmt} tensors; re-export the model")
+        if f"{module}.weight" in state:
+            raise SparsetuneError(f"{module} is stored both dense and compressed; re-export the model")
+        state[f"{module}.weight"] = decompress(parts, module)
+    return state
+
+
+def _stored_dtype(config: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.dtype:
+    from sparsetune.models import DTYPES
+
+    name = str(config.get("dtype") or config.get("torch_dtype") or "").removeprefix("torch.")
+    if name in DTYPES:
+        return DTYPES[name]
+    floats = [t.dtype for t in state.values() if t.dtype.is_floating_point]
+    return floats[0] if floats else torch.float32
+
+
+def load_exported(
+    path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False, **kwargs: Any
+) -> nn.Module:
+    """Load an exported dir (any compressed format) as a decompressed transformers causal LM in eval mode.
+
+    Args:
+        path: the export dir.
+        dtype: dtype to cast to; None keeps the stored dtype.
+        trust_remote_code: passed to transformers for the config.
+        **kwargs: passed to the model class's `from_pretrained` (e.g. attn_implementation).
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    path = Path(path)
+    fmt = read_export_format(path)
+    if fmt is None:
+        raise SparsetuneError(f"{path} is not a compressed sparsetune export; load it as a plain HF dir")
+    meta_file = path / SPARSETUNE_CONFIG
+    digests = None
+    if meta_file.exists():
+        digests = json.loads(meta_file.read_text()).get("files")
+    state = decompress_state(read_tensors(path, digests), fmt)
+
+    raw_config = json.loads((path / "config.json").read_text())
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # decompressed here, so transformers must not look for a quantizer
+    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_cls is None:
+        raise SparsetuneError(f"{path}: model type {config.model_type!r} is not a causal LM transformers knows")
+    try:
+        model, info = model_cls.from_pretrained(
+            None,
+            config=config,
+            state_dict=state,
+            dtype=dtype or _stored_dtype(raw_config, state),
+            output_loading_info=True,
+            **kwargs,
+        )
+    except SparsetuneError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a shape mismatch etc. means the files do not fit the config
+        raise SparsetuneError(f"{path}: weights do not fit config.json ({err}); re-export the model") from err
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        bad = list(info.get(kind) or [])
+        if bad:
+            what = kind.replace("_keys", "")
+            raise SparsetuneError(f"{path}: {len(bad)} {what} weights (first: {bad[0]}); re-export the model")
+    model.eval()
+    return model
+
+
+def to_semi_structured(model: nn.Module) -> int:
+    """Put every exact-2:4 fp16/bf16 Linear weight in a SparseSemiStructuredTensor (sparse tensor cores).
+
+    Needs CUDA with compute capability >= 8.0; elsewhere the model keeps its dense weights and one info line
+    says so. Weights must be multiples of 32 x 64 (the CUTLASS minimum tile) and not tied to the embeddings.
+    Returns the number of Linears converted.
+    """
+    device = next(model.parameters()).device
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        log.info(
+            "semi_structured=True needs CUDA with compute capability >= 8.0; the model is on %s, "
+            "so its 2:4 weights stay decompressed (dense)",
+            device,
+        )
+        return 0
+    from torch.sparse import to_sparse_semi_structured
+
+    embedding = model.get_input_embeddings()
+    shared = embedding.weight if embedding is not None else None
+    converted = skipped_fp32 = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or module.weight is shared:
+            continue
+        weight = module.weight.detach()
+        rows, cols = weight.shape
+        if rows % 32 or cols % 64 or nm_group_violations(weight):
+            continue
+        if weight.dtype not in (torch.float16, torch.bfloat16):
+            skipped_fp32 += 1
+            continue
+        module.weight = nn.Parameter(to_sparse_semi_structured(weight.contiguous()), requires_grad=False)
+        converted += 1
+    log.info("semi_structured: %d Linears (%s) now run on 2:4 sparse tensor cores", converted, TWO_FOUR)
+    if skipped_fp32:
+        log.info("%d 2:4 Linears are fp32; load with dtype='bfloat16' to run them sparse", skipped_fp32)
+    return converted

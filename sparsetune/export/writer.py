@@ -1,0 +1,311 @@
+"""Writing exported checkpoints: choose the Linears worth compressing, encode them, write safetensors shards.
+
+The compressed-tensors formats put their settings in config.json `quantization_config` (what vLLM and
+transformers read); every compressed format also gets a `sparsetune_config.json` with the layout, the stored
+dtype and a sha256 per shard, so the loader can refuse a truncated or corrupted file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from sparsetune import __version__, models
+from sparsetune.errors import SparsetuneError
+from sparsetune.export.codecs import CODECS, force_24, nm_group_violations
+from sparsetune.export.config import ExportConfig, shard_size_bytes
+from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, write_json
+
+log = logging.getLogger(__name__)
+
+SPARSETUNE_CONFIG = "sparsetune_config.json"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+COMPRESSED_TENSORS_FORMATS = ("sparse-bitmask", "sparse-24-bitmask")
+TWO_FOUR_FORMATS = ("sparse-24-bitmask", "semi-structured-2:4")
+# The compressed-tensors release whose sparse layouts (keys, dtypes, config fields) these files follow.
+COMPRESSED_TENSORS_VERSION = "0.14.0.1"
+# Files of the source dir carried into the export (the tokenizer is re-saved through transformers).
+CARRIED_FILES = ("sparsity_report.json",)
+
+
+@dataclass
+class ModulePlan:
+    """Which Linears get compressed (name -> sparsity) and why the others stay dense (name -> reason)."""
+
+    compress: dict[str, float] = field(default_factory=dict)
+    dense: dict[str, str] = field(default_factory=dict)
+    forced: dict[str, int] = field(default_factory=dict)  # name -> 2:4 violations re-pruned by --force-24
+
+
+def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as a checkpoint stores them: on CPU, each shared tensor once (tied lm_head dropped)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for key, tensor in model.state_dict().items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.device.type != "meta" and ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = tensor.detach().cpu()
+    return out
+
+
+def plan_modules(
+    model: nn.Module, state: dict[str, torch.Tensor], fmt: str, ignore: list[str], max_density: float, force: bool
+) -> ModulePlan:
+    """Pick the Linears to compress; for 2:4 formats refuse (or, with force, re-prune) any non-2:4 sparse one."""
+    exclude = [re.compile(p) for p in ignore]
+    plan = ModulePlan()
+    offenders = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        weight = state.get(f"{name}.weight")
+        if weight is None:
+            plan.dense[name] = "shares its weight with the embeddings"
+            continue
+        if any(p.search(name) for p in exclude):
+            plan.dense[name] = "matched --ignore"
+            continue
+        density = float(torch.count_nonzero(weight)) / weight.numel()
+        if density > max_density:
+            plan.dense[name] = f"density {density:.3f} > --max-density {max_density}"
+            continue
+        if fmt in TWO_FOUR_FORMATS:
+            violations = nm_group_violations(weight)
+            if violations:
+                offenders.append((name, violations, weight.shape))
+                if not force:
+                    continue
+                plan.forced[name] = violations
+        plan.compress[name] = 1.0 - density
+    if offenders and not force:
+        name, violations, shape = offenders[0]
+        groups = shape[0] * -(-shape[1] // 4)
+        more = f" (and {len(offenders) - 1} more Linears)" if len(offenders) > 1 else ""
+        why = (
+            f"has {shape[1]} input columns, not a multiple of 4"
+            if shape[1] % 4
+            else f"has {violations} of {groups} groups of 4 with more than 2 non-zeros"
+        )
+        raise SparsetuneError(
+            f"--format {fmt} needs exact 2:4 weights, but {name} {why}{more}; prune with --pattern 2:4, "
+            "pass --force-24 to re-prune by magnitude (quality may drop), --ignore it, or use --format sparse-bitmask"
+        )
+    if not plan.compress:
+        raise SparsetuneError(
+            f"no Linear is sparse enough to compress (density <= --max-density {max_density}); "
+            "prune the model first, raise --max-density, or use --format dense"
+        )
+    if plan.forced:
+        log.warning(
+            "--force-24 re-pruned %d Linears to 2:4 by magnitude (%d groups of 4 had more than 2 non-zeros); "
+            "quality may drop: evaluate the exported model",
+            len(plan.forced),
+            sum(plan.forced.values()),
+        )
+    return plan
+
+
+def encode_tensors(state: dict[str, torch.Tensor], plan: ModulePlan, fmt: str) -> dict[str, torch.Tensor]:
+    """Replace each planned `<m>.weight` by its format's `<m>.<part>` tensors, keeping checkpoint order."""
+    _, compress, _ = CODECS[fmt]
+    out = {}
+    for key, tensor in state.items():
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and module in plan.compress:
+            weight = tensor
+            if module in plan.forced:
+                weight = force_24(tensor)
+                plan.compress[module] = float((weight == 0).sum()) / weight.numel()
+            for part, value in compress(weight).items():
+                out[f"{module}.{part}"] = value
+        else:
+            out[key] = tensor.contiguous()
+    return out
+
+
+def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_bytes: int) -> dict[str, dict[str, Any]]:
+    """Write safetensors shards (a module's parts stay together) and an index when there is more than one.
+
+    Returns {file name: {"bytes", "sha256"}}.
+    """
+    groups: dict[str, list[str]] = {}
+    for key in tensors:
+        groups.setdefault(key.rsplit(".", 1)[0], []).append(key)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for keys in groups.values():
+        nbytes = sum(tensors[k].numel() * tensors[k].element_size() for k in keys)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(keys)
+        size += nbytes
+    names = (
+        [SAFE_WEIGHTS]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    files = {}
+    for name, keys in zip(names, shards, strict=True):
+        data = safetensors_bytes({k: tensors[k] for k in keys}, metadata={"format": "pt"})
+        (out_dir / name).write_bytes(data)
+        files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {k: name for name, keys in zip(names, shards, strict=True) for k in keys}
+        write_json(out_dir / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return files
+
+
+def compressed_tensors_config(fmt: str, plan: ModulePlan) -> dict[str, Any]:
+    """config.json `quantization_config` as compressed-tensors 0.14.0.1 writes it for a sparsity-only model."""
+    structure = "2:4" if fmt == "sparse-24-bitmask" else "unstructured"
+    return {
+        "version": COMPRESSED_TENSORS_VERSION,
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {
+            "format": fmt,
+            "targets": ["Linear"],
+            "ignore": sorted(plan.dense),
+            "global_sparsity": None,  # filled by the caller (needs element counts)
+            "sparsity_structure": structure,
+            "registry_requires_subclass": False,
+        },
+        "transform_config": {},
+    }
+
+
+def export_model(model: nn.Module, tokenizer: Any, out_dir: Path, cfg: ExportConfig) -> dict[str, Any]:
+    """Write `model` into the existing (empty, temporary) `out_dir` in `cfg.format`; return a report."""
+    t0 = time.perf_counter()
+    if cfg.format == "dense":
+        models.save_model(model, tokenizer, out_dir, max_shard_size=cfg.max_shard_size)
+        return {"format": "dense", "timings": {"write_s": round(time.perf_counter() - t0, 3)}}
+
+    state = saved_state_dict(model)
+    plan = plan_modules(model, state, cfg.format, cfg.ignore, cfg.max_density, cfg.force_24)
+    tensors = encode_tensors(state, plan, cfg.format)
+    t_encode = time.perf_counter()
+    files = write_shards(tensors, out_dir, shard_size_bytes(cfg.max_shard_size))
+
+    model.config.save_pretrained(str(out_dir))
+    numel = {name: state[f"{name}.weight"].numel() for name in plan.compress}
+    zeros = sum(round(plan.compress[n] * numel[n]) for n in plan.compress)
+    global_sparsity = zeros / max(1, sum(numel.values()))
+    if cfg.format in COMPRESSED_TENSORS_FORMATS:
+        config_path = out_dir / "config.json"
+        config = json.loads(config_path.read_text())
+        config["quantization_config"] = compressed_tensors_config(cfg.format, plan)
+        config["quantization_config"]["sparsity_config"]["global_sparsity"] = global_sparsity
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(out_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+
+    dtype = str(next(iter(state[f"{n}.weight"] for n in plan.compress)).dtype).removeprefix("torch.")
+    meta: dict[str, Any] = {
+        "format": cfg.format,
+        "dtype": dtype,
+        "global_sparsity": global_sparsity,
+        "modules": {n: {"shape": list(state[f"{n}.weight"].shape), "sparsity": s} for n, s in plan.compress.items()},
+        "ignore": plan.dense,
+        "forced_24": plan.forced,
+        "files": files,
+        "sparsetune_version": __version__,
+        "versions": package_versions(),
+    }
+    if cfg.format == "semi-structured-2:4":
+        meta["layout"] = {
+            "kernel": "cutlass",
+            "built_with": "torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass",
+            "tensors": {"packed": "[R, C/2] kept values", "meta": "int16 [R, C/16]", "shape": "int64 [2] unpadded"},
+            "padding": "weights zero-padded to R, C = multiples of 32 rows, 64 columns",
+            "fp32_note": "fp32 values use the 16-bit 2:4 metadata layout; load in bf16/fp16 for sparse kernels",
+        }
+    write_json(out_dir / SPARSETUNE_CONFIG, meta)
+    dense_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    return {
+        "format": cfg.format,
+        "modules_compressed": len(plan.compress),
+        "modules_dense": len(plan.dense),
+        "forced_24": len(plan.forced),
+        "global_sparsity": round(global_sparsity, 6),
+        "bytes_written": sum(f["bytes"] for f in files.values()),
+        "bytes_dense": dense_bytes,
+        "shards": len(files),
+        "timings": {
+            "encode_s": round(t_encode - t0, 3),
+            "write_s": round(time.perf_counter() - t_encode, 3),
+        },
+    }
+
+
+def checkpoint_dtype(spec: str) -> str:
+    """The dtype name a model dir stores (config.json dtype / torch_dtype), float32 when unknown."""
+    path = Path(spec).expanduser()
+    config = path / "config.json"
+    if path.is_dir() and config.exists():
+        try:
+            data = json.loads(config.read_text())
+        except ValueError:
+            return "float32"
+        name = str(data.get("dtype") or data.get("torch_dtype") or "float32").removeprefix("torch.")
+        if name in models.DTYPES:
+            return name
+    return "float32"
+
+
+def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Load `cfg.model`, export it to `cfg.output` (temp dir + rename), and return the report."""
+    if cfg.output is None:
+        raise SparsetuneError("missing --output; pass -o OUT_DIR")
+    out = check_output_dir(cfg.output, overwrite, inputs=(cfg.model,))
+    t0 = time.perf_counter()
+    dtype = checkpoint_dtype(cfg.model) if cfg.dtype == "auto" else cfg.dtype
+    is_gguf = models.resolve_model_path(cfg.model)[0] == "gguf"
+    model, tokenizer = models.load_model(
+        cfg.model, dtype=dtype, device="cpu", trust_remote_code=cfg.trust_remote_code, need_tokenizer=is_gguf
+    )
+    if not is_gguf:
+        tokenizer = _tokenizer_or_none(cfg.model, cfg.trust_remote_code)
+    t_load = time.perf_counter() - t0
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        report = export_model(model, tokenizer, Path(tmp), cfg)
+        source = Path(cfg.model).expanduser()
+        for name in CARRIED_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, Path(tmp) / name)
+    report["timings"] = {"load_s": round(t_load, 3), **report["timings"]}
+    report.update({"model": cfg.model, "output": str(out), "dtype": dtype, "disk_bytes": checkpoint_bytes(out)})
+    return report
+
+
+def _tokenizer_or_none(spec: str, trust_remote_code: bool) -> Any:
+    kind, location = models.resolve_model_path(spec)
+    if kind == "bundled":
+        location = str(models.bundled_model_dir())
+    try:
+        return models.load_tokenizer(location, trust_remote_code)
+    except SparsetuneError:
+        log.warning("no tokenizer found in %s; the export has none (eval will need one next to the weights)", spec)
+        return None
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes of the weight files (*.safetensors) in a model dir."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
