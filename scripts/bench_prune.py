@@ -138,16 +138,14 @@ def main() -> None:
         sys.exit("llm-compressor venv missing: run `make bench-env` first, or pass --no-llmc")
 
     me = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model_dir, "--ids", ids_file]
-    lines = []
 
     def emit(record: dict[str, object]) -> None:
         record = {"bench": "prune", "suite": args.suite, "quick": args.quick, **record}
         print(json.dumps(record), flush=True)
-        lines.append(record)
+        _append(args.out, [record])  # each line lands at once, so an interrupted run keeps what it measured
 
     if args.suite != "llmc":
         other_suite(args, me, emit, model_dir, tok)
-        _append(args.out, lines)
         return
 
     emit({"tool": "dense", **_subprocess_json([*me, "--method", "dense"])})
@@ -178,7 +176,6 @@ def main() -> None:
         if not args.no_two_pass:
             two = _subprocess_json([*me, *common, "--two-pass"])
             emit({"tool": "sparsetune", "run": run, "sequential": False, **two})
-    _append(args.out, lines)
 
 
 def _append(path: str, lines: list[dict[str, object]]) -> None:
