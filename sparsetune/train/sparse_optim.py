@@ -1,0 +1,426 @@
+"""Sparse AdamW with compact state, shared by `seft` and `smet-pretrain`.
+
+A sparse weight stays an ordinary dense `nn.Parameter` (zeros at inactive positions, so the model is a plain HF
+model), plus a compact index set of its active positions. Its gradient is gathered to a compact vector of active
+entries by a post-accumulate hook, which frees the dense `.grad` right after autograd writes it, so no dense
+gradient buffer survives between layers or steps. Adam's m and v exist only for active entries (fp32, or 8-bit
+blockwise through bitsandbytes).
+
+Per-entry step counters without per-entry bytes: entries are kept grouped in *cohorts* by the optimizer step at
+which they became active (the initial entries are cohort 0, every topology update appends one cohort of grown
+entries and removes the dropped ones). An entry's local step is `step - birth` of its cohort, so bias correction of a
+regrown entry starts fresh at 1, and its update is ramped by min(t_local / regrow_warmup, 1). The ramp multiplies
+the update only; the stored moments are never scaled.
+
+Multi-process: every `step()` averages the compact and dense gradients over ranks with one all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+BLOCKSIZE_8BIT = 256  # bitsandbytes' block size for 8-bit optimizer state
+
+
+@dataclass
+class SparseWeight:
+    """A dense parameter whose active positions are `index` (flat, int32 to halve its bytes)."""
+
+    name: str
+    param: nn.Parameter
+    index: torch.Tensor
+    lr_scale: float = 1.0
+
+    @classmethod
+    def from_mask(cls, name: str, param: nn.Parameter, mask: torch.Tensor, lr_scale: float = 1.0) -> SparseWeight:
+        flat = mask.reshape(-1).to(param.device)
+        with torch.no_grad():
+            param.view(-1).masked_fill_(~flat, 0)
+        index = flat.nonzero().squeeze(1).to(torch.int32)
+        return cls(name, param, index, lr_scale)
+
+    @property
+    def active(self) -> torch.Tensor:
+        """Flat positions of the active entries (int64), in slot order."""
+        return self.index.long()
+
+    @property
+    def nnz(self) -> int:
+        return self.index.numel()
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.param.numel()
+
+    def mask(self) -> torch.Tensor:
+        m = torch.zeros(self.param.numel(), dtype=torch.bool, device=self.param.device)
+        m[self.active] = True
+        return m.view_as(self.param)
+
+
+class Moments:
+    """Adam's m and v for one tensor (flat): fp32, or 8-bit blockwise (signed map for m, unsigned for v)."""
+
+    def __init__(self, n: int, device: torch.device, eight_bit: bool) -> None:
+        self.eight_bit = eight_bit
+        self.store(torch.zeros(n, device=device), torch.zeros(n, device=device))
+
+    def store(self, m: torch.Tensor, v: torch.Tensor) -> None:
+        if self.eight_bit:
+            self.m, self.m_absmax = _quantize(m, signed=True)
+            self.v, self.v_absmax = _quantize(v, signed=False)
+        else:
+            self.m, self.v = m, v
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.eight_bit:
+            return _dequantize(self.m, self.m_absmax, signed=True), _dequantize(self.v, self.v_absmax, signed=False)
+        return self.m, self.v
+
+    def nbytes(self) -> int:
+        tensors = [self.m, self.v] + ([self.m_absmax, self.v_absmax] if self.eight_bit else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.eight_bit:
+            return {"m": self.m, "v": self.v, "m_absmax": self.m_absmax, "v_absmax": self.v_absmax}
+        return {"m": self.m, "v": self.v}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        for k, t in state.items():
+            setattr(self, k, t.to(device))
+
+
+_CODES: dict[tuple[bool, str], torch.Tensor] = {}
+
+
+def _code(signed: bool, device: torch.device) -> torch.Tensor:
+    key = (signed, str(device))
+    if key not in _CODES:
+        from bitsandbytes.functional import create_dynamic_map
+
+        _CODES[key] = create_dynamic_map(signed=signed).to(device)
+    return _CODES[key]
+
+
+def _quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from bitsandbytes.functional import quantize_blockwise
+
+    if x.numel() == 0:
+        return torch.zeros(0, dtype=torch.uint8, device=x.device), torch.zeros(0, device=x.device)
+    q, state = quantize_blockwise(x.contiguous(), code=_code(signed, x.device), blocksize=BLOCKSIZE_8BIT)
+    return q, state.absmax
+
+
+def _dequantize(q: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    from bitsandbytes.functional import dequantize_blockwise
+
+    if q.numel() == 0:
+        return torch.zeros(0, device=q.device)
+    return dequantize_blockwise(q, absmax=absmax, code=_code(signed, q.device), blocksize=BLOCKSIZE_8BIT).float()
+
+
+class SparseState:
+    """Compact optimizer state of one sparse weight: moments, cohorts, the gradient and (SEFT) the tracked update."""
+
+    def __init__(self, weight: SparseWeight, eight_bit: bool, track_updates: bool) -> None:
+        device = weight.param.device
+        self.moments = Moments(weight.nnz, device, eight_bit)
+        self.cohort_sizes = [weight.nnz]
+        self.cohort_births = [0]
+        self.grad: torch.Tensor | None = None
+        self.tracked = torch.zeros(weight.nnz, device=device) if track_updates else None
+
+    def local_steps(self, step: int, device: torch.device) -> torch.Tensor:
+        births = torch.tensor(self.cohort_births, dtype=torch.float32, device=device)
+        sizes = torch.tensor(self.cohort_sizes, device=device)
+        return torch.repeat_interleave(step - births, sizes)
+
+    def regrown(self, device: torch.device) -> torch.Tensor:
+        """True for entries grown by a topology update (cohorts born after step 0)."""
+        flags = torch.tensor([b > 0 for b in self.cohort_births], device=device)
+        return torch.repeat_interleave(flags, torch.tensor(self.cohort_sizes, device=device))
+
+
+class SparseAdamW:
+    """AdamW over sparse weights (compact state) and ordinary dense parameters (dense state).
+
+    `param_groups[i]["lr"]` is the base learning rate; a sparse weight's step uses `lr * weight.lr_scale`.
+    """
+
+    def __init__(
+        self,
+        sparse_weights: list[SparseWeight],
+        dense_params: list[nn.Parameter],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        regrow_warmup: int = 0,
+        eight_bit: bool = False,
+        track_updates: bool = False,
+    ) -> None:
+        self.weights = {w.name: w for w in sparse_weights}
+        self.dense_params = list(dense_params)
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.regrow_warmup, self.eight_bit = regrow_warmup, eight_bit
+        self.param_groups: list[dict[str, Any]] = [
+            {"name": "sparse", "lr": lr, "params": [w.param for w in sparse_weights]},
+            {"name": "dense", "lr": lr, "params": self.dense_params},
+        ]
+        self.step_count = 0
+        self.sparse_state = {w.name: SparseState(w, eight_bit, track_updates) for w in sparse_weights}
+        self.dense_state = [Moments(p.numel(), p.device, eight_bit) for p in self.dense_params]
+        self._dense_grad_mode = False
+        self._hooks = [w.param.register_post_accumulate_grad_hook(self._compact_hook(w)) for w in sparse_weights]
+
+    # -- gradients --------------------------------------------------------------------------------------------
+
+    def _compact_hook(self, weight: SparseWeight) -> Any:
+        state_of = self.sparse_state
+
+        def hook(param: torch.Tensor) -> None:
+            if self._dense_grad_mode or param.grad is None:
+                return
+            state = state_of[weight.name]
+            g = param.grad.view(-1).index_select(0, weight.active).float()
+            state.grad = g if state.grad is None else state.grad.add_(g)
+            param.grad = None
+
+        return hook
+
+    @contextlib.contextmanager
+    def dense_grads(self) -> Iterator[None]:
+        """Let `.grad` of the sparse weights fill densely (growth scoring at a topology step only)."""
+        self._dense_grad_mode = True
+        try:
+            yield
+        finally:
+            self._dense_grad_mode = False
+            for w in self.weights.values():
+                w.param.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for state in self.sparse_state.values():
+            state.grad = None
+        for p in self.dense_params:
+            p.grad = None
+
+    def _all_reduce_grads(self) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return
+        grads = []
+        for name, w in self.weights.items():
+            state = self.sparse_state[name]
+            if state.grad is None:
+                state.grad = torch.zeros(w.nnz, device=w.param.device)
+            grads.append(state.grad)
+        for p in self.dense_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    # -- the update -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._all_reduce_grads()
+        self.step_count += 1
+        t = self.step_count
+        sparse_lr, dense_lr = self.param_groups[0]["lr"], self.param_groups[1]["lr"]
+        for name, w in self.weights.items():
+            state = self.sparse_state[name]
+            if state.grad is None or w.nnz == 0:
+                continue
+            device = w.param.device
+            local = state.local_steps(t, device)
+            scale = None
+            if self.regrow_warmup > 0:
+                ramp = (local / self.regrow_warmup).clamp(max=1.0)
+                scale = torch.where(state.regrown(device), ramp, torch.ones_like(ramp))
+            flat = w.param.view(-1)
+            idx = w.active
+            old = flat.index_select(0, idx).float()
+            m, v = state.moments.load()
+            new = self._adamw(old, state.grad, m, v, local, sparse_lr * w.lr_scale, self.weight_decay, scale)
+            state.moments.store(m, v)
+            flat.index_copy_(0, idx, new.to(flat.dtype))
+            if state.tracked is not None:
+                state.tracked.add_(new - old)
+        for p, moments in zip(self.dense_params, self.dense_state, strict=True):
+            if p.grad is None:
+                continue
+            m, v = moments.load()
+            decay = self.weight_decay if p.dim() >= 2 else 0.0  # no decay on norms and biases
+            local = torch.full((), float(t), device=p.device)
+            new = self._adamw(p.float().view(-1), p.grad.float().view(-1), m, v, local, dense_lr, decay, None)
+            moments.store(m, v)
+            p.copy_(new.view_as(p).to(p.dtype))
+
+    def _adamw(
+        self,
+        w: torch.Tensor,
+        g: torch.Tensor,
+        m: torch.Tensor,
+        v: torch.Tensor,
+        local_step: torch.Tensor,
+        lr: float,
+        decay: float,
+        scale: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One AdamW step on flat fp32 tensors; m and v are updated in place. Returns the new weights."""
+        b1, b2 = self.betas
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        bias1 = 1 - torch.pow(b1, local_step)
+        bias2 = 1 - torch.pow(b2, local_step)
+        update = (m / bias1) / ((v / bias2).sqrt_().add_(self.eps))
+        if scale is not None:
+            update.mul_(scale)
+        return w * (1 - lr * decay) - lr * update
+
+    # -- topology ---------------------------------------------------------------------------------------------
+
+    def tracked_update(self, name: str) -> torch.Tensor:
+        """The summed weight change of every active entry since the last `reset_tracking` (slot order)."""
+        tracked = self.sparse_state[name].tracked
+        if tracked is None:
+            raise RuntimeError("this optimizer was built with track_updates=False")
+        return tracked
+
+    def reset_tracking(self) -> None:
+        for state in self.sparse_state.values():
+            if state.tracked is not None:
+                state.tracked.zero_()
+
+    @torch.no_grad()
+    def swap_entries(self, name: str, drop_slots: torch.Tensor, grow_positions: torch.Tensor) -> None:
+        """Deactivate the entries in `drop_slots` and activate `grow_positions` (as many): the dropped weights
+        become 0, the grown ones start at 0 with zero moments and a fresh step counter (a new cohort)."""
+        w, state = self.weights[name], self.sparse_state[name]
+        if drop_slots.numel() != grow_positions.numel():
+            raise ValueError(f"{name}: dropping {drop_slots.numel()} entries but growing {grow_positions.numel()}")
+        if drop_slots.numel() == 0:
+            return
+        device = w.param.device
+        flat = w.param.view(-1)
+        flat.index_fill_(0, w.active[drop_slots.to(device)], 0)
+        flat.index_fill_(0, grow_positions.to(device), 0)
+        keep = torch.ones(w.nnz, dtype=torch.bool, device=device)
+        keep[drop_slots.to(device)] = False
+        k = grow_positions.numel()
+        fresh = torch.zeros(k, device=device)
+        w.index = torch.cat([w.index[keep], grow_positions.to(device=device, dtype=torch.int32)])
+        m, v = state.moments.load()
+        state.moments.store(torch.cat([m[keep], fresh]), torch.cat([v[keep], fresh.clone()]))
+        if state.tracked is not None:
+            state.tracked = torch.cat([state.tracked[keep], fresh])
+        kept = [int(c.sum()) for c in keep.split(state.cohort_sizes)]
+        cohorts = [(n, b) for n, b in zip(kept, state.cohort_births, strict=True) if n > 0]
+        cohorts.append((k, self.step_count))
+        state.cohort_sizes = [n for n, _ in cohorts]
+        state.cohort_births = [b for _, b in cohorts]
+        state.grad = None
+
+    # -- checkpoints and reporting ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        sparse = {}
+        for name, w in self.weights.items():
+            s = self.sparse_state[name]
+            entry: dict[str, Any] = {
+                "index": w.index,
+                "cohort_sizes": list(s.cohort_sizes),
+                "cohort_births": list(s.cohort_births),
+                "moments": s.moments.state_dict(),
+            }
+            if s.tracked is not None:
+                entry["tracked"] = s.tracked
+            sparse[name] = entry
+        return {
+            "step": self.step_count,
+            "lrs": [g["lr"] for g in self.param_groups],
+            "eight_bit": self.eight_bit,
+            "sparse": sparse,
+            "dense": [m.state_dict() for m in self.dense_state],
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        if saved["eight_bit"] != self.eight_bit or set(saved["sparse"]) != set(self.weights):
+            raise ValueError("the optimizer state belongs to another configuration")
+        self.step_count = int(saved["step"])
+        for group, lr in zip(self.param_groups, saved["lrs"], strict=True):
+            group["lr"] = lr
+        for name, entry in saved["sparse"].items():
+            w, s = self.weights[name], self.sparse_state[name]
+            device = w.param.device
+            w.index = entry["index"].to(device=device, dtype=torch.int32)
+            s.cohort_sizes = [int(n) for n in entry["cohort_sizes"]]
+            s.cohort_births = [int(b) for b in entry["cohort_births"]]
+            s.moments.load_state_dict(entry["moments"], device)
+            if s.tracked is not None:
+                s.tracked = entry["tracked"].to(device)
+            s.grad = None
+        for moments, state, p in zip(self.dense_state, saved["dense"], self.dense_params, strict=True):
+            moments.load_state_dict(state, p.device)
+
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes of optimizer state and gradient held for the sparse weights, per layer and in total, beside what
+        dense AdamW with the same state precision would hold (its moments plus a dense gradient)."""
+        per_entry_state = 2 if self.eight_bit else 8
+        layers = []
+        for name, w in self.weights.items():
+            s = self.sparse_state[name]
+            cohort_bytes = 16 * len(s.cohort_sizes)
+            state_bytes = s.moments.nbytes() + cohort_bytes + (s.tracked.numel() * 4 if s.tracked is not None else 0)
+            grad_bytes = w.nnz * 4
+            dense_bytes = w.param.numel() * (per_entry_state + w.param.element_size())
+            layers.append(
+                {
+                    "name": name,
+                    "numel": w.param.numel(),
+                    "active": w.nnz,
+                    "density": round(w.density, 6),
+                    "optimizer_state_bytes": state_bytes,
+                    "gradient_bytes": grad_bytes,
+                    "index_bytes": w.index.numel() * w.index.element_size(),
+                    "dense_adamw_bytes": dense_bytes,
+                }
+            )
+        total = {k: sum(layer[k] for layer in layers) for k in ("optimizer_state_bytes", "gradient_bytes")}
+        total["index_bytes"] = sum(layer["index_bytes"] for layer in layers)
+        dense_total = sum(layer["dense_adamw_bytes"] for layer in layers)
+        sparse_total = total["optimizer_state_bytes"] + total["gradient_bytes"]
+        return {
+            "optimizer_state_bytes": total["optimizer_state_bytes"],
+            "gradient_bytes": total["gradient_bytes"],
+            "index_bytes": total["index_bytes"],
+            "dense_adamw_state_and_grad_bytes": dense_total,
+            "state_and_grad_vs_dense": round(sparse_total / dense_total, 4) if dense_total else math.nan,
+            "dense_params_state_bytes": sum(m.nbytes() for m in self.dense_state),
+            "layers": layers,
+        }
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -1,0 +1,126 @@
+"""Sparse topology: initial layouts (uniform, ERK), drop and grow choices, N:M-preserving swaps, schedules.
+
+Every function is deterministic given its inputs (random choices take an explicit generator), so all ranks that
+see the same scores make the same choice; `verify_same_across_ranks` checks that they did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from sparsetune.masks import NMPattern
+
+
+def cosine_decay(step: int, total: int, start: float, end: float) -> float:
+    """`start` at step 0, `end` at `total`, cosine in between."""
+    progress = min(max(step / max(1, total), 0.0), 1.0)
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
+
+
+def erk_densities(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, float]:
+    """Erdos-Renyi-Kernel densities: a layer's density is proportional to (n_in + n_out) / (n_in * n_out), scaled so
+    the total active count is `density` of all weights; layers that would exceed 1 become dense and the rest are
+    rescaled."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    numel = {n: s[0] * s[1] for n, s in shapes.items()}
+    raw = {n: (s[0] + s[1]) / (s[0] * s[1]) for n, s in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        budget = density * sum(numel.values()) - sum(numel[n] for n in dense)
+        weighted = sum(raw[n] * numel[n] for n in shapes if n not in dense)
+        eps = budget / weighted if weighted else 0.0
+        over = [n for n in shapes if n not in dense and eps * raw[n] > 1]
+        if not over:
+            return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
+        dense.update(over)
+
+
+def active_count(numel: int, density: float) -> int:
+    return min(numel, max(1, round(density * numel)))
+
+
+def random_layout(shape: tuple[int, ...], count: int, generator: torch.Generator) -> torch.Tensor:
+    """A bool mask with exactly `count` active positions, uniformly at random."""
+    numel = math.prod(shape)
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[torch.randperm(numel, generator=generator)[:count]] = True
+    return mask.view(shape)
+
+
+def drop(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Slots of the k active entries with the smallest score."""
+    return torch.topk(score.float(), k, largest=False, sorted=False).indices
+
+
+def grow(score: torch.Tensor, k: int, exclude: torch.Tensor) -> torch.Tensor:
+    """Flat positions of the k largest scores outside `exclude` (the currently active positions)."""
+    s = score.detach().reshape(-1).float().clone()
+    s[exclude.to(s.device)] = -math.inf
+    return torch.topk(s, k, sorted=False).indices
+
+
+def grow_random(numel: int, k: int, exclude: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """k positions uniformly at random outside `exclude` (SET-style growth)."""
+    s = torch.rand(numel, generator=generator)
+    s[exclude.cpu()] = -1.0
+    return torch.topk(s, k, sorted=False).indices.to(exclude.device)
+
+
+def nm_drop_grow(
+    active: torch.Tensor,
+    drop_score: torch.Tensor,
+    grow_score: torch.Tensor,
+    k: int,
+    pattern: NMPattern,
+    shape: torch.Size | tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the k lowest-scoring active entries and regrow, inside each dropped entry's group of M consecutive input
+    positions, the best inactive positions of that group, so every group keeps exactly N active entries.
+
+    A group re-grows a position it just dropped only when it has no other inactive position (never with N <= M/2).
+    Returns (slots to drop, flat positions to grow)."""
+    m = pattern.m
+    numel = math.prod(shape)
+    if shape[-1] % m:
+        raise ValueError(f"an {pattern} pattern needs input dims divisible by {m}, got {tuple(shape)}")
+    drop_slots = drop(drop_score, k)
+    dropped_pos = active[drop_slots]
+    state = torch.zeros(numel, dtype=torch.int8, device=active.device)  # 0 inactive, 1 active, 2 just dropped
+    state[active] = 1
+    state[dropped_pos] = 2
+    score = grow_score.detach().reshape(-1).float().clone().to(active.device)
+    score[state == 1] = -math.inf
+    score[state == 2] = torch.finfo(torch.float32).min  # last resort only
+    groups = score.view(-1, m)
+    need = torch.zeros(numel // m, dtype=torch.long, device=active.device)
+    need.index_add_(0, dropped_pos // m, torch.ones_like(dropped_pos))
+    order = groups.argsort(dim=1, descending=True, stable=True)
+    rank_ok = torch.arange(m, device=active.device).expand_as(order) < need[:, None]
+    group_base = (torch.arange(numel // m, device=active.device) * m)[:, None]
+    grow_pos = (order + group_base)[rank_ok]
+    return drop_slots, grow_pos
+
+
+def index_digest(indices: dict[str, torch.Tensor]) -> bytes:
+    h = hashlib.sha256()
+    for name in sorted(indices):
+        h.update(name.encode())
+        h.update(indices[name].detach().cpu().to(torch.int64).numpy().tobytes())
+    return h.digest()
+
+
+def verify_same_across_ranks(indices: dict[str, torch.Tensor]) -> None:
+    """Raise if any rank holds a different topology (compares a SHA-256 digest of the index sets)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    digest = index_digest(indices)
+    gathered: list[bytes | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, digest)
+    if any(d != digest for d in gathered):
+        raise RuntimeError("sparse topologies differ across ranks after a topology update; please report this bug")

@@ -1,0 +1,45 @@
+"""SEFT on the real bundled SmolLM2 (slow): one topology update on a magnitude-pruned copy keeps 2:4 exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+from test_seft_cli import one_thread, write_text  # noqa: F401 - one_thread: autouse
+
+from sparsetune.masks import NMPattern, nm_violations
+
+
+@pytest.mark.slow
+def test_seft_on_smollm2_keeps_the_pattern(tmp_path, bundled_model_dir):
+    from sparsetune.prune.api import run_prune
+    from sparsetune.prune.config import PruneConfig
+    from sparsetune.train.seft import run_seft
+    from sparsetune.train.seft_config import SeftConfig
+
+    pruned = tmp_path / "pruned"
+    run_prune(
+        PruneConfig(model=str(bundled_model_dir), output=str(pruned), method="magnitude", pattern="2:4"),
+        show_progress=False,
+    )
+    cfg = SeftConfig(
+        model=str(pruned),
+        output=str(tmp_path / "out"),
+        data=str(write_text(tmp_path / "t.txt", n_docs=4)),
+        seqlen=64,
+        batch_size=2,
+        steps=2,
+        update_interval=1,
+        grow_batches=1,
+        lr=1e-4,
+    )
+    report = run_seft(cfg, show_progress=False)
+    history = report["finetune_history"][-1]
+    assert history["topology_totals"]["dropped"] == history["topology_totals"]["grown"] > 0
+    assert history["sparsity_after"] == history["sparsity_before"] == 0.5
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    layers = {k: v for k, v in weights.items() if ".layers." in k and k.endswith("proj.weight")}
+    assert len(layers) == 30 * 7
+    assert all(nm_violations(w, NMPattern(2, 4)) == 0 for w in layers.values())
+    assert json.loads((tmp_path / "out" / "sparsity_report.json").read_text())["pattern"] == "2:4"

@@ -1,0 +1,173 @@
+"""`sparsetune seft`: flags, input validation, data handling and the LoRA* baseline on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tokenizer, random_text
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sparsetune.cli.app import app
+from sparsetune.masks import NMPattern, nm_violations
+
+runner = CliRunner()
+# Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads slow steps by 30x.
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_pruned(root: Path, pattern: str | None = None, sparsity: float = 0.5, seed: int = 0) -> Path:
+    """A tiny Llama pruned by magnitude (no calibration needed), written by the prune library."""
+    from sparsetune.prune.api import run_prune
+    from sparsetune.prune.config import PruneConfig
+
+    dense = root / f"dense-{seed}"
+    if not dense.exists():
+        make_tiny_model("llama", seed=seed).save_pretrained(dense)
+        make_tokenizer().save_pretrained(dense)
+    out = root / f"pruned-{pattern or sparsity}-{seed}".replace(":", "of")
+    target = {"pattern": pattern} if pattern else {"sparsity": sparsity}
+    run_prune(PruneConfig(model=str(dense), output=str(out), method="magnitude", **target), show_progress=False)
+    return out
+
+
+def write_text(path: Path, n_docs: int = 8) -> Path:
+    path.write_text("\n\n".join(random_text(300, seed=i) for i in range(n_docs)))
+    return path
+
+
+def write_alpaca(path: Path, n: int = 24) -> Path:
+    records = [
+        {
+            "instruction": random_text(8, seed=i),
+            "input": random_text(5, seed=100 + i) if i % 2 else "",
+            "output": random_text(12, seed=200 + i),
+        }
+        for i in range(n)
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def decoder_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(str(model_dir / "model.safetensors"))
+    return {k: v for k, v in weights.items() if ".layers." in k and k.endswith("proj.weight")}
+
+
+def last_json(output: str) -> dict:
+    line = [line for line in output.splitlines() if '{"' in line][-1]
+    return json.loads(line[line.index('{"') :])
+
+
+def tiny_args(pruned: Path, out: Path, data: Path, *extra: str) -> list[str]:
+    return ["seft", str(pruned), "-o", str(out), "--data", str(data), "--seqlen", "32", "--batch-size", "4", *extra]
+
+
+def test_help_comes_from_the_schema():
+    result = runner.invoke(app, ["seft", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for flag in ("--drop-fraction", "--grow-batches", "--update-interval", "--optim", "--checkpoint-every", "--resume"):
+        assert flag in result.output
+    assert "accumulated" in result.output  # the grow-batches description
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "dense-ft"], "method"),
+        (["--eval-every", "2"], "--eval-every needs --val-data"),
+        (["--batch-size", "3", "--grad-accum", "2"], "not divisible"),
+        (["--drop-fraction", "0.1", "--drop-fraction-end", "0.2"], "must not exceed"),
+    ],
+)
+def test_bad_settings_fail_in_one_line(tmp_path, extra, message):
+    result = runner.invoke(app, ["seft", str(tmp_path), "-o", str(tmp_path / "out"), *extra])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_existing_output_dense_model_and_missing_data(tmp_path, tiny_model_dir):
+    data = write_text(tmp_path / "t.txt")
+    (tmp_path / "exists").mkdir()
+    result = runner.invoke(app, tiny_args(tiny_model_dir, tmp_path / "exists", data))
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    result = runner.invoke(app, tiny_args(tiny_model_dir, tmp_path / "out", data, "--steps", "1"))
+    assert result.exit_code == 2 and "no zero weights" in result.output
+    pruned = make_pruned(tmp_path)
+    result = runner.invoke(app, tiny_args(pruned, tmp_path / "out", tmp_path / "missing.txt"))
+    assert result.exit_code == 2 and "not found" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_instruction_examples_train_on_the_response_only(tiny_tokenizer):
+    from sparsetune.data import alpaca_prompt
+    from sparsetune.train.seft import IGNORE, collate, instruction_examples
+
+    records = [{"instruction": "make a list", "input": "", "output": "one two three"}]
+    ex = instruction_examples(tiny_tokenizer, records, seqlen=64)
+    prompt, response = alpaca_prompt(records[0])
+    n_prompt = len(tiny_tokenizer(prompt)["input_ids"])
+    labels = ex.labels[0]
+    assert (labels[:n_prompt] == IGNORE).all()
+    want = tiny_tokenizer(response, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    assert labels[n_prompt:].tolist() == want
+    batch = collate(ex, [0, 0], pad_id=3)
+    assert batch["input_ids"].shape == (2, n_prompt + len(want))
+
+
+def test_packed_windows_skip_leading_tokens(tiny_tokenizer):
+    from sparsetune.train.seft import packed_windows
+
+    records = [{"text": random_text(200, seed=1)}, {"text": random_text(200, seed=2)}]
+    full = packed_windows(tiny_tokenizer, records, 16, 0, "x")
+    skipped = packed_windows(tiny_tokenizer, records, 16, 32, "x")
+    assert torch.equal(skipped.inputs[0], full.inputs[2])
+    assert len(skipped) == len(full) - 2
+
+
+def test_data_order_is_a_function_of_the_step():
+    from sparsetune.train.seft import DataOrder
+
+    a, b = DataOrder(10, 4, seed=3), DataOrder(10, 4, seed=3)
+    seen = [a.batch(s) for s in range(5)]
+    assert [b.batch(s) for s in reversed(range(5))][::-1] == seen
+    first_epoch = sum(seen, [])[:10]
+    assert sorted(first_epoch) == list(range(10))
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_lora_reprune_restores_the_sparsity(tmp_path, pattern):
+    pruned = make_pruned(tmp_path, pattern)
+    data = write_alpaca(tmp_path / "alpaca.json")
+    out = tmp_path / "out"
+    args = tiny_args(pruned, out, data, "--method", "lora-reprune", "--steps", "3", "--lr", "1e-2", "--seqlen", "96")
+    args.append("--json")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = last_json(result.output)
+    before, after = decoder_weights(pruned), decoder_weights(out)
+    for name, w in before.items():
+        assert int((after[name] == 0).sum()) == int((w == 0).sum()), name
+        if pattern:
+            assert nm_violations(after[name], NMPattern(2, 4)) == 0
+    changed = sum(int(((after[n] != 0) != (w != 0)).sum()) for n, w in before.items())
+    assert changed > 0  # the re-prune picked a new mask on the merged weights
+    assert summary["sparsity_after"] == pytest.approx(summary["sparsity_before"], abs=0)
+    report = json.loads((out / "sparsity_report.json").read_text())
+    history = report["finetune_history"][-1]
+    assert history["method"] == "lora-reprune" and history["reprune"]["method"] == "wanda"
+    assert history["memory"]["optimizer_state_bytes"] > 0
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]

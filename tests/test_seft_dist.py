@@ -1,0 +1,49 @@
+"""Two gloo processes (torchrun) give the same final weights as one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_seft_cli import ONE_THREAD_ENV, make_pruned, one_thread, write_text  # noqa: F401 - one_thread: autouse
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("method", ["seft"])
+def test_two_processes_match_one(tmp_path, method):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this python")
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+    common = ["seft", str(pruned), "--data", str(data), "--seqlen", "32", "--batch-size", "4", "--steps", "6",
+              "--lr", "5e-3", "--update-interval", "2", "--drop-fraction", "0.2", "--method", method]  # fmt: skip
+    env = {**os.environ, **ONE_THREAD_ENV, "ACCELERATE_USE_CPU": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "sparsetune", *common, "-o", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "sparsetune", *common, "-o", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name] != 0, b[name] != 0), f"{name}: masks differ"
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), (
+            f"{name}: max diff {(a[name] - b[name]).abs().max()}"
+        )
+    pruned_w = load_file(str(pruned / "model.safetensors"))
+    assert any(not torch.equal(pruned_w[n], a[n]) for n in a)  # training moved the weights

@@ -1,0 +1,85 @@
+"""Resume after SIGKILL reproduces an uninterrupted run bit for bit; a foreign checkpoint is refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_seft_cli import ONE_THREAD_ENV, make_pruned, one_thread, write_text  # noqa: F401 - one_thread: autouse
+
+from sparsetune.errors import SparsetuneError
+from sparsetune.train.seft import run_seft
+from sparsetune.train.seft_config import SeftConfig
+
+
+def settings(pruned, data, out, ckpt) -> dict:
+    return {
+        "model": str(pruned),
+        "output": str(out),
+        "data": str(data),
+        "seqlen": 32,
+        "batch_size": 4,
+        "grad_accum": 2,
+        "steps": 60,
+        "lr": 5e-3,
+        "update_interval": 4,
+        "checkpoint_every": 5,
+        "checkpoint_dir": str(ckpt),
+    }
+
+
+def cli_args(s: dict) -> list[str]:
+    args = [sys.executable, "-m", "sparsetune", "seft", s["model"], "--json"]
+    for key, value in s.items():
+        if key != "model":
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    pruned = make_pruned(tmp_path, "2:4")
+    data = write_text(tmp_path / "t.txt")
+    reference = settings(pruned, data, tmp_path / "ref", tmp_path / "ref.ckpt")
+    run_seft(SeftConfig(**reference), show_progress=False)
+
+    killed = settings(pruned, data, tmp_path / "out", tmp_path / "out.ckpt")
+    env = {**os.environ, **ONE_THREAD_ENV}
+    proc = subprocess.Popen(cli_args(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    state = tmp_path / "out.ckpt" / "checkpoint" / "state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # land somewhere between checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "out").exists(), "the run finished before the kill"
+    step = torch.load(state, weights_only=True)["state"]["step"]
+    assert 0 < step < 60
+
+    done = subprocess.run([*cli_args(killed), "--resume"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert ref.keys() == out.keys()
+    for name in ref:
+        assert torch.equal(ref[name], out[name]), name
+    ref_log = (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()
+    out_log = (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
+    assert len(out_log) == len(ref_log) == 60
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+    s = {**settings(pruned, data, tmp_path / "a", tmp_path / "ck"), "steps": 5}
+    run_seft(SeftConfig(**s), show_progress=False)
+    with pytest.raises(SparsetuneError, match="already holds a checkpoint"):
+        run_seft(SeftConfig(**{**s, "output": str(tmp_path / "b")}), show_progress=False)
+    with pytest.raises(SparsetuneError, match=r"another run \(lr differ"):
+        run_seft(SeftConfig(**{**s, "output": str(tmp_path / "b"), "lr": 1e-3, "resume": True}), show_progress=False)

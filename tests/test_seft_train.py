@@ -1,0 +1,140 @@
+"""The SEFT training loop on tiny models: exact sparsity at every step, N:M, drop/grow bookkeeping, NaN stop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_seft_cli import make_pruned, one_thread, write_alpaca, write_text  # noqa: F401 - one_thread: autouse
+
+from sparsetune.errors import SparsetuneError
+from sparsetune.masks import nm_violations
+from sparsetune.train.seft import SeftRecipe
+from sparsetune.train.seft_config import SeftConfig
+
+
+class WatchedRecipe(SeftRecipe):
+    """Records the masks and checks every invariant after every step (check_sparsity runs once per step)."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.history: list[dict[str, torch.Tensor]] = []
+        self.problems: list[str] = []
+
+    def check_sparsity(self) -> float:
+        sparsity = super().check_sparsity()
+        masks = {}
+        for name, module in self.start.modules.items():
+            w = module.weight.detach()
+            active = torch.zeros(w.numel(), dtype=torch.bool)
+            active[self.sparse[name].active] = True
+            if int((w.view(-1)[~active] != 0).sum()):
+                self.problems.append(f"step {self.state.step}: {name} has non-zeros outside its active set")
+            if int(active.sum()) != self.start.active_counts[name]:
+                self.problems.append(f"step {self.state.step}: {name} active count changed")
+            if self.start.pattern is not None and nm_violations(active.view_as(w).float(), self.start.pattern):
+                self.problems.append(f"step {self.state.step}: {name} breaks {self.start.pattern}")
+            masks[name] = active
+        self.history.append(masks)
+        return sparsity
+
+    def topology_update(self, step: int):
+        before = {n: self.sparse[n].active.clone() for n in self.sparse}
+        stats = super().topology_update(step)
+        grown_total = regrown = 0
+        for name, w in self.sparse.items():
+            new = sorted(set(w.active.tolist()) - set(before[name].tolist()))
+            grown_total += len(new)
+            regrown += int((~self.start.masks[name].view(-1)[new]).sum())
+            if new and float(w.param.detach().view(-1)[new].abs().max()) != 0.0:
+                self.problems.append(f"step {step}: grown weights of {name} do not start at 0")
+        if (stats["grown"], stats["regrown_previously_pruned"]) != (grown_total, regrown):
+            self.problems.append(f"step {step}: logged {stats} but {grown_total} grown, {regrown} regrown")
+        return stats
+
+
+def run(tmp_path, pruned, data, recipe_cls=WatchedRecipe, **settings):
+    base = {"seqlen": 32, "batch_size": 4, "steps": 8, "lr": 5e-3, "update_interval": 2, "drop_fraction": 0.2}
+    cfg = SeftConfig(model=str(pruned), output=str(tmp_path / "out"), data=str(data), **{**base, **settings})
+    recipe = recipe_cls(cfg, overwrite=True, show_progress=False)
+    recipe.setup()
+    recipe.train()
+    report = recipe.finish()
+    return recipe, report
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_seft_keeps_exact_sparsity_and_evolves_the_mask(tmp_path, pattern):
+    pruned = make_pruned(tmp_path, pattern)
+    recipe, report = run(tmp_path, pruned, write_text(tmp_path / "t.txt"))
+    assert recipe.problems == []
+    assert len(recipe.history) == 8
+    updates = recipe.state.topology
+    assert [u["step"] for u in updates] == [2, 4, 6]
+    for u in updates:
+        expected = sum(int(u["drop_fraction"] * c) for c in recipe.start.active_counts.values())
+        assert u["dropped"] == u["grown"] == expected > 0
+    assert sum(u["regrown_previously_pruned"] for u in updates) > 0
+    changed = sum(int((recipe.history[-1][n] != recipe.history[0][n]).sum()) for n in recipe.sparse)
+    assert changed > 0
+    summary = report["summary"]
+    assert summary["sparsity_after"] == summary["sparsity_before"]
+    assert summary["final_loss"] < summary["first_loss"]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "topology" in r] == [2, 4, 6]
+    assert all({"loss", "lr", "sparsity", "tokens_per_s"} <= set(r) for r in rows)
+
+
+def test_masked_ft_never_changes_the_mask(tmp_path):
+    pruned = make_pruned(tmp_path)
+    recipe, report = run(tmp_path, pruned, write_alpaca(tmp_path / "a.json"), method="masked-ft", seqlen=96)
+    assert recipe.problems == []
+    assert recipe.state.topology == []
+    for name in recipe.sparse:
+        assert all(torch.equal(h[name], recipe.history[0][name]) for h in recipe.history)
+    assert report["summary"]["final_loss"] < report["summary"]["first_loss"]
+
+
+def test_adamw8bit_keeps_sparsity_with_a_smaller_state(tmp_path):
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+    fp32, _ = run(tmp_path, pruned, data, steps=4)
+    eight, _ = run(tmp_path, pruned, data, steps=4, optim="adamw8bit")
+    assert eight.problems == []
+    assert eight.memory_report()["optimizer_state_bytes"] < fp32.memory_report()["optimizer_state_bytes"]
+
+
+class NanAtStep5(SeftRecipe):
+    def nll(self, batch):
+        loss = super().nll(batch)
+        return loss * float("nan") if self.state.step == 4 else loss
+
+
+def test_nan_loss_stops_with_the_last_checkpoint_intact(tmp_path):
+    pruned = make_pruned(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(SparsetuneError, match=r"nan at step 5.*step 4.*is intact"):
+        run(tmp_path, pruned, write_text(tmp_path / "t.txt"), NanAtStep5, checkpoint_every=2, checkpoint_dir=str(ckpt))
+    saved = torch.load(ckpt / "checkpoint" / "state.pt", weights_only=True)
+    assert saved["state"]["step"] == 4
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_sensitivity_reprune_restores_a_drifted_mask(tmp_path, pattern):
+    from safetensors.torch import load_file, save_file
+
+    pruned = make_pruned(tmp_path, pattern)
+    weights = load_file(str(pruned / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    zeros = (weights[name] == 0).nonzero()[:40]
+    weights[name][zeros[:, 0], zeros[:, 1]] = 0.01  # a later dense edit filled 40 pruned entries
+    save_file(weights, str(pruned / "model.safetensors"), metadata={"format": "pt"})
+    recipe, report = run(tmp_path, pruned, write_text(tmp_path / "t.txt"), steps=3, update_interval=10)
+    assert recipe.problems == []
+    assert recipe.state.reprunes == [{"step": 0, "modules": 1, "before": recipe.start.targets[name[:-7]] + 40,
+                                      "after": recipe.start.targets[name[:-7]]}]  # fmt: skip
+    original = json.loads((pruned / "sparsity_report.json").read_text())["modules"]
+    for module, stats in report["modules"].items():
+        assert stats["zeros"] == original[module]["zeros"], module
