@@ -71,6 +71,6 @@ def merge_settings(recipe: dict[str, Any], cli_values: dict[str, Any]) -> dict[s
 
 
 def dump_yaml(cfg: BaseModel, path: str | os.PathLike[str], header: str = "") -> None:
-    data = cfg.model_dump(mode="json")
+    data = cfg.model_dump(mode="json", by_alias=True)
     text = yaml.safe_dump(data, sort_keys=False)
     Path(path).write_text((f"# {header}\n" if header else "") + text)

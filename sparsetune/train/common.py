@@ -1,0 +1,257 @@
+"""Training plumbing shared by `seft` and `smet-pretrain`: token examples and batches, the data order, schedules,
+the loss over a rank's share of a batch, checkpoint directories and the progress bar."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from sparsetune import data
+from sparsetune.distributed import DistContext
+from sparsetune.errors import SparsetuneError
+
+IGNORE = -100
+LOG_FILE = "train_log.jsonl"
+
+
+class Schedule(Protocol):
+    """The settings the schedules read (SeftConfig and SmetConfig both have them)."""
+
+    lr: float
+    min_lr_ratio: float
+    steps: int
+    drop_fraction: float
+    drop_fraction_end: float
+
+    @property
+    def warmup(self) -> int: ...
+
+
+@dataclass
+class Examples:
+    """Training examples as token lists; `labels` is None for packed text (labels = inputs)."""
+
+    kind: str  # "text" or "instruction"
+    inputs: list[torch.Tensor]
+    labels: list[torch.Tensor] | None
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def packed_windows(
+    tokenizer: Any, records: list[dict[str, Any]], seqlen: int, skip_tokens: int, source: str
+) -> Examples:
+    """Join the texts with blank lines, tokenize once, drop `skip_tokens`, cut into windows of `seqlen`."""
+    ids = tokenizer("\n\n".join(data.record_text(r) for r in records), verbose=False)["input_ids"][skip_tokens:]
+    n = len(ids) // seqlen
+    if n < 1:
+        raise SparsetuneError(
+            f"{source} holds {len(ids)} tokens after skipping {skip_tokens}, fewer than one window of {seqlen}; "
+            f"lower --seqlen{' or --skip-tokens' if skip_tokens else ''}, or use more data"
+        )
+    windows = torch.tensor(ids[: n * seqlen], dtype=torch.int64).view(n, seqlen)
+    return Examples("text", list(windows), None)
+
+
+def instruction_examples(tokenizer: Any, records: list[dict[str, Any]], seqlen: int) -> Examples:
+    """Alpaca template; labels are -100 on the prompt so only response tokens (and EOS) carry loss."""
+    inputs, labels = [], []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for record in records:
+        prompt, response = data.alpaca_prompt(record)
+        p = tokenizer(prompt, verbose=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"] + eos
+        ids = (p + r)[:seqlen]
+        lab = ([IGNORE] * len(p) + r)[:seqlen]
+        if sum(t != IGNORE for t in lab[1:]) == 0:  # prompt fills the window: nothing to learn from
+            continue
+        inputs.append(torch.tensor(ids, dtype=torch.int64))
+        labels.append(torch.tensor(lab, dtype=torch.int64))
+    if not inputs:
+        raise SparsetuneError(f"no instruction example has a response within --seqlen {seqlen}; raise --seqlen")
+    return Examples("instruction", inputs, labels)
+
+
+def collate(examples: Examples, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (-100 on padding and prompts)."""
+    rows = [examples.inputs[i] for i in idx]
+    labs = [examples.labels[i] for i in idx] if examples.labels is not None else rows
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.int64)
+    attention = torch.zeros((len(rows), width), dtype=torch.int64)
+    for j, (r, lab) in enumerate(zip(rows, labs, strict=True)):
+        input_ids[j, : len(r)] = r
+        labels[j, : len(r)] = lab
+        attention[j, : len(r)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def label_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss after the causal shift."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+class DataOrder:
+    """Which examples make up each global batch: a pure function of (seed, step), so resume needs only the step.
+
+    The sample stream runs through seeded permutations of the examples, one per epoch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
+
+    def batch(self, step: int) -> list[int]:
+        """Example indices of global batch `step` (0-based)."""
+        out = []
+        for p in range(step * self.batch_size, (step + 1) * self.batch_size):
+            out.append(int(self._permutation(p // self.n)[p % self.n]))
+        return out
+
+
+def random_batch(n: int, batch_size: int, seed: int, step: int, j: int) -> list[int]:
+    """Growth-scoring batch j at topology step `step`: seeded, so every rank and every resume draws the same."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + j + 17) % (2**63))
+    return torch.randint(0, n, (batch_size,), generator=g).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedules: pure functions of the step.
+
+
+def lr_at(step: int, cfg: Schedule) -> float:
+    """Linear warmup to --lr, then cosine decay to lr * min_lr_ratio (step is 0-based)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def drop_fraction_at(step: int, cfg: Schedule) -> float:
+    """Cosine decay of the drop fraction from --drop-fraction to --drop-fraction-end over the run."""
+    return cfg.drop_fraction_end + 0.5 * (cfg.drop_fraction - cfg.drop_fraction_end) * (
+        1 + math.cos(math.pi * step / cfg.steps)
+    )
+
+
+@dataclass
+class TrainingState:
+    """Everything besides weights and optimizer state that resume needs (torch.save-able plain data)."""
+
+    step: int = 0
+    tokens: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+    topology: list[dict[str, Any]] = field(default_factory=list)
+    reprunes: list[dict[str, Any]] = field(default_factory=list)
+    rng: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("step", "tokens", "log", "topology", "reprunes", "rng")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss over a rank's share of a global batch.
+
+
+def rank_share(idx: list[int], ctx: DistContext) -> list[int]:
+    """This rank's contiguous share of a global batch's example indices."""
+    if ctx.world == 1:
+        return idx
+    bounds = [len(idx) * r // ctx.world for r in range(ctx.world + 1)]
+    return idx[bounds[ctx.rank] : bounds[ctx.rank + 1]]
+
+
+def token_nll_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token NLL over the label tokens of a batch (float32)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    return nn.functional.cross_entropy(logits, batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.world > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+CKPT_NAME = "checkpoint"
+
+
+def check_checkpoint_dir(ckpt_dir: Path, resume: bool) -> None:
+    current, previous = ckpt_dir / CKPT_NAME, ckpt_dir / f".{CKPT_NAME}.old"
+    if not current.exists() and (previous / "state.pt").exists():  # killed between the two renames
+        previous.rename(current)
+    has = (current / "state.pt").exists()
+    if resume and not has:
+        raise SparsetuneError(f"--resume: no checkpoint in {ckpt_dir}; run once without --resume")
+    if not resume and has:
+        raise SparsetuneError(
+            f"{ckpt_dir} already holds a checkpoint; pass --resume to continue it or use an empty dir"
+        )
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (ckpt_dir / LOG_FILE).unlink(missing_ok=True)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put `new` at `target`; the previous `target` is removed only after the new one is in place."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class progress_bar:  # noqa: N801 - a context manager used like a function
+    """A rich progress bar over steps showing loss, lr, sparsity and tokens/s; yields the per-step callback."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, done, enabled
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return lambda step, row: None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        self.progress.__enter__()
+        task = self.progress.add_task("train", total=self.total, completed=self.done, info="")
+
+        def advance(step: int, row: dict[str, Any]) -> None:
+            info = (
+                f"loss {row['loss']:.4f} lr {row['lr']:.2e} sparsity {row['sparsity']:.4f} "
+                f"{row['tokens_per_s']:.0f} tok/s"
+            )
+            self.progress.update(task, completed=step, info=info)
+
+        return advance
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.progress.__exit__(*exc)

@@ -1,0 +1,580 @@
+"""`sparsetune smet-pretrain`: memory-efficient dynamic sparse pretraining of a Llama model from scratch (SMET).
+
+Every decoder Linear is sparse (embeddings, lm_head and norms stay dense). Sparse weights keep a compact index set,
+compact gradients and compact Adam state (`sparse_optim.SparseAdamW`). Every `update_interval` steps each sparse
+layer drops the `drop_fraction` (cosine-decayed) of its active weights with the smallest |w| and grows as many
+inactive positions, at random (SET) or by the largest dense-gradient magnitude (RigL). Regrown entries start at 0
+with fresh moments and step counter, and their update is ramped over `regrow_warmup` steps. Sparse layers train
+with lr / density^e.
+
+Multi-process runs: compact and dense gradients are averaged by the optimizer; topology choices are functions of
+seeded generators and all-reduced scores, so every rank makes the same one, verified by a digest after each update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsetune import data, masks, models
+from sparsetune.distributed import dist_context
+from sparsetune.errors import SparsetuneError
+from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
+from sparsetune.recipes import dump_yaml
+from sparsetune.train import topology
+from sparsetune.train.common import (
+    CKPT_NAME,
+    LOG_FILE,
+    DataOrder,
+    Examples,
+    TrainingState,
+    all_reduce_sum,
+    check_checkpoint_dir,
+    collate,
+    drop_fraction_at,
+    lr_at,
+    packed_windows,
+    progress_bar,
+    random_batch,
+    rank_share,
+    replace_dir,
+    token_nll_sum,
+)
+from sparsetune.train.smet_config import PRESETS, SmetConfig
+from sparsetune.train.sparse_optim import SparseAdamW, SparseWeight
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "sparsity_report.json"
+
+# Llama shapes. tiny and small are for CPU tests and benchmarks; llama-* follow the sizes used in the sparse
+# pretraining literature (GaLore/SMET-style 60M-1B configs).
+PRESET_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "small": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "llama-60m": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8},
+    "llama-130m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "llama-350m": {"hidden_size": 1024, "intermediate_size": 2736, "num_hidden_layers": 24, "num_attention_heads": 16},
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 5461, "num_hidden_layers": 24, "num_attention_heads": 32},
+}
+assert set(PRESET_SHAPES) == set(PRESETS)
+
+
+def llama_config(spec: str, tokenizer: Any, seqlen: int) -> Any:
+    """A LlamaConfig from a preset name or a config.json path, with the tokenizer's vocabulary and special ids."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if spec in PRESET_SHAPES:
+        shape = PRESET_SHAPES[spec]
+        config = LlamaConfig(
+            **shape,
+            num_key_value_heads=shape["num_attention_heads"],
+            max_position_embeddings=max(1024, seqlen),
+            tie_word_embeddings=False,
+            rms_norm_eps=1e-6,
+        )
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise SparsetuneError(
+                f"--model-config {spec} is neither a preset ({', '.join(PRESETS)}) nor an existing config.json"
+            )
+        config = AutoConfig.from_pretrained(str(path))
+        if config.model_type != "llama":
+            raise SparsetuneError(f"{path} describes a {config.model_type} model; smet-pretrain builds Llama models")
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    if seqlen > config.max_position_embeddings:
+        raise SparsetuneError(
+            f"--seqlen {seqlen} exceeds the config's max_position_embeddings {config.max_position_embeddings}"
+        )
+    return config
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool) -> Any:
+    location = str(models.bundled_model_dir()) if spec in models.BUNDLED_ALIASES else spec
+    return models.load_tokenizer(location, trust_remote_code)
+
+
+def sparse_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every decoder Linear (the 2-D weights besides embeddings and lm_head)."""
+    return {
+        f"model.layers.{i}.{local}": mod
+        for i, layer in enumerate(models.decoder_layers(model))
+        for local, mod in layer.named_modules()
+        if isinstance(mod, nn.Linear)
+    }
+
+
+def layer_densities(shapes: dict[str, tuple[int, int]], density: float, init: str) -> dict[str, float]:
+    if init == "erk":
+        return topology.erk_densities(shapes, density)
+    return dict.fromkeys(shapes, density)
+
+
+def train_val_split(tokenizer: Any, cfg: SmetConfig) -> tuple[Examples, Examples | None]:
+    records = data.load_records(cfg.data, "train", cfg.data_dir)
+    windows = packed_windows(tokenizer, records, cfg.seqlen, 0, cfg.data)
+    n_val = int(len(windows) * cfg.val_fraction)
+    if len(windows) - n_val < cfg.batch_size:
+        raise SparsetuneError(
+            f"{cfg.data} gives {len(windows)} windows of {cfg.seqlen} tokens, {n_val} held out for validation, "
+            f"fewer than one batch of {cfg.batch_size}; lower --batch-size or --seqlen, or use more data"
+        )
+    train = Examples("text", windows.inputs[: len(windows) - n_val], None)
+    val = Examples("text", windows.inputs[len(windows) - n_val :], None) if n_val else None
+    return train, val
+
+
+def spike_ratio(losses: list[float], update_steps: list[int], window: int = 10) -> float | None:
+    """The largest ratio of the mean loss in the `window` steps after an update to the mean of the `window` before
+    (losses[i] is the loss of step i + 1)."""
+    ratios = []
+    for s in update_steps:
+        before, after = losses[max(0, s - window) : s], losses[s : s + window]
+        if len(before) == window and len(after) == window:
+            ratios.append((sum(after) / window) / (sum(before) / window))
+    return max(ratios) if ratios else None
+
+
+class SmetRecipe:
+    """setup -> train -> finish, with save_checkpoint every `checkpoint_every` steps."""
+
+    def __init__(self, cfg: SmetConfig, overwrite: bool = False, show_progress: bool = True) -> None:
+        self.cfg, self.overwrite, self.show_progress = cfg, overwrite, show_progress
+        self.state = TrainingState()
+        self._last_ckpt_step = 0
+
+    # -- setup ------------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.output is None:
+            raise SparsetuneError("missing --output; pass -o OUT_DIR")
+        self.out = check_output_dir(cfg.output, self.overwrite)
+        ckpt = cfg.checkpoint_path()
+        self.ckpt_dir = Path(ckpt).expanduser().resolve() if ckpt else None
+        if self.ckpt_dir is not None:
+            check_checkpoint_dir(self.ckpt_dir, cfg.resume)
+        self.ctx = dist_context(cfg.device)
+        micro = cfg.batch_size // cfg.grad_accum
+        if micro < self.ctx.world:
+            raise SparsetuneError(
+                f"each micro-batch holds {micro} sequences but {self.ctx.world} processes share it; "
+                "raise --batch-size or lower --grad-accum"
+            )
+        self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        config = llama_config(cfg.model_config_name, self.tokenizer, cfg.seqlen)
+        self.train_data, self.val_data = train_val_split(self.tokenizer, cfg)
+        self.order = DataOrder(len(self.train_data), cfg.batch_size, cfg.seed)
+
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(cfg.seed)
+        dtype = self.dtype()
+        model = LlamaForCausalLM(config).to(device=self.ctx.device, dtype=dtype)
+        model.train()
+        self.model = model
+        self.sparse: dict[str, SparseWeight] = {}
+        self.densities: dict[str, float] = {}
+        if cfg.sparse:
+            self._setup_sparse()
+        else:
+            self._setup_dense()
+        if cfg.resume:
+            self.load_checkpoint()
+
+    def dtype(self) -> torch.dtype:
+        if self.cfg.dtype == "auto":
+            return torch.bfloat16 if self.ctx.device.type == "cuda" else torch.float32
+        return getattr(torch, self.cfg.dtype)
+
+    def _optimizer_kwargs(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+
+    def _setup_sparse(self) -> None:
+        cfg = self.cfg
+        linears = sparse_linears(self.model)
+        shapes = {n: (m.weight.shape[0], m.weight.shape[1]) for n, m in linears.items()}
+        self.densities = layer_densities(shapes, cfg.density, cfg.init)
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        weights = []
+        for name, module in linears.items():
+            count = topology.active_count(module.weight.numel(), self.densities[name])
+            mask = topology.random_layout(tuple(module.weight.shape), count, generator)
+            scale = 1.0 / self.densities[name] ** cfg.lr_density_exponent
+            weights.append(SparseWeight.from_mask(name, module.weight, mask, lr_scale=scale))
+        self.sparse = {w.name: w for w in weights}
+        sparse_ids = {id(m.weight) for m in linears.values()}
+        dense = [p for p in self.model.parameters() if id(p) not in sparse_ids]
+        kwargs = self._optimizer_kwargs()
+        self.optimizer = SparseAdamW(
+            weights,
+            dense_params=dense,
+            regrow_warmup=cfg.regrow_warmup,
+            eight_bit=cfg.optim == "adamw8bit",
+            **kwargs,
+        )
+
+    def _setup_dense(self) -> None:
+        """Density 1.0: the dense baseline, on torch's AdamW (or bitsandbytes' AdamW8bit)."""
+        cfg = self.cfg
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        kwargs = self._optimizer_kwargs()
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.optim == "adamw8bit":
+            import bitsandbytes as bnb
+
+            self.optimizer = bnb.optim.AdamW8bit(groups, **kwargs)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, **kwargs)
+
+    # -- train ------------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg = self.cfg
+        with progress_bar(cfg.steps, self.state.step, self.show_progress and self.ctx.is_main) as advance:
+            while self.state.step < cfg.steps:
+                step = self.state.step
+                t0 = time.perf_counter()
+                loss, tokens = self.train_step(step)
+                step_s = time.perf_counter() - t0
+                self.state.step = step + 1
+                self.state.tokens += tokens
+                row: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": lr_at(step, cfg)}
+                if self.topology_due(self.state.step):
+                    row["topology"] = self.topology_update(self.state.step)
+                row.update(
+                    sparsity=self.sparsity(), tokens=self.state.tokens, step_s=step_s, tokens_per_s=tokens / step_s
+                )
+                if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.val_data is not None:
+                    row["val_loss"] = self.validation_loss()
+                if self.state.step % cfg.log_every == 0 or "topology" in row or self.state.step == cfg.steps:
+                    self.log_row(row)
+                advance(self.state.step, row)
+                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+
+    def topology_due(self, step: int) -> bool:
+        interval = self.cfg.update_interval
+        return bool(self.sparse) and interval > 0 and step % interval == 0 and step < self.cfg.steps
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        cfg, ctx = self.cfg, self.ctx
+        idx = self.order.batch(step)
+        total = sum(len(self.train_data.inputs[i]) - 1 for i in idx)
+        micro = cfg.batch_size // cfg.grad_accum
+        nll = torch.zeros((), dtype=torch.float64)
+        for start in range(0, cfg.batch_size, micro):
+            local = rank_share(idx[start : start + micro], ctx)
+            batch = {k: v.to(ctx.device) for k, v in collate(self.train_data, local, self.pad_id).items()}
+            loss_sum = self.nll(batch)
+            # The optimizer (or reduce_grads) averages gradients over ranks: scale so the average is the global mean.
+            (loss_sum * ctx.world / total).backward()
+            nll += loss_sum.detach().double().cpu()
+        loss = float(all_reduce_sum(nll, ctx)) / total
+        if not math.isfinite(loss):
+            self.raise_nonfinite(step, loss)
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if not self.sparse:
+            self.reduce_grads([p for p in self.model.parameters() if p.grad is not None])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, sum(len(self.train_data.inputs[i]) for i in idx)
+
+    def nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed token NLL of one micro-batch (a method so tests can inject a failure)."""
+        return token_nll_sum(self.model, batch)
+
+    def reduce_grads(self, params: list[torch.Tensor]) -> None:
+        if self.ctx.world == 1 or not params:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat.div_(self.ctx.world)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def raise_nonfinite(self, step: int, loss: float) -> None:
+        where = "no checkpoint was written"
+        if self.ckpt_dir is not None and (self.ckpt_dir / CKPT_NAME).exists():
+            where = f"the last checkpoint in {self.ckpt_dir} (step {self._last_ckpt_step}) is intact"
+        raise SparsetuneError(
+            f"the training loss became {loss} at step {step + 1}, so training stopped before the optimizer step; "
+            f"{where}; lower --lr or check the data"
+        )
+
+    # -- topology ---------------------------------------------------------------------------------------------
+
+    def growth_grads(self, step: int) -> dict[str, torch.Tensor]:
+        """RigL scores: the dense gradient of every sparse weight on one seeded batch, averaged over ranks."""
+        cfg, ctx = self.cfg, self.ctx
+        idx = random_batch(len(self.train_data), cfg.batch_size, cfg.seed, step, 0)
+        total = sum(len(self.train_data.inputs[i]) - 1 for i in idx)
+        with self.optimizer.dense_grads():
+            batch = {
+                k: v.to(ctx.device) for k, v in collate(self.train_data, rank_share(idx, ctx), self.pad_id).items()
+            }
+            (token_nll_sum(self.model, batch) / total).backward()
+            grads = {name: all_reduce_sum(w.param.grad.detach().clone(), ctx) for name, w in self.sparse.items()}
+        for p in self.model.parameters():
+            p.grad = None
+        return grads
+
+    @torch.no_grad()
+    def _swap(self, step: int, fraction: float, grads: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        stats: dict[str, Any] = {"step": step, "drop_fraction": fraction, "dropped": 0, "grown": 0}
+        for i, (name, w) in enumerate(self.sparse.items()):
+            active = w.active
+            k = min(int(fraction * active.numel()), w.param.numel() - active.numel())
+            if k <= 0:
+                continue
+            drop_slots = topology.drop(w.param.view(-1)[active].abs(), k)
+            if grads is not None:
+                grow_pos = topology.grow(grads[name].abs(), k, exclude=active)
+            else:
+                generator = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step * 7_919 + i) % 2**63)
+                grow_pos = topology.grow_random(w.param.numel(), k, active, generator)
+            self.optimizer.swap_entries(name, drop_slots, grow_pos)
+            stats["dropped"] += int(drop_slots.numel())
+            stats["grown"] += int(grow_pos.numel())
+        return stats
+
+    def topology_update(self, step: int) -> dict[str, Any]:
+        fraction = drop_fraction_at(step, self.cfg)
+        grads = self.growth_grads(step) if self.cfg.growth == "gradient" else None
+        stats = self._swap(step, fraction, grads)
+        topology.verify_same_across_ranks({n: w.index for n, w in self.sparse.items()})
+        self.state.topology.append(stats)
+        return stats
+
+    # -- invariants, validation, logging ----------------------------------------------------------------------
+
+    def sparsity(self) -> float:
+        """Sparsity of the sparse layers; verifies that no weight is non-zero outside its active set."""
+        if not self.sparse:
+            return 0.0
+        zeros = numel = 0
+        for name, w in self.sparse.items():
+            nonzero = int((w.param.detach() != 0).sum())
+            if nonzero > w.nnz:
+                raise RuntimeError(f"internal error: {name} has {nonzero} non-zeros but {w.nnz} active entries")
+            zeros += w.param.numel() - w.nnz
+            numel += w.param.numel()
+        return zeros / numel
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        assert self.val_data is not None
+        n = min(len(self.val_data), self.cfg.val_batches * self.cfg.batch_size)
+        micro = self.cfg.batch_size // self.cfg.grad_accum
+        self.model.eval()
+        nll = torch.zeros(2, dtype=torch.float64)
+        for start in range(0, n, micro):
+            local = rank_share(list(range(start, min(n, start + micro))), self.ctx)
+            batch = {k: v.to(self.ctx.device) for k, v in collate(self.val_data, local, self.pad_id).items()}
+            nll[0] += float(token_nll_sum(self.model, batch))
+            nll[1] += int(batch["attention_mask"][:, 1:].sum())
+        self.model.train()
+        all_reduce_sum(nll, self.ctx)
+        return float(nll[0] / nll[1])
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        self.state.log.append(row)
+        if self.ckpt_dir is not None and self.ctx.is_main:
+            with open(self.ckpt_dir / LOG_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        skip = {"output", "device", "checkpoint_dir", "checkpoint_every", "resume", "log_every", "data_dir"}
+        return {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in skip}
+
+    def save_checkpoint(self) -> None:
+        """Weights, index sets and compact optimizer state, schedules and RNG: temp dir, then renamed into place."""
+        assert self.ckpt_dir is not None
+        self.state.rng = {"torch": torch.get_rng_state()}
+        if self.ctx.is_main:
+            from safetensors.torch import save_file
+
+            tmp = self.ckpt_dir / f".{CKPT_NAME}.tmp"
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            weights = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()}
+            save_file(weights, str(tmp / "weights.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save({"identity": self.identity(), "state": self.state.state_dict()}, tmp / "state.pt")
+            replace_dir(tmp, self.ckpt_dir / CKPT_NAME)
+        self._last_ckpt_step = self.state.step
+        self.ctx.barrier()
+
+    def load_checkpoint(self) -> None:
+        from safetensors.torch import load_file
+
+        assert self.ckpt_dir is not None
+        path = self.ckpt_dir / CKPT_NAME
+        saved = torch.load(path / "state.pt", weights_only=True)
+        identity = self.identity()
+        if saved["identity"] != identity:
+            diff = sorted(k for k in identity if saved["identity"].get(k) != identity[k])
+            raise SparsetuneError(
+                f"the checkpoint in {self.ckpt_dir} belongs to another run ({', '.join(diff)} differ); "
+                "resume with the same settings, or use another --checkpoint-dir"
+            )
+        weights = load_file(str(path / "weights.safetensors"))
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(weights[name].to(p.device))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.state.load_state_dict(saved["state"])
+        torch.set_rng_state(self.state.rng["torch"])
+        self._last_ckpt_step = self.state.step
+        if self.ctx.is_main:
+            (self.ckpt_dir / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
+        log.info("resumed from step %d in %s", self.state.step, path)
+
+    # -- output -----------------------------------------------------------------------------------------------
+
+    def memory_report(self) -> dict[str, Any]:
+        if self.sparse:
+            mem = dict(self.optimizer.memory_report())
+        else:
+            linears = sparse_linears(self.model)
+            numel = sum(m.weight.numel() for m in linears.values())
+            per_entry = 2 if self.cfg.optim == "adamw8bit" else 8
+            element = next(iter(linears.values())).weight.element_size()
+            mem = {
+                "optimizer_state_bytes": numel * per_entry,
+                "gradient_bytes": numel * element,
+                "dense_adamw_state_and_grad_bytes": numel * (per_entry + element),
+                "state_and_grad_vs_dense": 1.0,
+            }
+        mem.update(peak_memory())
+        return mem
+
+    def finish(self) -> dict[str, Any]:
+        cfg = self.cfg
+        val_loss = self.validation_loss() if self.val_data is not None else None
+        memory = self.memory_report()
+        report = self.build_report(memory, val_loss)
+        if self.ctx.is_main:
+            if isinstance(self.optimizer, SparseAdamW):
+                self.optimizer.remove_hooks()
+            with atomic_output_dir(self.out, overwrite=self.overwrite) as tmp:
+                models.save_model(self.model, self.tokenizer, tmp)
+                (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
+                write_json(tmp / REPORT_FILE, report)
+                dump_yaml(
+                    cfg, tmp / "recipe.yaml", header="sparsetune smet-pretrain --recipe recipe.yaml reproduces this"
+                )
+        self.ctx.barrier()
+        report["rank"] = self.ctx.rank
+        return report
+
+    def build_report(self, memory: dict[str, Any], val_loss: float | None) -> dict[str, Any]:
+        cfg, state = self.cfg, self.state
+        linears = sparse_linears(self.model)
+        stats = masks.sparsity_stats(linears) if self.sparse else None
+        losses = [r["loss"] for r in state.log]
+        updates = [t["step"] for t in state.topology]
+        every_step = cfg.log_every == 1
+        summary = {
+            "method": "smet" if self.sparse else "dense",
+            "model_config": cfg.model_config_name,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "density": cfg.density,
+            "steps": state.step,
+            "tokens": state.tokens,
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "final_val_loss": val_loss,
+            "spike_ratio": spike_ratio(losses, updates) if every_step else None,
+            "topology_updates": len(updates),
+            "optimizer_state_bytes": memory.get("optimizer_state_bytes"),
+            "gradient_bytes": memory.get("gradient_bytes"),
+            "state_and_grad_vs_dense": memory.get("state_and_grad_vs_dense"),
+            "peak_rss_bytes": memory.get("peak_rss_bytes"),
+            "mean_step_s": sum(r["step_s"] for r in state.log) / max(1, len(state.log)),
+            "output": str(self.out),
+        }
+        layers = {
+            name: {"density": w.density, "active": w.nnz, "numel": w.param.numel(), "lr_scale": w.lr_scale}
+            for name, w in self.sparse.items()
+        }
+        return {
+            "summary": summary,
+            "method": summary["method"],
+            "pattern": "unstructured",
+            "target_sparsity": 1.0 - cfg.density,
+            "global_sparsity": stats["global_sparsity"] if stats else 0.0,
+            "modules": stats["modules"] if stats else {},
+            "layers": layers,
+            "topology_history": state.topology,
+            "memory": memory,
+            "settings": cfg.model_dump(mode="json", by_alias=True),
+            "versions": package_versions(),
+        }
+
+    def cleanup(self) -> None:
+        if self.ctx.world > 1 and torch.distributed.is_initialized():
+            self.ctx.barrier()
+
+
+def run_smet(cfg: SmetConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """The whole `sparsetune smet-pretrain` flow: setup, train (checkpointing), finish (save)."""
+    recipe = SmetRecipe(cfg, overwrite, show_progress)
+    try:
+        recipe.setup()
+        recipe.train()
+        return recipe.finish()
+    finally:
+        if hasattr(recipe, "ctx"):
+            recipe.cleanup()
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = report["summary"]
+    table = Table(title=f"sparsetune smet-pretrain: {s['method']} {s['model_config']} density {s['density']}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("parameters", f"{s['parameters']:,}")
+    table.add_row("steps / tokens", f"{s['steps']} / {s['tokens']:,}")
+    table.add_row("loss first -> last", f"{s['first_loss']:.4f} -> {s['final_loss']:.4f}")
+    if s["final_val_loss"] is not None:
+        table.add_row("validation loss", f"{s['final_val_loss']:.4f}")
+    if s["spike_ratio"] is not None:
+        table.add_row("largest loss spike after an update", f"{s['spike_ratio']:.3f}")
+    table.add_row("topology updates", str(s["topology_updates"]))
+    table.add_row(
+        "sparse-weight optimizer + grad",
+        f"{(s['optimizer_state_bytes'] + s['gradient_bytes']) / 2**20:.1f} MiB "
+        f"({s['state_and_grad_vs_dense']:.3f}x dense AdamW)",
+    )
+    if s.get("peak_rss_bytes") is not None:
+        table.add_row("peak RSS", f"{s['peak_rss_bytes'] / 2**20:.0f} MiB")
+    table.add_row("mean step", f"{s['mean_step_s']:.3f} s")
+    Console().print(table)
+    Console().print(f"wrote {s['output']}")

@@ -1,0 +1,98 @@
+"""The settings of one `sparsetune smet-pretrain` run: the schema behind its flags and recipe `smet-pretrain` stages."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PRESETS = ("tiny", "small", "llama-60m", "llama-130m", "llama-350m", "llama-1b")
+
+
+class SmetConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+    model_config_name: str = Field(
+        "tiny",
+        alias="model_config",
+        description="Llama architecture: a preset (tiny, small, llama-60m, llama-130m, llama-350m, llama-1b) "
+        "or a config.json path",
+    )
+    tokenizer: str = Field("smollm2", description="Tokenizer: smollm2 (bundled), an HF id or a local dir")
+    data: str = Field(
+        "tinyshakespeare",
+        description="Training text: c4, tinyshakespeare, wikitext2, or a .txt/.jsonl/.json/.parquet file",
+    )
+    data_dir: str | None = Field(None, description="Local mirror dir for named datasets (or SPARSETUNE_DATA_DIR)")
+    val_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="Fraction of the packed windows held out for validation loss"
+    )
+    output: str | None = Field(None, description="Output dir for the trained sparse LlamaForCausalLM")
+    density: float = Field(
+        0.5, gt=0, le=1, description="Fraction of sparse-layer weights that are active (1.0 = dense training)"
+    )
+    init: Literal["erk", "uniform"] = Field("erk", description="Initial sparse layout across layers")
+    growth: Literal["random", "gradient"] = Field(
+        "random", description="Growth: random (SET-style) or gradient (RigL-style, largest |dense gradient|)"
+    )
+    update_interval: int = Field(100, ge=0, description="Topology update every N steps (0 = static sparse)")
+    drop_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of active weights dropped at the first update")
+    drop_fraction_end: float = Field(0.005, ge=0, lt=1, description="Drop fraction at the end (cosine decay)")
+    regrow_warmup: int = Field(
+        100, ge=0, description="Ramp a regrown weight's update over this many steps (0 = off, naive DST)"
+    )
+    lr_density_exponent: float = Field(
+        1.0, ge=0, description="Sparse layers train with lr / density^e (0 = the same lr as dense layers)"
+    )
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (cosine schedule)")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps for linear learning-rate warmup")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of --lr")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (2-D weights only)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    optim: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="Optimizer state: adamw (fp32 m, v) or adamw8bit (bitsandbytes blockwise 8-bit m, v)"
+    )
+    batch_size: int = Field(16, ge=1, description="Global batch: sequences per optimizer step over all processes")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (the batch is split into them)")
+    seqlen: int = Field(256, ge=8, description="Tokens per training window")
+    steps: int = Field(1000, ge=1, description="Optimizer steps")
+    seed: int = Field(0, description="Seed for initialisation, layout, data order and random growth")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU"
+    )
+    device: str = Field("auto", description="Compute device: auto, cpu, cuda, cuda:N")
+    eval_every: int = Field(0, ge=0, description="Compute validation loss every N steps (0 = only at the end)")
+    val_batches: int = Field(4, ge=1, description="Batches of held-out windows per validation")
+    log_every: int = Field(1, ge=1, description="Write a train_log.jsonl line every N steps")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0 = off)")
+    checkpoint_dir: str | None = Field(
+        None, description="Where checkpoints go (default: OUTPUT.ckpt next to the output dir)"
+    )
+    resume: bool = Field(False, description="Continue from the checkpoint in --checkpoint-dir")
+    trust_remote_code: bool = Field(False, description="Allow tokenizer code from the hub (off unless you trust it)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SmetConfig:
+        if self.drop_fraction_end > self.drop_fraction:
+            raise ValueError("drop_fraction_end must not exceed drop_fraction (the fraction decays)")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        return self
+
+    @property
+    def sparse(self) -> bool:
+        return self.density < 1.0
+
+    @property
+    def warmup(self) -> int:
+        return int(self.warmup_ratio * self.steps)
+
+    def checkpoint_path(self) -> str | None:
+        """The checkpoint dir in use: --checkpoint-dir, else OUTPUT.ckpt when checkpointing or resuming."""
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        if (self.checkpoint_every or self.resume) and self.output is not None:
+            return self.output.rstrip("/") + ".ckpt"
+        return None

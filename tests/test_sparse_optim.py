@@ -1,0 +1,250 @@
+"""The shared sparse AdamW (compact state) and topology functions, against torch's AdamW and closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetune.masks import NMPattern, nm_violations
+from sparsetune.train import topology
+from sparsetune.train.sparse_optim import SparseAdamW, SparseWeight
+
+
+def quadratic_loss(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (lin(x) - y).pow(2).mean()
+
+
+def make_problem(seed: int = 0, shape=(12, 16)) -> tuple[nn.Linear, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(shape[1], shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(shape, generator=g))
+    x = torch.randn(32, shape[1], generator=g)
+    y = torch.randn(32, shape[0], generator=g)
+    mask = torch.rand(shape, generator=g) < 0.5
+    return lin, x, y, mask
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_matches_torch_adamw_on_the_active_entries(weight_decay):
+    """Sparse AdamW == torch AdamW fed the masked gradient of the masked weight, entry for entry."""
+    lin, x, y, mask = make_problem()
+    ref = nn.Linear(16, 12, bias=False)
+    with torch.no_grad():
+        ref.weight.copy_(lin.weight * mask)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=weight_decay, foreach=False)
+    opt = SparseAdamW([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2, weight_decay=weight_decay)
+    for _ in range(7):
+        quadratic_loss(lin, x, y).backward()
+        assert lin.weight.grad is None  # compacted and freed by the hook
+        assert opt.sparse_state["w"].grad.shape == (int(mask.sum()),)
+        opt.step()
+        opt.zero_grad()
+        quadratic_loss(ref, x, y).backward()
+        ref.weight.grad.mul_(mask)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert torch.allclose(lin.weight, ref.weight, atol=1e-6, rtol=0)
+    assert int((lin.weight != 0).sum()) <= int(mask.sum())
+    assert torch.equal(lin.weight[~mask], torch.zeros(int((~mask).sum())))
+
+
+def test_dense_params_follow_torch_adamw():
+    lin, x, y, mask = make_problem()
+    bias = nn.Parameter(torch.zeros(12))
+    ref_bias = nn.Parameter(torch.zeros(12))
+    opt = SparseAdamW([SparseWeight.from_mask("w", lin.weight, mask)], [bias], lr=1e-2, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW([ref_bias], lr=1e-2, weight_decay=0.0, foreach=False)  # no decay on 1-D params
+    for _ in range(5):
+        ((lin(x).detach() + ref_bias - y).pow(2).mean()).backward()  # before the sparse weight moves
+        ((lin(x) + bias - y).pow(2).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert torch.allclose(bias, ref_bias, atol=1e-6)
+
+
+def test_gradient_accumulation_sums_compact_gradients():
+    lin, x, y, mask = make_problem()
+    opt = SparseAdamW([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2)
+    quadratic_loss(lin, x[:16], y[:16]).backward()
+    quadratic_loss(lin, x[16:], y[16:]).backward()
+    accumulated = opt.sparse_state["w"].grad.clone()
+    opt.zero_grad()
+    with opt.dense_grads():
+        (quadratic_loss(lin, x[:16], y[:16]) + quadratic_loss(lin, x[16:], y[16:])).backward()
+        dense = lin.weight.grad.clone()
+    assert lin.weight.grad is None
+    assert opt.sparse_state["w"].grad is None  # dense_grads() bypasses the compact buffer
+    assert torch.allclose(accumulated, dense.view(-1)[mask.view(-1).nonzero().squeeze(1)], atol=1e-6)
+
+
+def constant_gradient_run(regrow_warmup: int, steps_after: int, b1=0.9, b2=0.999, lr=0.1):
+    """Weight w, loss = sum(w * c): the gradient is the constant c. Returns per-step updates of a regrown entry."""
+    w = nn.Parameter(torch.zeros(2, 4))
+    c = torch.tensor([[0.5, -2.0, 1.0, 3.0], [1.5, 0.25, -1.0, 2.0]])
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, :2] = True
+    mask[1, 1] = True
+    weight = SparseWeight.from_mask("w", w, mask)
+    opt = SparseAdamW([weight], [], lr=lr, betas=(b1, b2), eps=1e-12, regrow_warmup=regrow_warmup)
+    for _ in range(5):
+        (w * c).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    # drop the entry at (0, 0) (slot 0) and grow (1, 3) (flat position 7)
+    opt.swap_entries("w", torch.tensor([0]), torch.tensor([7]))
+    assert float(w.detach()[0, 0]) == 0.0 and float(w.detach()[1, 3]) == 0.0
+    updates, moments = [], []
+    for _ in range(steps_after):
+        before = float(w[1, 3])
+        (w * c).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        updates.append(float(w[1, 3]) - before)
+        m, v = opt.sparse_state["w"].moments.load()
+        moments.append((float(m[-1]), float(v[-1])))
+    return updates, moments, float(c[1, 3])
+
+
+def test_regrown_entry_warmup_follows_the_formula():
+    """update_t = -lr * min(t / T_w, 1) * m_hat / sqrt(v_hat) with m_hat = g, v_hat = g^2 under a constant gradient
+    (fresh bias correction from t = 1, no off-by-one), and the stored moments are never scaled by the ramp."""
+    tw, lr, b1, b2 = 4, 0.1, 0.9, 0.999
+    updates, moments, g = constant_gradient_run(tw, 7, b1, b2, lr)
+    for t, (upd, (m, v)) in enumerate(zip(updates, moments, strict=True), start=1):
+        assert upd == pytest.approx(-lr * min(t / tw, 1.0) * math.copysign(1.0, g), rel=1e-5)
+        assert m == pytest.approx(g * (1 - b1**t), rel=1e-5)
+        assert v == pytest.approx(g * g * (1 - b2**t), rel=1e-5)
+
+
+def test_without_warmup_a_regrown_entry_takes_full_steps():
+    updates, _, g = constant_gradient_run(0, 3)
+    assert updates == pytest.approx([-0.1 * math.copysign(1.0, g)] * 3, rel=1e-5)
+
+
+def test_swap_keeps_count_and_other_entries_state():
+    lin, x, y, mask = make_problem()
+    weight = SparseWeight.from_mask("w", lin.weight, mask)
+    opt = SparseAdamW([weight], [], lr=1e-2, track_updates=True)
+    for _ in range(3):
+        quadratic_loss(lin, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    nnz = weight.nnz
+    before_pos = weight.active.clone()
+    m_before, _ = opt.sparse_state["w"].moments.load()
+    m_before = m_before.clone()
+    drop_slots = torch.tensor([0, 5, 9])
+    grow_pos = topology.grow(torch.rand(lin.weight.numel()), 3, exclude=weight.active)
+    opt.swap_entries("w", drop_slots, grow_pos)
+    assert weight.nnz == nnz
+    assert not set(grow_pos.tolist()) & set(before_pos.tolist())
+    keep = torch.ones(nnz, dtype=torch.bool)
+    keep[drop_slots] = False
+    assert torch.equal(weight.active[: nnz - 3], before_pos[keep])
+    m_after, v_after = opt.sparse_state["w"].moments.load()
+    assert torch.equal(m_after[: nnz - 3], m_before[keep])
+    assert torch.equal(m_after[nnz - 3 :], torch.zeros(3)) and torch.equal(v_after[nnz - 3 :], torch.zeros(3))
+    assert torch.equal(lin.weight.view(-1)[before_pos[drop_slots]], torch.zeros(3))
+    assert opt.sparse_state["w"].cohort_sizes == [nnz - 3, 3]
+    assert opt.sparse_state["w"].cohort_births == [0, 3]
+    assert float(opt.tracked_update("w")[: nnz - 3].abs().sum()) > 0
+    opt.reset_tracking()
+    assert float(opt.tracked_update("w").abs().sum()) == 0
+
+
+def test_state_dict_round_trip_continues_identically():
+    runs = []
+    for restore in (False, True):
+        lin, x, y, mask = make_problem()
+        opt = SparseAdamW([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2, regrow_warmup=3)
+        for step in range(6):
+            if step == 2:
+                opt.swap_entries(
+                    "w", torch.tensor([1, 2]), topology.grow(torch.arange(192.0), 2, opt.weights["w"].active)
+                )
+            if step == 4 and restore:
+                saved = {k: v for k, v in opt.state_dict().items()}
+                weights = lin.weight.detach().clone()
+                lin2, *_ = make_problem()
+                opt = SparseAdamW([SparseWeight.from_mask("w", lin2.weight, mask)], [], lr=1e-2, regrow_warmup=3)
+                with torch.no_grad():
+                    lin2.weight.copy_(weights)
+                opt.load_state_dict(saved)
+                lin = lin2
+            quadratic_loss(lin, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append(lin.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_eight_bit_state_is_a_quarter_and_still_trains():
+    losses, state_bytes = {}, {}
+    for eight_bit in (False, True):
+        lin, x, y, mask = make_problem(shape=(64, 128))
+        opt = SparseAdamW([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2, eight_bit=eight_bit)
+        first = float(quadratic_loss(lin, x, y))
+        for _ in range(30):
+            quadratic_loss(lin, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        losses[eight_bit] = (first, float(quadratic_loss(lin, x, y)))
+        state_bytes[eight_bit] = opt.memory_report()["optimizer_state_bytes"]
+    assert losses[True][1] < 0.8 * losses[True][0]
+    assert losses[True][1] == pytest.approx(losses[False][1], rel=0.1)
+    assert state_bytes[True] < 0.3 * state_bytes[False]
+
+
+def test_memory_report_counts_only_active_entries():
+    lin, x, y, _ = make_problem(shape=(256, 512))
+    mask = topology.random_layout((256, 512), 256 * 256, torch.Generator().manual_seed(0))
+    opt = SparseAdamW([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2)
+    report = opt.memory_report()
+    assert report["optimizer_state_bytes"] >= 256 * 256 * 8
+    assert report["gradient_bytes"] == 256 * 256 * 4
+    assert report["dense_adamw_state_and_grad_bytes"] == 256 * 512 * 12
+    assert report["state_and_grad_vs_dense"] <= 0.5 + 0.02
+
+
+def test_erk_densities_hit_the_budget_and_cap_at_one():
+    shapes = {"tiny": (8, 8), "wide": (64, 1024), "square": (512, 512)}
+    d = topology.erk_densities(shapes, 0.3)
+    total = sum(a * b for a, b in shapes.values())
+    assert sum(d[n] * a * b for n, (a, b) in shapes.items()) == pytest.approx(0.3 * total)
+    assert d["tiny"] == 1.0  # would exceed 1
+    assert d["wide"] > d["square"]  # (n_in + n_out) / (n_in * n_out) is larger for the thin layer
+
+
+def test_nm_drop_grow_keeps_the_pattern():
+    pattern = NMPattern(2, 4)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(8, 16, generator=g)
+    mask = torch.zeros(8, 16, dtype=torch.bool)
+    top = scores.view(-1, 4).topk(2, dim=1).indices
+    mask.view(-1, 4).scatter_(1, top, True)
+    active = mask.view(-1).nonzero().squeeze(1)
+    drop_slots, grow_pos = topology.nm_drop_grow(
+        active, torch.rand(active.numel(), generator=g), torch.rand(128, generator=g), 10, pattern, (8, 16)
+    )
+    assert drop_slots.numel() == grow_pos.numel() == 10
+    new = mask.view(-1).clone()
+    new[active[drop_slots]] = False
+    assert not new[grow_pos].any()  # grows only inactive positions
+    new[grow_pos] = True
+    assert nm_violations(new.view(8, 16).float(), pattern) == 0
+    assert int(new.sum()) == int(mask.sum())
+    assert set((active[drop_slots] // 4).tolist()) == set((grow_pos // 4).tolist())
+
+
+def test_grow_random_is_seeded_and_avoids_active():
+    active = torch.arange(0, 100, 2)
+    a = topology.grow_random(100, 20, active, torch.Generator().manual_seed(3))
+    b = topology.grow_random(100, 20, active, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert all(p % 2 == 1 for p in a.tolist())
