@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_common import CALIB_SEQLEN, CALIB_WINDOWS, EVAL_SEQLEN, perplexity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "seft.jsonl"
 SHARED = ROOT.parent / "shared" / "data"
 METHODS = ("seft", "masked-ft", "lora-reprune")
 SETTINGS = {  # skip_tokens of the lm setting: the calibration tokens (set in main)
@@ -49,6 +50,15 @@ def sparsetune(*args: str) -> tuple[dict[str, object], float]:
         raise SystemExit(f"command failed ({done.returncode}): {' '.join(cmd)}")
     last = [line for line in done.stdout.splitlines() if line.startswith("{")]
     return (json.loads(last[-1]) if last else {}), wall
+
+
+def emit(row: dict[str, object]) -> None:
+    """Print one JSON line and append it to bench/results/seft.jsonl as it lands."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write(line + "\n")
 
 
 def prune_testbed(work: Path, calib_windows: int) -> Path:
@@ -127,7 +137,7 @@ def main() -> None:
         "eval_windows": args.eval_windows,
     }
     start = {"run": "wanda50-untrained", **evaluate(pruned, eval_ids, arc)}
-    print(json.dumps(start), flush=True)
+    emit(start)
 
     for setting in args.settings.split(","):
         spec = SETTINGS[setting]
@@ -161,7 +171,7 @@ def main() -> None:
                 **evaluate(out, eval_ids, arc),
             }
             rows[method] = row
-            print(json.dumps(row), flush=True)
+            emit(row)
         if all(m in rows for m in METHODS):
             s, m, lora = rows["seft"], rows["masked-ft"], rows["lora-reprune"]
             checks = {
@@ -171,7 +181,7 @@ def main() -> None:
                 "seft_peak_rss_not_above_lora_reprune": s["peak_rss_gb"] <= lora["peak_rss_gb"],
                 "seft_sparsity_exact": s["decoder_sparsity"] == start["decoder_sparsity"],
             }
-            print(json.dumps({"setting": setting, "summary": True, **base, **checks}), flush=True)
+            emit({"setting": setting, "summary": True, **base, **checks})
 
 
 if __name__ == "__main__":

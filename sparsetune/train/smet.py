@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -251,12 +252,12 @@ class SmetRecipe:
                 step = self.state.step
                 t0 = time.perf_counter()
                 loss, tokens = self.train_step(step)
-                step_s = time.perf_counter() - t0
                 self.state.step = step + 1
                 self.state.tokens += tokens
                 row: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": lr_at(step, cfg)}
                 if self.topology_due(self.state.step):
                     row["topology"] = self.topology_update(self.state.step)
+                step_s = time.perf_counter() - t0  # topology updates count towards the step they follow
                 row.update(
                     sparsity=self.sparsity(), tokens=self.state.tokens, step_s=step_s, tokens_per_s=tokens / step_s
                 )
@@ -515,6 +516,7 @@ class SmetRecipe:
             "state_and_grad_vs_dense": memory.get("state_and_grad_vs_dense"),
             "peak_rss_bytes": memory.get("peak_rss_bytes"),
             "mean_step_s": sum(r["step_s"] for r in state.log) / max(1, len(state.log)),
+            "median_step_s": statistics.median(r["step_s"] for r in state.log) if state.log else None,
             "output": str(self.out),
         }
         layers = {
