@@ -32,6 +32,11 @@ def parse_pattern(text: str | None) -> NMPattern | None:
     """Parse "N:M" (0 < N < M). None or "" or "unstructured" -> None."""
     if text is None or text in ("", "unstructured"):
         return None
+    if isinstance(text, int):
+        raise SparsetuneError(
+            f'pattern {text} is a number; quote N:M patterns in YAML, e.g. pattern: "2:4" '
+            "(YAML reads 2:4 unquoted as the base-60 number 124)"
+        )
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
     if not match:
         raise SparsetuneError(f"pattern {text!r} is not N:M; write it like 2:4 (N kept out of every M)")

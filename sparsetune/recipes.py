@@ -32,21 +32,14 @@ def field_help(cls: type[BaseModel], name: str) -> str:
     return text
 
 
-def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(path)
-    if not p.exists():
-        raise SparsetuneError(f"recipe {p} not found; pass an existing YAML file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise SparsetuneError(f"recipe {p}{where} is not valid YAML; fix the syntax") from err
-    if data is None:
+def recipe_settings(path: str | os.PathLike[str] | None, kind: str) -> dict[str, Any]:
+    """The `kind` settings of a command's `--recipe` file ({} without one): a flat mapping, `{kind: {...}}`,
+    or a `sparsetune run` recipe with exactly one `kind` stage."""
+    if path is None:
         return {}
-    if not isinstance(data, dict):
-        raise SparsetuneError(f"recipe {p} must be a YAML mapping of settings")
-    return data
+    from sparsetune.pipeline import command_settings
+
+    return command_settings(path, kind)
 
 
 def validate_config(cls: type[ConfigT], data: dict[str, Any], where: str = "settings") -> ConfigT:

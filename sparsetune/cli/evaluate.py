@@ -10,7 +10,7 @@ import typer
 from sparsetune.cli.common import setup_logging, split_list, user_errors
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate.config import EvalConfig, ReportConfig, SweepConfig
-from sparsetune.recipes import field_help, load_yaml, merge_settings, validate_config
+from sparsetune.recipes import field_help, merge_settings, recipe_settings, validate_config
 
 
 def _e(name: str) -> str:
@@ -32,9 +32,7 @@ def _floats(value: str | None, flag: str) -> list[float] | None:
 
 
 def _settings(recipe: str | None, stage: str, flags: dict[str, Any]) -> dict[str, Any]:
-    base = load_yaml(recipe) if recipe else {}
-    base = base[stage] if isinstance(base.get(stage), dict) else base
-    return merge_settings(base, flags)
+    return merge_settings(recipe_settings(recipe, stage), flags)
 
 
 def _eval_flags(

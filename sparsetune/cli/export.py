@@ -8,7 +8,7 @@ import typer
 
 from sparsetune.cli.common import setup_logging, split_list, user_errors
 from sparsetune.export.config import ExportConfig
-from sparsetune.recipes import field_help, load_yaml, merge_settings, validate_config
+from sparsetune.recipes import field_help, merge_settings, recipe_settings, validate_config
 
 
 def _h(name: str) -> str:
@@ -51,8 +51,7 @@ def export_command(
             "dtype": dtype,
             "trust_remote_code": trust_remote_code,
         }
-        base = load_yaml(recipe) if recipe else {}
-        base = base.get("export", base) if isinstance(base.get("export"), dict) else base
+        base = recipe_settings(recipe, "export")
         settings = merge_settings(base, flags)
         if settings.get("model") is None:
             raise SparsetuneError("missing MODEL; pass a pruned model dir")

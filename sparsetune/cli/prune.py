@@ -8,7 +8,7 @@ import typer
 
 from sparsetune.cli.common import setup_logging, split_list, user_errors
 from sparsetune.prune.config import PruneConfig
-from sparsetune.recipes import field_help, load_yaml, merge_settings, validate_config
+from sparsetune.recipes import field_help, merge_settings, recipe_settings, validate_config
 
 
 def _h(name: str) -> str:
@@ -92,8 +92,7 @@ def prune_command(
             "percdamp": percdamp,
             "blocksize": blocksize,
         }
-        base = load_yaml(recipe) if recipe else {}
-        base = base.get("prune", base) if isinstance(base.get("prune"), dict) else base
+        base = recipe_settings(recipe, "prune")
         if pattern is not None and "sparsity" in base:
             base.pop("sparsity")  # a pattern on the command line replaces the recipe's unstructured target
         if sparsity is not None and "pattern" in base:

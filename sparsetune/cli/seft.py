@@ -7,7 +7,7 @@ import json
 import typer
 
 from sparsetune.cli.common import setup_logging, user_errors
-from sparsetune.recipes import field_help, load_yaml, merge_settings, validate_config
+from sparsetune.recipes import field_help, merge_settings, recipe_settings, validate_config
 from sparsetune.train.seft_config import SeftConfig
 
 
@@ -72,8 +72,7 @@ def seft_command(
         from sparsetune.errors import SparsetuneError
         from sparsetune.train.seft import print_summary, run_seft
 
-        base = load_yaml(recipe) if recipe else {}
-        base = base.get("seft", base) if isinstance(base.get("seft"), dict) else base
+        base = recipe_settings(recipe, "seft")
         settings = merge_settings(base, flags)
         if settings.get("model") is None:
             raise SparsetuneError("missing MODEL; pass a pruned model dir (the output of `sparsetune prune`)")

@@ -7,7 +7,7 @@ import json
 import typer
 
 from sparsetune.cli.common import setup_logging, user_errors
-from sparsetune.recipes import field_help, load_yaml, merge_settings, validate_config
+from sparsetune.recipes import field_help, merge_settings, recipe_settings, validate_config
 from sparsetune.train.smet_config import SmetConfig
 
 
@@ -68,8 +68,7 @@ def smet_command(
         from sparsetune.errors import SparsetuneError
         from sparsetune.train.smet import print_summary, run_smet
 
-        base = load_yaml(recipe) if recipe else {}
-        base = base.get("smet-pretrain", base) if isinstance(base.get("smet-pretrain"), dict) else base
+        base = recipe_settings(recipe, "smet-pretrain")
         settings = merge_settings(base, flags)
         if settings.get("output") is None:
             raise SparsetuneError("missing --output; pass -o OUT_DIR")

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sparsetune.errors import as_value_error
 from sparsetune.masks import check_sparsity, parse_pattern
 from sparsetune.prune.config import METHOD_NAMES
 
@@ -92,12 +93,14 @@ class SweepConfig(EvalSettings):
     @field_validator("sparsities")
     @classmethod
     def _sparsity_range(cls, value: list[float]) -> list[float]:
-        return sorted({check_sparsity(v) for v in value})
+        return sorted({as_value_error(check_sparsity, v) for v in value})
 
-    @field_validator("patterns")
+    @field_validator("patterns", mode="before")
     @classmethod
-    def _pattern_form(cls, value: list[str]) -> list[str]:
-        return list(dict.fromkeys(str(parse_pattern(v)) for v in value))
+    def _pattern_form(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        return list(dict.fromkeys(str(as_value_error(parse_pattern, v)) for v in value))
 
 
 class ReportConfig(BaseModel):

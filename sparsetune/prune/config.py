@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sparsetune.errors import as_value_error
 from sparsetune.masks import NMPattern, check_sparsity, parse_pattern
 
 METHOD_NAMES = ("magnitude", "wanda", "sparsegpt")
@@ -74,18 +75,18 @@ class PruneConfig(BaseModel):
     @field_validator("sparsity")
     @classmethod
     def _sparsity_range(cls, value: float | None) -> float | None:
-        return None if value is None else check_sparsity(value)
+        return None if value is None else as_value_error(check_sparsity, value)
 
-    @field_validator("pattern")
+    @field_validator("pattern", mode="before")
     @classmethod
-    def _pattern_form(cls, value: str | None) -> str | None:
-        parsed = parse_pattern(value)
+    def _pattern_form(cls, value: object) -> str | None:
+        parsed = as_value_error(parse_pattern, value)
         return None if parsed is None else str(parsed)
 
     @field_validator("block_sparsity")
     @classmethod
     def _block_range(cls, value: list[float] | None) -> list[float] | None:
-        return None if value is None else [check_sparsity(v) for v in value]
+        return None if value is None else [as_value_error(check_sparsity, v) for v in value]
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
