@@ -71,6 +71,21 @@ def test_limit_windows_and_general_path(model, ids, monkeypatch):
     assert ppl.perplexity_on_ids(model, ids, seqlen=64, limit_windows=3)["ppl"] == pytest.approx(first3["ppl"])
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 100])
+def test_head_chunks_and_the_reused_logits_buffer_change_nothing(model, ids, monkeypatch, chunk):
+    """Chunk sizes that split windows and batches unevenly; the scratch buffer is reused across batches."""
+    monkeypatch.setattr(ppl, "HEAD_CHUNK_TOKENS", chunk)
+    result = ppl.perplexity_on_ids(model, ids, seqlen=64, stride=40, batch_size=3, limit_windows=6)
+    spans, scored_to = [], 0
+    for begin in range(0, 6 * 40, 40):
+        end = begin + 64
+        spans.append((begin, end, max(scored_to, begin + 1)))
+        scored_to = end
+    total, count = hand_nll(model, ids, spans)
+    assert result["tokens_scored"] == count
+    assert result["nll"] == pytest.approx(total / count, rel=1e-6)
+
+
 def test_perplexity_on_a_text_file(tmp_path, tiny_tokenizer, model):
     from conftest import random_text
 

@@ -26,8 +26,8 @@ from sparsetune.errors import SparsetuneError
 log = logging.getLogger(__name__)
 
 DEFAULT_SEQLEN = 2048
-# lm_head rows computed at once: bounds the fp32 logits held in memory (1024 x 49k vocab = 200 MB).
-HEAD_CHUNK_TOKENS = 1024
+# lm_head rows computed at once: bounds the fp32 logits held in memory (512 x 49k vocab = 100 MB).
+HEAD_CHUNK_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -150,11 +150,33 @@ def _has_plain_head(model: nn.Module) -> bool:
     )
 
 
-def _token_nll(model: nn.Module, input_ids: torch.Tensor, first: int) -> torch.Tensor:
+def _chunk_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row NLL of fp32 `logits` (N, V), computed in place: no second vocabulary-sized tensor is allocated,
+    which on CPU saves as much time as the log-softmax itself (fresh large buffers are page-faulted in)."""
+    picked = logits.gather(1, targets[:, None]).squeeze(1)
+    peak = logits.amax(1, keepdim=True)
+    logits.sub_(peak).exp_()
+    return logits.sum(1).log_().add_(peak.squeeze(1)).sub_(picked)
+
+
+def _head_scratch(model: nn.Module) -> torch.Tensor | None:
+    """A reusable fp32 (chunk, vocab) buffer for the vocabulary projection of a plain fp32 head, else None."""
+    if not _has_plain_head(model):
+        return None
+    head = model.get_output_embeddings()
+    if head.weight.dtype != torch.float32:
+        return None
+    return torch.empty(HEAD_CHUNK_TOKENS, head.out_features, dtype=torch.float32, device=head.weight.device)
+
+
+def _token_nll(
+    model: nn.Module, input_ids: torch.Tensor, first: int, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """NLL of tokens input_ids[:, first:] given their prefixes; returns (B, T - first) fp32.
 
     The decoder runs once; the vocabulary projection and log-softmax run on chunks of positions, so the fp32
     logits of the whole batch never exist at once, and positions that are only context are never projected.
+    `scratch` (from `_head_scratch`) receives each chunk's logits, so no vocabulary-sized tensor is allocated.
     """
     bsz, seqlen = input_ids.shape
     if _has_plain_head(model):
@@ -167,9 +189,17 @@ def _token_nll(model: nn.Module, input_ids: torch.Tensor, first: int) -> torch.T
     targets = input_ids[:, first:].reshape(-1)  # (B * (T - first),)
     nll = torch.empty(targets.shape, dtype=torch.float32, device=input_ids.device)
     for lo in range(0, targets.numel(), HEAD_CHUNK_TOKENS):
-        hi = lo + HEAD_CHUNK_TOKENS
-        logits = (head(states[lo:hi]) if head is not None else states[lo:hi]).float()  # (chunk, V)
-        nll[lo:hi] = F.cross_entropy(logits, targets[lo:hi], reduction="none")
+        hi = min(lo + HEAD_CHUNK_TOKENS, targets.numel())
+        if head is None:
+            logits = states[lo:hi].float()  # (chunk, V)
+        elif scratch is not None and states.dtype == torch.float32:
+            logits = scratch[: hi - lo]
+            torch.mm(states[lo:hi].to(scratch.device), head.weight.t(), out=logits)
+            if head.bias is not None:
+                logits.add_(head.bias)
+        else:
+            logits = head(states[lo:hi]).float()
+        nll[lo:hi] = _chunk_nll(logits, targets[lo:hi].to(logits.device)).to(nll.device)
     return nll.view(bsz, seqlen - first)
 
 
@@ -195,13 +225,14 @@ def perplexity_on_ids(
     device = _input_device(model)
     total_nll = torch.zeros((), dtype=torch.float64)
     scored = 0
+    scratch = _head_scratch(model)
     t0 = time.perf_counter()
     with _progress(sum(w.end - w.first_target for w in windows), show_progress, label) as advance:
         for batch in _batches(windows, batch_size):
             x = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)  # (B, T)
             offsets = torch.tensor([w.first_target - w.begin for w in batch], device=device)  # (B,)
             first = int(offsets.min())
-            nll = _token_nll(model, x, first)  # (B, T - first)
+            nll = _token_nll(model, x, first, scratch)  # (B, T - first)
             positions = torch.arange(first, x.shape[1], device=device)  # (T - first,)
             keep = positions[None, :] >= offsets[:, None]  # (B, T - first)
             total_nll += nll[keep].sum(dtype=torch.float64).cpu()
