@@ -95,7 +95,14 @@ def test_smet_keeps_density_and_evolves_topology(corpus, tmp_path):
     assert saved["method"] == "smet" and saved["global_sparsity"] >= 0.49
     assert set(saved["layers"]) == set(linears)
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
-    assert len(log) == 12 and all({"loss", "lr", "tokens_per_s", "sparsity"} <= set(r) for r in log)
+    assert len(log) == 12 and all({"loss", "lr", "tokens_per_s", "sparsity", "memory"} <= set(r) for r in log)
+    assert [r["topology"]["grown"] for r in log if "topology" in r] == [h["grown"] for h in history]
+    step_mem = log[-1]["memory"]
+    assert (
+        step_mem["optimizer_state_bytes"] + step_mem["gradient_bytes"]
+        <= 0.52 * (step_mem["dense_adamw_state_and_grad_bytes"])
+    )
+    assert step_mem["peak_rss_bytes"] > 0
     mem = saved["summary"]
     assert mem["state_and_grad_vs_dense"] <= 0.5 + 0.02
     densities = [layer["density"] for layer in saved["layers"].values()]

@@ -264,6 +264,7 @@ class SmetRecipe:
                 if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.val_data is not None:
                     row["val_loss"] = self.validation_loss()
                 if self.state.step % cfg.log_every == 0 or "topology" in row or self.state.step == cfg.steps:
+                    row["memory"] = {k: v for k, v in self.memory_report().items() if k != "layers"}
                     self.log_row(row)
                 advance(self.state.step, row)
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
