@@ -69,6 +69,15 @@ def random_text(n_words: int, seed: int = 0) -> str:
     return " ".join(words[i] + ("." if i % 13 == 12 else "") for i in range(n_words))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads slow steps a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

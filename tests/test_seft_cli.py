@@ -19,12 +19,7 @@ runner = CliRunner()
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_pruned(root: Path, pattern: str | None = None, sparsity: float = 0.5, seed: int = 0) -> Path:
