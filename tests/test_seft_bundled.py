@@ -6,9 +6,11 @@ import json
 
 import pytest
 from safetensors.torch import load_file
-from test_seft_cli import one_thread, write_text  # noqa: F401 - one_thread: autouse
+from test_seft_cli import write_text
 
 from sparsetune.masks import NMPattern, nm_violations
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow

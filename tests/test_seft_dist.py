@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_seft_cli import ONE_THREAD_ENV, make_pruned, one_thread, write_text  # noqa: F401 - one_thread: autouse
+from test_seft_cli import ONE_THREAD_ENV, make_pruned, write_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.dist

@@ -11,11 +11,13 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_seft_cli import ONE_THREAD_ENV, make_pruned, one_thread, write_text  # noqa: F401 - one_thread: autouse
+from test_seft_cli import ONE_THREAD_ENV, make_pruned, write_text
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.train.seft import run_seft
 from sparsetune.train.seft_config import SeftConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def settings(pruned, data, out, ckpt) -> dict:

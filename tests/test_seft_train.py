@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
-from test_seft_cli import make_pruned, one_thread, write_alpaca, write_text  # noqa: F401 - one_thread: autouse
+from test_seft_cli import make_pruned, write_alpaca, write_text
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import nm_violations
 from sparsetune.train.seft import SeftRecipe
 from sparsetune.train.seft_config import SeftConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class WatchedRecipe(SeftRecipe):

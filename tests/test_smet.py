@@ -16,13 +16,15 @@ import pytest
 import torch
 from conftest import make_tokenizer, random_text
 from safetensors.torch import load_file
-from test_seft_cli import ONE_THREAD_ENV, one_thread  # noqa: F401 - one_thread: autouse
+from test_seft_cli import ONE_THREAD_ENV
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
 from sparsetune.errors import SparsetuneError
 from sparsetune.train.smet import SmetRecipe, run_smet, spike_ratio
 from sparsetune.train.smet_config import SmetConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 runner = CliRunner()
 
