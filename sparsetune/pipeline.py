@@ -54,6 +54,7 @@ STAGE_SCHEMAS: dict[str, type[BaseModel]] = {
     "export": ExportConfig,
 }
 MODEL_STAGES = ("prune", "seft", "smet-pretrain", "export")  # stages whose output is a model
+DISTRIBUTED_STAGES = ("prune", "seft", "smet-pretrain")  # share their work across launched processes
 PREV = "@prev"
 STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -582,27 +583,28 @@ def check_run_dir(plan: Plan, overwrite: bool) -> None:
         )
 
 
-def _prepare_resume(stage: Stage, previous: dict[str, Any] | None, hashes: dict[str, str], out: Path) -> BaseModel:
-    """Continue an interrupted training stage or sweep from its own checkpoint when nothing it depends on
-    changed; otherwise remove the stale checkpoint (only inside OUT) so the stage starts clean."""
+def _resume_decision(
+    stage: Stage, previous: dict[str, Any] | None, hashes: dict[str, str], out: Path
+) -> tuple[BaseModel, Path | None]:
+    """(config to run, stale checkpoint to remove first). A training stage or sweep interrupted with nothing it
+    depends on changed continues from its own checkpoint; otherwise a stale checkpoint inside OUT is removed
+    so the stage starts clean (one outside OUT is the user's: the stage will refuse it with a clear error)."""
     cfg = stage.config
     same = previous is not None and all(previous.get(k) == v for k, v in hashes.items())
     ckpt: Path | None = None
     if isinstance(cfg, SeftConfig | SmetConfig):
-        path = cfg.checkpoint_path() or (str(stage.output) + ".ckpt")
-        ckpt = Path(path).expanduser().resolve()
+        ckpt = Path(cfg.checkpoint_path() or (str(stage.output) + ".ckpt")).expanduser().resolve()
         has_state = (ckpt / CKPT_NAME / "state.pt").exists() or (ckpt / f".{CKPT_NAME}.old" / "state.pt").exists()
         if has_state and same and (cfg.checkpoint_every or cfg.resume):
             log.info("%s: resuming from the checkpoint in %s", stage.dirname, ckpt)
-            return cfg.model_copy(update={"resume": True})
+            return cfg.model_copy(update={"resume": True}), None
     elif isinstance(cfg, SweepConfig):
         ckpt = stage.output.with_name(stage.output.name + ".partial")
         if (ckpt / SWEEP_STATE_FILE).exists() and same:
             log.info("%s: resuming the unfinished sweep in %s", stage.dirname, ckpt)
-            return cfg.model_copy(update={"resume": True})
-    if ckpt is not None and ckpt.exists() and ckpt.is_relative_to(out):
-        shutil.rmtree(ckpt)
-    return cfg.model_copy(update={"resume": False}) if hasattr(cfg, "resume") else cfg
+            return cfg.model_copy(update={"resume": True}), None
+    stale = ckpt if ckpt is not None and ckpt.exists() and ckpt.is_relative_to(out) else None
+    return (cfg.model_copy(update={"resume": False}) if hasattr(cfg, "resume") else cfg), stale
 
 
 def _run_stage(kind: str, cfg: Any, show_progress: bool) -> dict[str, Any]:
@@ -671,18 +673,32 @@ def print_stage(stage: Stage, report: dict[str, Any]) -> None:
 def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -> dict[str, Any]:
     """Run every stage in order, skipping stages already finished with the same settings and inputs.
 
-    Returns the run summary (also written to OUT/summary.json): per-stage status and timings, the final
-    metrics and the gate results.
+    Under `torchrun` / `accelerate launch` the prune, seft and smet-pretrain stages run on every process (they
+    share the work); eval, sweep and export run on rank 0 while the others wait, and only rank 0 writes the
+    run's own files. Returns the run summary (also written to OUT/summary.json): per-stage status and timings,
+    the final metrics and the gate results.
     """
+    from sparsetune.distributed import dist_context, launched_distributed
+
+    ctx = dist_context() if launched_distributed() else None
+    main = ctx is None or ctx.is_main
+
+    def barrier() -> None:
+        if ctx is not None:
+            ctx.barrier()
+
     check_run_dir(plan, overwrite)
+    barrier()  # every rank has checked OUT before rank 0 creates it
     out = plan.out
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    _write_json(out / RUN_FILE, {"plan": plan.as_dict(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if main:
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        _write_json(out / RUN_FILE, {"plan": plan.as_dict(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     stage_rows: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
     eval_seen: dict[str, float] | None = None
     t_run = time.perf_counter()
     for stage in plan.stages:
+        barrier()  # the previous stage's files and marker are complete on every rank's view
         marker = out / STATE_DIR / f"{stage.dirname}.json"
         previous = _read_json(marker)
         hashes = stage_hashes(stage)
@@ -697,18 +713,24 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
             log.info("%s: already finished with the same settings and input; skipped", stage.dirname)
             row = {**previous, "status": "skipped"}
         else:
-            cfg = _prepare_resume(stage, None if overwrite else previous, hashes, out)
-            _write_json(marker, {"stage": stage.dirname, "kind": stage.kind, "status": "running", **hashes})
-            if verbose_output:
-                print(f"== {stage.dirname} ({stage.kind}) -> {stage.output}", flush=True)
+            cfg, stale = _resume_decision(stage, None if overwrite else previous, hashes, out)
+            barrier()  # every rank has decided before rank 0 removes anything
+            if main:
+                if stale is not None:
+                    shutil.rmtree(stale)
+                _write_json(marker, {"stage": stage.dirname, "kind": stage.kind, "status": "running", **hashes})
+                if verbose_output:
+                    print(f"== {stage.dirname} ({stage.kind}) -> {stage.output}", flush=True)
+            barrier()
             t0 = time.perf_counter()
-            try:
-                report = _run_stage(stage.kind, cfg, show_progress=verbose_output)
-            except SparsetuneError as err:
-                raise SparsetuneError(f"stage {stage.dirname}: {err}") from err
+            report = None
+            if main or stage.kind in DISTRIBUTED_STAGES:
+                try:
+                    report = _run_stage(stage.kind, cfg, show_progress=verbose_output and main)
+                except SparsetuneError as err:
+                    raise SparsetuneError(f"stage {stage.dirname}: {err}") from err
+            barrier()
             seconds = round(time.perf_counter() - t0, 3)
-            if verbose_output:
-                print_stage(stage, report)
             row = {
                 "stage": stage.dirname,
                 "kind": stage.kind,
@@ -716,9 +738,15 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
                 **hashes,
                 "seconds": seconds,
                 "output": str(stage.output),
-                "metrics": stage_metrics(stage, report),
+                "metrics": stage_metrics(stage, report) if report is not None else {},
             }
-            _write_json(marker, row)
+            if main:
+                if verbose_output and report is not None:
+                    print_stage(stage, report)
+                _write_json(marker, row)
+            barrier()
+            if not main:  # eval metrics were measured on rank 0
+                row = {**(_read_json(marker) or row), "status": "finished"}
             del report
             gc.collect()
         stage_rows.append(row)
@@ -740,8 +768,10 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
         "gates": gates,
         "passed": all(g["passed"] for g in gates),
         "wall_s": round(time.perf_counter() - t_run, 3),
+        "rank": 0 if ctx is None else ctx.rank,
     }
-    _write_json(out / SUMMARY_FILE, summary)
+    if main:
+        _write_json(out / SUMMARY_FILE, summary)
     return summary
 
 

@@ -456,3 +456,32 @@ def test_a_crashed_sweep_stage_resumes_from_its_finished_points(tmp_path, tiny_i
     assert summary["stages"][0]["status"] == "finished"
     points = json.loads((out / "01-sweep" / "sweep.json").read_text())["points"]
     assert [p["target_sparsity"] for p in points if p["method"] == "magnitude"] == [0.3, 0.5, 0.7]
+
+
+@pytest.mark.dist
+def test_two_processes_run_the_pipeline_like_one(tmp_path, tiny_inputs):
+    """`torchrun --nproc_per_node 2 -m sparsetune run ...`: prune and seft share the work, eval and export run
+    once on rank 0, and the result matches a one-process run (same global batch) to 1e-5 with the same masks."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1"}
+    for name, launcher in (("one", [sys.executable]), ("two", [torchrun, "--standalone", "--nproc_per_node", "2"])):
+        args = tiny_pse_args(tiny_inputs, tmp_path / name, "--check", "--json")
+        done = subprocess.run([*launcher, "-m", "sparsetune", *args], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summaries = [line for line in done.stdout.splitlines() if line.startswith('{"recipe"')]
+        assert len(summaries) == 1  # only rank 0 reports
+        assert [s["status"] for s in json.loads(summaries[0])["stages"]] == ["finished"] * 4
+    a, b = decoder_weights(tmp_path / "one" / "02-seft"), decoder_weights(tmp_path / "two" / "02-seft")
+    for name in a:
+        assert torch.equal(a[name] != 0, b[name] != 0), f"{name}: masks differ"
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), f"{name}: {(a[name] - b[name]).abs().max()}"
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())["metrics"]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())["metrics"]
+    assert two["heldout_ppl"] == pytest.approx(one["heldout_ppl"], rel=1e-4)

@@ -79,6 +79,8 @@ def run_command(
                 print_plan(plan)
             return
         summary = run_plan(plan, overwrite=overwrite, verbose_output=not json_out)
+    if summary["rank"] != 0:  # under torchrun / accelerate launch only rank 0 reports
+        return
     if json_out:
         typer.echo(json.dumps(summary))
     else:
