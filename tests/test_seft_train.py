@@ -88,6 +88,45 @@ def test_seft_keeps_exact_sparsity_and_evolves_the_mask(tmp_path, pattern):
     assert all({"loss", "lr", "sparsity", "tokens_per_s"} <= set(r) for r in rows)
 
 
+@pytest.mark.parametrize("criterion", ["sensitivity", "magnitude", "update"])
+def test_drop_removes_the_smallest_scores_of_the_criterion(tmp_path, monkeypatch, criterion):
+    """Each update drops exactly the k active weights with the smallest score, and the score is the formula."""
+    from sparsetune.train import seft
+
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    real = seft.drop_score
+
+    def recording(crit, weight, grad, optimizer):
+        score = real(crit, weight, grad, optimizer)
+        values = weight.param.detach().view(-1)[weight.active]
+        if crit == "sensitivity":
+            want = (values * grad[weight.active]).abs()
+        else:
+            want = values.abs() if crit == "magnitude" else optimizer.tracked_update(weight.name).abs()
+        assert crit == criterion and torch.allclose(score, want), weight.name
+        seen.append((weight.name, weight.active.clone(), score.clone()))
+        return score
+
+    monkeypatch.setattr(seft, "drop_score", recording)
+
+    class Checked(WatchedRecipe):
+        def topology_update(self, step):
+            seen.clear()
+            stats = super().topology_update(step)
+            for name, before, score in seen:
+                after = set(self.sparse[name].active.tolist())
+                dropped = sorted(i for i, pos in enumerate(before.tolist()) if pos not in after)
+                k = len(dropped)
+                assert k == int(stats["drop_fraction"] * before.numel())
+                assert set(dropped) == set(torch.topk(score, k, largest=False).indices.tolist()), name
+            return stats
+
+    pruned = make_pruned(tmp_path)
+    recipe, _ = run(tmp_path, pruned, write_text(tmp_path / "t.txt"), Checked, drop_criterion=criterion, steps=5)
+    assert recipe.problems == []
+    assert len(recipe.state.topology) == 2
+
+
 def test_masked_ft_never_changes_the_mask(tmp_path):
     pruned = make_pruned(tmp_path)
     recipe, report = run(tmp_path, pruned, write_alpaca(tmp_path / "a.json"), method="masked-ft", seqlen=96)

@@ -44,6 +44,7 @@ def seft_command(
     update_interval: int | None = _opt("update_interval"),
     drop_fraction: float | None = _opt("drop_fraction"),
     drop_fraction_end: float | None = _opt("drop_fraction_end"),
+    drop_criterion: str | None = _opt("drop_criterion"),
     grow_batches: int | None = _opt("grow_batches"),
     regrow_warmup: int | None = _opt("regrow_warmup"),
     lora_r: int | None = _opt("lora_r"),

@@ -259,7 +259,7 @@ class SeftRecipe:
             weight_decay=cfg.weight_decay,
             regrow_warmup=cfg.regrow_warmup,
             eight_bit=cfg.optim == "adamw8bit",
-            track_updates=cfg.method == "seft",
+            track_updates=cfg.method == "seft" and cfg.drop_criterion == "update",
         )
         self.sparse = {w.name: w for w in weights}
         self.trainable = {name: m.weight for name, m in self.start.modules.items()}
@@ -401,7 +401,8 @@ class SeftRecipe:
     # -- topology ---------------------------------------------------------------------------------------------
 
     def topology_update(self, step: int) -> dict[str, Any]:
-        """Drop by smallest accumulated update, grow by largest dense gradient (accumulated over grow batches)."""
+        """Drop the active weights with the smallest `--drop-criterion` score, grow where the dense gradient
+        (accumulated over the grow batches) is largest."""
         from sparsetune.train import topology
 
         cfg = self.cfg
@@ -414,8 +415,9 @@ class SeftRecipe:
                 k = min(int(fraction * active.numel()), active.numel(), weight.param.numel() - active.numel())
                 if k == 0:
                     continue
-                score = self.optimizer.tracked_update(name).abs()
-                grow_score = grads[name].detach().abs().view(-1)
+                grad = grads[name].detach().view(-1)
+                score = drop_score(cfg.drop_criterion, weight, grad, self.optimizer)
+                grow_score = grad.abs()
                 if self.start.pattern is not None:
                     drop_slots, grow_pos = topology.nm_drop_grow(
                         active, score, grow_score, k, self.start.pattern, weight.param.shape
@@ -586,6 +588,21 @@ class SeftRecipe:
     def cleanup(self) -> None:
         if self.ctx.world > 1 and torch.distributed.is_initialized():
             self.ctx.barrier()
+
+
+def drop_score(criterion: str, weight: Any, grad: torch.Tensor, optimizer: Any) -> torch.Tensor:
+    """Per active slot: how much the model would lose if the weight went to zero (drop the smallest).
+
+    sensitivity |w * dL/dw| is the first-order loss change of zeroing w (the score SEFT re-prunes with);
+    update, the accumulated update since the last topology change, is the criterion as REFERENCE.md states it;
+    on a pretrained model it ignores |w| and zeroes large weights that merely moved little (see the README).
+    """
+    if criterion == "update":
+        return optimizer.tracked_update(weight.name).abs()
+    values = weight.param.detach().view(-1)[weight.active]
+    if criterion == "magnitude":
+        return values.abs().float()
+    return (values.float() * grad[weight.active].float()).abs()
 
 
 def run_identity(cfg: SeftConfig, start: SparseStart) -> dict[str, Any]:
