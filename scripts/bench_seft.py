@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4, help="seft and masked-ft learning rate")
     parser.add_argument("--lora-lr", type=float, default=3e-4)
     parser.add_argument("--optim", default="adamw")
+    parser.add_argument("--drop-fraction", type=float, default=0.1, help="seft: first drop fraction (cosine-decayed)")
+    parser.add_argument("--drop-criterion", default="sensitivity", help="seft: sensitivity, magnitude or update")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--arc-limit", type=float, default=None, help="ARC-Easy documents (default: all)")
     parser.add_argument("--no-arc", action="store_true")
@@ -131,6 +133,8 @@ def main() -> None:
     eval_ids = torch.tensor(ids, dtype=torch.int64).view(args.eval_windows, EVAL_SEQLEN)
     arc = {"run": not args.no_arc, "limit": args.arc_limit}
     base = {
+        "drop_fraction": args.drop_fraction,
+        "drop_criterion": args.drop_criterion,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "seqlen": args.seqlen,
@@ -152,7 +156,8 @@ def main() -> None:
                 "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                 "--lr", str(args.lora_lr if method == "lora-reprune" else args.lr),
                 "--warmup-steps", str(min(10, args.steps // 10)), "--update-interval", str(interval),
-                "--optim", args.optim, "--overwrite", "--json",
+                "--optim", args.optim, "--drop-fraction", str(args.drop_fraction),
+                "--drop-criterion", args.drop_criterion, "--overwrite", "--json",
             )  # fmt: skip
             row = {
                 "setting": setting,
