@@ -21,8 +21,13 @@ from sparsetune.models import load_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def make_pruned_dir(path, tokenizer, pattern="unstructured", dtype="float32", tie=False, skip=(), **overrides):
-    """A tiny Llama whose decoder Linears are zeroed with random masks (no prune engine involved)."""
+def make_pruned_dir(
+    path, tokenizer, pattern="unstructured", dtype="float32", tie=False, skip=(), multiply=False, **overrides
+):
+    """A tiny Llama whose decoder Linears are zeroed with random masks (no prune engine involved).
+
+    multiply=True zeroes as sparsetune's pruners do (`w * mask`), so pruned negative weights become -0.0.
+    """
     from conftest import make_tiny_model
 
     model = make_tiny_model("llama", seed=3, tie=tie, **overrides)
@@ -32,7 +37,7 @@ def make_pruned_dir(path, tokenizer, pattern="unstructured", dtype="float32", ti
             w = module.weight.data
             scores = torch.rand(w.shape, generator=gen)
             keep = nm_mask(scores, NMPattern(2, 4)) if pattern == "2:4" else row_mask(scores, 0.5)
-            w.masked_fill_(~keep, 0)
+            w.mul_(keep) if multiply else w.masked_fill_(~keep, 0)
     model.to(DTYPES[dtype])
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -87,6 +92,30 @@ def test_round_trip_is_bit_identical(fmt, pattern, dtype, tmp_path, tiny_tokeniz
         assert report["modules_compressed"] == 14 and report["bytes_written"] < report["bytes_dense"]
         # the tokenizer travels with the weights, so eval/prune can read the dir on its own
         assert load_tokenizer(str(out)) is not None
+
+
+@pytest.mark.parametrize("fmt", ["sparse-bitmask", "sparse-24-bitmask", "semi-structured-2:4"])
+def test_negative_zeros_load_back_as_positive_zeros_and_nothing_else_changes(fmt, tmp_path, tiny_tokenizer):
+    """Pruners that multiply by the mask leave -0.0 in pruned slots. The compressed formats store only values
+    != 0 (compressed-tensors' rule), so those load back as +0.0: the one bit-level change, with equal logits."""
+    pattern = "unstructured" if fmt == "sparse-bitmask" else "2:4"
+    src = make_pruned_dir(tmp_path / "src", tiny_tokenizer, pattern, "bfloat16", tie=True, multiply=True)
+    out = tmp_path / "out"
+    run_export(ExportConfig(model=str(src), output=str(out), format=fmt))
+    got, want = sparsetune.load(str(out), dtype="bfloat16"), sparsetune.load(str(src), dtype="bfloat16")
+    got_sd, want_sd = got.state_dict(), want.state_dict()
+    assert sorted(got_sd) == sorted(want_sd)
+    negative_zeros = 0
+    for key, tensor in want_sd.items():
+        assert got_sd[key].dtype == tensor.dtype, key
+        changed = bits(got_sd[key]).view(torch.int16) != bits(tensor).view(torch.int16)
+        sign_only = (tensor == 0) & torch.signbit(tensor) & ~torch.signbit(got_sd[key]) & (got_sd[key] == 0)
+        assert torch.equal(changed, changed & sign_only), key  # nothing but -0.0 -> +0.0
+        negative_zeros += int(changed.sum())
+    assert negative_zeros > 1000  # about half the pruned slots
+    ids = torch.randint(4, 200, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, want(ids).logits)
 
 
 def test_sparse_bitmask_layout_matches_compressed_tensors(tmp_path, tiny_tokenizer):

@@ -47,6 +47,8 @@ def test_exact_sparsity_and_pattern(family, method, target, sequential, tiny_tok
                 assert torch.all(zeros_per_row == w.shape[1] // 2), name
             else:
                 assert int(zeros_per_row.sum()) == w.numel() // 2, name
+        # pruned weights are +0.0: sparse formats store no sign, so a -0.0 would not survive an export round trip
+        assert int(((w == 0) & torch.signbit(w)).sum()) == 0, name
     assert report["global_sparsity"] == pytest.approx(0.5)
     assert torch.equal(model.get_input_embeddings().weight, embed_before)
 

@@ -7,7 +7,6 @@ and each compressed tensor's shape, dtype and internal consistency. Any failure 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -15,13 +14,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
+from safetensors.torch import load_file as safetensors_load_file
 from torch import nn
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.export import read_export_format
 from sparsetune.export.codecs import CODECS, TWO_FOUR, nm_group_violations
-from sparsetune.export.writer import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG
+from sparsetune.export.writer import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,11 @@ def shard_files(path: Path) -> list[str]:
 
 
 def read_tensors(path: Path, digests: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint dir, each file verified against its recorded size and sha256 when given."""
+    """All tensors of a checkpoint dir, each file verified against its recorded size and sha256 when given.
+
+    The files are memory-mapped (as transformers' own loading does): the digest is computed straight from the
+    mapping and the tensors are views into it, so nothing is copied before decompression.
+    """
     tensors: dict[str, torch.Tensor] = {}
     files = shard_files(path)
     if digests is not None and sorted(digests) != files:
@@ -52,18 +55,18 @@ def read_tensors(path: Path, digests: dict[str, Any] | None = None) -> dict[str,
         file = path / name
         if not file.exists():
             raise SparsetuneError(f"weight file {file} is missing; re-export the model")
-        data = file.read_bytes()
         if digests is not None:
             expected = digests[name]
-            if len(data) != expected["bytes"]:
+            size = file.stat().st_size
+            if size != expected["bytes"]:
                 raise SparsetuneError(
-                    f"{file} is truncated or corrupted ({len(data)} bytes, expected {expected['bytes']}); "
+                    f"{file} is truncated or corrupted ({size} bytes, expected {expected['bytes']}); "
                     "re-export or re-copy it"
                 )
-            if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            if file_sha256(file) != expected["sha256"]:
                 raise SparsetuneError(f"{file} is corrupted (sha256 mismatch); re-export or re-copy it")
         try:
-            part = safetensors_load(data)
+            part = safetensors_load_file(str(file))
         except (SafetensorError, ValueError, RuntimeError) as err:
             raise SparsetuneError(f"{file} is truncated or corrupted ({err}); re-export or re-copy it") from err
         overlap = part.keys() & tensors.keys()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import re
 import shutil
 import time
@@ -18,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 from torch import nn
 
 from sparsetune import __version__, models
 from sparsetune.errors import SparsetuneError
-from sparsetune.export.codecs import CODECS, force_24, nm_group_violations
+from sparsetune.export.codecs import CODECS, force_24, mask_stats
 from sparsetune.export.config import ExportConfig, shard_size_bytes
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, write_json
 
@@ -79,17 +80,16 @@ def plan_modules(
         if any(p.search(name) for p in exclude):
             plan.dense[name] = "matched --ignore"
             continue
-        density = float(torch.count_nonzero(weight)) / weight.numel()
+        nonzero, violations = mask_stats(weight)
+        density = nonzero / weight.numel()
         if density > max_density:
             plan.dense[name] = f"density {density:.3f} > --max-density {max_density}"
             continue
-        if fmt in TWO_FOUR_FORMATS:
-            violations = nm_group_violations(weight)
-            if violations:
-                offenders.append((name, violations, weight.shape))
-                if not force:
-                    continue
-                plan.forced[name] = violations
+        if fmt in TWO_FOUR_FORMATS and violations:
+            offenders.append((name, violations, weight.shape))
+            if not force:
+                continue
+            plan.forced[name] = violations
         plan.compress[name] = 1.0 - density
     if offenders and not force:
         name, violations, shape = offenders[0]
@@ -161,14 +161,22 @@ def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_bytes: int
     )
     files = {}
     for name, keys in zip(names, shards, strict=True):
-        data = safetensors_bytes({k: tensors[k] for k in keys}, metadata={"format": "pt"})
-        (out_dir / name).write_bytes(data)
-        files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        save_file({k: tensors[k] for k in keys}, str(out_dir / name), metadata={"format": "pt"})
+        files[name] = {"bytes": (out_dir / name).stat().st_size, "sha256": file_sha256(out_dir / name)}
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map = {k: name for name, keys in zip(names, shards, strict=True) for k in keys}
         write_json(out_dir / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return files
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, hashed straight from a read-only memory map (no copy into Python bytes)."""
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return hashlib.sha256(b"").hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return hashlib.sha256(data).hexdigest()
 
 
 def compressed_tensors_config(fmt: str, plan: ModulePlan) -> dict[str, Any]:

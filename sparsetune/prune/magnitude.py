@@ -27,5 +27,5 @@ def prune_group(weights: list[torch.Tensor], stats: None, target: float | NMPatt
         w = w.float()
         scores = w.abs()
         mask = nm_mask(scores, target) if isinstance(target, NMPattern) else matrix_mask(scores, target)
-        pruned.append(w * mask)
+        pruned.append(w.masked_fill(~mask, 0.0))  # +0.0, never -0.0: sparse formats store no sign
     return pruned

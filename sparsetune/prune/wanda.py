@@ -44,5 +44,5 @@ def prune_group(
     for w in weights:
         s = scores(w, stats)
         mask = nm_mask(s, target) if isinstance(target, NMPattern) else row_mask(s, target, exact_total)
-        pruned.append(w.float() * mask)
+        pruned.append(w.float().masked_fill(~mask, 0.0))  # +0.0, never -0.0: sparse formats store no sign
     return pruned

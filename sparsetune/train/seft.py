@@ -292,7 +292,7 @@ class SeftRecipe:
                 mask = sensitivity_mask(w.detach(), grads[name], self.start.targets[name], self.start.pattern)
                 event["before"] += int(self.start.masks[name].sum())
                 event["after"] += int(mask.sum())
-                w.mul_(mask)
+                w.masked_fill_(~mask, 0.0)
                 self.start.set_mask(name, mask)
                 self.start.modules[name].weight.requires_grad_(False)
         log.info("sensitivity re-prune restored the target count of %d modules", len(names))
