@@ -3,6 +3,8 @@ the loss over a rank's share of a batch, checkpoint directories and the progress
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -15,6 +17,8 @@ from torch import nn
 from sparsetune import data
 from sparsetune.distributed import DistContext
 from sparsetune.errors import SparsetuneError
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 LOG_FILE = "train_log.jsonl"
@@ -255,3 +259,110 @@ class progress_bar:  # noqa: N801 - a context manager used like a function
     def __exit__(self, *exc: Any) -> None:
         if self.enabled:
             self.progress.__exit__(*exc)
+
+
+class CheckpointedTraining:
+    """What SEFT and SMET training share: the loss, validation, the JSONL log, resumable checkpoints, the NaN stop.
+
+    A subclass sets cfg, ctx, model, optimizer, state, ckpt_dir, val_data and pad_id in its setup, and says what a
+    checkpoint holds (`checkpoint_tensors`) and which settings it must match to be resumed (`identity`).
+    """
+
+    RESUME_HINT = "resume with the same settings"
+    cfg: Any
+    ctx: DistContext
+    model: nn.Module
+    optimizer: Any
+    state: TrainingState
+    ckpt_dir: Path | None
+    val_data: Examples | None
+    pad_id: int
+    _last_ckpt_step = 0
+
+    def identity(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed token NLL of one micro-batch (a method so tests can inject a failure)."""
+        return token_nll_sum(self.model, batch)
+
+    def raise_nonfinite(self, step: int, loss: float) -> None:
+        where = "no checkpoint was written"
+        if self.ckpt_dir is not None and (self.ckpt_dir / CKPT_NAME).exists():
+            where = f"the last checkpoint in {self.ckpt_dir} (step {self._last_ckpt_step}) is intact"
+        raise SparsetuneError(
+            f"the training loss became {loss} at step {step + 1}, so training stopped before the optimizer step; "
+            f"{where}; lower --lr or check the data"
+        )
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        assert self.val_data is not None
+        n = min(len(self.val_data), self.cfg.val_batches * self.cfg.batch_size)
+        micro = self.cfg.batch_size // self.cfg.grad_accum
+        self.model.eval()
+        nll = torch.zeros(2, dtype=torch.float64)
+        for start in range(0, n, micro):
+            local = rank_share(list(range(start, min(n, start + micro))), self.ctx)
+            batch = {k: v.to(self.ctx.device) for k, v in collate(self.val_data, local, self.pad_id).items()}
+            nll[0] += float(token_nll_sum(self.model, batch))
+            nll[1] += label_count(batch)
+        self.model.train()
+        all_reduce_sum(nll, self.ctx)
+        return float(nll[0] / nll[1])
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        self.state.log.append(row)
+        if self.ckpt_dir is not None and self.ctx.is_main:
+            with open(self.ckpt_dir / LOG_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save_checkpoint(self) -> None:
+        """Trained tensors, optimizer state (masks included), TrainingState and RNG: temp dir, then renamed."""
+        assert self.ckpt_dir is not None
+        self.state.rng = {"torch": torch.get_rng_state()}
+        if self.ctx.is_main:
+            from safetensors.torch import save_file
+
+            tmp = self.ckpt_dir / f".{CKPT_NAME}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            weights = {n: t.detach().contiguous().cpu() for n, t in self.checkpoint_tensors().items()}
+            save_file(weights, str(tmp / "weights.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save({"identity": self.identity(), "state": self.state.state_dict()}, tmp / "state.pt")
+            replace_dir(tmp, self.ckpt_dir / CKPT_NAME)
+        self._last_ckpt_step = self.state.step
+        self.ctx.barrier()
+
+    def load_checkpoint(self) -> None:
+        from safetensors.torch import load_file
+
+        assert self.ckpt_dir is not None
+        path = self.ckpt_dir / CKPT_NAME
+        saved = torch.load(path / "state.pt", weights_only=True)
+        identity = self.identity()
+        if saved["identity"] != identity:
+            diff = sorted(k for k in identity if saved["identity"].get(k) != identity[k])
+            raise SparsetuneError(
+                f"the checkpoint in {self.ckpt_dir} belongs to another run ({', '.join(diff)} differ); "
+                f"{self.RESUME_HINT}, or use another --checkpoint-dir"
+            )
+        weights = load_file(str(path / "weights.safetensors"))
+        with torch.no_grad():
+            for name, tensor in self.checkpoint_tensors().items():
+                tensor.copy_(weights[name].to(tensor.device))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.state.load_state_dict(saved["state"])
+        torch.set_rng_state(self.state.rng["torch"])
+        self._last_ckpt_step = self.state.step
+        if self.ctx.is_main:  # the live log loses any lines written after the checkpoint
+            (self.ckpt_dir / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
+        log.info("resumed from step %d in %s", self.state.step, path)
+
+    def cleanup(self) -> None:
+        if self.ctx.world > 1 and torch.distributed.is_initialized():
+            self.ctx.barrier()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,9 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
 from sparsetune.recipes import dump_yaml
 from sparsetune.train.common import (
-    CKPT_NAME,
     IGNORE,
     LOG_FILE,
+    CheckpointedTraining,
     DataOrder,
     Examples,
     TrainingState,
@@ -44,14 +43,11 @@ from sparsetune.train.common import (
     collate,
     drop_fraction_at,
     instruction_examples,
-    label_count,
     lr_at,
     packed_windows,
     progress_bar,
     random_batch,
     rank_share,
-    replace_dir,
-    token_nll_sum,
 )
 from sparsetune.train.seft_config import SeftConfig
 
@@ -189,7 +185,7 @@ def default_update_interval(kind: str) -> int:
 # The recipe.
 
 
-class SeftRecipe:
+class SeftRecipe(CheckpointedTraining):
     """setup -> train -> save_output, with save_checkpoint every `checkpoint_every` steps and cleanup at the end."""
 
     def __init__(self, cfg: SeftConfig, overwrite: bool = False, show_progress: bool = True) -> None:
@@ -238,9 +234,9 @@ class SeftRecipe:
             self._setup_lora()
         else:
             self._setup_sparse()
+        self._identity = run_identity(cfg, self.start)  # the start masks are final here; a resume must match them
         if cfg.resume:
             self.load_checkpoint()
-        self.identity = run_identity(cfg, self.start)
 
     def _setup_sparse(self) -> None:
         from sparsetune.train.sparse_optim import SparseAdamW, SparseWeight
@@ -372,10 +368,6 @@ class SeftRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, sum(len(self.train_data.inputs[i]) for i in idx)
 
-    def nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed token NLL of one micro-batch (a method so tests can inject a failure)."""
-        return token_nll_sum(self.model, batch)
-
     def grad_scale(self) -> float:
         """The optimizer averages compact gradients over ranks; scale the loss so the average is the global mean."""
         return float(self.ctx.world)
@@ -388,15 +380,6 @@ class SeftRecipe:
             if p.grad is not None:
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
                 p.grad.div_(self.ctx.world)
-
-    def raise_nonfinite(self, step: int, loss: float) -> None:
-        where = "no checkpoint was written"
-        if self.ckpt_dir is not None and (self.ckpt_dir / CKPT_NAME).exists():
-            where = f"the last checkpoint in {self.ckpt_dir} (step {self._last_ckpt_step}) is intact"
-        raise SparsetuneError(
-            f"the training loss became {loss} at step {step + 1}, so training stopped before the optimizer step; "
-            f"{where}; lower --lr or check the data"
-        )
 
     # -- topology ---------------------------------------------------------------------------------------------
 
@@ -454,75 +437,15 @@ class SeftRecipe:
                     )
         return zeros / max(1, numel)
 
-    @torch.no_grad()
-    def validation_loss(self) -> float:
-        assert self.val_data is not None
-        n = min(len(self.val_data), self.cfg.val_batches * self.cfg.batch_size)
-        self.model.eval()
-        nll = torch.zeros(2, dtype=torch.float64)
-        micro = self.cfg.batch_size // self.cfg.grad_accum
-        for start in range(0, n, micro):
-            local = rank_share(list(range(start, min(n, start + micro))), self.ctx)
-            batch = {k: v.to(self.ctx.device) for k, v in collate(self.val_data, local, self.pad_id).items()}
-            nll[0] += float(token_nll_sum(self.model, batch))
-            nll[1] += label_count(batch)
-        self.model.train()
-        all_reduce_sum(nll, self.ctx)
-        return float(nll[0] / nll[1])
+    # -- checkpoints (the mechanics live in CheckpointedTraining) ---------------------------------------------
 
-    def log_row(self, row: dict[str, Any]) -> None:
-        self.state.log.append(row)
-        if self.ckpt_dir is not None and self.ctx.is_main:
-            with open(self.ckpt_dir / LOG_FILE, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    RESUME_HINT = "resume with the same model and settings"
 
-    # -- checkpoints ------------------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        return self._identity
 
-    _last_ckpt_step = 0
-
-    def save_checkpoint(self) -> None:
-        """Weights of the trained tensors, optimizer state and TrainingState, written to a temp dir then renamed."""
-        assert self.ckpt_dir is not None
-        self.state.rng = {"torch": torch.get_rng_state()}
-        if self.ctx.is_main:
-            from safetensors.torch import save_file
-
-            tmp = self.ckpt_dir / f".{CKPT_NAME}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(
-                {n: t.detach().contiguous().cpu() for n, t in self.trainable.items()}, str(tmp / "weights.safetensors")
-            )
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save({"identity": self.identity, "state": self.state.state_dict()}, tmp / "state.pt")
-            replace_dir(tmp, self.ckpt_dir / CKPT_NAME)
-        self._last_ckpt_step = self.state.step
-        self.ctx.barrier()
-
-    def load_checkpoint(self) -> None:
-        from safetensors.torch import load_file
-
-        assert self.ckpt_dir is not None
-        path = self.ckpt_dir / CKPT_NAME
-        saved = torch.load(path / "state.pt", weights_only=True)
-        identity = run_identity(self.cfg, self.start)
-        if saved["identity"] != identity:
-            diff = sorted(k for k in identity if saved["identity"].get(k) != identity[k])
-            raise SparsetuneError(
-                f"the checkpoint in {self.ckpt_dir} belongs to another run ({', '.join(diff)} differ); "
-                "resume with the same model and settings, or use another --checkpoint-dir"
-            )
-        weights = load_file(str(path / "weights.safetensors"))
-        with torch.no_grad():
-            for name, tensor in self.trainable.items():
-                tensor.copy_(weights[name].to(tensor.device))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        self.state.load_state_dict(saved["state"])
-        torch.set_rng_state(self.state.rng["torch"])
-        self._last_ckpt_step = self.state.step
-        if self.ctx.is_main:  # the live log loses any lines written after the checkpoint
-            (self.ckpt_dir / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
-        log.info("resumed from step %d in %s", self.state.step, path)
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return self.trainable
 
     # -- output -----------------------------------------------------------------------------------------------
 
@@ -584,10 +507,6 @@ class SeftRecipe:
             mem = {"optimizer_state_bytes": state_bytes, "gradient_bytes": grad_bytes}
         mem.update(peak_memory())
         return mem
-
-    def cleanup(self) -> None:
-        if self.ctx.world > 1 and torch.distributed.is_initialized():
-            self.ctx.barrier()
 
 
 def drop_score(criterion: str, weight: Any, grad: torch.Tensor, optimizer: Any) -> torch.Tensor:

@@ -31,8 +31,8 @@ from sparsetune.outputs import atomic_output_dir, check_output_dir, package_vers
 from sparsetune.recipes import dump_yaml
 from sparsetune.train import topology
 from sparsetune.train.common import (
-    CKPT_NAME,
     LOG_FILE,
+    CheckpointedTraining,
     DataOrder,
     Examples,
     TrainingState,
@@ -45,7 +45,6 @@ from sparsetune.train.common import (
     progress_bar,
     random_batch,
     rank_share,
-    replace_dir,
     token_nll_sum,
 )
 from sparsetune.train.smet_config import PRESETS, SmetConfig
@@ -148,13 +147,12 @@ def spike_ratio(losses: list[float], update_steps: list[int], window: int = 10) 
     return max(ratios) if ratios else None
 
 
-class SmetRecipe:
+class SmetRecipe(CheckpointedTraining):
     """setup -> train -> finish, with save_checkpoint every `checkpoint_every` steps."""
 
     def __init__(self, cfg: SmetConfig, overwrite: bool = False, show_progress: bool = True) -> None:
         self.cfg, self.overwrite, self.show_progress = cfg, overwrite, show_progress
         self.state = TrainingState()
-        self._last_ckpt_step = 0
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -299,10 +297,6 @@ class SmetRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, sum(len(self.train_data.inputs[i]) for i in idx)
 
-    def nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed token NLL of one micro-batch (a method so tests can inject a failure)."""
-        return token_nll_sum(self.model, batch)
-
     def reduce_grads(self, params: list[torch.Tensor]) -> None:
         if self.ctx.world == 1 or not params:
             return
@@ -313,15 +307,6 @@ class SmetRecipe:
         for p in params:
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
-
-    def raise_nonfinite(self, step: int, loss: float) -> None:
-        where = "no checkpoint was written"
-        if self.ckpt_dir is not None and (self.ckpt_dir / CKPT_NAME).exists():
-            where = f"the last checkpoint in {self.ckpt_dir} (step {self._last_ckpt_step}) is intact"
-        raise SparsetuneError(
-            f"the training loss became {loss} at step {step + 1}, so training stopped before the optimizer step; "
-            f"{where}; lower --lr or check the data"
-        )
 
     # -- topology ---------------------------------------------------------------------------------------------
 
@@ -382,78 +367,14 @@ class SmetRecipe:
             numel += w.param.numel()
         return zeros / numel
 
-    @torch.no_grad()
-    def validation_loss(self) -> float:
-        assert self.val_data is not None
-        n = min(len(self.val_data), self.cfg.val_batches * self.cfg.batch_size)
-        micro = self.cfg.batch_size // self.cfg.grad_accum
-        self.model.eval()
-        nll = torch.zeros(2, dtype=torch.float64)
-        for start in range(0, n, micro):
-            local = rank_share(list(range(start, min(n, start + micro))), self.ctx)
-            batch = {k: v.to(self.ctx.device) for k, v in collate(self.val_data, local, self.pad_id).items()}
-            nll[0] += float(token_nll_sum(self.model, batch))
-            nll[1] += int(batch["attention_mask"][:, 1:].sum())
-        self.model.train()
-        all_reduce_sum(nll, self.ctx)
-        return float(nll[0] / nll[1])
-
-    def log_row(self, row: dict[str, Any]) -> None:
-        self.state.log.append(row)
-        if self.ckpt_dir is not None and self.ctx.is_main:
-            with open(self.ckpt_dir / LOG_FILE, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    # -- checkpoints ------------------------------------------------------------------------------------------
+    # -- checkpoints (the mechanics live in CheckpointedTraining) ---------------------------------------------
 
     def identity(self) -> dict[str, Any]:
         skip = {"output", "device", "checkpoint_dir", "checkpoint_every", "resume", "log_every", "data_dir"}
         return {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in skip}
 
-    def save_checkpoint(self) -> None:
-        """Weights, index sets and compact optimizer state, schedules and RNG: temp dir, then renamed into place."""
-        assert self.ckpt_dir is not None
-        self.state.rng = {"torch": torch.get_rng_state()}
-        if self.ctx.is_main:
-            from safetensors.torch import save_file
-
-            tmp = self.ckpt_dir / f".{CKPT_NAME}.tmp"
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            weights = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()}
-            save_file(weights, str(tmp / "weights.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save({"identity": self.identity(), "state": self.state.state_dict()}, tmp / "state.pt")
-            replace_dir(tmp, self.ckpt_dir / CKPT_NAME)
-        self._last_ckpt_step = self.state.step
-        self.ctx.barrier()
-
-    def load_checkpoint(self) -> None:
-        from safetensors.torch import load_file
-
-        assert self.ckpt_dir is not None
-        path = self.ckpt_dir / CKPT_NAME
-        saved = torch.load(path / "state.pt", weights_only=True)
-        identity = self.identity()
-        if saved["identity"] != identity:
-            diff = sorted(k for k in identity if saved["identity"].get(k) != identity[k])
-            raise SparsetuneError(
-                f"the checkpoint in {self.ckpt_dir} belongs to another run ({', '.join(diff)} differ); "
-                "resume with the same settings, or use another --checkpoint-dir"
-            )
-        weights = load_file(str(path / "weights.safetensors"))
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(weights[name].to(p.device))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        self.state.load_state_dict(saved["state"])
-        torch.set_rng_state(self.state.rng["torch"])
-        self._last_ckpt_step = self.state.step
-        if self.ctx.is_main:
-            (self.ckpt_dir / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
-        log.info("resumed from step %d in %s", self.state.step, path)
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_parameters())
 
     # -- output -----------------------------------------------------------------------------------------------
 
@@ -537,10 +458,6 @@ class SmetRecipe:
             "settings": cfg.model_dump(mode="json", by_alias=True),
             "versions": package_versions(),
         }
-
-    def cleanup(self) -> None:
-        if self.ctx.world > 1 and torch.distributed.is_initialized():
-            self.ctx.barrier()
 
 
 def run_smet(cfg: SmetConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
