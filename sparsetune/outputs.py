@@ -65,6 +65,14 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """write_json through a temp file and a rename: readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_json(tmp, obj)
+    os.replace(tmp, path)
+
+
 def package_versions() -> dict[str, str]:
     names = [
         "sparsetune",

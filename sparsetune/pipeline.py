@@ -38,6 +38,7 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate.config import EvalConfig, SweepConfig
 from sparsetune.evaluate.sweep import STATE_FILE as SWEEP_STATE_FILE
 from sparsetune.export.config import ExportConfig
+from sparsetune.outputs import write_json_atomic
 from sparsetune.prune.config import PruneConfig
 from sparsetune.train.common import CKPT_NAME
 from sparsetune.train.seft_config import SeftConfig
@@ -547,12 +548,6 @@ def stage_hashes(stage: Stage) -> dict[str, str]:
     return {"settings_hash": settings_hash, "input_hash": input_hash}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -692,7 +687,7 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
     out = plan.out
     if main:
         (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-        _write_json(out / RUN_FILE, {"plan": plan.as_dict(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_json_atomic(out / RUN_FILE, {"plan": plan.as_dict(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     stage_rows: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
     eval_seen: dict[str, float] | None = None
@@ -718,7 +713,7 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
             if main:
                 if stale is not None:
                     shutil.rmtree(stale)
-                _write_json(marker, {"stage": stage.dirname, "kind": stage.kind, "status": "running", **hashes})
+                write_json_atomic(marker, {"stage": stage.dirname, "kind": stage.kind, "status": "running", **hashes})
                 if verbose_output:
                     print(f"== {stage.dirname} ({stage.kind}) -> {stage.output}", flush=True)
             barrier()
@@ -743,7 +738,7 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
             if main:
                 if verbose_output and report is not None:
                     print_stage(stage, report)
-                _write_json(marker, row)
+                write_json_atomic(marker, row)
             barrier()
             if not main:  # eval metrics were measured on rank 0
                 row = {**(_read_json(marker) or row), "status": "finished"}
@@ -771,7 +766,7 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
         "rank": 0 if ctx is None else ctx.rank,
     }
     if main:
-        _write_json(out / SUMMARY_FILE, summary)
+        write_json_atomic(out / SUMMARY_FILE, summary)
     return summary
 
 

@@ -26,6 +26,7 @@ from sparsetune.evaluate import harness
 from sparsetune.evaluate.compare import check_model_spec, check_sources, evaluate_model
 from sparsetune.evaluate.config import SweepConfig
 from sparsetune.outputs import check_output_dir, package_versions, peak_memory, write_json
+from sparsetune.outputs import write_json_atomic as _write_json_atomic  # module-level: tests inject crashes
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,6 @@ def sweep_identity(cfg: SweepConfig) -> str:
     skip = {"output", "resume", "methods", "sparsities", "patterns", "device", "data_dir"}
     relevant = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_json(tmp, obj)
-    os.replace(tmp, path)
 
 
 def prepare_workdir(cfg: SweepConfig, overwrite: bool) -> tuple[Path, Path]:
