@@ -560,12 +560,8 @@ def check_run_dir(plan: Plan, overwrite: bool) -> None:
     out = plan.out
     for stage in plan.stages:
         for spec in stage.inputs:
-            src = Path(spec).expanduser()
-            if (
-                src.exists()
-                and not src.resolve().is_relative_to(out)
-                and (out.is_relative_to(src.resolve()) or out == src.resolve())
-            ):
+            src = Path(spec).expanduser().resolve()
+            if src.exists() and not src.is_relative_to(out) and out.is_relative_to(src):  # OUT is (inside) the input
                 raise SparsetuneError(
                     f"output dir {out} is inside the input {src}; choose another -o (sparsetune never overwrites "
                     "its input)"
