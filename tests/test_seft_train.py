@@ -88,7 +88,7 @@ def test_seft_keeps_exact_sparsity_and_evolves_the_mask(tmp_path, pattern):
     assert all({"loss", "lr", "sparsity", "tokens_per_s"} <= set(r) for r in rows)
 
 
-@pytest.mark.parametrize("criterion", ["sensitivity", "magnitude", "update"])
+@pytest.mark.parametrize("criterion", ["sensitivity", "wanda", "magnitude", "update"])
 def test_drop_removes_the_smallest_scores_of_the_criterion(tmp_path, monkeypatch, criterion):
     """Each update drops exactly the k active weights with the smallest score, and the score is the formula."""
     from sparsetune.train import seft
@@ -96,11 +96,14 @@ def test_drop_removes_the_smallest_scores_of_the_criterion(tmp_path, monkeypatch
     seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     real = seft.drop_score
 
-    def recording(crit, weight, grad, optimizer):
-        score = real(crit, weight, grad, optimizer)
+    def recording(crit, weight, grad, optimizer, input_norms=None):
+        score = real(crit, weight, grad, optimizer, input_norms)
         values = weight.param.detach().view(-1)[weight.active]
         if crit == "sensitivity":
             want = (values * grad[weight.active]).abs()
+        elif crit == "wanda":
+            dense = weight.param.detach().abs() * input_norms.sqrt().unsqueeze(0)
+            want = dense.view(-1)[weight.active]
         else:
             want = values.abs() if crit == "magnitude" else optimizer.tracked_update(weight.name).abs()
         assert crit == criterion and torch.allclose(score, want), weight.name
@@ -125,6 +128,55 @@ def test_drop_removes_the_smallest_scores_of_the_criterion(tmp_path, monkeypatch
     recipe, _ = run(tmp_path, pruned, write_text(tmp_path / "t.txt"), Checked, drop_criterion=criterion, steps=5)
     assert recipe.problems == []
     assert len(recipe.state.topology) == 2
+
+
+class StreamedGrads(WatchedRecipe):
+    """Records, for every gradient handed to the topology choice, how many sparse weights still hold a .grad."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.live_grads: list[int] = []
+        self.norms: dict[str, torch.Tensor] = {}
+
+    def growth_gradients(self, step, weights, consume, input_norms=False):
+        def watched(name, grad, norms):
+            self.live_grads.append(sum(w.grad is not None for w in weights.values()))
+            if norms is not None:
+                self.norms[name] = norms.clone()
+            consume(name, grad, norms)
+
+        return super().growth_gradients(step, weights, watched, input_norms)
+
+
+def test_growth_gradients_are_consumed_one_module_at_a_time(tmp_path):
+    """With one grow batch no dense gradient outlives its module's turn: peak memory stays at the training step's."""
+    pruned = make_pruned(tmp_path)
+    recipe, _ = run(tmp_path, pruned, write_text(tmp_path / "t.txt"), StreamedGrads, steps=3, grow_batches=1)
+    assert recipe.problems == []
+    assert len(recipe.live_grads) == len(recipe.sparse) > 1
+    assert max(recipe.live_grads) == 0
+
+
+def test_wanda_drop_uses_the_grow_batch_input_norms(tmp_path):
+    """The norms behind the wanda drop score are the summed squared inputs of each Linear on the grow batch."""
+    from sparsetune.train.common import collate, random_batch
+
+    pruned = make_pruned(tmp_path)
+    recipe, _ = run(tmp_path, pruned, write_text(tmp_path / "t.txt"), StreamedGrads, steps=3, drop_criterion="wanda")
+    assert recipe.problems == [] and set(recipe.norms) == set(recipe.sparse)
+    # Replay the grow batch of step 2 through the final model with the weights as they were: the inputs of the
+    # first block's q_proj only depend on the (untrained) embeddings and norm, so they are reproducible exactly.
+    idx = random_batch(len(recipe.train_data), recipe.cfg.batch_size, recipe.cfg.seed, 2, 0)
+    batch = collate(recipe.train_data, idx, recipe.pad_id)
+    name = next(n for n in recipe.sparse if n.endswith("layers.0.self_attn.q_proj"))
+    seen = []
+    module = recipe.start.modules[name]
+    hook = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().flatten(0, -2)))
+    with torch.no_grad():
+        recipe.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    hook.remove()
+    want = seen[0].pow(2).sum(dim=0)
+    assert torch.allclose(recipe.norms[name], want, rtol=1e-5)
 
 
 def test_masked_ft_never_changes_the_mask(tmp_path):

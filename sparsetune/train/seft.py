@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,39 +281,79 @@ class SeftRecipe(CheckpointedTraining):
     def restore_target_counts(self) -> None:
         """Sensitivity re-prune of the modules whose mask drifted from the target count or pattern."""
         names = self.start.drifted()
-        grads = self.dense_growth_grads(0, {n: self.start.modules[n].weight for n in names})
+        new_masks: dict[str, torch.Tensor] = {}
+
+        def choose(name: str, grad: torch.Tensor, _norms: torch.Tensor | None) -> None:
+            w = self.start.modules[name].weight.detach()
+            new_masks[name] = sensitivity_mask(w, grad, self.start.targets[name], self.start.pattern)
+
+        self.growth_gradients(0, {n: self.start.modules[n].weight for n in names}, choose)
         event: dict[str, Any] = {"step": 0, "modules": len(names), "before": 0, "after": 0}
         with torch.no_grad():
             for name in names:
-                w = self.start.modules[name].weight
-                mask = sensitivity_mask(w.detach(), grads[name], self.start.targets[name], self.start.pattern)
+                mask = new_masks[name]
                 event["before"] += int(self.start.masks[name].sum())
                 event["after"] += int(mask.sum())
-                w.masked_fill_(~mask, 0.0)
+                self.start.modules[name].weight.masked_fill_(~mask, 0.0)
                 self.start.set_mask(name, mask)
                 self.start.modules[name].weight.requires_grad_(False)
         log.info("sensitivity re-prune restored the target count of %d modules", len(names))
         self.state.reprunes.append(event)
 
-    def dense_growth_grads(self, step: int, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Dense gradients of `weights` summed over --grow-batches seeded batches (all-reduced over ranks)."""
+    def growth_gradients(
+        self,
+        step: int,
+        weights: dict[str, torch.Tensor],
+        consume: Callable[[str, torch.Tensor, torch.Tensor | None], None],
+        input_norms: bool = False,
+    ) -> None:
+        """Hand `consume(name, dense gradient, input norms)` each weight's dense gradient summed over --grow-batches
+        seeded batches (all-reduced over ranks), module by module during the last backward pass.
+
+        Each gradient is consumed and freed as soon as backward has finished it, so at most one module's dense
+        gradient exists at a time (plus, with more than one grow batch, the running sum of the earlier batches).
+        With `input_norms`, the sum of squared inputs per input column (the Wanda statistic) comes along."""
         cfg, ctx = self.cfg, self.ctx
-        for w in weights.values():
-            w.requires_grad_(True)
         batches = [
             random_batch(len(self.train_data), cfg.batch_size, cfg.seed, step, j) for j in range(cfg.grow_batches)
         ]
         total = sum(self.example_labels[i] for idx in batches for i in idx)
-        for idx in batches:
-            batch = {
-                k: v.to(ctx.device) for k, v in collate(self.train_data, rank_share(idx, ctx), self.pad_id).items()
-            }
-            (self.nll(batch) / total).backward()
-        grads = {}
-        for name, w in weights.items():
-            grads[name] = all_reduce_sum(w.grad.detach(), ctx)
-            w.grad = None
-        return grads
+        norms: dict[str, torch.Tensor] = {}
+        hooks = []
+        if input_norms:
+            for name in weights:
+                norms[name] = torch.zeros(self.start.modules[name].in_features, device=ctx.device)
+
+                def record(_mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                    x = args[0].detach()
+                    norms[name].add_(x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0))
+
+                hooks.append(self.start.modules[name].register_forward_pre_hook(record))
+
+        def consume_hook(name: str) -> Callable[[torch.Tensor], None]:
+            def hook(param: torch.Tensor) -> None:
+                assert param.grad is not None
+                grad = all_reduce_sum(param.grad.detach(), ctx)
+                param.grad = None
+                consume(name, grad, all_reduce_sum(norms[name], ctx) if input_norms else None)
+
+            return hook
+
+        for w in weights.values():
+            w.requires_grad_(True)
+        try:
+            for j, idx in enumerate(batches):
+                if j == len(batches) - 1:
+                    hooks += [w.register_post_accumulate_grad_hook(consume_hook(n)) for n, w in weights.items()]
+                batch = {
+                    k: v.to(ctx.device) for k, v in collate(self.train_data, rank_share(idx, ctx), self.pad_id).items()
+                }
+                (self.nll(batch) / total).backward()
+        finally:
+            for h in hooks:
+                h.remove()
+            for w in weights.values():
+                w.grad = None
 
     # -- train ------------------------------------------------------------------------------------------------
 
@@ -385,34 +426,41 @@ class SeftRecipe(CheckpointedTraining):
 
     def topology_update(self, step: int) -> dict[str, Any]:
         """Drop the active weights with the smallest `--drop-criterion` score, grow where the dense gradient
-        (accumulated over the grow batches) is largest."""
+        (accumulated over the grow batches) is largest. Choices are made per module as backward delivers its
+        gradient, and applied once the backward pass is over."""
         from sparsetune.train import topology
 
         cfg = self.cfg
         fraction = drop_fraction_at(step, cfg)
+        swaps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def choose(name: str, grad: torch.Tensor, norms: torch.Tensor | None) -> None:
+            weight = self.sparse[name]
+            active = weight.active
+            k = min(int(fraction * active.numel()), active.numel(), weight.param.numel() - active.numel())
+            if k == 0:
+                return
+            grad = grad.view(-1)
+            score = drop_score(cfg.drop_criterion, weight, grad, self.optimizer, norms)
+            if self.start.pattern is not None:
+                swaps[name] = topology.nm_drop_grow(
+                    active, score, grad.abs(), k, self.start.pattern, weight.param.shape
+                )
+            else:
+                swaps[name] = (topology.drop(score, k), topology.grow(grad.abs(), k, exclude=active))
+
         with self.optimizer.dense_grads():
-            grads = self.dense_growth_grads(step, {name: w.param for name, w in self.sparse.items()})
-            stats = {"step": step, "drop_fraction": fraction, "dropped": 0, "grown": 0, "regrown_previously_pruned": 0}
-            for name, weight in self.sparse.items():
-                active = weight.active
-                k = min(int(fraction * active.numel()), active.numel(), weight.param.numel() - active.numel())
-                if k == 0:
-                    continue
-                grad = grads[name].detach().view(-1)
-                score = drop_score(cfg.drop_criterion, weight, grad, self.optimizer)
-                grow_score = grad.abs()
-                if self.start.pattern is not None:
-                    drop_slots, grow_pos = topology.nm_drop_grow(
-                        active, score, grow_score, k, self.start.pattern, weight.param.shape
-                    )
-                else:
-                    drop_slots = topology.drop(score, k)
-                    grow_pos = topology.grow(grow_score, k, exclude=active)
-                self.optimizer.swap_entries(name, drop_slots, grow_pos)
-                start_mask = self.start.masks[name].view(-1)
-                stats["dropped"] += int(drop_slots.numel())
-                stats["grown"] += int(grow_pos.numel())
-                stats["regrown_previously_pruned"] += int((~start_mask[grow_pos]).sum())
+            weights = {name: w.param for name, w in self.sparse.items()}
+            self.growth_gradients(step, weights, choose, input_norms=cfg.drop_criterion == "wanda")
+        stats = {"step": step, "drop_fraction": fraction, "dropped": 0, "grown": 0, "regrown_previously_pruned": 0}
+        for name in self.sparse:  # a fixed order, the same on every rank
+            if name not in swaps:
+                continue
+            drop_slots, grow_pos = swaps[name]
+            self.optimizer.swap_entries(name, drop_slots, grow_pos)
+            stats["dropped"] += int(drop_slots.numel())
+            stats["grown"] += int(grow_pos.numel())
+            stats["regrown_previously_pruned"] += int((~self.start.masks[name].view(-1)[grow_pos]).sum())
         self.optimizer.reset_tracking()
         topology.verify_same_across_ranks({n: w.index for n, w in self.sparse.items()})
         self.state.topology.append(stats)
@@ -509,19 +557,27 @@ class SeftRecipe(CheckpointedTraining):
         return mem
 
 
-def drop_score(criterion: str, weight: Any, grad: torch.Tensor, optimizer: Any) -> torch.Tensor:
+def drop_score(
+    criterion: str, weight: Any, grad: torch.Tensor, optimizer: Any, input_norms: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per active slot: how much the model would lose if the weight went to zero (drop the smallest).
 
     sensitivity |w * dL/dw| is the first-order loss change of zeroing w (the score SEFT re-prunes with);
-    update, the accumulated update since the last topology change, is the criterion as REFERENCE.md states it;
-    on a pretrained model it ignores |w| and zeroes large weights that merely moved little (see the README).
+    wanda |w| * ||x_j|| is the output error of zeroing w (the score that pruned the model; `input_norms` holds the
+    summed x_j**2 of the grow batches); update, the accumulated update since the last topology change, is the
+    criterion as REFERENCE.md states it; on a pretrained model it ignores |w| and zeroes large weights that merely
+    moved little (see the README).
     """
     if criterion == "update":
         return optimizer.tracked_update(weight.name).abs()
-    values = weight.param.detach().view(-1)[weight.active]
+    values = weight.param.detach().view(-1)[weight.active].float()
     if criterion == "magnitude":
-        return values.abs().float()
-    return (values.float() * grad[weight.active].float()).abs()
+        return values.abs()
+    if criterion == "wanda":
+        assert input_norms is not None
+        columns = weight.active.long() % weight.param.shape[1]
+        return values.abs() * input_norms.sqrt()[columns]
+    return (values * grad[weight.active].float()).abs()
 
 
 def run_identity(cfg: SeftConfig, start: SparseStart) -> dict[str, Any]:

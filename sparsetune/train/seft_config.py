@@ -55,13 +55,17 @@ class SeftConfig(BaseModel):
         0.1, ge=0, lt=1, description="SEFT: fraction of active weights dropped and regrown at the first update"
     )
     drop_fraction_end: float = Field(0.0, ge=0, lt=1, description="SEFT: drop fraction at the end (cosine decay)")
-    drop_criterion: Literal["sensitivity", "magnitude", "update"] = Field(
+    drop_criterion: Literal["sensitivity", "wanda", "magnitude", "update"] = Field(
         "sensitivity",
         description="SEFT: which active weights are dropped: smallest |w * dL/dw| (sensitivity, from the growth "
-        "gradient), smallest |w| (magnitude), or smallest accumulated update since the last topology change (update)",
+        "gradient), smallest |w| * ||x|| (wanda, input norms from the grow batches), smallest |w| (magnitude), "
+        "or smallest accumulated update since the last topology change (update)",
     )
     grow_batches: int = Field(
-        2, ge=1, description="SEFT: batches whose dense gradient is accumulated at a topology step to score growth"
+        1,
+        ge=1,
+        description="SEFT: batches whose dense gradient is summed at a topology step to score growth; above 1, the "
+        "running sum of the earlier batches is a dense fp32 copy of every sparse weight (raises peak memory)",
     )
     regrow_warmup: int = Field(0, ge=0, description="SEFT: ramp a regrown weight's update over this many steps")
     lora_r: int = Field(16, ge=1, description="lora-reprune: LoRA rank")
