@@ -159,14 +159,14 @@ def test_growth_gradients_are_consumed_one_module_at_a_time(tmp_path):
 
 def test_wanda_drop_uses_the_grow_batch_input_norms(tmp_path):
     """The norms behind the wanda drop score are the summed squared inputs of each Linear on the grow batch."""
-    from sparsetune.train.common import collate, random_batch
+    from sparsetune.train.common import collate
 
     pruned = make_pruned(tmp_path)
     recipe, _ = run(tmp_path, pruned, write_text(tmp_path / "t.txt"), StreamedGrads, steps=3, drop_criterion="wanda")
     assert recipe.problems == [] and set(recipe.norms) == set(recipe.sparse)
     # Replay the grow batch of step 2 through the final model with the weights as they were: the inputs of the
     # first block's q_proj only depend on the (untrained) embeddings and norm, so they are reproducible exactly.
-    idx = random_batch(len(recipe.train_data), recipe.cfg.batch_size, recipe.cfg.seed, 2, 0)
+    idx = recipe.order.batch(1)  # the update after step 2 scores growth on the batch step 2 trained on
     batch = collate(recipe.train_data, idx, recipe.pad_id)
     name = next(n for n in recipe.sparse if n.endswith("layers.0.self_attn.q_proj"))
     seen = []

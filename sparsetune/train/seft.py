@@ -47,7 +47,6 @@ from sparsetune.train.common import (
     lr_at,
     packed_windows,
     progress_bar,
-    random_batch,
     rank_share,
 )
 from sparsetune.train.seft_config import SeftConfig
@@ -307,16 +306,14 @@ class SeftRecipe(CheckpointedTraining):
         consume: Callable[[str, torch.Tensor, torch.Tensor | None], None],
         input_norms: bool = False,
     ) -> None:
-        """Hand `consume(name, dense gradient, input norms)` each weight's dense gradient summed over --grow-batches
-        seeded batches (all-reduced over ranks), module by module during the last backward pass.
+        """Hand `consume(name, dense gradient, input norms)` each weight's dense gradient summed over the last
+        --grow-batches training batches (all-reduced over ranks), module by module during the last backward pass.
 
         Each gradient is consumed and freed as soon as backward has finished it, so at most one module's dense
         gradient exists at a time (plus, with more than one grow batch, the running sum of the earlier batches).
         With `input_norms`, the sum of squared inputs per input column (the Wanda statistic) comes along."""
         cfg, ctx = self.cfg, self.ctx
-        batches = [
-            random_batch(len(self.train_data), cfg.batch_size, cfg.seed, step, j) for j in range(cfg.grow_batches)
-        ]
+        batches = grow_batches(self.order, step, cfg.grow_batches)
         total = sum(self.example_labels[i] for idx in batches for i in idx)
         norms: dict[str, torch.Tensor] = {}
         hooks = []
@@ -578,6 +575,13 @@ def drop_score(
         columns = weight.active.long() % weight.param.shape[1]
         return values.abs() * input_norms.sqrt()[columns]
     return (values * grad[weight.active].float()).abs()
+
+
+def grow_batches(order: DataOrder, step: int, count: int) -> list[list[int]]:
+    """The batches that score growth at topology step `step`: the last `count` training batches (the first ones
+    before training), so the growth pass holds activations of exactly the shapes a training step holds."""
+    first = max(0, step - count)
+    return [order.batch(first + j) for j in range(count)]
 
 
 def run_identity(cfg: SeftConfig, start: SparseStart) -> dict[str, Any]:
