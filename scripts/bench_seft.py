@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=3e-4)
     parser.add_argument("--optim", default="adamw")
     parser.add_argument("--drop-fraction", type=float, default=0.1, help="seft: first drop fraction (cosine-decayed)")
-    parser.add_argument("--drop-criterion", default="sensitivity", help="seft: sensitivity, magnitude or update")
+    parser.add_argument("--drop-criterion", default="wanda", help="seft: wanda, sensitivity, magnitude or update")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--arc-limit", type=float, default=None, help="ARC-Easy documents (default: all)")
     parser.add_argument("--no-arc", action="store_true")

@@ -2,9 +2,10 @@
 
 Methods:
 - `seft` (sparsity evolution): train only the active weights; every `update_interval` steps drop the active weights
-  whose accumulated update since the last topology change is smallest, and grow as many inactive positions with the
-  largest dense gradient (accumulated over `grow_batches` batches at that step only). Grown weights start at 0 with
-  fresh optimizer state. N:M patterns drop and grow inside each group.
+  with the smallest `drop_criterion` score (default |w| * ||x||; REFERENCE.md's accumulated update is one option),
+  and grow as many inactive positions with the largest dense gradient (summed over the last `grow_batches` training
+  batches at that step only). Grown weights start at 0 with fresh optimizer state. N:M patterns drop and grow
+  inside each group.
 - `masked-ft`: the same loop with a fixed mask.
 - `lora-reprune` (LoRA*): dense LoRA on the projections, merge, Wanda re-prune to the starting sparsity/pattern.
 

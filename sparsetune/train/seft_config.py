@@ -55,10 +55,10 @@ class SeftConfig(BaseModel):
         0.1, ge=0, lt=1, description="SEFT: fraction of active weights dropped and regrown at the first update"
     )
     drop_fraction_end: float = Field(0.0, ge=0, lt=1, description="SEFT: drop fraction at the end (cosine decay)")
-    drop_criterion: Literal["sensitivity", "wanda", "magnitude", "update"] = Field(
-        "sensitivity",
-        description="SEFT: which active weights are dropped: smallest |w * dL/dw| (sensitivity, from the growth "
-        "gradient), smallest |w| * ||x|| (wanda, input norms from the grow batches), smallest |w| (magnitude), "
+    drop_criterion: Literal["wanda", "sensitivity", "magnitude", "update"] = Field(
+        "wanda",
+        description="SEFT: which active weights are dropped: smallest |w| * ||x|| (wanda, input norms from the grow "
+        "batches), smallest |w * dL/dw| (sensitivity, from the growth gradient), smallest |w| (magnitude), "
         "or smallest accumulated update since the last topology change (update)",
     )
     grow_batches: int = Field(
