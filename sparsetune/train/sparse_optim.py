@@ -127,6 +127,13 @@ def _dequantize(q: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Te
     return dequantize_blockwise(q, absmax=absmax, code=_code(signed, q.device), blocksize=BLOCKSIZE_8BIT).float()
 
 
+def _compact_into(t: torch.Tensor, keep: torch.Tensor, tail: torch.Tensor | float) -> None:
+    """In place: t[:kept] = t[keep] (order preserved), t[kept:] = tail."""
+    kept = int(keep.sum())
+    t[:kept] = t[keep]
+    t[kept:] = tail
+
+
 class SparseState:
     """Compact optimizer state of one sparse weight: moments, cohorts, the gradient and (SEFT) the tracked update."""
 
@@ -329,12 +336,15 @@ class SparseAdamW:
         keep = torch.ones(w.nnz, dtype=torch.bool, device=device)
         keep[drop_slots.to(device)] = False
         k = grow_positions.numel()
-        fresh = torch.zeros(k, device=device)
-        w.index = torch.cat([w.index[keep], grow_positions.to(device=device, dtype=torch.int32)])
+        # Kept entries move to the front in slot order and the grown ones fill the tail (a new cohort), inside the
+        # existing tensors: re-allocating every index and moment tensor at each update fragments the CPU heap.
+        _compact_into(w.index, keep, grow_positions.to(device=device, dtype=torch.int32))
         m, v = state.moments.load()
-        state.moments.store(torch.cat([m[keep], fresh]), torch.cat([v[keep], fresh.clone()]))
+        _compact_into(m, keep, 0.0)
+        _compact_into(v, keep, 0.0)
+        state.moments.store(m, v)
         if state.tracked is not None:
-            state.tracked = torch.cat([state.tracked[keep], fresh])
+            _compact_into(state.tracked, keep, 0.0)
         kept = [int(c.sum()) for c in keep.split(state.cohort_sizes)]
         cohorts = [(n, b) for n, b in zip(kept, state.cohort_births, strict=True) if n > 0]
         cohorts.append((k, self.step_count))
