@@ -319,12 +319,13 @@ class SeftRecipe(CheckpointedTraining):
         norms: dict[str, torch.Tensor] = {}
         hooks = []
         if input_norms:
+            from sparsetune.prune import wanda
+
             for name in weights:
-                norms[name] = torch.zeros(self.start.modules[name].in_features, device=ctx.device)
+                norms[name] = wanda.init_stats(self.start.modules[name].in_features, ctx.device)
 
                 def record(_mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                    x = args[0].detach()
-                    norms[name].add_(x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0))
+                    wanda.accumulate(norms[name], args[0].detach())
 
                 hooks.append(self.start.modules[name].register_forward_pre_hook(record))
 
@@ -568,14 +569,14 @@ def drop_score(
     """
     if criterion == "update":
         return optimizer.tracked_update(weight.name).abs()
-    values = weight.param.detach().view(-1)[weight.active].float()
+    active = weight.active
+    values = weight.param.detach().view(-1)[active].float()
     if criterion == "magnitude":
         return values.abs()
     if criterion == "wanda":
         assert input_norms is not None
-        columns = weight.active.long() % weight.param.shape[1]
-        return values.abs() * input_norms.sqrt()[columns]
-    return (values * grad[weight.active].float()).abs()
+        return values.abs() * input_norms.sqrt()[active % weight.param.shape[1]]
+    return (values * grad[active].float()).abs()
 
 
 def grow_batches(order: DataOrder, step: int, count: int) -> list[list[int]]:
