@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
             result["self_calibration_s"] = t.seconds
         with Timer() as t:
             report = prune_model(model, tok, cfg, calib, show_progress=False)
-        result.update(prune_s=t.seconds, global_sparsity=report["global_sparsity"])
+        result.update(prune_s=t.seconds, global_sparsity=report["global_sparsity"], down_stats=report["down_stats"])
         if "layerwise" in report:
             result["block_targets"] = report["layerwise"]["block_targets"]
     result["peak_rss_gb"] = peak_rss_gb()
@@ -167,12 +167,17 @@ def main() -> None:
                 ]
             )
             emit({"tool": "llm-compressor", "run": run, **theirs})
-        record = {"tool": "sparsetune", "run": run, "sequential": True, **ours}
-        if theirs and "prune_s" in theirs and "prune_s" in ours:
-            record["time_ratio_vs_llmc"] = ours["prune_s"] / theirs["prune_s"]
-            record["ppl_vs_llmc"] = ours["ppl"] / theirs["ppl"]
-            record["rss_ratio_vs_llmc"] = ours["peak_rss_gb"] / theirs["peak_rss_gb"]
-        emit(record)
+        variants = [("default", ours)]
+        if method == "wanda":  # its default takes down_proj's statistic before gate/up are pruned; strict line too
+            extra = json.dumps({"down_stats": "pruned"})
+            variants.append(("strict-sequential", _subprocess_json([*me, *common, "--extra", extra])))
+        for name, result in variants:
+            record = {"tool": "sparsetune", "run": run, "sequential": True, "variant": name, **result}
+            if theirs and "prune_s" in theirs and "prune_s" in result:
+                record["time_ratio_vs_llmc"] = result["prune_s"] / theirs["prune_s"]
+                record["ppl_vs_llmc"] = result["ppl"] / theirs["ppl"]
+                record["rss_ratio_vs_llmc"] = result["peak_rss_gb"] / theirs["peak_rss_gb"]
+            emit(record)
         if not args.no_two_pass:
             two = _subprocess_json([*me, *common, "--two-pass"])
             emit({"tool": "sparsetune", "run": run, "sequential": False, **two})

@@ -66,6 +66,7 @@ def test_prune_cli_defaults_and_overwrite(tiny_model_dir, text_file, tmp_path):
     assert _run("prune", tiny_model_dir, "--calib", text_file, *CALIB, "-o", out).exit_code == 0
     report = json.loads((out / "sparsity_report.json").read_text())
     assert report["method"] == "wanda" and report["target_sparsity"] == 0.5 and report["sequential"] is True
+    assert report["down_stats"] == "dense" and report["settings"]["down_stats"] == "auto"
     again = _run("prune", tiny_model_dir, "--calib", text_file, *CALIB, "--sparsity", "0.7", "-o", out)
     assert again.exit_code == 2 and "--overwrite" in again.output
     forced = _run("prune", tiny_model_dir, "--calib", text_file, *CALIB, "--sparsity", "0.7", "-o", out, "--overwrite")

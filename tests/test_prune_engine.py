@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import make_tiny_model
@@ -20,8 +22,9 @@ def _hidden_states(model, ids):
         return model.model(input_ids=ids, output_hidden_states=True).hidden_states
 
 
+@pytest.mark.parametrize("dense_down_stats", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_capture_matches_model_embeddings_and_block_output_matches_pruned_forward(family):
+def test_capture_matches_model_embeddings_and_block_output_matches_pruned_forward(family, dense_down_stats):
     model = make_tiny_model(family)
     ids = _calib(n=6, t=16).input_ids
     X, kwargs = capture_block_inputs(model, ids, 4, torch.device("cpu"), ActivationStore("memory", torch.device("cpu")))
@@ -29,13 +32,48 @@ def test_capture_matches_model_embeddings_and_block_output_matches_pruned_forwar
     assert torch.allclose(X, hidden[0], atol=1e-6)
     cfg = PruneConfig(model="x", method="wanda", sparsity=0.5)
     blocks, _ = plan_targets(model, cfg)
-    opts = EngineOptions(method=wanda, target=0.5, method_options={}, batch_size=4)
+    opts = EngineOptions(method=wanda, target=0.5, method_options={}, batch_size=4, dense_down_stats=dense_down_stats)
     layer = model.model.layers[0]
     X_in = X.clone()
     prune_block_sequential(layer, X, kwargs[0], blocks[0], opts)
     with torch.no_grad():
         expected = layer(X_in, **kwargs[0])
     assert torch.allclose(X, expected, atol=1e-5)  # the engine's one pass equals the pruned block's forward
+
+
+def test_dense_down_stats_score_down_proj_on_the_unpruned_gate_and_up():
+    model = make_tiny_model("llama")
+    ids = _calib(n=6, t=16).input_ids
+    X, kwargs = capture_block_inputs(model, ids, 4, torch.device("cpu"), ActivationStore("memory", torch.device("cpu")))
+    layer = model.model.layers[0]
+    mlp = layer.mlp
+    with torch.no_grad():  # attention is not targeted, so the MLP input is the dense block's
+        h1 = X + layer.self_attn(hidden_states=layer.input_layernorm(X), **kwargs[0])[0]
+        hn = layer.post_attention_layernorm(h1)
+        z_dense = mlp.act_fn(mlp.gate_proj(hn)) * mlp.up_proj(hn)
+    down_dense = mlp.down_proj.weight.detach().clone()
+    pruned_down = {}
+    for dense_down_stats in (True, False):
+        copy_ = copy.deepcopy(model)
+        blocks, _ = plan_targets(copy_, PruneConfig(model="x", targets=["mlp"]))
+        opts = EngineOptions(
+            method=wanda, target=0.5, method_options={}, batch_size=4, dense_down_stats=dense_down_stats
+        )
+        prune_block_sequential(copy_.model.layers[0], X.clone(), kwargs[0], blocks[0], opts)
+        pruned_down[dense_down_stats] = copy_.model.layers[0].mlp.down_proj.weight.detach()
+    stats = wanda.init_stats(z_dense.shape[-1], torch.device("cpu"))
+    wanda.accumulate(stats, z_dense)
+    expected = wanda.prune_group([down_dense], stats, 0.5)[0]
+    assert torch.equal(pruned_down[True], expected)
+    # the strict true-sequential statistic (pruned gate/up) picks a different down_proj mask
+    assert not torch.equal(pruned_down[False] == 0, expected == 0)
+
+
+def test_down_stats_default_is_dense_for_wanda_and_pruned_for_sparsegpt():
+    assert PruneConfig(model="x").dense_down_stats
+    assert not PruneConfig(model="x", method="sparsegpt").dense_down_stats
+    assert not PruneConfig(model="x", down_stats="pruned").dense_down_stats
+    assert PruneConfig(model="x", method="sparsegpt", down_stats="dense").dense_down_stats
 
 
 def test_zero_sparsity_leaves_model_and_outputs_unchanged(tiny_tokenizer):

@@ -36,6 +36,7 @@ def prune_command(
     targets: str | None = typer.Option(None, help=_h("targets") + " (comma-separated)", show_default=False),
     ignore: str | None = typer.Option(None, help=_h("ignore") + " (comma-separated)", show_default=False),
     sequential: bool | None = typer.Option(None, "--sequential/--no-sequential", help=_h("sequential")),
+    down_stats: str | None = typer.Option(None, help=_h("down_stats"), show_default=False),
     untie_embeddings: bool | None = typer.Option(
         None, "--untie-embeddings", help=_h("untie_embeddings"), show_default=False
     ),
@@ -80,6 +81,7 @@ def prune_command(
             "targets": split_list(targets),
             "ignore": split_list(ignore),
             "sequential": sequential,
+            "down_stats": down_stats,
             "untie_embeddings": untie_embeddings,
             "owl": owl,
             "owl_m": owl_m,

@@ -4,8 +4,9 @@ For each block it makes one forward pass over the calibration samples (in mini-b
 order: statistics for [q, k, v] from the block input -> prune them -> attention with the pruned q, k, v gives
 the o_proj input -> prune o -> residual + norm give the [gate, up] input -> prune them -> act(gate) * up gives
 the down input -> prune down -> the pruned block's output becomes the next block's input. Every sublayer is
-computed once. `sequential=False` is the reference two-pass behaviour (statistics from the dense block, then a
-second pass through the pruned block).
+computed once, except that `dense_down_stats` (Wanda's default) adds one gate/up matmul for down's statistic.
+`sequential=False` is the reference two-pass behaviour (statistics from the dense block, then a second pass
+through the pruned block).
 
 A method is a module of pure functions: `init_stats(in_features, device)`, `accumulate(stats, x)` and
 `prune_group(weights, stats, target, **options) -> pruned fp32 weights`. Linears that read the same input share
@@ -63,6 +64,9 @@ class EngineOptions:
     target: float | NMPattern
     method_options: dict[str, Any]
     sequential: bool = True
+    # Sequential engine: take down_proj's statistic from act(gate) * up before gate and up are pruned, in the
+    # same loop that feeds their statistic (one extra gate/up matmul, no act(gate) * up cache).
+    dense_down_stats: bool = False
     batch_size: int = 4
     device: torch.device = torch.device("cpu")
     # Cache act(gate)*up for the down_proj pass while it fits this budget; above it, recompute (slower, less memory).
@@ -204,24 +208,34 @@ def prune_block_sequential(
     if prune_o:
         _prune_group(groups["attn_out"], reduce_stats(stats), opts)
 
-    # 3. gate and up read the normed residual stream after the pruned attention.
+    # 3. gate and up read the normed residual stream after the pruned attention. With `dense_down_stats`, down's
+    #    statistic comes from this loop too: act(gate) * up with gate and up not yet pruned.
     H1 = A if o_proj.in_features == X.shape[-1] else store.empty(tuple(X.shape), X.dtype)
     prune_mlp_in = bool(groups.get("mlp_in"))
+    prune_down = bool(groups.get("mlp_mid"))
+    down_early = prune_down and opts.dense_down_stats
     stats = init(X.shape[-1], dev) if prune_mlp_in else None
+    down_stats = init(mlp.down_proj.in_features, dev) if down_early else None
     for sl in batches(n, opts.batch_size):
         h1 = to_dev(X[sl]) + o_proj(to_dev(A[sl]))
-        if prune_mlp_in:
-            opts.method.accumulate(stats, layer.post_attention_layernorm(h1))
+        if prune_mlp_in or down_early:
+            hn = layer.post_attention_layernorm(h1)
+            if prune_mlp_in:
+                opts.method.accumulate(stats, hn)
+            if down_early:
+                opts.method.accumulate(down_stats, mlp.act_fn(mlp.gate_proj(hn)) * mlp.up_proj(hn))
         H1[sl] = h1.to(H1.device)
     if prune_mlp_in:
         _prune_group(groups["mlp_in"], reduce_stats(stats), opts)
+    if down_early:
+        _prune_group(groups["mlp_mid"], reduce_stats(down_stats), opts)
 
     # 4. down reads act(gate) * up computed with the pruned gate and up.
     def mlp_mid(sl: slice) -> torch.Tensor:
         hn = layer.post_attention_layernorm(to_dev(H1[sl]))
         return mlp.act_fn(mlp.gate_proj(hn)) * mlp.up_proj(hn)
 
-    if groups.get("mlp_mid"):
+    if prune_down and not down_early:
         inter = mlp.down_proj.in_features
         z_bytes = n * X.shape[1] * inter * X.element_size() if store.mode != "disk" else 0
         Z = (
