@@ -76,6 +76,17 @@ def test_down_stats_default_is_dense_for_wanda_and_pruned_for_sparsegpt():
     assert PruneConfig(model="x", method="sparsegpt", down_stats="dense").dense_down_stats
 
 
+@pytest.mark.parametrize(
+    ("settings", "recorded"),
+    [({"method": "magnitude"}, None), ({"method": "sparsegpt"}, "pruned"), ({"sequential": False}, "dense")],
+)
+def test_report_records_where_down_stats_came_from(settings, recorded, tiny_tokenizer):
+    cfg = PruneConfig(model="x", **settings)
+    calib = None if cfg.method == "magnitude" else _calib()
+    report = prune_model(make_tiny_model("llama"), tiny_tokenizer, cfg, calib, show_progress=False)
+    assert report["down_stats"] == recorded
+
+
 def test_zero_sparsity_leaves_model_and_outputs_unchanged(tiny_tokenizer):
     model = make_tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

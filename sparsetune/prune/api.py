@@ -274,7 +274,7 @@ def build_report(
         "summary": summary,
         **summary,
         "sequential": cfg.sequential,
-        "down_stats": ("dense" if cfg.dense_down_stats else "pruned") if cfg.sequential else "dense",
+        "down_stats": _down_stats_used(cfg),
         "settings": cfg.model_dump(mode="json"),
         "calibration": calib.describe() if calib is not None else None,
         "blocks": per_block,
@@ -283,6 +283,13 @@ def build_report(
         "memory": peak_memory(),
         "versions": package_versions(),
     }
+
+
+def _down_stats_used(cfg: PruneConfig) -> str | None:
+    """Where down_proj's statistic came from: dense or pruned gate/up (None for magnitude: no statistic)."""
+    if not needs_calibration(cfg):
+        return None
+    return "dense" if cfg.dense_down_stats or not cfg.sequential else "pruned"
 
 
 class _block_progress:  # noqa: N801 - used as a context manager function
