@@ -61,12 +61,12 @@ def emit(row: dict[str, object]) -> None:
         f.write(line + "\n")
 
 
-def prune_testbed(work: Path, calib_windows: int) -> Path:
-    # Strict true-sequential Wanda (53.89 ppl): the start every recorded SEFT figure used.
-    out = work / f"smollm2-wanda50-calib{calib_windows}x{CALIB_SEQLEN}"
+def prune_testbed(work: Path, calib_windows: int, sparsity: float) -> Path:
+    # Strict true-sequential Wanda (53.89 ppl at 50%): the start every recorded SEFT figure used.
+    out = work / f"smollm2-wanda{round(sparsity * 100)}-calib{calib_windows}x{CALIB_SEQLEN}"
     if not (out / "sparsity_report.json").exists():
         sparsetune(
-            "prune", "smollm2", "-o", str(out), "--method", "wanda", "--sparsity", "0.5",
+            "prune", "smollm2", "-o", str(out), "--method", "wanda", "--sparsity", str(sparsity),
             "--calib", "c4", "--calib-samples", str(calib_windows), "--seqlen", str(CALIB_SEQLEN),
             "--calib-sampling", "consecutive", "--down-stats", "pruned", "--overwrite", "--json",
         )  # fmt: skip
@@ -110,7 +110,9 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=3e-4)
     parser.add_argument("--optim", default="adamw")
     parser.add_argument("--drop-fraction", type=float, default=0.1, help="seft: first drop fraction (cosine-decayed)")
+    parser.add_argument("--grow-batches", type=int, default=1, help="seft: batches summed to score growth")
     parser.add_argument("--drop-criterion", default="wanda", help="seft: wanda, sensitivity, magnitude or update")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="testbed: Wanda sparsity of the start model")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--arc-limit", type=float, default=None, help="ARC-Easy documents (default: all)")
     parser.add_argument("--no-arc", action="store_true")
@@ -127,21 +129,24 @@ def main() -> None:
 
     from sparsetune import models
 
-    pruned = prune_testbed(work, calib_windows)
+    pruned = prune_testbed(work, calib_windows, args.sparsity)
     _, tok = models.load_model(str(pruned), dtype="float32", device="cpu")
     wiki = (Path(os.environ["SPARSETUNE_DATA_DIR"]) / "wikitext-2-raw" / "wiki.test.raw").read_text()
     ids = tok(wiki, verbose=False)["input_ids"][: args.eval_windows * EVAL_SEQLEN]
     eval_ids = torch.tensor(ids, dtype=torch.int64).view(args.eval_windows, EVAL_SEQLEN)
     arc = {"run": not args.no_arc, "limit": args.arc_limit}
     base = {
+        "start_sparsity": args.sparsity,
+        "lr": args.lr,
         "drop_fraction": args.drop_fraction,
         "drop_criterion": args.drop_criterion,
+        "grow_batches": args.grow_batches,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "seqlen": args.seqlen,
         "eval_windows": args.eval_windows,
     }
-    start = {"run": "wanda50-untrained", **evaluate(pruned, eval_ids, arc)}
+    start = {"run": f"wanda{round(args.sparsity * 100)}-untrained", **evaluate(pruned, eval_ids, arc)}
     emit(start)
 
     for setting in args.settings.split(","):
@@ -158,7 +163,8 @@ def main() -> None:
                 "--lr", str(args.lora_lr if method == "lora-reprune" else args.lr),
                 "--warmup-steps", str(min(10, args.steps // 10)), "--update-interval", str(interval),
                 "--optim", args.optim, "--drop-fraction", str(args.drop_fraction),
-                "--drop-criterion", args.drop_criterion, "--overwrite", "--json",
+                "--drop-criterion", args.drop_criterion, "--grow-batches", str(args.grow_batches),
+                "--overwrite", "--json",
             )  # fmt: skip
             row = {
                 "setting": setting,
