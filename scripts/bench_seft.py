@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--optim", default="adamw")
     parser.add_argument("--drop-fraction", type=float, default=0.1, help="seft: first drop fraction (cosine-decayed)")
     parser.add_argument("--grow-batches", type=int, default=1, help="seft: batches summed to score growth")
+    parser.add_argument("--regrow-lr-scale", type=float, default=1.0, help="seft: lr multiplier of regrown weights")
     parser.add_argument("--drop-criterion", default="wanda", help="seft: wanda, sensitivity, magnitude or update")
     parser.add_argument("--sparsity", type=float, default=0.5, help="testbed: Wanda sparsity of the start model")
     parser.add_argument("--eval-windows", type=int, default=32)
@@ -141,6 +142,7 @@ def main() -> None:
         "drop_fraction": args.drop_fraction,
         "drop_criterion": args.drop_criterion,
         "grow_batches": args.grow_batches,
+        "regrow_lr_scale": args.regrow_lr_scale,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "seqlen": args.seqlen,
@@ -164,7 +166,7 @@ def main() -> None:
                 "--warmup-steps", str(min(10, args.steps // 10)), "--update-interval", str(interval),
                 "--optim", args.optim, "--drop-fraction", str(args.drop_fraction),
                 "--drop-criterion", args.drop_criterion, "--grow-batches", str(args.grow_batches),
-                "--overwrite", "--json",
+                "--regrow-lr-scale", str(args.regrow_lr_scale), "--overwrite", "--json",
             )  # fmt: skip
             row = {
                 "setting": setting,

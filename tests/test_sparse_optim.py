@@ -83,15 +83,18 @@ def test_gradient_accumulation_sums_compact_gradients():
     assert torch.allclose(accumulated, dense.view(-1)[mask.view(-1).nonzero().squeeze(1)], atol=1e-6)
 
 
-def constant_gradient_run(regrow_warmup: int, steps_after: int, b1=0.9, b2=0.999, lr=0.1):
-    """Weight w, loss = sum(w * c): the gradient is the constant c. Returns per-step updates of a regrown entry."""
+def constant_gradient_run(regrow_warmup: int, steps_after: int, b1=0.9, b2=0.999, lr=0.1, regrow_lr_scale=1.0):
+    """Weight w, loss = sum(w * c): the gradient is the constant c. Returns the per-step updates of a regrown entry,
+    its moments, its gradient, and the per-step updates of an entry active from the start."""
     w = nn.Parameter(torch.zeros(2, 4))
     c = torch.tensor([[0.5, -2.0, 1.0, 3.0], [1.5, 0.25, -1.0, 2.0]])
     mask = torch.zeros(2, 4, dtype=torch.bool)
     mask[0, :2] = True
     mask[1, 1] = True
     weight = SparseWeight.from_mask("w", w, mask)
-    opt = SparseAdamW([weight], [], lr=lr, betas=(b1, b2), eps=1e-12, regrow_warmup=regrow_warmup)
+    opt = SparseAdamW(
+        [weight], [], lr=lr, betas=(b1, b2), eps=1e-12, regrow_warmup=regrow_warmup, regrow_lr_scale=regrow_lr_scale
+    )
     for _ in range(5):
         (w * c).sum().backward()
         opt.step()
@@ -99,23 +102,24 @@ def constant_gradient_run(regrow_warmup: int, steps_after: int, b1=0.9, b2=0.999
     # drop the entry at (0, 0) (slot 0) and grow (1, 3) (flat position 7)
     opt.swap_entries("w", torch.tensor([0]), torch.tensor([7]))
     assert float(w.detach()[0, 0]) == 0.0 and float(w.detach()[1, 3]) == 0.0
-    updates, moments = [], []
+    updates, moments, kept_updates = [], [], []
     for _ in range(steps_after):
-        before = float(w[1, 3])
+        before, kept_before = float(w.detach()[1, 3]), float(w.detach()[0, 1])
         (w * c).sum().backward()
         opt.step()
         opt.zero_grad()
         updates.append(float(w[1, 3]) - before)
+        kept_updates.append(float(w.detach()[0, 1]) - kept_before)
         m, v = opt.sparse_state["w"].moments.load()
         moments.append((float(m[-1]), float(v[-1])))
-    return updates, moments, float(c[1, 3])
+    return updates, moments, float(c[1, 3]), kept_updates
 
 
 def test_regrown_entry_warmup_follows_the_formula():
     """update_t = -lr * min(t / T_w, 1) * m_hat / sqrt(v_hat) with m_hat = g, v_hat = g^2 under a constant gradient
     (fresh bias correction from t = 1, no off-by-one), and the stored moments are never scaled by the ramp."""
     tw, lr, b1, b2 = 4, 0.1, 0.9, 0.999
-    updates, moments, g = constant_gradient_run(tw, 7, b1, b2, lr)
+    updates, moments, g, _ = constant_gradient_run(tw, 7, b1, b2, lr)
     for t, (upd, (m, v)) in enumerate(zip(updates, moments, strict=True), start=1):
         assert upd == pytest.approx(-lr * min(t / tw, 1.0) * math.copysign(1.0, g), rel=1e-5)
         assert m == pytest.approx(g * (1 - b1**t), rel=1e-5)
@@ -123,8 +127,17 @@ def test_regrown_entry_warmup_follows_the_formula():
 
 
 def test_without_warmup_a_regrown_entry_takes_full_steps():
-    updates, _, g = constant_gradient_run(0, 3)
+    updates, _, g, _ = constant_gradient_run(0, 3)
     assert updates == pytest.approx([-0.1 * math.copysign(1.0, g)] * 3, rel=1e-5)
+
+
+def test_regrow_lr_scale_multiplies_only_regrown_updates():
+    """A regrown entry steps scale * lr (times the warm-up ramp); an entry active from the start keeps lr."""
+    updates, moments, g, kept = constant_gradient_run(2, 4, lr=0.1, regrow_lr_scale=5.0)
+    ramp = [0.5, 1.0, 1.0, 1.0]
+    assert updates == pytest.approx([-0.5 * r * math.copysign(1.0, g) for r in ramp], rel=1e-5)
+    assert kept == pytest.approx([0.1] * 4, rel=1e-4)  # gradient c[0, 1] = -2: steps of +lr, not scaled
+    assert moments[0][0] == pytest.approx(g * 0.1, rel=1e-5)  # the moments are not scaled
 
 
 def test_swap_keeps_count_and_other_entries_state():

@@ -47,6 +47,7 @@ def seft_command(
     drop_criterion: str | None = _opt("drop_criterion"),
     grow_batches: int | None = _opt("grow_batches"),
     regrow_warmup: int | None = _opt("regrow_warmup"),
+    regrow_lr_scale: float | None = _opt("regrow_lr_scale"),
     lora_r: int | None = _opt("lora_r"),
     lora_alpha: float | None = _opt("lora_alpha"),
     lora_dropout: float | None = _opt("lora_dropout"),

@@ -255,6 +255,7 @@ class SeftRecipe(CheckpointedTraining):
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
             regrow_warmup=cfg.regrow_warmup,
+            regrow_lr_scale=cfg.regrow_lr_scale,
             eight_bit=cfg.optim == "adamw8bit",
             track_updates=cfg.method == "seft" and cfg.drop_criterion == "update",
         )

@@ -68,6 +68,12 @@ class SeftConfig(BaseModel):
         "running sum of the earlier batches is a dense fp32 copy of every sparse weight (raises peak memory)",
     )
     regrow_warmup: int = Field(0, ge=0, description="SEFT: ramp a regrown weight's update over this many steps")
+    regrow_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="SEFT: learning-rate multiplier for regrown weights (they start at 0 while the weights they "
+        "replace were not)",
+    )
     lora_r: int = Field(16, ge=1, description="lora-reprune: LoRA rank")
     lora_alpha: float = Field(32.0, gt=0, description="lora-reprune: LoRA alpha")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="lora-reprune: LoRA dropout")

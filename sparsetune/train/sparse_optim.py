@@ -9,8 +9,8 @@ blockwise through bitsandbytes).
 Per-entry step counters without per-entry bytes: entries are kept grouped in *cohorts* by the optimizer step at
 which they became active (the initial entries are cohort 0, every topology update appends one cohort of grown
 entries and removes the dropped ones). An entry's local step is `step - birth` of its cohort, so bias correction of a
-regrown entry starts fresh at 1, and its update is ramped by min(t_local / regrow_warmup, 1). The ramp multiplies
-the update only; the stored moments are never scaled.
+regrown entry starts fresh at 1, and its update is ramped by min(t_local / regrow_warmup, 1) and multiplied by
+`regrow_lr_scale`. Both multiply the update only; the stored moments are never scaled.
 
 Multi-process: every `step()` averages the compact and dense gradients over ranks with one all-reduce.
 """
@@ -171,6 +171,7 @@ class SparseAdamW:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         regrow_warmup: int = 0,
+        regrow_lr_scale: float = 1.0,
         eight_bit: bool = False,
         track_updates: bool = False,
     ) -> None:
@@ -178,6 +179,7 @@ class SparseAdamW:
         self.dense_params = list(dense_params)
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.regrow_warmup, self.eight_bit = regrow_warmup, eight_bit
+        self.regrow_lr_scale = regrow_lr_scale
         self.param_groups: list[dict[str, Any]] = [
             {"name": "sparse", "lr": lr, "params": [w.param for w in sparse_weights]},
             {"name": "dense", "lr": lr, "params": self.dense_params},
@@ -261,8 +263,10 @@ class SparseAdamW:
             device = w.param.device
             local = state.local_steps(t, device)
             scale = None
-            if self.regrow_warmup > 0:
-                ramp = (local / self.regrow_warmup).clamp(max=1.0)
+            if self.regrow_warmup > 0 or self.regrow_lr_scale != 1.0:
+                ramp = torch.full_like(local, self.regrow_lr_scale)
+                if self.regrow_warmup > 0:
+                    ramp.mul_((local / self.regrow_warmup).clamp(max=1.0))
                 scale = torch.where(state.regrown(device), ramp, torch.ones_like(ramp))
             flat = w.param.view(-1)
             idx = w.active
