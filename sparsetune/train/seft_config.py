@@ -71,8 +71,8 @@ class SeftConfig(BaseModel):
     regrow_lr_scale: float = Field(
         1.0,
         gt=0,
-        description="SEFT: learning-rate multiplier for regrown weights (they start at 0 while the weights they "
-        "replace were not)",
+        description="SEFT: multiplier of regrown weights' AdamW update, weight decay excepted (they start at 0 while "
+        "the weights they replace were not)",
     )
     lora_r: int = Field(16, ge=1, description="lora-reprune: LoRA rank")
     lora_alpha: float = Field(32.0, gt=0, description="lora-reprune: LoRA alpha")
