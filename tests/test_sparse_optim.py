@@ -108,7 +108,7 @@ def constant_gradient_run(regrow_warmup: int, steps_after: int, b1=0.9, b2=0.999
         (w * c).sum().backward()
         opt.step()
         opt.zero_grad()
-        updates.append(float(w[1, 3]) - before)
+        updates.append(float(w.detach()[1, 3]) - before)
         kept_updates.append(float(w.detach()[0, 1]) - kept_before)
         m, v = opt.sparse_state["w"].moments.load()
         moments.append((float(m[-1]), float(v[-1])))
