@@ -181,6 +181,7 @@ def prune_model(
     }
     t0 = time.perf_counter()
     engine: dict[str, Any] = {}
+    module_info: dict[str, dict[str, Any]] = {}  # per-module method details (e.g. solver iterations)
     if needs_calibration(cfg):
         assert calib is not None
         checkpoint = _checkpointer(model, cfg, calib, ctx)
@@ -204,6 +205,7 @@ def prune_model(
             checkpoint=checkpoint,
             resume=cfg.resume,
             keep_placement=cfg.device_map is not None,
+            module_info=module_info,
         )
         with _block_progress(len(blocks), show_progress and ctx.is_main) as advance:
             engine = run_blocks(model, ctx.shard(calib.input_ids), blocks, head, opts, on_block_done=advance)
@@ -216,6 +218,8 @@ def prune_model(
     timings.update({k: v for k, v in engine.items() if k.endswith("_s")})
     timings["prune_s"] = time.perf_counter() - t0
     report = build_report(model, cfg, blocks, head, calib, timings, before)
+    for name, info in module_info.items():
+        report["modules"][name].update(info)
     report["processes"] = ctx.world
     report["rank"] = ctx.rank
     if "resumed_from_block" in engine:

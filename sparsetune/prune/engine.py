@@ -10,7 +10,9 @@ through the pruned block).
 
 A method is a module of pure functions: `init_stats(in_features, device)`, `accumulate(stats, x)` and
 `prune_group(weights, stats, target, **options) -> pruned fp32 weights`. Linears that read the same input share
-one statistic.
+one statistic. `prune_group` may instead return `(weights, infos)`, one dict (or None) per weight; the engine
+files each dict under the module's name in `EngineOptions.module_info` for the report. A statistic may be a
+tensor or a tuple/list of tensors (all-reduced element by element).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class EngineOptions:
     checkpoint: Checkpointer | None = None
     resume: bool = False
     keep_placement: bool = False  # device_map runs: compute each block where accelerate placed it
+    module_info: dict[str, dict[str, Any]] | None = None  # filled with each module's per-method info, when given
 
 
 class _StopCapture(Exception):
@@ -152,9 +155,12 @@ def _prune_group(items: list[tuple[str, nn.Linear]], stats: Any, opts: EngineOpt
     if not items:
         return
     weights = [module.weight.data for _, module in items]
-    pruned = opts.method.prune_group(weights, stats, opts.target, **opts.method_options)
-    for (_, module), new in zip(items, pruned, strict=True):
+    result = opts.method.prune_group(weights, stats, opts.target, **opts.method_options)
+    pruned, infos = result if isinstance(result, tuple) else (result, [None] * len(result))
+    for (name, module), new, info in zip(items, pruned, infos, strict=True):
         module.weight.data.copy_(new.to(module.weight.dtype))
+        if info is not None and opts.module_info is not None:
+            opts.module_info[name] = info
 
 
 def _accumulate_over(stats: Any, n: int, opts: EngineOptions, make_input: Callable[[slice], torch.Tensor]) -> Any:
@@ -165,7 +171,10 @@ def _accumulate_over(stats: Any, n: int, opts: EngineOptions, make_input: Callab
 
 def reduce_stats(stats: Any) -> Any:
     """Sum statistics over processes when calibration is sharded across ranks (no-op in one process)."""
-    if isinstance(stats, torch.Tensor) and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if isinstance(stats, (tuple, list)):
+        for part in stats:
+            reduce_stats(part)
+    elif isinstance(stats, torch.Tensor) and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(stats)
     return stats
 
