@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -17,7 +18,10 @@ from typing import Any
 
 import torch
 
+from sparsetune import hub
 from sparsetune.errors import SparsetuneError
+
+log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "SPARSETUNE_DATA_DIR"
 
@@ -127,7 +131,7 @@ def _load_named(name: str, split: str, mirror: Path | None) -> list[dict[str, An
                 f"{DATA_DIR_ENV} at a mirror laid out like shared/data"
             )
         return read_records_file(path)
-    return _load_from_hub(name, where)
+    return load_hub_or_sample(name, split, where)
 
 
 def _load_from_hub(name: str, where: NamedSplit) -> list[dict[str, Any]]:
@@ -245,7 +249,7 @@ def calibration_set(
         batch = _random_windows(tokenizer, texts, source, n_samples, seqlen, seed)
     else:
         raise SparsetuneError(f"unknown --calib-sampling {sampling!r}; use random or consecutive")
-    return CalibrationSet(batch, source, sampling, seed, token_hash(batch))
+    return CalibrationSet(batch, source_label(records, source), sampling, seed, token_hash(batch))
 
 
 def _random_windows(
@@ -273,3 +277,67 @@ def _random_windows(
         start = rng.randint(0, len(ids) - seqlen - 1)
         windows.append(ids[start : start + seqlen])
     return torch.tensor(windows, dtype=torch.int64)
+
+
+# ---- the embedded samples: named sets that work with no hub and no mirror -------------------------------------
+
+SAMPLES_DIR = Path(__file__).parent / "samples"
+# (name, split) -> file inside SAMPLES_DIR, which is laid out like a mirror (see samples/README.md).
+EMBEDDED_SAMPLES: dict[tuple[str, str], str] = {
+    ("c4", "train"): "c4/c4_sample.jsonl",
+    ("wikitext2", "test"): "wikitext-2-raw/wiki.test.raw",
+}
+_announced: set[tuple[str, str]] = set()
+
+
+class SampleRecords(list):  # type: ignore[type-arg]
+    """Records read from an embedded sample; `label` is what figures computed from them are called."""
+
+    label: str
+
+
+def sample_label(name: str) -> str:
+    return f"{name} (embedded sample)"
+
+
+def source_label(records: list[dict[str, Any]], source: str) -> str:
+    """The name results from `records` carry: `source`, or `NAME (embedded sample)` for an embedded sample."""
+    return getattr(records, "label", source)
+
+
+def load_hub_or_sample(name: str, split: str, where: NamedSplit) -> list[dict[str, Any]]:
+    """No mirror: the hub (or, once the hub probe failed, only the HF datasets cache), else the embedded sample.
+
+    The sample also stands in when a hub that answers cannot serve the set (a captive portal, a proxy that
+    answers everything with 404): the line printed says why.
+    """
+    online = hub.hub_reachable()
+    try:
+        return _load_from_hub(name, where)
+    except SparsetuneError as err:
+        if (name, split) not in EMBEDDED_SAMPLES:
+            raise
+        reason = "the hub is unreachable" if not online else f"the hub load failed: {err.__cause__ or err}"
+    return load_embedded_sample(name, split, reason)
+
+
+def load_embedded_sample(name: str, split: str, reason: str = "the hub is unreachable") -> SampleRecords:
+    """The embedded sample of a named split (one line says so, once per process)."""
+    path = SAMPLES_DIR / EMBEDDED_SAMPLES[(name, split)]
+    records = SampleRecords(read_records_file(path))
+    records.label = sample_label(name)
+    if (name, split) not in _announced:
+        _announced.add((name, split))
+        first = (reason.strip().splitlines() or [reason])[0][:160]
+        log.warning(
+            "%s (%s): no mirror (--data-dir / %s) and %s; using the embedded sample %s (%d records), "
+            "results are labelled %r",
+            name,
+            split,
+            DATA_DIR_ENV,
+            first,
+            path.relative_to(SAMPLES_DIR.parent.parent),
+            len(records),
+            records.label,
+        )
+    return records

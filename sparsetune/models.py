@@ -178,6 +178,10 @@ def load_model(
                 return _place(model, dev, device_map), tokenizer
             if not (Path(location) / "config.json").exists():
                 raise SparsetuneError(f"{location} has no config.json; pass a HF model dir (save_pretrained output)")
+        else:
+            from sparsetune import hub
+
+            hub.hub_reachable()  # one short probe; no hub -> offline mode: the cache answers, nothing retries
         model = _from_pretrained(location, torch_dtype, trust_remote_code, device_map, **load_kwargs)
         tokenizer = load_tokenizer(location, trust_remote_code) if need_tokenizer else None
     return _place(model, dev, device_map), tokenizer

@@ -1,4 +1,9 @@
-"""The `sparsetune` Typer app. Each subcommand lives in its own thin module with a `register(app)`."""
+"""The `sparsetune` Typer app. Each subcommand lives in its own thin module with a `register(app)`.
+
+Importing this module (and so `sparsetune --help`, `sparsetune COMMAND --help`, `--version`) must not import
+torch, transformers or datasets: the command modules import only the pydantic settings schemas at module level
+and the library inside the command functions (tests/test_cli_conventions.py checks it).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,33 @@ app = typer.Typer(
     help="Sparse fine-tuning and compression of LLMs: prune, repair (seft), pretrain (smet-pretrain), eval, export.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 
 
+def package_version() -> str:
+    """The installed distribution's version (importlib.metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sparsetune")
+    except PackageNotFoundError:
+        from sparsetune import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"sparsetune {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit"
+    ),
+) -> None:
     """Keeps `sparsetune` a command group even while only one subcommand is registered."""
 
 

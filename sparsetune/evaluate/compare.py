@@ -77,28 +77,31 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Perplexity on every source plus the lm-eval tasks, for one in-memory model.
 
-    `token_ids` caches each source's tokens across calls (valid while the tokenizer is the same).
+    `token_ids` caches each source's (tokens, label) across calls (valid while the tokenizer is the same). The
+    label names the data the figures come from (`wikitext2 (embedded sample)`); the results stay keyed by source.
     """
     seqlen = ppl.resolve_seqlen(settings.seqlen, models.max_positions(model))
     token_ids = {} if token_ids is None else token_ids
     ppl_results = {}
     for source in settings.ppl:
         if source not in token_ids:
-            token_ids[source] = ppl.eval_token_ids(tokenizer, source, settings.data_dir)
+            token_ids[source] = ppl.eval_source(tokenizer, source, settings.data_dir)  # (ids, label)
+        ids, label = token_ids[source]
         limit = settings.limit_windows
         max_windows = ppl.protocol_for(source).max_windows
         if max_windows is not None:
             limit = min(limit or max_windows, max_windows)
         ppl_results[source] = ppl.perplexity_on_ids(
             model,
-            token_ids[source],
+            ids,
             seqlen,
             settings.stride,
             limit,
             settings.ppl_batch_size,
             show_progress,
-            label=Path(source).name,
+            label=Path(label).name,
         )
+        ppl_results[source]["dataset"] = label
     t0 = time.perf_counter()
     task_results = (
         harness.run_tasks(model, tokenizer, tasks, settings.num_fewshot, settings.limit, settings.batch_size)
@@ -161,15 +164,15 @@ def metric_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | N
     """(row name, value per model, decimals) for every perplexity source and task metric, in first-seen order."""
     names: dict[str, int] = {}
     for r in results:
-        for source in r["ppl"]:
-            names.setdefault(f"ppl {Path(source).name}", 2)
+        for source, v in r["ppl"].items():
+            names.setdefault(ppl_row_name(source, v), 2)
         for task, row in r["tasks"].items():
             for metric in harness.metric_names(row):
                 names.setdefault(f"{task} {metric}", 4)
 
     def value(r: dict[str, Any], row: str) -> float | None:
         if row.startswith("ppl "):
-            hit = [v["ppl"] for s, v in r["ppl"].items() if f"ppl {Path(s).name}" == row]
+            hit = [v["ppl"] for s, v in r["ppl"].items() if ppl_row_name(s, v) == row]
             return hit[0] if hit else None
         for task, metrics in r["tasks"].items():
             for metric in harness.metric_names(metrics):
@@ -178,6 +181,11 @@ def metric_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | N
         return None
 
     return [(row, [value(r, row) for r in results], digits) for row, digits in names.items()]
+
+
+def ppl_row_name(source: str, result: dict[str, Any]) -> str:
+    """`ppl wikitext2`, `ppl wikitext2 (embedded sample)` or `ppl my.txt` (a file's base name)."""
+    return f"ppl {Path(result.get('dataset') or source).name}"
 
 
 def info_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sparsetune.errors import as_value_error
-from sparsetune.masks import check_sparsity, parse_pattern
+from sparsetune.patterns import check_sparsity, parse_pattern
 from sparsetune.prune.config import METHOD_NAMES
 
 

@@ -99,6 +99,10 @@ def prepared_tasks(
         return
     mirror = data.mirror_dir(data_dir)
     offline_names = [t for t in tasks if t in OFFLINE_TASKS] if mirror is not None else []
+    if len(offline_names) < len(tasks):
+        from sparsetune import hub
+
+        hub.hub_reachable()  # lm-eval loads the other tasks' data with datasets: no hub -> its cache, no retries
     scratch = Path(tempfile.mkdtemp(prefix="sparsetune-tasks-"))
     try:
         offline = render_offline_tasks(offline_names, mirror, scratch) if mirror is not None else {}

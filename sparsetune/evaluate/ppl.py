@@ -73,19 +73,33 @@ def protocol_for(source: str) -> Protocol:
 
 def eval_text(source: str, data_dir: str | os.PathLike[str] | None = None) -> str:
     """The text of a perplexity source: a named set's evaluation split (hub or mirror) or a local file."""
+    return labelled_eval_text(source, data_dir)[0]
+
+
+def labelled_eval_text(source: str, data_dir: str | os.PathLike[str] | None = None) -> tuple[str, str]:
+    """(text, label): the label is what the figures are called, `wikitext2 (embedded sample)` for the sample."""
     protocol = protocol_for(source)
     records = data.load_records(source, protocol.split, data_dir)
+    label = data.source_label(records, source)
     if protocol.max_docs is not None:
         records = records[: protocol.max_docs]
-    return protocol.joiner.join(data.record_text(r) for r in records)
+    return protocol.joiner.join(data.record_text(r) for r in records), label
 
 
 def eval_token_ids(tokenizer: Any, source: str, data_dir: str | os.PathLike[str] | None = None) -> torch.Tensor:
     """The whole source tokenized once, as a 1-D int64 tensor (special tokens as the tokenizer adds them)."""
-    ids = tokenizer(eval_text(source, data_dir), verbose=False)["input_ids"]
+    return eval_source(tokenizer, source, data_dir)[0]
+
+
+def eval_source(
+    tokenizer: Any, source: str, data_dir: str | os.PathLike[str] | None = None
+) -> tuple[torch.Tensor, str]:
+    """(token ids as in `eval_token_ids`, the source's label as in `labelled_eval_text`)."""
+    text, label = labelled_eval_text(source, data_dir)
+    ids = tokenizer(text, verbose=False)["input_ids"]
     if len(ids) < 2:
         raise SparsetuneError(f"--ppl {source} holds fewer than 2 tokens; pass a source with text in it")
-    return torch.tensor(ids, dtype=torch.int64)
+    return torch.tensor(ids, dtype=torch.int64), label
 
 
 def resolve_seqlen(seqlen: int | None, model_limit: int) -> int:
@@ -268,45 +282,29 @@ def perplexity(
     """Perplexity of an in-memory model on a named set (wikitext2, c4) or a local text file.
 
     Returns a dict with `ppl`, `nll` (mean token NLL), `windows`, `tokens_scored`, `seqlen`, `tokens_per_s`, ...
+    and `dataset`, the source's label (`wikitext2 (embedded sample)` when the embedded sample was used).
     `seqlen=None` means 2048 capped at the model's max positions.
     """
     seq = resolve_seqlen(seqlen, models.max_positions(model))
-    ids = eval_token_ids(tokenizer, source, data_dir)
+    ids, label = eval_source(tokenizer, source, data_dir)
     protocol = protocol_for(source)
     if protocol.max_windows is not None:
         limit_windows = min(limit_windows or protocol.max_windows, protocol.max_windows)
-    result = perplexity_on_ids(model, ids, seq, stride, limit_windows, batch_size, show_progress, label=source)
-    return {"source": source, **result}
+    result = perplexity_on_ids(model, ids, seq, stride, limit_windows, batch_size, show_progress, label=label)
+    return {"source": source, "dataset": label, **result}
 
 
 class _progress:  # noqa: N801 - a context manager used like a function
-    """A rich progress bar over scored tokens showing tokens/s; yields `advance(n_tokens)`."""
+    """Progress over scored tokens showing tokens/s (plain log lines off a terminal); yields `advance(n_tokens)`."""
 
     def __init__(self, total: int, enabled: bool, label: str) -> None:
-        self.total, self.enabled, self.label = total, enabled, label
+        from sparsetune.progress import Progress
+
+        self.bar = Progress(total, f"ppl {label}", unit="tokens", enabled=enabled, rate=True)
 
     def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-        from rich.text import Text
-
-        class TokensPerSecond(ProgressColumn):
-            def render(self, task: Any) -> Text:
-                speed = task.finished_speed or task.speed
-                return Text(f"{speed:,.0f} tok/s" if speed else "- tok/s")
-
-        self.bar = Progress(
-            TextColumn(f"ppl {self.label}"),
-            BarColumn(),
-            TextColumn("{task.completed:,}/{task.total:,} tokens"),
-            TokensPerSecond(),
-            TimeRemainingColumn(),
-        )
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda n: self.bar.advance(task, n)
+        bar = self.bar.__enter__()
+        return lambda n: bar.update(advance=n)
 
     def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
+        self.bar.__exit__(*exc)

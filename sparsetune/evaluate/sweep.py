@@ -23,7 +23,7 @@ import torch
 from sparsetune import models
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate import harness
-from sparsetune.evaluate.compare import check_model_spec, check_sources, evaluate_model
+from sparsetune.evaluate.compare import check_model_spec, check_sources, evaluate_model, ppl_row_name
 from sparsetune.evaluate.config import SweepConfig
 from sparsetune.outputs import check_output_dir, package_versions, peak_memory, write_json
 from sparsetune.outputs import write_json_atomic as _write_json_atomic  # module-level: tests inject crashes
@@ -164,7 +164,7 @@ def _run_points(cfg, todo, tasks, work, show_progress, make_calibration, prune_m
     needs_calib = [p for p in todo if p.method in ("wanda", "sparsegpt")]
     calib = make_calibration(model, tokenizer, prune_config(cfg, needs_calib[0])) if needs_calib else None
     dense = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
-    token_ids: dict[str, torch.Tensor] = {}
+    token_ids: dict[str, tuple[torch.Tensor, str]] = {}
     for i, point in enumerate(todo):
         log.info("point %d/%d: %s", i + 1, len(todo), point.key)
         t0 = time.perf_counter()
@@ -195,9 +195,9 @@ def _metric_columns(points: list[dict[str, Any]]) -> list[tuple[str, str, str | 
     """(column title, kind, name): each perplexity source, then each task's headline metrics."""
     columns: list[tuple[str, str, str | None]] = []
     for p in points:
-        for source in p["ppl"]:
-            if ("ppl " + Path(source).name, "ppl", source) not in columns:
-                columns.append(("ppl " + Path(source).name, "ppl", source))
+        for source, v in p["ppl"].items():
+            if (ppl_row_name(source, v), "ppl", source) not in columns:
+                columns.append((ppl_row_name(source, v), "ppl", source))
         for task, row in p["tasks"].items():
             for metric in harness.metric_names(row):
                 if (f"{task} {metric}", task, metric) not in columns:

@@ -297,31 +297,19 @@ def _down_stats_used(cfg: PruneConfig) -> str | None:
 
 
 class _block_progress:  # noqa: N801 - used as a context manager function
-    """A rich progress bar over blocks (block i/N, ETA); yields the per-block callback."""
+    """Progress over blocks (block i/N, ETA; plain log lines off a terminal); yields the per-block callback."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
+        from sparsetune.progress import Progress
+
+        self.bar = Progress(total, "pruning block", enabled=enabled)
 
     def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda i, s: None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("pruning block {task.completed}/{task.total}"),
-            BarColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self.progress.__enter__()
-        task = self.progress.add_task("prune", total=self.total)
-        return lambda i, s: self.progress.update(task, completed=i + 1)
+        bar = self.bar.__enter__()
+        return lambda i, s: bar.update(completed=i + 1)
 
     def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.progress.__exit__(*exc)
+        self.bar.__exit__(*exc)
 
 
 def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparsetune.errors import as_value_error
-from sparsetune.masks import NMPattern, check_sparsity, parse_pattern
+from sparsetune.patterns import NMPattern, check_sparsity, parse_pattern
 
 METHOD_NAMES = ("magnitude", "wanda", "sparsegpt")
 

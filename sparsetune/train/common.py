@@ -257,38 +257,28 @@ def replace_dir(new: Path, target: Path) -> None:
 
 
 class progress_bar:  # noqa: N801 - a context manager used like a function
-    """A rich progress bar over steps showing loss, lr, sparsity and tokens/s; yields the per-step callback."""
+    """Progress over steps showing loss, lr, sparsity and tokens/s (plain log lines off a terminal); yields the
+    per-step callback."""
 
     def __init__(self, total: int, done: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, done, enabled
+        from sparsetune.progress import Progress
+
+        self.bar = Progress(total, "step", completed=done, enabled=enabled)
 
     def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda step, row: None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("step {task.completed}/{task.total}"),
-            BarColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        self.progress.__enter__()
-        task = self.progress.add_task("train", total=self.total, completed=self.done, info="")
+        bar = self.bar.__enter__()
 
         def advance(step: int, row: dict[str, Any]) -> None:
             info = (
                 f"loss {row['loss']:.4f} lr {row['lr']:.2e} sparsity {row['sparsity']:.4f} "
                 f"{row['tokens_per_s']:.0f} tok/s"
             )
-            self.progress.update(task, completed=step, info=info)
+            bar.update(completed=step, info=info)
 
         return advance
 
     def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.progress.__exit__(*exc)
+        self.bar.__exit__(*exc)
 
 
 class CheckpointedTraining:
