@@ -3,7 +3,7 @@
 On a terminal it is a rich progress bar on stderr. When stderr is not a terminal (CI logs, pipes, files) a bar
 would print nothing useful, so the same updates become plain log lines instead, at most one per
 `SPARSETUNE_PROGRESS_INTERVAL` seconds (default 10) plus the last one. rich decides what a terminal is
-(`Console.is_terminal`, which honours FORCE_TERMINAL/TTY_COMPATIBLE); colours follow rich too, so NO_COLOR works.
+(`Console.is_terminal`, which honours TTY_COMPATIBLE and FORCE_COLOR); colours follow rich too, so NO_COLOR works.
 """
 
 from __future__ import annotations
@@ -131,3 +131,15 @@ def stderr_is_terminal() -> bool:
     from rich.console import Console
 
     return bool(Console(stderr=True).is_terminal)
+
+
+# The HF libraries' own tqdm bars ("Loading weights", "Writing model shards", dataset generation) read these once,
+# at import; a user's explicit setting wins.
+LIBRARY_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+
+
+def quiet_library_bars_off_terminal() -> None:
+    """Off a terminal, turn the HF libraries' tqdm bars off (they would fill CI logs with carriage returns)."""
+    if not stderr_is_terminal():
+        for name in LIBRARY_BAR_SWITCHES:
+            os.environ.setdefault(name, "1")

@@ -28,8 +28,12 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("transformers", "datasets", "urllib3", "httpx", "accelerate", "huggingface_hub", "filelock"):
+    libraries = ("transformers", "datasets", "accelerate", "huggingface_hub", "filelock")
+    for noisy in (*libraries, "urllib3", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from sparsetune.progress import quiet_library_bars_off_terminal
+
+    quiet_library_bars_off_terminal()
 
 
 def split_list(value: str | None) -> list[str] | None:
