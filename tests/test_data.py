@@ -67,10 +67,23 @@ def test_too_few_tokens_says_how_many(tiny_tokenizer, tmp_path):
         calibration_set(tiny_tokenizer, str(path), n_samples=2, seqlen=16, sampling="random")
 
 
-def test_shared_mirror_c4_and_alpaca(shared_data, tiny_tokenizer):
+def test_mirror_c4_and_wikitext2(shared_data):
+    """The real files through a mirror dir: ../shared/data, or the embedded samples (a partial mirror)."""
+    c4_lines = (shared_data / "c4" / "c4_sample.jsonl").read_text(encoding="utf-8").splitlines()
     c4 = load_records("c4", "train", data_dir=shared_data)
-    assert len(c4) == 1000 and "text" in c4[0]
-    alpaca = load_records("alpaca", "train", data_dir=shared_data)
-    assert len(alpaca) == 2000 and "instruction" in alpaca[0]
+    assert len(c4) == len(c4_lines) >= 200
+    assert c4[0]["url"] == "https://klyq.com/beginners-bbq-class-taking-place-in-missoula/"
+    assert c4[0]["text"].startswith("Beginners BBQ Class Taking Place in Missoula!\nDo you want")
     wiki = load_records("wikitext2", "test", data_dir=shared_data)
     assert len(wiki) == 4358
+    assert wiki[:3] == [{"text": ""}, {"text": " = Robert Boulter = \n"}, {"text": ""}]
+
+
+def test_mirror_alpaca(tmp_path):
+    records = [
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    ]
+    (tmp_path / "alpaca").mkdir()
+    (tmp_path / "alpaca" / "alpaca_small.json").write_text(json.dumps(records))
+    assert load_records("alpaca", "train", data_dir=tmp_path) == records

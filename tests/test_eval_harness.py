@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tiny_model
+from conftest import SHARED_DATA, TEST_DATA, make_tiny_model
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate import harness
@@ -52,19 +52,20 @@ def builtin_config(task_dir: str, name: str, data_files: dict[str, str]) -> dict
 
 
 @pytest.fixture
-def mini_mirror(tmp_path, shared_data):
+def mini_mirror():
     """A mirror holding the first documents of the real ARC-Easy and PIQA files, in their original formats."""
-    mirror = tmp_path / "mirror"
-    (mirror / "arc").mkdir(parents=True)
-    (mirror / "piqa").mkdir()
-    for name, n in (("ARC-Easy-Test.jsonl", 16), ("ARC-Easy-Dev.jsonl", 4)):
-        lines = (shared_data / "arc" / name).read_text().splitlines()[:n]
-        (mirror / "arc" / name).write_text("\n".join(lines) + "\n")
-    lines = (shared_data / "piqa" / "valid.jsonl").read_text().splitlines()[:10]
-    (mirror / "piqa" / "valid.jsonl").write_text("\n".join(lines) + "\n")
-    labels = (shared_data / "piqa" / "valid-labels.lst").read_text().split()[:10]
-    (mirror / "piqa" / "valid-labels.lst").write_text("\n".join(labels) + "\n")
-    return mirror
+    return TEST_DATA
+
+
+def test_mini_mirror_holds_the_first_lines_of_the_real_files():
+    counts = {"arc/ARC-Easy-Test.jsonl": 16, "arc/ARC-Easy-Dev.jsonl": 4, "piqa/valid.jsonl": 10}
+    for rel, n in counts.items():
+        lines = (TEST_DATA / rel).read_text().splitlines()
+        assert len(lines) == n and all(json.loads(line) for line in lines)
+        if SHARED_DATA.is_dir():
+            assert lines == (SHARED_DATA / rel).read_text().splitlines()[:n]
+    labels = (TEST_DATA / "piqa" / "valid-labels.lst").read_text().split()
+    assert labels == ["0", "1", "1", "1", "0", "1", "1", "0", "0", "0"]
 
 
 def test_offline_arc_easy_matches_builtin_accuracy(mini_mirror, tmp_path):
