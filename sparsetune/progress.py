@@ -133,13 +133,14 @@ def stderr_is_terminal() -> bool:
     return bool(Console(stderr=True).is_terminal)
 
 
-# The HF libraries' own tqdm bars ("Loading weights", "Writing model shards", dataset generation) read these once,
-# at import; a user's explicit setting wins.
-LIBRARY_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+# The libraries' own tqdm bars ("Loading weights", "Writing model shards", dataset generation, GGUF conversion,
+# lm-eval requests) read these once, at import; a user's explicit setting wins. TQDM_DISABLE covers the bars that
+# use tqdm directly.
+LIBRARY_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")
 
 
 def quiet_library_bars_off_terminal() -> None:
-    """Off a terminal, turn the HF libraries' tqdm bars off (they would fill CI logs with carriage returns)."""
+    """Off a terminal, turn the libraries' tqdm bars off (they would fill CI logs with carriage returns)."""
     if not stderr_is_terminal():
         for name in LIBRARY_BAR_SWITCHES:
             os.environ.setdefault(name, "1")

@@ -142,8 +142,8 @@ def test_library_tqdm_bars_are_turned_off_only_off_a_terminal(monkeypatch):
     for name in LIBRARY_BAR_SWITCHES:
         monkeypatch.delenv(name, raising=False)
     quiet_library_bars_off_terminal()
-    assert [os.environ.get(n) for n in LIBRARY_BAR_SWITCHES] == [None, None]
+    assert [os.environ.get(n) for n in LIBRARY_BAR_SWITCHES] == [None, None, None]
     monkeypatch.setenv("TTY_COMPATIBLE", "0")
     monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "0")  # the user's choice wins
     quiet_library_bars_off_terminal()
-    assert [os.environ.get(n) for n in LIBRARY_BAR_SWITCHES] == ["1", "0"]
+    assert [os.environ.get(n) for n in LIBRARY_BAR_SWITCHES] == ["1", "0", "1"]
