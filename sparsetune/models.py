@@ -149,7 +149,16 @@ def resolve_model_path(spec: str) -> tuple[str, str]:
             f"model {spec} not found; pass an existing model dir, a .gguf file, a hub id, "
             f"or one of the bundled aliases {', '.join(BUNDLED_ALIASES)}"
         )
+    _probe_hub()
     return "hub", spec
+
+
+def _probe_hub() -> None:
+    """Before anything asks the hub: one short probe per process; no hub -> offline mode, so the HF cache answers
+    at once and nothing retries."""
+    from sparsetune import hub
+
+    hub.hub_reachable()
 
 
 def load_model(
@@ -178,10 +187,6 @@ def load_model(
                 return _place(model, dev, device_map), tokenizer
             if not (Path(location) / "config.json").exists():
                 raise SparsetuneError(f"{location} has no config.json; pass a HF model dir (save_pretrained output)")
-        else:
-            from sparsetune import hub
-
-            hub.hub_reachable()  # one short probe; no hub -> offline mode: the cache answers, nothing retries
         model = _from_pretrained(location, torch_dtype, trust_remote_code, device_map, **load_kwargs)
         tokenizer = load_tokenizer(location, trust_remote_code) if need_tokenizer else None
     return _place(model, dev, device_map), tokenizer
@@ -228,6 +233,8 @@ def _from_pretrained(
 def load_tokenizer(location: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    if not Path(location).expanduser().exists():
+        _probe_hub()
     try:
         return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001
