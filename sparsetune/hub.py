@@ -36,9 +36,8 @@ def endpoint() -> str:
 
 
 def offline_requested() -> bool:
-    """True when the user asked for offline mode (HF_HUB_OFFLINE, or its older aliases)."""
-    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-    return any(os.environ.get(name, "").upper() in _TRUE for name in names)
+    """True when the user asked for offline mode for the hub (HF_HUB_OFFLINE, or its older alias)."""
+    return any(os.environ.get(name, "").upper() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def probe_timeout() -> float:
@@ -52,11 +51,8 @@ def hub_reachable() -> bool:
     """Whether the hub answers, decided once per process; an unreachable hub switches offline mode on."""
     global _reachable
     if _reachable is None:
-        if offline_requested():
-            _reachable = False
-            go_offline()
-        else:
-            _reachable = _probe()
+        # Offline by request: the libraries read that at import already, so there is nothing to probe or switch.
+        _reachable = False if offline_requested() else _probe()
     return _reachable
 
 
