@@ -318,7 +318,7 @@ class SmetRecipe(CheckpointedTraining):
             return False
         previous, upcoming = step // interval * interval, -(-step // interval) * interval
         return (self.topology_due(upcoming) and upcoming - step < UPDATE_WINDOW) or (
-            self.topology_due(previous) and step - previous <= UPDATE_WINDOW
+            previous > 0 and self.topology_due(previous) and step - previous <= UPDATE_WINDOW
         )
 
     def update_fields(self, step: int) -> dict[str, Any]:
