@@ -1,24 +1,50 @@
 """Benchmark `sparsetune smet-pretrain`: SMET vs naive DST vs static sparse vs dense AdamW, same steps and tokens.
 
-Setting: the `small` preset (Llama, hidden 256, 4 layers, untied 49152-token embeddings and lm_head), the bundled
-SmolLM2 tokenizer, tinyshakespeare packed into 256-token windows (5% held out for validation), batch 8.
-Runs (each its own `sparsetune smet-pretrain` process, so peak RSS is per run):
+Runs (each its own `sparsetune smet-pretrain` process, so peak RSS is per run; same seed, batch and steps, so every
+run reads the same token windows in the same order):
   dense    density 1.0, torch AdamW
   smet     density 0.5, ERK, random growth, regrowth warm-up, lr / density
   naive    density 0.5, --regrow-warmup 0 --lr-density-exponent 0 (naive DST)
   static   density 0.5, --update-interval 0 (no topology updates)
-Reported per run: final validation loss, the largest loss spike after a topology update (mean training loss of
-the 10 steps after an update over the 10 before), optimizer-state + gradient bytes for the sparse-eligible weights
-against dense AdamW's, peak RSS, mean step time and its ratio to dense (all measured in this one invocation).
-One JSON line per run, then a summary line with the targets.
 
-    .venv/bin/python scripts/bench_smet.py                 # 160 steps per run (about 10 min each on 2 cores)
+Short suite (default): the `small` preset (Llama, hidden 256, 4 layers, untied 49152-token embeddings and lm_head),
+the bundled SmolLM2 tokenizer, tinyshakespeare packed into 256-token windows (5% held out), batch 8, 160 steps,
+an update every 40 steps with a 40-step warm-up. Reported per run: final validation loss, the largest loss spike
+after a topology update, optimizer-state + gradient bytes for the sparse-eligible weights against dense AdamW's,
+peak RSS, mean step time and its ratio to dense. One JSON line per run, then a summary line with the targets.
+
+Long run (`--long`, issue 22: show the cold-start effect where it can show): the `mini` preset (hidden 128, 4 layers,
+intermediate 512; 1.05M sparse-eligible weights beside 12.6M embedding and lm_head weights), C4 (the 498k-token local
+sample; 5% held out) in 128-token windows, batch 8 (1,024 tokens a step), 2,500 steps (about 5 passes over the
+sample), lr 2e-3 with 5% warm-up and cosine decay, drop fraction 0.2 cosine-decayed to 0.005, an update every 100
+steps (24 updates), SMET's default 100-step warm-up, validation every 250 steps. Recorded per run: the spike ratio
+at every update (mean training loss of the 10 steps after it over the 10 steps up to it), the regrown/established
+|update| ratio at the first step after every update and its mean, the mean ratio at each of the 10 steps after an
+update (naive DST jumps, SMET ramps), the final validation loss, the ITOP rate, and `updates_after_flat`: the
+topology updates at or after the first 100-step window whose mean training loss is within `--flat-tolerance` (3%)
+of the last window's. The summary checks the issue's targets: mean first-step ratio >= 3 for naive DST and <= 1.5
+for SMET; SMET's worst spike <= 1.02 and <= naive DST's; SMET's final validation loss <= naive DST's and within 5%
+of dense; >= 10 updates after the loss flattened.
+
+`--sweep` (with the long settings): naive DST (and whatever `--sweep-runs` adds) over lr x drop fraction x update
+interval; one row per setting and a summary saying whether any setting shows a naive-DST spike (> 1.02).
+
+TIME (an ESTIMATE, not a measurement of the full run): a step of the long-run model costs about 1.36 s of CPU on one
+thread, timed over a few steps while five other jobs shared the 2 cores (wall time then was about 4 s a step). On an
+idle machine with 2 threads that suggests roughly 0.7-1.0 s a step, so about 30-45 min per long run of 2,500 steps,
+2-3 hours for the four runs, and as much per 4 sweep settings (the default sweep is 8 naive-DST runs).
+
+    .venv/bin/python scripts/bench_smet.py                 # short suite: 160 steps per run (about 10 min each)
     .venv/bin/python scripts/bench_smet.py --steps 20      # quicker look
+    .venv/bin/python scripts/bench_smet.py --long          # issue 22's long run; run it alone on the machine
+    .venv/bin/python scripts/bench_smet.py --long --sweep  # naive DST over lr x drop fraction x update interval
+    .venv/bin/python scripts/bench_smet.py --long --keep-dir out/bench-smet   # keep every run's output dir
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -36,37 +62,77 @@ RUNS = {
     "naive": ["--regrow-warmup", "0", "--lr-density-exponent", "0"],
     "static": ["--update-interval", "0"],
 }
+UPDATE_WINDOW = 10  # sparsetune.train.smet.UPDATE_WINDOW: the logged steps before and after an update
+SPIKE = 1.02  # a spike ratio above this counts as a loss spike (SMET's target is at most this)
+SHORT = {"preset": "small", "data": "tinyshakespeare", "seqlen": 256, "batch_size": 8, "steps": 160, "lr": 3e-3,
+         "update_interval": 40, "drop_fraction": 0.2, "eval_every": 0}  # fmt: skip
+LONG = {"preset": "mini", "data": "c4", "seqlen": 128, "batch_size": 8, "steps": 2500, "lr": 2e-3,
+        "update_interval": 100, "drop_fraction": 0.2, "eval_every": 250}  # fmt: skip
 
 
-def emit(row: dict) -> None:
+def emit(row: dict, results: Path = RESULTS) -> None:
     line = json.dumps(row)
     print(line, flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results, "a") as f:
         f.write(line + "\n")
 
 
-def run(name: str, extra: list[str], args: argparse.Namespace, out: Path) -> dict:
-    interval = str(args.update_interval)
-    cmd = [sys.executable, "-m", "sparsetune", "smet-pretrain", "--model-config", args.preset, "--tokenizer",
-           "smollm2", "--data", args.data, "--seqlen", "256", "--batch-size", str(args.batch_size), "--steps",
-           str(args.steps), "--lr", str(args.lr), "--update-interval", interval, "--regrow-warmup", interval,
-           "--density", "0.5", "--eval-every", "0", "--val-batches", "8", "--seed", "0", "-o", str(out / name),
-           "--json", *extra]  # fmt: skip
+def command(extra: list[str], s: dict, long: bool, out: Path) -> list[str]:
+    interval = str(s["update_interval"])
+    cmd = [sys.executable, "-m", "sparsetune", "smet-pretrain", "--model-config", s["preset"], "--tokenizer",
+           "smollm2", "--data", s["data"], "--seqlen", str(s["seqlen"]), "--batch-size", str(s["batch_size"]),
+           "--steps", str(s["steps"]), "--lr", str(s["lr"]), "--update-interval", interval, "--drop-fraction",
+           str(s["drop_fraction"]), "--density", "0.5", "--eval-every", str(s["eval_every"]), "--val-batches", "8",
+           "--seed", "0", "-o", str(out), "--overwrite", "--json"]  # fmt: skip
+    if not long:  # the short suite warms regrown weights up over one update interval; the long run keeps the default
+        cmd += ["--regrow-warmup", interval]
+    return cmd + extra  # later flags win: the run's own settings (e.g. naive's --regrow-warmup 0)
+
+
+def flat_from(losses: dict[int, float], tolerance: float, window: int = 100) -> int | None:
+    """The first step of the first `window`-step block whose mean training loss is within `tolerance` of the last
+    block's (the loss has flattened from there on), or None when the log is too short."""
+    steps = sorted(losses)
+    blocks = [steps[i : i + window] for i in range(0, len(steps) - window + 1, window)]
+    if len(blocks) < 2:
+        return None
+    means = [sum(losses[s] for s in b) / len(b) for b in blocks]
+    return next(b[0] for b, m in zip(blocks, means, strict=True) if m <= means[-1] * (1 + tolerance))
+
+
+def update_effects(log: list[dict], updates: list[int]) -> dict:
+    """From a train log: the mean regrown/established update ratio at each of the steps after an update."""
+    by_since: dict[int, list[float]] = {}
+    for row in log:
+        since, ratio = row.get("steps_since_update"), row.get("regrown_update_ratio")
+        if since and ratio is not None:
+            by_since.setdefault(since, []).append(ratio)
+    ramp = [round(sum(v) / len(v), 4) for _, v in sorted(by_since.items())] if updates else []
+    return {"update_ratio_by_step_after_update": ramp}
+
+
+def run(name: str, extra: list[str], s: dict, args: argparse.Namespace, out: Path) -> dict:
     t0 = time.perf_counter()
     env = dict(os.environ)
     if SHARED.is_dir():  # the named dataset resolves to the local mirror when there is one
         env.setdefault("SPARSETUNE_DATA_DIR", str(SHARED))
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    done = subprocess.run(command(extra, s, args.long, out / name), capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"{name} failed ({done.returncode})")
     summary = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
-    return {
+    row = {
         "bench": "smet",
+        "suite": "long" if args.long else "short",
         "run": name,
-        "preset": args.preset,
-        "data": args.data,
+        "preset": s["preset"],
+        "data": s["data"],
+        "seqlen": s["seqlen"],
+        "batch_size": s["batch_size"],
+        "lr": s["lr"],
+        "update_interval": s["update_interval"],
+        "drop_fraction": s["drop_fraction"],
         "steps": summary["steps"],
         "tokens": summary["tokens"],
         "final_val_loss": summary["final_val_loss"],
@@ -80,41 +146,159 @@ def run(name: str, extra: list[str], args: argparse.Namespace, out: Path) -> dic
         "median_step_s": round(summary["median_step_s"], 4),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+    if args.long:
+        log = [json.loads(line) for line in (out / name / "train_log.jsonl").read_text().splitlines()]
+        report = json.loads((out / name / "sparsity_report.json").read_text())
+        updates = [t["step"] for t in report["topology_history"]]
+        flat = flat_from({r["step"]: r["loss"] for r in log}, args.flat_tolerance)
+        row.update(
+            {
+                "update_steps": updates,
+                "spike_ratios": summary["spike_ratios"],
+                "first_step_update_ratios": summary["first_step_update_ratios"],
+                "mean_first_step_update_ratio": summary["mean_first_step_update_ratio"],
+                **update_effects(log, updates),
+                "itop_rate": summary["itop_rate"],
+                "itop_bitmap_bytes": summary["itop_bitmap_bytes"],
+                "flat_from_step": flat,
+                "updates_after_flat": sum(u >= flat for u in updates) if flat is not None else 0,
+                "val_losses": [[r["step"], round(r["val_loss"], 4)] for r in log if "val_loss" in r],
+            }
+        )
+    return row
+
+
+def short_summary(rows: dict, steps: int) -> dict:
+    dense = rows["dense"]
+    summary = {"bench": "smet", "suite": "short", "summary": True, "steps": steps}
+    for name, row in rows.items():
+        summary[f"{name}_step_vs_dense"] = round(row["mean_step_s"] / dense["mean_step_s"], 3)
+        summary[f"{name}_median_step_vs_dense"] = round(row["median_step_s"] / dense["median_step_s"], 3)
+        summary[f"{name}_val_loss_vs_dense"] = round(row["final_val_loss"] / dense["final_val_loss"], 4)
+    if "smet" in rows:
+        smet = rows["smet"]
+        summary["target_memory"] = smet["state_and_grad_vs_dense_adamw"] <= 0.5 + 0.02
+        summary["target_step_time"] = summary["smet_step_vs_dense"] <= 1.15
+        summary["target_spike"] = smet["spike_ratio"] is not None and smet["spike_ratio"] <= 1.1
+        summary["target_loss_within_5pct"] = summary["smet_val_loss_vs_dense"] <= 1.05
+        if "static" in rows:
+            summary["target_beats_static"] = smet["final_val_loss"] < rows["static"]["final_val_loss"]
+        if "naive" in rows:
+            summary["naive_spike_ratio"] = rows["naive"]["spike_ratio"]
+    return summary
+
+
+def long_summary(rows: dict, steps: int) -> dict:
+    """The issue-22 targets, each None when a run it needs was not part of this invocation."""
+    smet, naive, dense = rows.get("smet"), rows.get("naive"), rows.get("dense")
+    summary: dict = {"bench": "smet", "suite": "long", "summary": True, "steps": steps}
+    for name, row in rows.items():
+        summary[f"{name}_final_val_loss"] = row["final_val_loss"]
+        if row["topology_updates"]:
+            summary[f"{name}_worst_spike"] = row["spike_ratio"]
+            summary[f"{name}_mean_first_step_update_ratio"] = row["mean_first_step_update_ratio"]
+            summary[f"{name}_updates_after_flat"] = row["updates_after_flat"]
+            summary[f"{name}_itop_rate"] = row["itop_rate"]
+
+    def check(ok: bool | None) -> bool | None:
+        return None if ok is None else bool(ok)
+
+    nr = naive["mean_first_step_update_ratio"] if naive else None
+    sr = smet["mean_first_step_update_ratio"] if smet else None
+    summary["target_naive_update_ratio_ge_3"] = check(nr >= 3 if nr is not None else None)
+    summary["target_smet_update_ratio_le_1_5"] = check(sr <= 1.5 if sr is not None else None)
+    ss, ns = (smet or {}).get("spike_ratio"), (naive or {}).get("spike_ratio")
+    summary["target_smet_spike_le_1_02"] = check(ss <= SPIKE if ss is not None else None)
+    summary["target_smet_spike_le_naive"] = check(ss <= ns if ss is not None and ns is not None else None)
+    summary["naive_shows_spike"] = check(ns > SPIKE if ns is not None else None)
+    if smet and naive:
+        summary["target_smet_loss_le_naive"] = smet["final_val_loss"] <= naive["final_val_loss"]
+    if smet and dense:
+        summary["smet_val_loss_vs_dense"] = round(smet["final_val_loss"] / dense["final_val_loss"], 4)
+        summary["target_smet_loss_within_5pct_dense"] = summary["smet_val_loss_vs_dense"] <= 1.05
+    dynamic = [r["updates_after_flat"] for n, r in rows.items() if n in ("smet", "naive")]
+    summary["target_10_updates_after_flat"] = check(min(dynamic) >= 10 if dynamic else None)
+    return summary
+
+
+def sweep(args: argparse.Namespace, base: dict, out: Path) -> None:
+    grid = itertools.product(
+        [float(x) for x in args.sweep_lrs.split(",")],
+        [float(x) for x in args.sweep_drop_fractions.split(",")],
+        [int(x) for x in args.sweep_intervals.split(",")],
+    )
+    found, settings = [], []
+    for lr, drop, interval in grid:
+        s = {**base, "lr": lr, "drop_fraction": drop, "update_interval": interval}
+        for name in args.sweep_runs.split(","):
+            label = f"{name}-lr{lr:g}-drop{drop:g}-every{interval}"
+            row = {**run(label, RUNS[name], s, args, out), "run": name, "label": label, "suite": "sweep"}
+            emit(row, args.results)
+            settings.append(
+                {
+                    "run": name,
+                    "lr": lr,
+                    "drop_fraction": drop,
+                    "update_interval": interval,
+                    "worst_spike": row["spike_ratio"],
+                    "mean_first_step_update_ratio": row["mean_first_step_update_ratio"],
+                    "updates_after_flat": row["updates_after_flat"],
+                }
+            )
+            if name == "naive" and row["spike_ratio"] is not None and row["spike_ratio"] > SPIKE:
+                found.append(settings[-1])
+    summary = {"bench": "smet", "suite": "sweep", "summary": True, "steps": base["steps"], "settings": settings}
+    summary["naive_spike_found"] = bool(found)
+    summary["naive_spike_settings"] = found
+    if not found:
+        summary["note"] = (
+            f"no setting of the sweep shows a naive-DST loss spike above {SPIKE}; "
+            "the regrown/established update-magnitude ratio is the evidence of the cold-start mechanism"
+        )
+    emit(summary, args.results)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--data", default="tinyshakespeare")
-    parser.add_argument("--steps", type=int, default=160)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--update-interval", type=int, default=40, help="also the regrowth warm-up T_w")
+    parser.add_argument("--long", action="store_true", help="issue 22's long run (mini preset, C4, 2,500 steps)")
+    parser.add_argument("--preset")
+    parser.add_argument("--data")
+    parser.add_argument("--seqlen", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--drop-fraction", type=float)
+    parser.add_argument("--update-interval", type=int, help="short suite: also the regrowth warm-up T_w")
+    parser.add_argument("--eval-every", type=int)
     parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--flat-tolerance", type=float, default=0.03)
+    parser.add_argument("--sweep", action="store_true", help="lr x drop fraction x update interval (long settings)")
+    parser.add_argument("--sweep-runs", default="naive")
+    parser.add_argument("--sweep-lrs", default="1e-3,3e-3")
+    parser.add_argument("--sweep-drop-fractions", default="0.2,0.5")
+    parser.add_argument("--sweep-intervals", default="50,100")
+    parser.add_argument("--keep-dir", help="keep every run's output dir here (default: a temp dir, removed)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSONL file the rows are appended to")
     args = parser.parse_args()
-    rows = {}
+    args.long = args.long or args.sweep
+    base = dict(LONG if args.long else SHORT)
+    for key in base:
+        if getattr(args, key, None) is not None:
+            base[key] = getattr(args, key)
     with tempfile.TemporaryDirectory(prefix="bench-smet-") as tmp:
+        out = Path(args.keep_dir) if args.keep_dir else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.sweep:
+            sweep(args, base, out)
+            return
+        rows = {}
         for name in args.runs.split(","):
-            rows[name] = run(name, RUNS[name], args, Path(tmp))
-            emit(rows[name])
-    if "dense" in rows:
-        dense = rows["dense"]
-        summary = {"bench": "smet", "summary": True, "steps": args.steps}
-        for name, row in rows.items():
-            summary[f"{name}_step_vs_dense"] = round(row["mean_step_s"] / dense["mean_step_s"], 3)
-            summary[f"{name}_median_step_vs_dense"] = round(row["median_step_s"] / dense["median_step_s"], 3)
-            summary[f"{name}_val_loss_vs_dense"] = round(row["final_val_loss"] / dense["final_val_loss"], 4)
-        if "smet" in rows:
-            smet = rows["smet"]
-            summary["target_memory"] = smet["state_and_grad_vs_dense_adamw"] <= 0.5 + 0.02
-            summary["target_step_time"] = summary["smet_step_vs_dense"] <= 1.15
-            summary["target_spike"] = smet["spike_ratio"] is not None and smet["spike_ratio"] <= 1.1
-            summary["target_loss_within_5pct"] = summary["smet_val_loss_vs_dense"] <= 1.05
-            if "static" in rows:
-                summary["target_beats_static"] = smet["final_val_loss"] < rows["static"]["final_val_loss"]
-            if "naive" in rows:
-                summary["naive_spike_ratio"] = rows["naive"]["spike_ratio"]
-        emit(summary)
+            rows[name] = run(name, RUNS[name], base, args, out)
+            emit(rows[name], args.results)
+    if args.long:
+        emit(long_summary(rows, base["steps"]), args.results)
+    elif "dense" in rows:
+        emit(short_summary(rows, base["steps"]), args.results)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,147 @@ def test_spike_ratio_reads_the_windows_around_updates():
     assert spike_ratio(losses, [20]) is None  # not enough steps after
 
 
+class Recording(SmetRecipe):
+    """Records every sparse layer's mask at setup and after each topology update, and the sparse weights before and
+    after every optimizer step: the brute-force references for the ITOP rate and the update magnitudes."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.masks = {0: {n: w.mask().clone() for n, w in self.sparse.items()}}
+        self.changes: dict[int, dict[str, torch.Tensor]] = {}
+
+    def train_step(self, step):
+        before = {n: w.param.detach().clone() for n, w in self.sparse.items()}
+        result = super().train_step(step)
+        self.changes[step + 1] = {n: (w.param.detach() - before[n]).abs() for n, w in self.sparse.items()}
+        return result
+
+    def topology_update(self, step):
+        stats = super().topology_update(step)
+        self.masks[step] = {n: w.mask().clone() for n, w in self.sparse.items()}
+        return stats
+
+
+def test_itop_rate_is_the_union_of_every_mask_so_far(corpus, tmp_path):
+    np = pytest.importorskip("numpy")
+    tok_dir, text = corpus
+    recipe = Recording(SmetConfig(**settings(tok_dir, text, tmp_path / "out")), show_progress=False)
+    recipe.setup()
+    recipe.train()
+    report = recipe.finish()
+    assert sorted(recipe.masks) == [0, 3, 6, 9]
+    numel = sum(w.param.numel() for w in recipe.sparse.values())
+
+    def union_until(step: int) -> dict[str, torch.Tensor]:
+        masks = [m for s, m in recipe.masks.items() if s <= step]
+        return {n: torch.stack([m[n] for m in masks]).any(0) for n in recipe.sparse}
+
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    for row in log:
+        assert row["itop_rate"] == sum(int(u.sum()) for u in union_until(row["step"]).values()) / numel, row["step"]
+    final = union_until(12)
+    for name, bitmap in recipe.itop.items():
+        assert bitmap.tolist() == np.packbits(final[name].reshape(-1).numpy(), bitorder="little").tolist(), name
+    summary = report["summary"]
+    assert summary["itop_rate"] == log[-1]["itop_rate"] == sum(int(u.sum()) for u in final.values()) / numel
+    active = sum(w.nnz for w in recipe.sparse.values())
+    assert active / numel < log[2]["itop_rate"] < summary["itop_rate"]  # grows with every update
+    assert log[0]["itop_rate"] == active / numel
+    expected_bytes = sum((w.param.numel() + 7) // 8 for w in recipe.sparse.values())
+    assert summary["itop_bitmap_bytes"] == expected_bytes == report["memory"]["itop_bitmap_bytes"]
+
+
+def test_regrown_update_ratio_matches_the_weight_changes(corpus, tmp_path):
+    """Every logged ratio, recomputed from the weights before and after the step and the masks around the update:
+    regrown = active after the update but not before, established = active before and after."""
+    tok_dir, text = corpus
+    cfg = SmetConfig(**settings(tok_dir, text, tmp_path / "out", regrow_warmup=0, lr_density_exponent=0))
+    recipe = Recording(cfg, show_progress=False)
+    recipe.setup()
+    recipe.train()
+    recipe.finish()
+    measured = [r for r in recipe.state.log if "regrown_update_ratio" in r]
+    assert [r["step"] for r in measured] == [4, 5, 7, 8, 10, 11, 12]
+    for row in recipe.state.log:
+        last = max((u for u in (3, 6, 9) if u <= row["step"]), default=None)
+        assert row.get("steps_since_update") == (None if last is None else row["step"] - last)
+    for row in measured:
+        update = row["step"] - row["steps_since_update"]
+        previous = max(s for s in recipe.masks if s < update)
+        sums = {"regrown": [0.0, 0], "established": [0.0, 0]}
+        for name in recipe.sparse:
+            before, after = recipe.masks[previous][name], recipe.masks[update][name]
+            change = recipe.changes[row["step"]][name]
+            for key, where in (("regrown", after & ~before), ("established", after & before)):
+                sums[key][0] += float(change[where].double().sum())
+                sums[key][1] += int(where.sum())
+        regrown, established = (sums[k][0] / sums[k][1] for k in ("regrown", "established"))
+        assert row["regrown_abs_update"] == pytest.approx(regrown, rel=1e-6)
+        assert row["established_abs_update"] == pytest.approx(established, rel=1e-6)
+        assert row["regrown_update_ratio"] == pytest.approx(regrown / established, rel=1e-6)
+    summary = recipe.build_report({}, None)["summary"]
+    assert summary["first_step_update_ratios"] == [
+        next(r["regrown_update_ratio"] for r in measured if r["step"] == u + 1) for u in (3, 6, 9)
+    ]
+
+
+def test_steps_around_an_update_are_always_logged(corpus, tmp_path):
+    """With --log-every 7 the log still holds the 10 losses before and after the update at step 20, and the summary's
+    spike ratio is their ratio of means."""
+    tok_dir, text = corpus
+    cfg = SmetConfig(**settings(tok_dir, text, tmp_path / "out", steps=30, update_interval=20, log_every=7))
+    report = run_smet(cfg, show_progress=False)
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [7, *range(11, 31)]
+    loss = {r["step"]: r["loss"] for r in log}
+    expected = (sum(loss[s] for s in range(21, 31)) / 10) / (sum(loss[s] for s in range(11, 21)) / 10)
+    summary = report["summary"]
+    assert summary["spike_ratios"] == [pytest.approx(expected, rel=1e-12)]
+    assert summary["spike_ratio"] == summary["spike_ratios"][0]
+    assert [r["steps_since_update"] for r in log if r["step"] > 20] == list(range(1, 11))
+    assert [r["step"] for r in log if "regrown_update_ratio" in r] == list(range(21, 31))
+    assert summary["first_step_update_ratios"] == [log[11]["regrown_update_ratio"]] and log[11]["step"] == 21
+    assert summary["mean_first_step_update_ratio"] == log[11]["regrown_update_ratio"]
+
+
+def test_resume_after_a_crash_restores_the_itop_bitmap(corpus, tmp_path):
+    """A run that fails at step 8 resumes from its step-6 checkpoint (right after the update at step 6) and ends
+    exactly like an uninterrupted run: weights, ITOP bitmaps and the logged update fields."""
+    tok_dir, text = corpus
+    reference = SmetRecipe(SmetConfig(**settings(tok_dir, text, tmp_path / "ref")), show_progress=False)
+    reference.setup()
+    reference.train()
+    reference.finish()
+
+    class Crashing(SmetRecipe):
+        def nll(self, batch):
+            if self.state.step == 7:
+                raise RuntimeError("simulated crash")
+            return super().nll(batch)
+
+    cfg = settings(tok_dir, text, tmp_path / "out", checkpoint_every=3)
+    crashed = Crashing(SmetConfig(**cfg), show_progress=False)
+    crashed.setup()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.train()
+    resumed = SmetRecipe(SmetConfig(**cfg, resume=True), show_progress=False)
+    resumed.setup()
+    assert resumed.state.step == 6
+    for name, bitmap in crashed.itop.items():  # no update between the checkpoint and the crash
+        assert torch.equal(resumed.itop[name], bitmap), name
+    assert resumed.itop_rate() == crashed.itop_rate() > resumed.state.log[0]["itop_rate"]
+    resumed.train()
+    resumed.finish()
+    for name, param in reference.model.named_parameters():
+        assert torch.equal(param, dict(resumed.model.named_parameters())[name]), name
+    for name, bitmap in reference.itop.items():
+        assert torch.equal(resumed.itop[name], bitmap), name
+    keys = ("step", "loss", "itop_rate", "steps_since_update", "regrown_update_ratio", "topology")
+    assert [{k: r.get(k) for k in keys} for r in resumed.state.log] == [
+        {k: r.get(k) for k in keys} for r in reference.state.log
+    ]
+
+
 def cli_args(s: dict) -> list[str]:
     args = [sys.executable, "-m", "sparsetune", "smet-pretrain", "--json"]
     for key, value in s.items():
@@ -220,6 +361,13 @@ def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path):
     ref_report = json.loads((tmp_path / "ref" / "sparsity_report.json").read_text())
     out_report = json.loads((tmp_path / "out" / "sparsity_report.json").read_text())
     assert ref_report["topology_history"] == out_report["topology_history"]
+    assert ref_report["summary"]["itop_rate"] == out_report["summary"]["itop_rate"] > 0.5
+    keys = ("step", "loss", "itop_rate", "steps_since_update", "regrown_update_ratio")
+    logs = [
+        [{k: r.get(k) for k in keys} for r in map(json.loads, (tmp_path / d / "train_log.jsonl").open())]
+        for d in ("ref", "out")
+    ]
+    assert logs[0] == logs[1]
 
 
 @pytest.mark.dist
@@ -245,6 +393,8 @@ def test_two_processes_match_one(corpus, tmp_path):
         env=env,
     )
     assert two.returncode == 0, two.stderr[-3000:]
+    reports = [json.loads((tmp_path / d / "sparsity_report.json").read_text())["summary"] for d in ("one", "two")]
+    assert reports[0]["itop_rate"] == reports[1]["itop_rate"] > 0.5  # the same topology history on every rank
     a = load_file(str(tmp_path / "one" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "model.safetensors"))
     for name in a:

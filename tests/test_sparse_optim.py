@@ -261,3 +261,84 @@ def test_grow_random_is_seeded_and_avoids_active():
     b = topology.grow_random(100, 20, active, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     assert all(p % 2 == 1 for p in a.tolist())
+
+
+def scalar_adam_updates(grads: list[float], lr: float, b1: float, b2: float, eps: float) -> list[float]:
+    """Plain-Python AdamW (no decay) on one scalar: the weight change of every step."""
+    m = v = 0.0
+    out = []
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        out.append(-lr * (m / (1 - b1**t)) / (math.sqrt(v / (1 - b2**t)) + eps))
+    return out
+
+
+@pytest.mark.parametrize("regrow_warmup", [0, 4])
+def test_regrown_update_ratio_matches_a_hand_computed_adam_step(regrow_warmup):
+    """Established entries see gradients of alternating sign (+1, -1, ...), so their momentum nearly cancels; the
+    entry regrown after step 4 starts with zero moments and gradient +1. First step after the update (global t=5):
+    established m_5 = 0.1 * (1 - 0.9 + 0.81 - 0.729 + 0.6561) = 0.08371, m_hat = 0.08371 / (1 - 0.9^5) = 0.204415,
+    v_hat = 1, so |update| = 0.204415 lr; the regrown entry has m_hat = 1, v_hat = 1, |update| = lr. Ratio (naive
+    DST) = 0.40951 / 0.08371 = 4.89201; with a warm-up over 4 steps the regrown update is lr / 4: ratio 1.22300."""
+    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-12
+    w = nn.Parameter(torch.zeros(2, 4))
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask.view(-1)[[0, 1, 2]] = True
+    opt = SparseAdamW(
+        [SparseWeight.from_mask("w", w, mask)],
+        [],
+        lr=lr,
+        betas=(b1, b2),
+        eps=eps,
+        regrow_warmup=regrow_warmup,
+        measure_steps=2,
+    )
+    signs = [1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0]
+
+    def step(t: int) -> None:
+        c = torch.zeros(8)
+        c[[1, 2]] = torch.tensor([signs[t - 1], -signs[t - 1]])  # established: alternating, opposite signs
+        c[0] = 0.5  # the entry dropped after step 4
+        c[7] = 1.0  # the entry grown after step 4: a steady gradient
+        (w.view(-1) * c).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    for t in range(1, 5):
+        step(t)
+        assert opt.update_magnitudes is None  # no topology update yet
+    opt.swap_entries("w", torch.tensor([0]), torch.tensor([7]))
+    established = scalar_adam_updates(signs, lr, b1, b2, eps)
+    for t in (5, 6):
+        step(t)
+        local = t - 4
+        ramp = min(local / regrow_warmup, 1.0) if regrow_warmup else 1.0
+        regrown = abs(scalar_adam_updates([1.0] * local, lr, b1, b2, eps)[-1]) * ramp
+        measured = opt.update_magnitudes
+        assert measured["steps_since_update"] == local
+        assert measured["regrown_abs_update"] == pytest.approx(regrown, rel=1e-5)
+        assert measured["established_abs_update"] == pytest.approx(abs(established[t - 1]), rel=1e-5)
+        assert measured["regrown_update_ratio"] == pytest.approx(regrown / abs(established[t - 1]), rel=1e-5)
+        if t == 5:  # the hand computation in the docstring
+            assert abs(established[4]) == pytest.approx(0.204415 * lr, rel=1e-5)
+            expected = 4.89201 if regrow_warmup == 0 else 1.22300
+            assert measured["regrown_update_ratio"] == pytest.approx(expected, rel=1e-5)
+    step(7)
+    assert opt.update_magnitudes is None  # measured for measure_steps=2 steps only
+
+
+def test_itop_bitmap_packs_like_numpy_and_counts_exactly():
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    for numel in (1, 7, 8, 9, 1003):
+        union = torch.zeros(numel, dtype=torch.bool)
+        bitmap = topology.empty_bitmap(numel)
+        for _ in range(3):  # three layouts marked one after the other: the bitmap holds their union
+            mask = torch.rand(numel, generator=g) < 0.3
+            topology.mark_bits(bitmap, mask.nonzero().squeeze(1))
+            union |= mask
+        assert bitmap.numel() == (numel + 7) // 8
+        assert bitmap.tolist() == np.packbits(union.numpy(), bitorder="little").tolist()
+        assert torch.equal(topology.unpack_bits(bitmap, numel), union)
+        assert topology.count_bits(bitmap, chunk=2) == int(union.sum())

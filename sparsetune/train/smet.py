@@ -7,6 +7,18 @@ inactive positions, at random (SET) or by the largest dense-gradient magnitude (
 with fresh moments and step counter, and their update is ramped over `regrow_warmup` steps. Sparse layers train
 with lr / density^e.
 
+What the logs measure about topology updates (train_log.jsonl rows):
+- `steps_since_update`: steps since the last topology update (0 on the update's own row, whose loss precedes it).
+- `regrown_update_ratio`: for the first UPDATE_WINDOW steps after an update, the mean |weight change| of the entries
+  that update regrew over that of the entries active before it, from the optimizer's real step, pooled over all
+  sparse weights (also `regrown_abs_update`, `established_abs_update`). Naive DST jumps at first (fresh Adam moments
+  make a regrown entry's first steps about lr in size); SMET's warm-up ramps it.
+- The loss of every step within UPDATE_WINDOW before and after an update is logged whatever --log-every says, so
+  the spike ratio (mean loss of the UPDATE_WINDOW steps after an update over the UPDATE_WINDOW steps up to it)
+  follows from the log alone.
+- `itop_rate`: in-time over-parameterization, the fraction of all sparse-weight positions that have been active at
+  any time so far, from one packed bit per position (`itop_bitmap_bytes`), checkpointed with the weights.
+
 Multi-process runs: compact and dense gradients are averaged by the optimizer; topology choices are functions of
 seeded generators and all-reduced scores, so every rank makes the same one, verified by a digest after each update.
 """
@@ -53,11 +65,15 @@ from sparsetune.train.sparse_optim import SparseAdamW, SparseWeight
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "sparsity_report.json"
+UPDATE_WINDOW = 10  # steps before and after a topology update whose loss and update magnitudes are logged
+ITOP_PREFIX = "itop_bitmap."  # checkpoint tensor names of the ITOP bitmaps
 
-# Llama shapes. tiny and small are for CPU tests and benchmarks; llama-* follow the sizes used in the sparse
+# Llama shapes. tiny, mini and small are for CPU tests and benchmarks (mini: the long SMET bench, where the 49152-token
+# lm_head dominates a step, so four decoder layers cost about what two do); llama-* follow the sizes used in the sparse
 # pretraining literature (GaLore/SMET-style 60M-1B configs).
 PRESET_SHAPES: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "mini": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4},
     "small": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 4},
     "llama-60m": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8},
     "llama-130m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12},
@@ -136,15 +152,28 @@ def train_val_split(tokenizer: Any, cfg: SmetConfig) -> tuple[Examples, Examples
     return train, val
 
 
-def spike_ratio(losses: list[float], update_steps: list[int], window: int = 10) -> float | None:
+def update_spike_ratios(
+    loss_at: dict[int, float], update_steps: list[int], window: int = UPDATE_WINDOW
+) -> list[float | None]:
+    """Per update at step u: mean loss of steps u+1..u+window over the mean of steps u-window+1..u (`loss_at` maps a
+    1-based step to its training loss); None where a window is incomplete."""
+    ratios: list[float | None] = []
+    for u in update_steps:
+        before = [loss_at.get(s) for s in range(u - window + 1, u + 1)]
+        after = [loss_at.get(s) for s in range(u + 1, u + window + 1)]
+        if None in before or None in after:
+            ratios.append(None)
+        else:
+            ratios.append((sum(after) / window) / (sum(before) / window))  # type: ignore[arg-type]
+    return ratios
+
+
+def spike_ratio(losses: list[float], update_steps: list[int], window: int = UPDATE_WINDOW) -> float | None:
     """The largest ratio of the mean loss in the `window` steps after an update to the mean of the `window` before
     (losses[i] is the loss of step i + 1)."""
-    ratios = []
-    for s in update_steps:
-        before, after = losses[max(0, s - window) : s], losses[s : s + window]
-        if len(before) == window and len(after) == window:
-            ratios.append((sum(after) / window) / (sum(before) / window))
-    return max(ratios) if ratios else None
+    ratios = update_spike_ratios({i + 1: x for i, x in enumerate(losses)}, update_steps, window)
+    complete = [r for r in ratios if r is not None]
+    return max(complete) if complete else None
 
 
 class SmetRecipe(CheckpointedTraining):
@@ -153,6 +182,8 @@ class SmetRecipe(CheckpointedTraining):
     def __init__(self, cfg: SmetConfig, overwrite: bool = False, show_progress: bool = True) -> None:
         self.cfg, self.overwrite, self.show_progress = cfg, overwrite, show_progress
         self.state = TrainingState()
+        self.itop: dict[str, torch.Tensor] = {}
+        self._itop_rate: float | None = None
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -216,6 +247,9 @@ class SmetRecipe(CheckpointedTraining):
             scale = 1.0 / self.densities[name] ** cfg.lr_density_exponent
             weights.append(SparseWeight.from_mask(name, module.weight, mask, lr_scale=scale))
         self.sparse = {w.name: w for w in weights}
+        for w in weights:
+            self.itop[w.name] = topology.empty_bitmap(w.param.numel(), w.param.device)
+            topology.mark_bits(self.itop[w.name], w.active)
         sparse_ids = {id(m.weight) for m in linears.values()}
         dense = [p for p in self.model.parameters() if id(p) not in sparse_ids]
         kwargs = self._optimizer_kwargs()
@@ -224,6 +258,7 @@ class SmetRecipe(CheckpointedTraining):
             dense_params=dense,
             regrow_warmup=cfg.regrow_warmup,
             eight_bit=cfg.optim == "adamw8bit",
+            measure_steps=UPDATE_WINDOW,
             **kwargs,
         )
 
@@ -259,9 +294,15 @@ class SmetRecipe(CheckpointedTraining):
                 row.update(
                     sparsity=self.sparsity(), tokens=self.state.tokens, step_s=step_s, tokens_per_s=tokens / step_s
                 )
+                row.update(self.update_fields(self.state.step))
                 if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.val_data is not None:
                     row["val_loss"] = self.validation_loss()
-                if self.state.step % cfg.log_every == 0 or "topology" in row or self.state.step == cfg.steps:
+                if (
+                    self.state.step % cfg.log_every == 0
+                    or "topology" in row
+                    or self.near_update(self.state.step)
+                    or self.state.step == cfg.steps
+                ):
                     row["memory"] = {k: v for k, v in self.memory_report().items() if k != "layers"}
                     self.log_row(row)
                 advance(self.state.step, row)
@@ -271,6 +312,31 @@ class SmetRecipe(CheckpointedTraining):
     def topology_due(self, step: int) -> bool:
         interval = self.cfg.update_interval
         return bool(self.sparse) and interval > 0 and step % interval == 0 and step < self.cfg.steps
+
+    def near_update(self, step: int) -> bool:
+        """Whether `step` lies within UPDATE_WINDOW steps before (up to and including) or after a topology update."""
+        interval = self.cfg.update_interval
+        if not self.sparse or interval <= 0:
+            return False
+        previous, upcoming = step // interval * interval, -(-step // interval) * interval
+        return (self.topology_due(upcoming) and upcoming - step < UPDATE_WINDOW) or (
+            previous > 0 and self.topology_due(previous) and step - previous <= UPDATE_WINDOW
+        )
+
+    def update_fields(self, step: int) -> dict[str, Any]:
+        """The log fields about topology updates: steps since the last one, the regrown/established update
+        magnitudes the optimizer measured in this step, and the ITOP rate."""
+        if not self.sparse:
+            return {}
+        fields: dict[str, Any] = {}
+        if self.state.topology:
+            since = step - self.state.topology[-1]["step"]
+            fields["steps_since_update"] = since
+            measured = self.optimizer.update_magnitudes
+            if measured is not None and measured["steps_since_update"] == since:
+                fields.update({k: v for k, v in measured.items() if k != "steps_since_update"})
+        fields["itop_rate"] = self.itop_rate()
+        return fields
 
     def train_step(self, step: int) -> tuple[float, int]:
         cfg, ctx = self.cfg, self.ctx
@@ -340,6 +406,8 @@ class SmetRecipe(CheckpointedTraining):
                 generator = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step * 7_919 + i) % 2**63)
                 grow_pos = topology.grow_random(w.param.numel(), k, active, generator)
             self.optimizer.swap_entries(name, drop_slots, grow_pos)
+            topology.mark_bits(self.itop[name], grow_pos)
+            self._itop_rate = None
             stats["dropped"] += int(drop_slots.numel())
             stats["grown"] += int(grow_pos.numel())
         return stats
@@ -353,6 +421,15 @@ class SmetRecipe(CheckpointedTraining):
         return stats
 
     # -- invariants, validation, logging ----------------------------------------------------------------------
+
+    def itop_rate(self) -> float | None:
+        """In-time over-parameterization: the fraction of sparse-weight positions ever active (None when dense)."""
+        if not self.itop:
+            return None
+        if self._itop_rate is None:
+            ever = sum(topology.count_bits(b) for b in self.itop.values())
+            self._itop_rate = ever / sum(w.param.numel() for w in self.sparse.values())
+        return self._itop_rate
 
     def sparsity(self) -> float:
         """Sparsity of the sparse layers; verifies that no weight is non-zero outside its active set."""
@@ -374,7 +451,12 @@ class SmetRecipe(CheckpointedTraining):
         return {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in skip}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.named_parameters())
+        """The parameters and the ITOP bitmaps (restored in place on resume)."""
+        return {**dict(self.model.named_parameters()), **{ITOP_PREFIX + n: b for n, b in self.itop.items()}}
+
+    def load_checkpoint(self) -> None:
+        super().load_checkpoint()
+        self._itop_rate = None  # the bitmaps were overwritten
 
     # -- output -----------------------------------------------------------------------------------------------
 
@@ -392,6 +474,7 @@ class SmetRecipe(CheckpointedTraining):
                 "dense_adamw_state_and_grad_bytes": numel * (per_entry + element),
                 "state_and_grad_vs_dense": 1.0,
             }
+        mem["itop_bitmap_bytes"] = sum(b.numel() * b.element_size() for b in self.itop.values())
         mem.update(peak_memory())
         return mem
 
@@ -420,7 +503,10 @@ class SmetRecipe(CheckpointedTraining):
         stats = masks.sparsity_stats(linears) if self.sparse else None
         losses = [r["loss"] for r in state.log]
         updates = [t["step"] for t in state.topology]
-        every_step = cfg.log_every == 1
+        spikes = update_spike_ratios({r["step"]: r["loss"] for r in state.log}, updates)
+        first = {r["step"]: r.get("regrown_update_ratio") for r in state.log if r.get("steps_since_update") == 1}
+        first_ratios = [first.get(u + 1) for u in updates]
+        measured = [r for r in first_ratios if r is not None]
         summary = {
             "method": "smet" if self.sparse else "dense",
             "model_config": cfg.model_config_name,
@@ -431,7 +517,12 @@ class SmetRecipe(CheckpointedTraining):
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
             "final_val_loss": val_loss,
-            "spike_ratio": spike_ratio(losses, updates) if every_step else None,
+            "spike_ratio": max((r for r in spikes if r is not None), default=None),
+            "spike_ratios": spikes,
+            "first_step_update_ratios": first_ratios,
+            "mean_first_step_update_ratio": sum(measured) / len(measured) if measured else None,
+            "itop_rate": self.itop_rate(),
+            "itop_bitmap_bytes": memory.get("itop_bitmap_bytes"),
             "topology_updates": len(updates),
             "optimizer_state_bytes": memory.get("optimizer_state_bytes"),
             "gradient_bytes": memory.get("gradient_bytes"),
@@ -487,7 +578,12 @@ def print_summary(report: dict[str, Any]) -> None:
         table.add_row("validation loss", f"{s['final_val_loss']:.4f}")
     if s["spike_ratio"] is not None:
         table.add_row("largest loss spike after an update", f"{s['spike_ratio']:.3f}")
+    if s["mean_first_step_update_ratio"] is not None:
+        table.add_row("regrown / established |update|, 1st step", f"{s['mean_first_step_update_ratio']:.3f}")
     table.add_row("topology updates", str(s["topology_updates"]))
+    if s["itop_rate"] is not None:
+        itop = f"{s['itop_rate']:.4f} ({s['itop_bitmap_bytes']:,} B bitmap)"
+        table.add_row("ITOP rate (positions ever active)", itop)
     table.add_row(
         "sparse-weight optimizer + grad",
         f"{(s['optimizer_state_bytes'] + s['gradient_bytes']) / 2**20:.1f} MiB "

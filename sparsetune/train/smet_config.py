@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PRESETS = ("tiny", "small", "llama-60m", "llama-130m", "llama-350m", "llama-1b")
+PRESETS = ("tiny", "mini", "small", "llama-60m", "llama-130m", "llama-350m", "llama-1b")
 
 
 class SmetConfig(BaseModel):
@@ -15,7 +15,7 @@ class SmetConfig(BaseModel):
     model_config_name: str = Field(
         "tiny",
         alias="model_config",
-        description="Llama architecture: a preset (tiny, small, llama-60m, llama-130m, llama-350m, llama-1b) "
+        description="Llama architecture: a preset (tiny, mini, small, llama-60m, llama-130m, llama-350m, llama-1b) "
         "or a config.json path",
     )
     tokenizer: str = Field("smollm2", description="Tokenizer: smollm2 (bundled), an HF id or a local dir")

@@ -12,6 +12,10 @@ entries and removes the dropped ones). An entry's local step is `step - birth` o
 regrown entry starts fresh at 1, and its update is ramped by min(t_local / regrow_warmup, 1) and multiplied by
 `regrow_lr_scale`. Both multiply the update only; the stored moments are never scaled.
 
+Cohorts also say which entries a topology update just regrew (the newest cohort, born at the last update) and which
+were established before it, so `step()` can measure, for the first `measure_steps` steps after an update, the mean
+|actual weight change| of each group (`update_magnitudes`): the cold-start effect the warm-up exists to remove.
+
 Multi-process: every `step()` averages the compact and dense gradients over ranks with one all-reduce.
 """
 
@@ -155,6 +159,10 @@ class SparseState:
         flags = torch.tensor([b > 0 for b in self.cohort_births], device=device)
         return torch.repeat_interleave(flags, torch.tensor(self.cohort_sizes, device=device))
 
+    def newest_cohort_size(self, birth: int) -> int:
+        """How many entries were grown at step `birth` if the newest cohort (the tail of the slots) was, else 0."""
+        return self.cohort_sizes[-1] if self.cohort_births[-1] == birth else 0
+
 
 class SparseAdamW:
     """AdamW over sparse weights (compact state) and ordinary dense parameters (dense state).
@@ -174,6 +182,7 @@ class SparseAdamW:
         regrow_lr_scale: float = 1.0,
         eight_bit: bool = False,
         track_updates: bool = False,
+        measure_steps: int = 0,
     ) -> None:
         self.weights = {w.name: w for w in sparse_weights}
         self.dense_params = list(dense_params)
@@ -185,6 +194,8 @@ class SparseAdamW:
             {"name": "dense", "lr": lr, "params": self.dense_params},
         ]
         self.step_count = 0
+        self.measure_steps = measure_steps
+        self.update_magnitudes: dict[str, Any] | None = None
         self.sparse_state = {w.name: SparseState(w, eight_bit, track_updates) for w in sparse_weights}
         self.dense_state = [Moments(p.numel(), p.device, eight_bit) for p in self.dense_params]
         self._dense_grad_mode = False
@@ -250,12 +261,22 @@ class SparseAdamW:
 
     # -- the update -------------------------------------------------------------------------------------------
 
+    def last_update_step(self) -> int | None:
+        """The optimizer step after which the latest topology update grew entries (its cohorts' birth), or None."""
+        births = [s.cohort_births[-1] for s in self.sparse_state.values() if s.cohort_births[-1] > 0]
+        return max(births) if births else None
+
     @torch.no_grad()
     def step(self) -> None:
         self._all_reduce_grads()
         self.step_count += 1
         t = self.step_count
         sparse_lr, dense_lr = self.param_groups[0]["lr"], self.param_groups[1]["lr"]
+        birth = self.last_update_step() if self.measure_steps else None
+        measure = birth is not None and t - birth <= self.measure_steps
+        # [sum |change| of regrown entries, their count, the same for established entries], over all sparse weights
+        sums = [0.0, 0, 0.0, 0]
+        self.update_magnitudes = None
         for name, w in self.weights.items():
             state = self.sparse_state[name]
             if state.grad is None or w.nnz == 0:
@@ -275,6 +296,13 @@ class SparseAdamW:
             new = self._adamw(old, state.grad, m, v, local, sparse_lr * w.lr_scale, self.weight_decay, scale)
             state.moments.store(m, v)
             flat.index_copy_(0, idx, new.to(flat.dtype))
+            if measure:
+                change = (flat.index_select(0, idx).float() - old).abs()  # the stored change, after any rounding
+                established = w.nnz - state.newest_cohort_size(birth)
+                sums[0] += float(change[established:].sum(dtype=torch.float64))
+                sums[1] += w.nnz - established
+                sums[2] += float(change[:established].sum(dtype=torch.float64))
+                sums[3] += established
             if state.tracked is not None:
                 state.tracked.add_(new - old)
         for p, moments in zip(self.dense_params, self.dense_state, strict=True):
@@ -286,6 +314,14 @@ class SparseAdamW:
             new = self._adamw(p.float().view(-1), p.grad.float().view(-1), m, v, local, dense_lr, decay, None)
             moments.store(m, v)
             p.copy_(new.view_as(p).to(p.dtype))
+        if measure and sums[1] and sums[3]:
+            regrown, established = sums[0] / sums[1], sums[2] / sums[3]
+            self.update_magnitudes = {
+                "steps_since_update": t - birth,
+                "regrown_abs_update": regrown,
+                "established_abs_update": established,
+                "regrown_update_ratio": regrown / established if established > 0 else None,
+            }
 
     def _adamw(
         self,

@@ -105,6 +105,43 @@ def nm_drop_grow(
     return drop_slots, grow_pos
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# In-time over-parameterization (ITOP): which positions have ever been active, one bit per position.
+# Bits are packed little-endian within a byte (position p is bit p % 8 of byte p // 8), numpy's
+# packbits(bitorder="little"). Hand-written in torch rather than numpy so the bitmap stays on the weight's device.
+
+_BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+
+
+def empty_bitmap(numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A packed bitmap with room for `numel` positions, all clear."""
+    return torch.zeros((numel + 7) // 8, dtype=torch.uint8, device=device)
+
+
+def mark_bits(bitmap: torch.Tensor, positions: torch.Tensor) -> None:
+    """In place: set the bits of the flat `positions` (distinct; repeats would carry into the next bit)."""
+    if positions.numel() == 0:
+        return
+    positions = positions.to(device=bitmap.device, dtype=torch.int64)
+    values = _BIT_VALUES.to(bitmap.device)[positions % 8]
+    # the distinct bits of one byte sum to at most 255, so the sum is their OR and cannot overflow a uint8
+    added = torch.zeros_like(bitmap).index_add_(0, positions // 8, values)
+    bitmap.bitwise_or_(added)
+
+
+def unpack_bits(bitmap: torch.Tensor, numel: int) -> torch.Tensor:
+    """The bool vector of `numel` positions that a packed bitmap holds."""
+    bits = bitmap[:, None].bitwise_and(_BIT_VALUES.to(bitmap.device)) != 0
+    return bits.reshape(-1)[:numel]
+
+
+def count_bits(bitmap: torch.Tensor, chunk: int = 1 << 20) -> int:
+    """How many bits are set (a byte lookup table, in chunks so the int64 indices stay small)."""
+    table = _POPCOUNT.to(bitmap.device)
+    return sum(int(table[bitmap[i : i + chunk].long()].sum()) for i in range(0, bitmap.numel(), chunk))
+
+
 def index_digest(indices: dict[str, torch.Tensor]) -> bytes:
     h = hashlib.sha256()
     for name in sorted(indices):
