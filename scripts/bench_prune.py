@@ -103,10 +103,14 @@ def main() -> None:
     p.add_argument(
         "--suite",
         default="llmc",
-        choices=["llmc", "owl", "selfcalib", "offload"],
+        choices=["llmc", "owl", "selfcalib", "offload", "table"],
         help="llmc: sparsetune vs llm-compressor; owl: 70%% with and without OWL; selfcalib: self vs C4 "
-        "calibration at 50%%; offload: peak RSS with 128x2048 samples, activations in cpu vs disk",
+        "calibration at 50%%; offload: peak RSS with 128x2048 samples, activations in cpu vs disk; "
+        "table: --methods x --targets x (plain, OWL) x (no refinement, DSnoT), ppl and prune time",
     )
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt,alps", help="table suite: methods")
+    p.add_argument("--targets", default="0.5,0.6,0.7,0.8,2:4", help="table suite: sparsities and N:M patterns")
+    p.add_argument("--variants", default="plain,owl,dsnot,owl+dsnot", help="table suite: plain, owl, dsnot, owl+dsnot")
     p.add_argument("--runs", default=",".join(RUNS), help="comma list of METHOD-SPARSITY%% or METHOD-N:M")
     p.add_argument("--no-llmc", action="store_true", help="skip llm-compressor (no .venv-bench)")
     p.add_argument("--no-two-pass", action="store_true", help="skip the --no-sequential parity runs")
@@ -134,7 +138,7 @@ def main() -> None:
     ids_file = str(cache / f"testbed-ids-{calib_n}-{eval_n}.safetensors")
     save_file({"calib": calib, "eval": eval_ids}, ids_file)
     llmc_python = ROOT / ".venv-bench" / "bin" / "python"
-    if not args.no_llmc and not llmc_python.exists():
+    if args.suite == "llmc" and not args.no_llmc and not llmc_python.exists():
         sys.exit("llm-compressor venv missing: run `make bench-env` first, or pass --no-llmc")
 
     me = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model_dir, "--ids", ids_file]
@@ -215,6 +219,8 @@ def other_suite(args: argparse.Namespace, me: list[str], emit, model_dir: str, t
             if "ppl" in c4 and "ppl" in own:
                 own["ppl_vs_c4"] = own["ppl"] / c4["ppl"]
             emit({"tool": "sparsetune", "run": f"{method}-50-self", **own})
+    elif args.suite == "table":
+        table_suite(args, me, emit)
     else:  # offload: 128 x 2048 samples; the peak comes within the first blocks, so prune 3 of them
         from safetensors.torch import save_file
 
@@ -229,6 +235,30 @@ def other_suite(args: argparse.Namespace, me: list[str], emit, model_dir: str, t
             extra = {"offload_activations": mode, "output": str(ROOT / "bench" / "cache" / "offload-out")}
             cmd = [*me[:-1], big, "--method", "wanda", "--blocks", "3", "--extra", json.dumps(extra)]
             emit({"tool": "sparsetune", "run": f"wanda-{n}x{seqlen}-{mode}", "blocks": 3, **_subprocess_json(cmd)})
+
+
+def table_suite(args: argparse.Namespace, me: list[str], emit) -> None:
+    """Every method x target x variant, one process each; prune time also as a ratio to plain Wanda's at the
+    same target in this invocation (the `--method auto` rule compares against 3x that)."""
+    wanda_s: dict[str, float] = {}
+    for target in [t for t in args.targets.split(",") if t]:
+        shape = ["--pattern", target] if ":" in target else ["--sparsity", target]
+        methods = [m for m in args.methods.split(",") if m]
+        if "wanda" in methods:  # the reference time of this target comes first
+            methods = ["wanda"] + [m for m in methods if m != "wanda"]
+        for method in methods:
+            for variant in [v for v in args.variants.split(",") if v]:
+                extra: dict[str, object] = {}
+                if "owl" in variant:
+                    extra["owl"] = True
+                if "dsnot" in variant:
+                    extra["refine"] = "dsnot"
+                result = _subprocess_json([*me, "--method", method, *shape, "--extra", json.dumps(extra)])
+                if method == "wanda" and variant == "plain" and "prune_s" in result:
+                    wanda_s[target] = float(result["prune_s"])  # type: ignore[arg-type]
+                if target in wanda_s and "prune_s" in result:
+                    result["time_vs_wanda"] = float(result["prune_s"]) / wanda_s[target]  # type: ignore[arg-type]
+                emit({"tool": "sparsetune", "run": f"{method}-{target}", "variant": variant, **result})
 
 
 if __name__ == "__main__":
