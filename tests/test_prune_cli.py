@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -162,3 +163,30 @@ def test_existing_output_dir_is_refused_before_any_work(tiny_model_dir, text_fil
 def test_output_inside_the_input_is_refused(tiny_model_dir, text_file):
     result = _run("prune", tiny_model_dir, "--calib", text_file, "-o", tiny_model_dir / "pruned")
     assert result.exit_code == 2 and "overlaps the input" in result.output
+
+
+def test_magnitude_needs_no_tokenizer_and_warns_once(tmp_path, caplog):
+    from conftest import make_tiny_model
+
+    bare = tmp_path / "bare"
+    make_tiny_model("llama").save_pretrained(bare)  # weights and config only
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        result = _run("prune", bare, "--method", "magnitude", "--sparsity", "0.5", "-o", out)
+    assert result.exit_code == 0, result.output
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "holds no tokenizer" in warnings[0] and "without one" in warnings[0]
+    assert not [p for p in out.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "vocab"))]
+    before, after = _weights(bare), _weights(out)
+    for name, w in before.items():
+        if ".layers." in name and name.endswith("proj.weight"):  # one threshold per matrix: exactly half pruned
+            assert int((after[name] == 0).sum()) == w.numel() // 2, name
+            kept = after[name] != 0
+            assert torch.equal(after[name][kept], w[kept])
+            assert float(w[~kept].abs().max()) <= float(w[kept].abs().min())
+
+    wanda = _run("prune", bare, "--method", "wanda", "--calib", "c4", "-o", tmp_path / "w")
+    assert wanda.exit_code == 2
+    lines = [line for line in wanda.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "holds no tokenizer" in lines[0] and "tokenizer.save_pretrained" in lines[0]
+    assert "one of: ;" not in wanda.output and not (tmp_path / "w").exists()

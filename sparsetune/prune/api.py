@@ -338,7 +338,10 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
         device="cpu" if ctx.device.type == "cuda" else cfg.device,  # blocks visit the GPU one at a time
         trust_remote_code=cfg.trust_remote_code,
         device_map=device_map,
+        need_tokenizer=needs_calibration(cfg),
     )
+    if tokenizer is None:
+        tokenizer = optional_tokenizer(cfg.model, cfg.trust_remote_code)
     load_s = time.perf_counter() - t0
     plan_targets(model, cfg)  # fail on bad targets before spending time on calibration data
     t0 = time.perf_counter()
@@ -350,6 +353,22 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
         save_pruned(model, tokenizer, cfg, report, out, overwrite)
     ctx.barrier()
     return report
+
+
+def optional_tokenizer(spec: str, trust_remote_code: bool) -> Any:
+    """The model's tokenizer for a run that needs none (magnitude), carried into the output. A model dir without
+    any tokenizer file gets one warning and an output without one; a tokenizer that fails to load is an error."""
+    kind, location = models.resolve_model_path(spec)
+    if kind == "bundled":
+        location = str(models.bundled_model_dir())
+    if not models.has_tokenizer_files(location):
+        log.warning(
+            "%s holds no tokenizer; magnitude pruning needs none, so the output is written without one "
+            "(save one into it with tokenizer.save_pretrained before eval or seft)",
+            spec,
+        )
+        return None
+    return models.load_tokenizer(location, trust_remote_code)
 
 
 def plan_device_map(cfg: PruneConfig, max_memory: dict[Any, Any] | None = None) -> dict[str, Any]:
