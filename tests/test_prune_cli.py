@@ -190,3 +190,34 @@ def test_magnitude_needs_no_tokenizer_and_warns_once(tmp_path, caplog):
     lines = [line for line in wanda.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "holds no tokenizer" in lines[0] and "tokenizer.save_pretrained" in lines[0]
     assert "one of: ;" not in wanda.output and not (tmp_path / "w").exists()
+
+
+def test_unreachable_sparsity_says_what_was_reached(tiny_model_dir, text_file, tmp_path, caplog):
+    # The tiny model's Linears: q, o, gate, up (64 inputs; 64x64, 64x64, 128x64, 128x64), k, v (32x64) and
+    # down (64x128), in 2 blocks. Wanda prunes int(in * 0.999) per row: 63 of 64, 127 of 128.
+    numel = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 2 + 64 * 128)
+    wanda_zeros = 2 * ((64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 2) // 64 * 63 + 64 * 127)
+    with caplog.at_level(logging.WARNING):
+        result = _run("prune", tiny_model_dir, "--sparsity", "0.999", "--calib", text_file, *CALIB, "-o",
+                      tmp_path / "w", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["weights_targeted"] == numel and summary["weights_pruned"] == wanda_zeros
+    reached = f"{wanda_zeros / numel:.4f}"
+    assert reached == "0.9861"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and summary["warnings"] == warnings
+    assert f"reached sparsity {reached}, not the requested 0.999" in warnings[0]
+    assert "63 of 64, 127 of 128" in warnings[0]
+    report = json.loads((tmp_path / "w" / "sparsity_report.json").read_text())
+    assert report["target_sparsity"] == 0.999 and report["global_sparsity"] == wanda_zeros / numel
+    assert report["warnings"] == warnings
+
+    caplog.clear()  # magnitude counts per matrix: int(numel * 0.999) zeros in each, within one weight per module
+    with caplog.at_level(logging.WARNING):
+        result = _run("prune", tiny_model_dir, "--method", "magnitude", "--sparsity", "0.999", "-o", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    for name, w in _weights(tmp_path / "m").items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            assert int((w == 0).sum()) == w.numel() * 999 // 1000, name

@@ -218,6 +218,10 @@ def prune_model(
     timings.update({k: v for k, v in engine.items() if k.endswith("_s")})
     timings["prune_s"] = time.perf_counter() - t0
     report = build_report(model, cfg, blocks, head, calib, timings, before)
+    shortfall = sparsity_shortfall(cfg, blocks, head, report, method_options["exact_total"])
+    if shortfall is not None and ctx.is_main:
+        log.warning(shortfall)
+    report["summary"]["warnings"] = report["warnings"] = [shortfall] if shortfall else []
     for name, info in module_info.items():
         report["modules"][name].update(info)
     report["processes"] = ctx.world
@@ -233,6 +237,41 @@ def prune_model(
             "owl_lambda": cfg.owl_lambda if cfg.owl else None,
         }
     return report
+
+
+def sparsity_shortfall(
+    cfg: PruneConfig,
+    blocks: list[BlockTargets],
+    head: tuple[str, nn.Linear] | None,
+    report: dict[str, Any],
+    exact_total: bool,
+) -> str | None:
+    """One line when the reached global sparsity misses the requested one by more than one weight per module.
+
+    Magnitude (one threshold per matrix) and SparseGPT (cumulative counts over its column blocks) prune
+    int / round(numel * S) per matrix, and OWL or per-block targets prune exact counts per matrix, so they land
+    within that. Wanda compares within each output row, as its reference does, and prunes int(in_features * S)
+    per row: with S = 0.999 and 64 inputs that is 63 of 64, a sparsity of 0.984. N:M patterns are exact.
+    """
+    if cfg.nm is not None:
+        return None
+    requested, reached = cfg.target_sparsity, float(report["global_sparsity"])
+    modules = [m for b in blocks for _, m in b.modules()] + ([head[1]] if head else [])
+    numel = int(report["weights_targeted"])
+    if abs(reached - requested) * numel <= len(modules):
+        return None
+    what = f"reached sparsity {reached:.4f}, not the requested {requested}"
+    if reached < requested and cfg.method == "wanda" and not exact_total and cfg.block_sparsity is None:
+        per_row = sorted({m.in_features for m in modules})
+        counts = ", ".join(f"{masks.prune_count(n, requested)} of {n}" for n in per_row)
+        return (
+            f"wanda {what}: it prunes within each output row, int(in_features x {requested}) weights per row "
+            f"({counts}); ask for a multiple of 1/in_features, or use --method sparsegpt or magnitude, which count "
+            "per matrix"
+        )
+    if reached > requested:
+        return f"{cfg.method} {what}: {report['sparsity_before']:.4f} of the weights were already zero before pruning"
+    return f"{cfg.method} {what}"
 
 
 def _scratch_dir(cfg: PruneConfig) -> str | None:
