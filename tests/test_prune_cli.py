@@ -124,7 +124,33 @@ BAD_CASES = {
     ),
     "unknown recipe key": (lambda d, f: [d, "--recipe", _recipe(f, "sparsty: 0.5\n")], "unknown key 'sparsty'"),
     "targets match nothing": (lambda d, f: [d, "--calib", f, "--targets", "nothing_here"], "matched no Linear"),
+    "binary calibration": (lambda d, f: [d, "--calib", _bad_file(f, "bin.txt")], "bin.txt is a binary file"),
+    "latin-1 calibration": (lambda d, f: [d, "--calib", _bad_file(f, "l1.txt")], "l1.txt is not UTF-8 text (byte 0xe9"),
+    "utf-16 calibration": (lambda d, f: [d, "--calib", _bad_file(f, "u16.jsonl")], "u16.jsonl is UTF-16 text"),
+    "malformed jsonl": (
+        lambda d, f: [d, "--calib", _bad_file(f, "bad.jsonl")],
+        "bad.jsonl line 3 is not valid JSON (Expecting ',' delimiter, column 14)",
+    ),
+    "malformed json": (lambda d, f: [d, "--calib", _bad_file(f, "bad.json")], "bad.json is not valid JSON"),
+    "binary jsonl": (lambda d, f: [d, "--calib", _bad_file(f, "bin.jsonl")], "bin.jsonl is a binary file"),
+    "corrupt parquet": (lambda d, f: [d, "--calib", _bad_file(f, "bad.parquet")], "not a readable parquet file"),
 }
+
+BAD_FILES = {
+    "bin.txt": b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4,
+    "l1.txt": "caf\u00e9 au lait\n".encode("latin-1"),
+    "u16.jsonl": '{"text": "hello"}\n'.encode("utf-16"),
+    "bad.jsonl": b'{"text": "one"}\n{"text": "two"}\n{"text": "x" "y"}\n{"text": "four"}\n',
+    "bad.json": b'[{"text": "one"},\n {"text": ',
+    "bin.jsonl": bytes(range(256)),
+    "bad.parquet": b"PAR1" + bytes(100) + b"PAR1",
+}
+
+
+def _bad_file(text_file, name):
+    path = text_file.parent / name
+    path.write_bytes(BAD_FILES[name])
+    return path
 
 
 def _empty(text_file):
@@ -221,3 +247,10 @@ def test_unreachable_sparsity_says_what_was_reached(tiny_model_dir, text_file, t
     for name, w in _weights(tmp_path / "m").items():
         if ".layers." in name and name.endswith("proj.weight"):
             assert int((w == 0).sum()) == w.numel() * 999 // 1000, name
+
+
+def test_a_bad_calibration_file_fails_before_the_model_loads(tiny_model_dir, text_file, tmp_path):
+    _corrupt_model(tiny_model_dir)  # loading it would be an error of its own
+    result = _run("prune", tiny_model_dir, "--calib", _bad_file(text_file, "bad.jsonl"), "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "bad.jsonl line 3" in result.output and "could not load model" not in result.output

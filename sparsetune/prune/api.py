@@ -86,7 +86,11 @@ def needs_calibration(cfg: PruneConfig) -> bool:
 
 
 def make_calibration(
-    model: nn.Module, tokenizer: Any, cfg: PruneConfig, ctx: DistContext | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: PruneConfig,
+    ctx: DistContext | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> data.CalibrationSet | None:
     """The calibration set for cfg (all ranks get the full set), or None when the run needs none."""
     if not needs_calibration(cfg):
@@ -109,7 +113,7 @@ def make_calibration(
         log.info("self-calibration: %s", info)
         return calib
     return data.calibration_set(
-        tokenizer, cfg.calib, cfg.calib_samples, seqlen, cfg.seed, cfg.calib_sampling, cfg.data_dir
+        tokenizer, cfg.calib, cfg.calib_samples, seqlen, cfg.seed, cfg.calib_sampling, cfg.data_dir, records
     )
 
 
@@ -369,6 +373,9 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
         raise SparsetuneError("missing --output; pass -o OUT_DIR")
     out = check_output_dir(cfg.output, overwrite, inputs=(cfg.model,))
     ctx = dist_context(cfg.device)
+    records = None
+    if needs_calibration(cfg) and cfg.calib != "self" and cfg.calib not in data.NAMED_DATASETS:
+        records = data.load_records(cfg.calib, "train", cfg.data_dir)  # a bad file fails before the model loads
     t0 = time.perf_counter()
     device_map = plan_device_map(cfg) if cfg.device_map else None
     model, tokenizer = models.load_model(
@@ -384,7 +391,7 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
     load_s = time.perf_counter() - t0
     plan_targets(model, cfg)  # fail on bad targets before spending time on calibration data
     t0 = time.perf_counter()
-    calib = make_calibration(model, tokenizer, cfg, ctx)
+    calib = make_calibration(model, tokenizer, cfg, ctx, records)
     calib_s = time.perf_counter() - t0
     report = prune_model(model, tokenizer, cfg, calib, show_progress=show_progress, ctx=ctx)
     report["timings"].update({"load_s": round(load_s, 3), "calibration_data_s": round(calib_s, 3)})
