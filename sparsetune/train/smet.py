@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 import time
 from pathlib import Path
@@ -191,6 +190,7 @@ class SmetRecipe(CheckpointedTraining):
             self._setup_sparse()
         else:
             self._setup_dense()
+        self.init_guard()
         if cfg.resume:
             self.load_checkpoint()
 
@@ -266,7 +266,7 @@ class SmetRecipe(CheckpointedTraining):
                     self.log_row(row)
                 advance(self.state.step, row)
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
+                    self.request_checkpoint()
 
     def topology_due(self, step: int) -> bool:
         interval = self.cfg.update_interval
@@ -286,8 +286,7 @@ class SmetRecipe(CheckpointedTraining):
             (loss_sum * ctx.world / total).backward()
             nll += loss_sum.detach().double().cpu()
         loss = float(all_reduce_sum(nll, ctx)) / total
-        if not math.isfinite(loss):
-            self.raise_nonfinite(step, loss)
+        self.check_loss(step, loss)
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -295,6 +294,7 @@ class SmetRecipe(CheckpointedTraining):
             self.reduce_grads([p for p in self.model.parameters() if p.grad is not None])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.check_weights(step)
         return loss, sum(len(self.train_data.inputs[i]) for i in idx)
 
     def reduce_grads(self, params: list[torch.Tensor]) -> None:
@@ -397,6 +397,13 @@ class SmetRecipe(CheckpointedTraining):
 
     def finish(self) -> dict[str, Any]:
         cfg = self.cfg
+        # Each sparse layer ends with exactly its active count of non-zeros (its zeros are what it started with).
+        self.check_sparsity_kept(
+            {
+                n: (w.param.numel(), w.param.numel() - w.nnz, w.param.numel() - int(w.param.detach().count_nonzero()))
+                for n, w in self.sparse.items()
+            }
+        )
         val_loss = self.validation_loss() if self.val_data is not None else None
         memory = self.memory_report()
         report = self.build_report(memory, val_loss)
