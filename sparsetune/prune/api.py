@@ -274,7 +274,10 @@ def sparsity_shortfall(
             "per matrix"
         )
     if reached > requested:
-        return f"{cfg.method} {what}: {report['sparsity_before']:.4f} of the weights were already zero before pruning"
+        why = f"weights that were zero before pruning (sparsity {report['sparsity_before']:.4f})"
+        if cfg.method == "sparsegpt":
+            why += " or that SparseGPT zeroed because the calibration data never activates their input"
+        return f"{cfg.method} {what}: {why} count as pruned"
     return f"{cfg.method} {what}"
 
 
