@@ -244,9 +244,21 @@ def test_unreachable_sparsity_says_what_was_reached(tiny_model_dir, text_file, t
         result = _run("prune", tiny_model_dir, "--method", "magnitude", "--sparsity", "0.999", "-o", tmp_path / "m")
     assert result.exit_code == 0, result.output
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    magnitude_zeros = 0
     for name, w in _weights(tmp_path / "m").items():
         if ".layers." in name and name.endswith("proj.weight"):
             assert int((w == 0).sum()) == w.numel() * 999 // 1000, name
+            magnitude_zeros += w.numel() * 999 // 1000
+
+    caplog.clear()  # pruning that model again to 0.5 keeps its zeros: over the request, and said so
+    with caplog.at_level(logging.WARNING):
+        result = _run("prune", tmp_path / "m", "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "m2")
+    assert result.exit_code == 0, result.output
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    reached = f"{magnitude_zeros / numel:.4f}"
+    assert reached == "0.9988" and len(warnings) == 1
+    assert f"reached sparsity {reached}, not the requested 0.5" in warnings[0]
+    assert f"zero before pruning (sparsity {reached})" in warnings[0]
 
 
 def test_a_bad_calibration_file_fails_before_the_model_loads(tiny_model_dir, text_file, tmp_path):
