@@ -386,7 +386,7 @@ class CheckpointedTraining:
                 )
                 self._pending_rng = None
             else:
-                self.save_checkpoint(rng=self._pending_rng)  # the state as of the end of `step`, before this loss
+                self.save_checkpoint()  # the state as of the end of `step` (its RNG included), before this loss
         guard["strikes"] = guard["strikes"] + 1 if high else 0
         guard["recent"] = [*guard["recent"], loss][-DIVERGENCE_STEPS:]
         if len(guard["recent"]) == DIVERGENCE_STEPS:
@@ -445,11 +445,12 @@ class CheckpointedTraining:
             with open(self.ckpt_dir / LOG_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def save_checkpoint(self, rng: torch.Tensor | None = None) -> None:
-        """Trained tensors, optimizer state (masks included), TrainingState and RNG (`rng`, else the current
-        state): temp dir, then renamed."""
+    def save_checkpoint(self) -> None:
+        """Trained tensors, optimizer state (masks included), TrainingState and RNG (of the end of the step a
+        checkpoint waited since, else the current one): temp dir, then renamed."""
         assert self.ckpt_dir is not None
-        self.state.rng = {"torch": rng if rng is not None else torch.get_rng_state()}
+        rng = self._pending_rng if self._pending_rng is not None else torch.get_rng_state()
+        self.state.rng = {"torch": rng}
         self._pending_rng = None
         if self.ctx.is_main:
             from safetensors.torch import save_file
