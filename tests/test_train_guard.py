@@ -4,6 +4,8 @@ resumes), and the end-of-run sparsity invariant catches weights that became exac
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -100,11 +102,39 @@ def test_a_loss_that_stays_high_stops_the_run(tmp_path):
     bound = max(2 * reference, reference + 1)
     assert bound == loss_bound(reference) and all(x > bound for x in losses[12:])
     message = str(err.value)
-    assert f"the loss stayed above {bound:.4g}" in message and "for 10 steps" in message and "at step 22" in message
+    assert f"the loss stayed at or above {bound:.4g} (2x its best 10-step mean" in message
+    assert "for 10 steps, up to step 22" in message
     # Checkpoints were due after steps 5, 10, 15 and 20; those of 15 and 20 met a diverging loss and were not written.
     assert "(step 10) is intact" in message
     saved = torch.load(tmp_path / "out.ckpt" / "checkpoint" / "state.pt", weights_only=True)
     assert saved["state"]["step"] == 10
+
+
+class DestroyedAfterStep1(SeftRecipe):
+    """Step 1's loss is half the real one (a model well below uniform guessing); from step 2 on, 1.2x the real one
+    (the tiny random model sits at ln(256), so that is above uniform guessing, as a destroyed model is)."""
+
+    def nll(self, batch):
+        loss = super().nll(batch)
+        return loss * 0.5 if self.state.step == 0 else loss * 1.2
+
+
+def test_a_model_destroyed_in_its_first_steps_stops_at_uniform_guessing(tmp_path):
+    pruned, data = make_pruned(tmp_path), write_text(tmp_path / "t.txt")
+    cfg = guard_settings(tmp_path, pruned, data, "out", steps=30, checkpoint_every=1)
+    recipe = DestroyedAfterStep1(cfg, show_progress=False)
+    recipe.setup()
+    with pytest.raises(SparsetuneError) as err:
+        recipe.train()
+    uniform = math.log(256)  # the tiny model's vocabulary
+    losses = [row["loss"] for row in recipe.state.log]
+    assert len(losses) == 10 and losses[0] < uniform - 1 and all(x >= uniform for x in losses[1:])
+    # Steps 2-11 stay at or above ln(256): the 10th such step stops the run. No step since the first gave a sane
+    # loss, so no checkpoint was trusted; the 2x rule alone would not have fired (no clean 10-step reference).
+    message = str(err.value)
+    assert f"at or above ln(vocab) = {uniform:.4g}, no better than uniform guessing" in message
+    assert "up to step 11" in message and "no checkpoint was written" in message
+    assert not (tmp_path / "out.ckpt" / "checkpoint").exists()
 
 
 class ZeroesActiveWeightsAtTheEnd(SeftRecipe):
@@ -127,6 +157,27 @@ def test_the_end_sparsity_must_equal_the_start_sparsity(tmp_path):
     with pytest.raises(SparsetuneError, match=r"sparsity changed from 0\.5000 to 0\.5136 .*q_proj with 3048 zeros"):
         recipe.finish()
     assert not (tmp_path / "out").exists()
+
+
+class GrownWhereNoGradientReaches(ZeroesActiveWeightsAtTheEnd):
+    """The same zeros, but with Adam's v at 0: entries grown at 0 that never had a gradient, which is no divergence."""
+
+    def train(self):
+        super().train()
+        state = self.optimizer.sparse_state["model.layers.0.self_attn.q_proj"]
+        m, v = state.moments.load()
+        v[:1000] = 0.0
+        state.moments.store(m, v)
+
+
+def test_active_weights_that_never_had_a_gradient_may_stay_zero(tmp_path):
+    pruned, data = make_pruned(tmp_path), write_text(tmp_path / "t.txt")
+    cfg = guard_settings(tmp_path, pruned, data, "out", steps=3, checkpoint_every=0, checkpoint_dir=None)
+    recipe = GrownWhereNoGradientReaches(cfg, show_progress=False)
+    recipe.setup()
+    recipe.train()
+    report = recipe.finish()
+    assert report["summary"]["sparsity_after"] == (36864 + 1000) / 73728  # they count as zeros in the report
 
 
 def test_smet_with_an_absurd_lr_stops_and_its_sparsity_is_checked_at_the_end(corpus, tmp_path):  # noqa: F811

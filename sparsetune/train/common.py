@@ -156,25 +156,29 @@ def drop_fraction_at(step: int, cfg: Schedule) -> float:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The divergence guard. Fixed, not settings: a healthy run never comes near these bounds, and a diverged one
-# crosses them by orders of magnitude (lr 1e9 puts weights near 1e9 after one AdamW step; a destroyed model's
-# loss sits at ln(vocab) or above, several times the loss it had reached).
+# crosses them by far (lr 1e9 puts weights near 1e9 after one AdamW step; lr 0.1 took SmolLM2's fine-tuning loss
+# from 6.3 to 22 in one step, and it stayed above ln(vocab) = 10.8 for the rest of the run).
 
 DIVERGENCE_STEPS = 10  # N: consecutive steps the loss must stay too high; also the window of the loss reference
 DIVERGENCE_FACTOR = 2.0  # too high: above max(FACTOR x reference, reference + MARGIN nats), where the reference is
-DIVERGENCE_MARGIN = 1.0  # the lowest mean of N consecutive step losses so far (robust to single easy batches)
+DIVERGENCE_MARGIN = 1.0  # the lowest mean of N consecutive step losses so far (robust to single easy batches);
+# or, once some step's loss was MARGIN below ln(vocab), at or above ln(vocab): no better than uniform guessing. That
+# catches a model destroyed within its first N steps, before a clean reference exists.
 WEIGHT_LIMIT_FACTOR = 1000.0  # a trained tensor may not exceed 1000 x max(1, its largest |w| at the start)
 
 
 def new_guard() -> dict[str, Any]:
     """The loss history the guard keeps (in TrainingState, so a resumed run judges exactly as an uninterrupted one)."""
-    return {"recent": [], "reference": None, "strikes": 0}
+    return {"recent": [], "reference": None, "lowest": math.inf, "strikes": 0}
 
 
-def loss_bound(reference: float | None) -> float:
-    """The loss above which a step counts as diverging (inf until N steps gave a reference)."""
-    if reference is None:
-        return math.inf
-    return max(DIVERGENCE_FACTOR * reference, reference + DIVERGENCE_MARGIN)
+def loss_bound(reference: float | None, lowest: float = math.inf, uniform: float | None = None) -> float:
+    """The loss above which a step counts as diverging: DIVERGENCE_FACTOR / MARGIN over the reference (once N steps
+    gave one), capped at `uniform` = ln(vocab) once the `lowest` step loss so far was MARGIN below it."""
+    bound = math.inf if reference is None else max(DIVERGENCE_FACTOR * reference, reference + DIVERGENCE_MARGIN)
+    if uniform is not None and lowest < uniform - DIVERGENCE_MARGIN:
+        bound = min(bound, uniform)
+    return bound
 
 
 @dataclass
@@ -341,6 +345,7 @@ class CheckpointedTraining:
     _last_ckpt_step = 0
     _pending_rng: torch.Tensor | None = None  # a checkpoint is due: the RNG state at the end of its step
     _weight_limits: dict[str, float] | None = None
+    _uniform_loss: float | None = None  # ln(vocab): the loss of uniform guessing
 
     def identity(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -370,6 +375,8 @@ class CheckpointedTraining:
         tensors = self.checkpoint_tensors()
         peaks = _abs_max(list(tensors.values()))
         self._weight_limits = {n: WEIGHT_LIMIT_FACTOR * max(1.0, p) for n, p in zip(tensors, peaks, strict=True)}
+        vocab = getattr(self.model.config, "vocab_size", None)
+        self._uniform_loss = math.log(vocab) if isinstance(vocab, int) and vocab > 1 else None
 
     def check_loss(self, step: int, loss: float) -> None:
         """Before the optimizer step of `step` (0-based): stop on a non-finite loss, or when the loss has stayed
@@ -377,8 +384,8 @@ class CheckpointedTraining:
         if not math.isfinite(loss):
             self.raise_nonfinite(step, loss)
         guard = self.state.guard
-        bound = loss_bound(guard["reference"])
-        high = loss > bound
+        bound = loss_bound(guard["reference"], guard["lowest"], self._uniform_loss)
+        high = loss >= bound
         if self._pending_rng is not None:
             if high:
                 log.warning(
@@ -388,15 +395,22 @@ class CheckpointedTraining:
             else:
                 self.save_checkpoint()  # the state as of the end of `step` (its RNG included), before this loss
         guard["strikes"] = guard["strikes"] + 1 if high else 0
+        guard["lowest"] = min(guard["lowest"], loss)
         guard["recent"] = [*guard["recent"], loss][-DIVERGENCE_STEPS:]
         if len(guard["recent"]) == DIVERGENCE_STEPS:
             mean = sum(guard["recent"]) / DIVERGENCE_STEPS
             guard["reference"] = mean if guard["reference"] is None else min(guard["reference"], mean)
         if guard["strikes"] >= DIVERGENCE_STEPS:
+            if bound == self._uniform_loss:
+                why = f"ln(vocab) = {bound:.4g}, no better than uniform guessing, after reaching {guard['lowest']:.4g}"
+            else:
+                why = (
+                    f"{bound:.4g} ({DIVERGENCE_FACTOR:g}x its best {DIVERGENCE_STEPS}-step mean, and at least "
+                    f"{DIVERGENCE_MARGIN:g} above it)"
+                )
             raise SparsetuneError(
-                f"training diverged: the loss stayed above {bound:.4g} (max of {DIVERGENCE_FACTOR:g}x and "
-                f"+{DIVERGENCE_MARGIN:g} over its best {DIVERGENCE_STEPS}-step mean) for {DIVERGENCE_STEPS} steps, "
-                f"up to {loss:.4g} at step {step + 1}, so training stopped before the optimizer step; "
+                f"training diverged: the loss stayed at or above {why} for {DIVERGENCE_STEPS} steps, up to step "
+                f"{step + 1} (loss {loss:.4g}), so training stopped before the optimizer step; "
                 f"{self.intact_checkpoint()}; lower --lr or check the data"
             )
 
@@ -495,9 +509,9 @@ class CheckpointedTraining:
         self, counts: dict[str, tuple[int, int, int]], tolerance: dict[str, int] | None = None
     ) -> None:
         """The end-of-run invariant: every sparse module holds as many zeros as it held at the start, counted the
-        same way (weights == 0). `counts` maps a module to (numel, zeros at the start, zeros now); `tolerance`
-        allows a module a difference (LoRA*'s re-prune rounds per row). Weights that overflowed or cancelled to
-        exactly 0 in a diverging run break it, and nothing is written then."""
+        same way (weights == 0). `counts` maps a module to (numel, zeros at the start, zeros now, less any
+        `untrained_zeros`); `tolerance` allows a module a difference (LoRA*'s re-prune rounds per row). Weights
+        that overflowed or cancelled to exactly 0 in a diverging run break it, and nothing is written then."""
         tolerance = tolerance or {}
         off = {n: c for n, c in counts.items() if abs(c[2] - c[1]) > tolerance.get(n, 0)}
         if not off:
@@ -515,6 +529,15 @@ class CheckpointedTraining:
     def cleanup(self) -> None:
         if self.ctx.world > 1 and torch.distributed.is_initialized():
             self.ctx.barrier()
+
+
+def untrained_zeros(optimizer: Any, weight: Any) -> int:
+    """Active entries of a SparseWeight that hold exactly 0 and never had a non-zero gradient (Adam's v is 0): grown
+    at 0 where no gradient reaches (in tiny models, a unit whose output nothing reads). Unlike weights that
+    overflowed or cancelled to 0, they are no sign of divergence."""
+    _, v = optimizer.sparse_state[weight.name].moments.load()  # per slot, in the order of weight.active
+    values = weight.param.detach().view(-1)[weight.active]
+    return int(((values == 0) & (v == 0)).sum())
 
 
 def _abs_max(tensors: list[torch.Tensor]) -> list[float]:

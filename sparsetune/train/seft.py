@@ -48,6 +48,7 @@ from sparsetune.train.common import (
     packed_windows,
     progress_bar,
     rank_share,
+    untrained_zeros,
 )
 from sparsetune.train.seft_config import SeftConfig
 
@@ -492,7 +493,10 @@ class SeftRecipe(CheckpointedTraining):
         counts, tolerance = {}, {}
         for name, module in self.start.modules.items():
             w = module.weight.detach()
-            counts[name] = (w.numel(), w.numel() - self.start.active_counts[name], w.numel() - int(w.count_nonzero()))
+            zeros = w.numel() - int(w.count_nonzero())
+            if name in self.sparse:
+                zeros -= untrained_zeros(self.optimizer, self.sparse[name])
+            counts[name] = (w.numel(), w.numel() - self.start.active_counts[name], zeros)
             if self.cfg.method == "lora-reprune" and self.start.pattern is None:
                 tolerance[name] = w.shape[0]
         self.check_sparsity_kept(counts, tolerance)

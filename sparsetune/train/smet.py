@@ -45,6 +45,7 @@ from sparsetune.train.common import (
     random_batch,
     rank_share,
     token_nll_sum,
+    untrained_zeros,
 )
 from sparsetune.train.smet_config import PRESETS, SmetConfig
 from sparsetune.train.sparse_optim import SparseAdamW, SparseWeight
@@ -398,12 +399,11 @@ class SmetRecipe(CheckpointedTraining):
     def finish(self) -> dict[str, Any]:
         cfg = self.cfg
         # Each sparse layer ends with exactly its active count of non-zeros (its zeros are what it started with).
-        self.check_sparsity_kept(
-            {
-                n: (w.param.numel(), w.param.numel() - w.nnz, w.param.numel() - int(w.param.detach().count_nonzero()))
-                for n, w in self.sparse.items()
-            }
-        )
+        counts = {}
+        for name, w in self.sparse.items():
+            zeros = w.param.numel() - int(w.param.detach().count_nonzero()) - untrained_zeros(self.optimizer, w)
+            counts[name] = (w.param.numel(), w.param.numel() - w.nnz, zeros)
+        self.check_sparsity_kept(counts)
         val_loss = self.validation_loss() if self.val_data is not None else None
         memory = self.memory_report()
         report = self.build_report(memory, val_loss)
