@@ -388,8 +388,12 @@ class CheckpointedTraining:
         high = loss >= bound
         if self._pending_rng is not None:
             if high:
-                log.warning(
-                    "the checkpoint of step %d was not written: the next loss, %.4g, is above %.4g", step, loss, bound
+                log.log(
+                    logging.INFO if guard["strikes"] else logging.WARNING,  # warn once per run of high losses
+                    "the checkpoint of step %d was not written: the next loss, %.4g, is above %.4g",
+                    step,
+                    loss,
+                    bound,
                 )
                 self._pending_rng = None
             else:
@@ -402,15 +406,13 @@ class CheckpointedTraining:
             guard["reference"] = mean if guard["reference"] is None else min(guard["reference"], mean)
         if guard["strikes"] >= DIVERGENCE_STEPS:
             if bound == self._uniform_loss:
-                why = f"ln(vocab) = {bound:.4g}, no better than uniform guessing, after reaching {guard['lowest']:.4g}"
+                why = f"ln(vocab), no better than uniform guessing, where it had reached {guard['lowest']:.4g}"
             else:
-                why = (
-                    f"{bound:.4g} ({DIVERGENCE_FACTOR:g}x its best {DIVERGENCE_STEPS}-step mean, and at least "
-                    f"{DIVERGENCE_MARGIN:g} above it)"
-                )
+                why = f"{DIVERGENCE_FACTOR:g}x its best {DIVERGENCE_STEPS}-step mean, "
+                why += f"at least {DIVERGENCE_MARGIN:g} above it"
             raise SparsetuneError(
-                f"training diverged: the loss stayed at or above {why} for {DIVERGENCE_STEPS} steps, up to step "
-                f"{step + 1} (loss {loss:.4g}), so training stopped before the optimizer step; "
+                f"training diverged: the loss stayed at or above {bound:.4g} ({why}) for {DIVERGENCE_STEPS} steps, "
+                f"up to step {step + 1} (loss {loss:.4g}), so training stopped before the optimizer step; "
                 f"{self.intact_checkpoint()}; lower --lr or check the data"
             )
 
