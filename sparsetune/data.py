@@ -149,21 +149,65 @@ def _load_from_hub(name: str, where: NamedSplit) -> list[dict[str, Any]]:
     return [dict(r) for r in ds]
 
 
+def read_text_file(path: Path) -> str:
+    """A data file's text as UTF-8; a binary or otherwise encoded file is one error naming the fix."""
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise SparsetuneError(f"{path} is UTF-16 text; convert it, e.g. iconv -f utf-16 -t utf-8 {path.name}")
+    if b"\0" in head:  # text never holds NUL bytes; looked for before a large binary file is read whole
+        raise SparsetuneError(f"{path} is a binary file, not text; pass a UTF-8 .txt/.jsonl/.json or a .parquet")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SparsetuneError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            f"convert it, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}"
+        ) from err
+
+
+def _jsonl_rows(path: Path) -> list[Any]:
+    rows = []
+    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise SparsetuneError(
+                f"{path} line {number} is not valid JSON ({err.msg}, column {err.colno}); fix that line: "
+                "each line of a .jsonl file holds one JSON object"
+            ) from err
+    return rows
+
+
 def read_records_file(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".txt", ".raw"):
         if path.name.startswith("wiki.") and suffix == ".raw":
-            return wikitext_rows(path.read_text(encoding="utf-8"))
-        return [{"text": path.read_text(encoding="utf-8")}]
+            return wikitext_rows(read_text_file(path))
+        return [{"text": read_text_file(path)}]
     if suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = _jsonl_rows(path)
     elif suffix == ".json":
-        loaded = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            loaded = json.loads(read_text_file(path))
+        except json.JSONDecodeError as err:
+            raise SparsetuneError(
+                f"{path} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno}); fix it, or write "
+                "one record per line as .jsonl"
+            ) from err
         rows = loaded if isinstance(loaded, list) else loaded.get("data", []) if isinstance(loaded, dict) else []
     elif suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as err:
+            raise SparsetuneError(
+                f"{path} is not a readable parquet file ({_first_line(err)}); re-write it, or pass .txt/.jsonl/.json"
+            ) from err
     else:
         raise SparsetuneError(f"unsupported data file {path}; use .txt, .jsonl, .json or .parquet")
     for i, row in enumerate(rows):
@@ -174,6 +218,11 @@ def read_records_file(path: Path) -> list[dict[str, Any]]:
                 "rename the text field to `text`"
             )
     return rows
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def wikitext_rows(raw: str) -> list[dict[str, Any]]:

@@ -182,13 +182,16 @@ def load_model(
         if kind == "dir":
             exported = _exported_loader(Path(location))
             if exported is not None:
-                model = exported(Path(location), dtype=torch_dtype, **load_kwargs)
                 tokenizer = load_tokenizer(location, trust_remote_code) if need_tokenizer else None
+                model = exported(Path(location), dtype=torch_dtype, **load_kwargs)
                 return _place(model, dev, device_map), tokenizer
             if not (Path(location) / "config.json").exists():
                 raise SparsetuneError(f"{location} has no config.json; pass a HF model dir (save_pretrained output)")
+        # A local dir's tokenizer first: it loads in a moment, so a missing one fails before the weights are read.
+        tokenizer = load_tokenizer(location, trust_remote_code) if need_tokenizer and kind == "dir" else None
         model = _from_pretrained(location, torch_dtype, trust_remote_code, device_map, **load_kwargs)
-        tokenizer = load_tokenizer(location, trust_remote_code) if need_tokenizer else None
+        if need_tokenizer and tokenizer is None:
+            tokenizer = load_tokenizer(location, trust_remote_code)
     return _place(model, dev, device_map), tokenizer
 
 
@@ -230,16 +233,32 @@ def _from_pretrained(
         raise SparsetuneError(f"could not load model {location}: {_first_line(err)}; {hint}") from err
 
 
+# A dir without any of these holds no tokenizer AutoTokenizer could load (fast, config, sentencepiece, BPE vocab).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json")
+
+
+def has_tokenizer_files(location: str) -> bool:
+    """False for a local dir holding no tokenizer file; True otherwise (hub ids are not checked)."""
+    path = Path(location).expanduser()
+    return not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(location: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     if not Path(location).expanduser().exists():
         _probe_hub()
+    if not has_tokenizer_files(location):
+        raise SparsetuneError(
+            f"{location} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+            "save one into the model dir (tokenizer.save_pretrained)"
+        )
     try:
         return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001
+        reason = " ".join(str(err).split())[:300] or type(err).__name__  # transformers' messages span lines
         raise SparsetuneError(
-            f"could not load a tokenizer from {location}: {_first_line(err)}; "
+            f"could not load a tokenizer from {location}: {reason}; "
             "save the tokenizer into the model dir (tokenizer.save_pretrained)"
         ) from err
 

@@ -98,3 +98,16 @@ def test_report_writes_readable_charts(tmp_path, pruned_dir):
     assert f"| self_attn.q_proj | {q_zeros / q_numel:.4f} |" in md
     missing = run("report", tmp_path)
     assert missing.exit_code == 2 and "sparsity_report.json not found" in missing.output
+
+
+def test_undecodable_ppl_files_are_one_line_errors(tmp_path, tiny_model_dir):
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes((tiny_model_dir / "model.safetensors").read_bytes()[:4096])
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("na\u00efve caf\u00e9\n".encode("latin-1"))
+    for path, expected in ((binary, "weights.txt is a binary file"), (latin, "latin.txt is not UTF-8 text")):
+        result = run("eval", tiny_model_dir, "--ppl", path, "-o", tmp_path / "out")
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and expected in lines[0] and str(path) in lines[0], result.output
+        assert not (tmp_path / "out").exists()

@@ -128,3 +128,55 @@ def test_wrong_tensors_are_refused(exported, key, bad, match):
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(SparsetuneError, match=match):
         sparsetune.load(str(exported))
+
+
+def _swap_two_mask_bits(path, key):
+    """Move one kept position of a bitmask row to a pruned one: every count (popcount, row offsets) still fits."""
+    start, header = _header(path)
+    data = bytearray(path.read_bytes())
+    lo, hi = header[key]["data_offsets"]
+    for pos in range(start + lo, start + hi):
+        byte = data[pos]
+        if 0 < byte < 0xFF:  # holds a kept and a pruned position
+            one = next(b for b in range(8) if byte >> b & 1)
+            zero = next(b for b in range(8) if not byte >> b & 1)
+            data[pos] = byte ^ (1 << one) ^ (1 << zero)
+            path.write_bytes(bytes(data))
+            return
+    raise AssertionError("no mixed byte in the bitmask")
+
+
+def test_missing_integrity_record_warns_and_a_tampered_bitmask_is_refused_with_it(exported, caplog):
+    key = "model.layers.0.mlp.up_proj"
+    want = {k: v.clone() for k, v in load_file(str(exported / "model.safetensors")).items()}  # not the mmap
+    meta_file = exported / "sparsetune_config.json"
+    meta = json.loads(meta_file.read_text())
+    _swap_two_mask_bits(exported / "model.safetensors", f"{key}.bitmask")
+    with pytest.raises(SparsetuneError, match="sha256 mismatch"):  # the record catches the edit
+        sparsetune.load(str(exported))
+
+    meta.pop("files")  # the record removed: the edit loads, but not silently
+    meta_file.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="sparsetune.export.loader"):
+        got = sparsetune.load(str(exported)).state_dict()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "has no sha256 record" in warnings[0] and "re-export" in warnings[0]
+    from sparsetune.export.codecs import bitmask_decompress
+
+    parts = {p: want[f"{key}.{p}"] for p in ("shape", "compressed", "bitmask", "row_offsets")}
+    original = bitmask_decompress(parts)
+    moved = got[f"{key}.weight"]
+    assert int((moved != 0).sum()) == int((original != 0).sum())
+    assert not torch.equal(moved, original)  # different weights: exactly what only the sha256 would catch
+
+
+def test_intact_export_loads_without_warning_and_a_bad_record_is_refused(exported, caplog):
+    with caplog.at_level(logging.WARNING, logger="sparsetune.export.loader"):
+        sparsetune.load(str(exported))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    meta_file = exported / "sparsetune_config.json"
+    meta = json.loads(meta_file.read_text())
+    meta["files"] = {"model.safetensors": "abc"}
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(SparsetuneError, match="must map each weight file to its bytes and sha256"):
+        sparsetune.load(str(exported))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file as safetensors_load_file
 from torch import nn
 
 from sparsetune.errors import SparsetuneError
-from sparsetune.export import read_export_format
+from sparsetune.export import _read_json, read_export_format
 from sparsetune.export.codecs import CODECS, TWO_FOUR, nm_group_violations
 from sparsetune.export.writer import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256
 
@@ -37,6 +37,32 @@ def shard_files(path: Path) -> list[str]:
     if (path / SAFE_WEIGHTS).exists():
         return [SAFE_WEIGHTS]
     raise SparsetuneError(f"{path} has no {SAFE_WEIGHTS} or {SAFE_INDEX}; re-export the model")
+
+
+def integrity_record(path: Path) -> dict[str, Any] | None:
+    """The per-file size and sha256 that `sparsetune export` records in sparsetune_config.json, or None (with one
+    warning) when the dir has none: then only the layout checks run, and a bitmask edited so that its counts still
+    line up (a popcount-preserving change) would load as different weights without any error."""
+    meta_file = path / SPARSETUNE_CONFIG
+    meta = _read_json(meta_file) if meta_file.is_file() else {}
+    files = meta.get("files")
+    if files is None:
+        log.warning(
+            "%s has no sha256 record (the `files` entry of %s), so its weight files cannot be checked for "
+            "corruption or tampering; re-export it with `sparsetune export` to get one",
+            path,
+            SPARSETUNE_CONFIG,
+        )
+        return None
+    valid = isinstance(files, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+        for v in files.values()
+    )
+    if not valid:
+        raise SparsetuneError(
+            f"{meta_file}: `files` must map each weight file to its bytes and sha256; re-export the model"
+        )
+    return files
 
 
 def read_tensors(path: Path, digests: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
@@ -125,11 +151,7 @@ def load_exported(
     fmt = read_export_format(path)
     if fmt is None:
         raise SparsetuneError(f"{path} is not a compressed sparsetune export; load it as a plain HF dir")
-    meta_file = path / SPARSETUNE_CONFIG
-    digests = None
-    if meta_file.exists():
-        digests = json.loads(meta_file.read_text()).get("files")
-    state = decompress_state(read_tensors(path, digests), fmt)
+    state = decompress_state(read_tensors(path, integrity_record(path)), fmt)
 
     raw_config = json.loads((path / "config.json").read_text())
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)

@@ -86,7 +86,11 @@ def needs_calibration(cfg: PruneConfig) -> bool:
 
 
 def make_calibration(
-    model: nn.Module, tokenizer: Any, cfg: PruneConfig, ctx: DistContext | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: PruneConfig,
+    ctx: DistContext | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> data.CalibrationSet | None:
     """The calibration set for cfg (all ranks get the full set), or None when the run needs none."""
     if not needs_calibration(cfg):
@@ -109,7 +113,7 @@ def make_calibration(
         log.info("self-calibration: %s", info)
         return calib
     return data.calibration_set(
-        tokenizer, cfg.calib, cfg.calib_samples, seqlen, cfg.seed, cfg.calib_sampling, cfg.data_dir
+        tokenizer, cfg.calib, cfg.calib_samples, seqlen, cfg.seed, cfg.calib_sampling, cfg.data_dir, records
     )
 
 
@@ -218,6 +222,10 @@ def prune_model(
     timings.update({k: v for k, v in engine.items() if k.endswith("_s")})
     timings["prune_s"] = time.perf_counter() - t0
     report = build_report(model, cfg, blocks, head, calib, timings, before)
+    shortfall = sparsity_shortfall(cfg, blocks, head, report, method_options["exact_total"])
+    if shortfall is not None and ctx.is_main:
+        log.warning(shortfall)
+    report["summary"]["warnings"] = report["warnings"] = [shortfall] if shortfall else []
     for name, info in module_info.items():
         report["modules"][name].update(info)
     report["processes"] = ctx.world
@@ -233,6 +241,44 @@ def prune_model(
             "owl_lambda": cfg.owl_lambda if cfg.owl else None,
         }
     return report
+
+
+def sparsity_shortfall(
+    cfg: PruneConfig,
+    blocks: list[BlockTargets],
+    head: tuple[str, nn.Linear] | None,
+    report: dict[str, Any],
+    exact_total: bool,
+) -> str | None:
+    """One line when the reached global sparsity misses the requested one by more than one weight per module.
+
+    Magnitude (one threshold per matrix) and SparseGPT (cumulative counts over its column blocks) prune
+    int / round(numel * S) per matrix, and OWL or per-block targets prune exact counts per matrix, so they land
+    within that. Wanda compares within each output row, as its reference does, and prunes int(in_features * S)
+    per row: with S = 0.999 and 64 inputs that is 63 of 64, a sparsity of 0.984. N:M patterns are exact.
+    """
+    if cfg.nm is not None:
+        return None
+    requested, reached = cfg.target_sparsity, float(report["global_sparsity"])
+    modules = [m for b in blocks for _, m in b.modules()] + ([head[1]] if head else [])
+    numel = int(report["weights_targeted"])
+    if abs(reached - requested) * numel <= len(modules):
+        return None
+    what = f"reached sparsity {reached:.4f}, not the requested {requested}"
+    if reached < requested and cfg.method == "wanda" and not exact_total and cfg.block_sparsity is None:
+        per_row = sorted({m.in_features for m in modules})
+        counts = ", ".join(f"{masks.prune_count(n, requested)} of {n}" for n in per_row)
+        return (
+            f"wanda {what}: it prunes within each output row, int(in_features x {requested}) weights per row "
+            f"({counts}); ask for a multiple of 1/in_features, or use --method sparsegpt or magnitude, which count "
+            "per matrix"
+        )
+    if reached > requested:
+        why = f"weights that were zero before pruning (sparsity {report['sparsity_before']:.4f})"
+        if cfg.method == "sparsegpt":
+            why += " or that SparseGPT zeroed because the calibration data never activates their input"
+        return f"{cfg.method} {what}: {why} count as pruned"
+    return f"{cfg.method} {what}"
 
 
 def _scratch_dir(cfg: PruneConfig) -> str | None:
@@ -318,6 +364,9 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
         raise SparsetuneError("missing --output; pass -o OUT_DIR")
     out = check_output_dir(cfg.output, overwrite, inputs=(cfg.model,))
     ctx = dist_context(cfg.device)
+    records = None
+    if needs_calibration(cfg) and cfg.calib != "self" and cfg.calib not in data.NAMED_DATASETS:
+        records = data.load_records(cfg.calib, "train", cfg.data_dir)  # a bad file fails before the model loads
     t0 = time.perf_counter()
     device_map = plan_device_map(cfg) if cfg.device_map else None
     model, tokenizer = models.load_model(
@@ -326,11 +375,14 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
         device="cpu" if ctx.device.type == "cuda" else cfg.device,  # blocks visit the GPU one at a time
         trust_remote_code=cfg.trust_remote_code,
         device_map=device_map,
+        need_tokenizer=needs_calibration(cfg),
     )
+    if tokenizer is None:
+        tokenizer = optional_tokenizer(cfg.model, cfg.trust_remote_code)
     load_s = time.perf_counter() - t0
     plan_targets(model, cfg)  # fail on bad targets before spending time on calibration data
     t0 = time.perf_counter()
-    calib = make_calibration(model, tokenizer, cfg, ctx)
+    calib = make_calibration(model, tokenizer, cfg, ctx, records)
     calib_s = time.perf_counter() - t0
     report = prune_model(model, tokenizer, cfg, calib, show_progress=show_progress, ctx=ctx)
     report["timings"].update({"load_s": round(load_s, 3), "calibration_data_s": round(calib_s, 3)})
@@ -338,6 +390,22 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
         save_pruned(model, tokenizer, cfg, report, out, overwrite)
     ctx.barrier()
     return report
+
+
+def optional_tokenizer(spec: str, trust_remote_code: bool) -> Any:
+    """The model's tokenizer for a run that needs none (magnitude), carried into the output. A model dir without
+    any tokenizer file gets one warning and an output without one; a tokenizer that fails to load is an error."""
+    kind, location = models.resolve_model_path(spec)
+    if kind == "bundled":
+        location = str(models.bundled_model_dir())
+    if not models.has_tokenizer_files(location):
+        log.warning(
+            "%s holds no tokenizer; magnitude pruning needs none, so the output is written without one "
+            "(save one into it with tokenizer.save_pretrained before eval or seft)",
+            spec,
+        )
+        return None
+    return models.load_tokenizer(location, trust_remote_code)
 
 
 def plan_device_map(cfg: PruneConfig, max_memory: dict[Any, Any] | None = None) -> dict[str, Any]:

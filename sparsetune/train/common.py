@@ -154,6 +154,33 @@ def drop_fraction_at(step: int, cfg: Schedule) -> float:
     )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The divergence guard. Fixed, not settings: a healthy run never comes near these bounds, and a diverged one
+# crosses them by far (lr 1e9 puts weights near 1e9 after one AdamW step; lr 0.1 took SmolLM2's fine-tuning loss
+# from 6.3 to 22 in one step, and it stayed above ln(vocab) = 10.8 for the rest of the run).
+
+DIVERGENCE_STEPS = 10  # N: consecutive steps the loss must stay too high; also the window of the loss reference
+DIVERGENCE_FACTOR = 2.0  # too high: above max(FACTOR x reference, reference + MARGIN nats), where the reference is
+DIVERGENCE_MARGIN = 1.0  # the lowest mean of N consecutive step losses so far (robust to single easy batches);
+# or, once some step's loss was MARGIN below ln(vocab), at or above ln(vocab): no better than uniform guessing. That
+# catches a model destroyed within its first N steps, before a clean reference exists.
+WEIGHT_LIMIT_FACTOR = 1000.0  # a trained tensor may not exceed 1000 x max(1, its largest |w| at the start)
+
+
+def new_guard() -> dict[str, Any]:
+    """The loss history the guard keeps (in TrainingState, so a resumed run judges exactly as an uninterrupted one)."""
+    return {"recent": [], "reference": None, "lowest": math.inf, "strikes": 0}
+
+
+def loss_bound(reference: float | None, lowest: float = math.inf, uniform: float | None = None) -> float:
+    """The loss above which a step counts as diverging: DIVERGENCE_FACTOR / MARGIN over the reference (once N steps
+    gave one), capped at `uniform` = ln(vocab) once the `lowest` step loss so far was MARGIN below it."""
+    bound = math.inf if reference is None else max(DIVERGENCE_FACTOR * reference, reference + DIVERGENCE_MARGIN)
+    if uniform is not None and lowest < uniform - DIVERGENCE_MARGIN:
+        bound = min(bound, uniform)
+    return bound
+
+
 @dataclass
 class TrainingState:
     """Everything besides weights and optimizer state that resume needs (torch.save-able plain data)."""
@@ -164,9 +191,10 @@ class TrainingState:
     topology: list[dict[str, Any]] = field(default_factory=list)
     reprunes: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)
+    guard: dict[str, Any] = field(default_factory=new_guard)
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("step", "tokens", "log", "topology", "reprunes", "rng")}
+        return {k: getattr(self, k) for k in ("step", "tokens", "log", "topology", "reprunes", "rng", "guard")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
@@ -282,10 +310,17 @@ class progress_bar:  # noqa: N801 - a context manager used like a function
 
 
 class CheckpointedTraining:
-    """What SEFT and SMET training share: the loss, validation, the JSONL log, resumable checkpoints, the NaN stop.
+    """What SEFT and SMET training share: the loss, validation, the JSONL log, resumable checkpoints, and the stops
+    on a non-finite or diverging loss and on non-finite or absurd weights.
 
     A subclass sets cfg, ctx, model, optimizer, state, ckpt_dir, val_data and pad_id in its setup, and says what a
-    checkpoint holds (`checkpoint_tensors`) and which settings it must match to be resumed (`identity`).
+    checkpoint holds (`checkpoint_tensors`) and which settings it must match to be resumed (`identity`). Its
+    train loop calls `check_loss` before each optimizer step, `check_weights` after it, and `request_checkpoint`
+    where a checkpoint is due; its setup calls `init_guard` before any resume.
+
+    A checkpoint is only written once its weights have proven sane: the one due after step s is written during
+    step s + 1, when those weights have given a finite loss that is not diverging (and before they change). So
+    the checkpoint a stop calls intact always predates the divergence.
     """
 
     RESUME_HINT = "resume with the same settings"
@@ -298,6 +333,9 @@ class CheckpointedTraining:
     val_data: Examples | None
     pad_id: int
     _last_ckpt_step = 0
+    _pending_rng: torch.Tensor | None = None  # a checkpoint is due: the RNG state at the end of its step
+    _weight_limits: dict[str, float] | None = None
+    _uniform_loss: float | None = None  # ln(vocab): the loss of uniform guessing
 
     def identity(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -309,14 +347,87 @@ class CheckpointedTraining:
         """Summed token NLL of one micro-batch (a method so tests can inject a failure)."""
         return token_nll_sum(self.model, batch)
 
+    def intact_checkpoint(self) -> str:
+        if self.ckpt_dir is not None and (self.ckpt_dir / CKPT_NAME / "state.pt").exists():
+            return f"the last checkpoint in {self.ckpt_dir} (step {self._last_ckpt_step}) is intact"
+        return "no checkpoint was written"
+
     def raise_nonfinite(self, step: int, loss: float) -> None:
-        where = "no checkpoint was written"
-        if self.ckpt_dir is not None and (self.ckpt_dir / CKPT_NAME).exists():
-            where = f"the last checkpoint in {self.ckpt_dir} (step {self._last_ckpt_step}) is intact"
         raise SparsetuneError(
             f"the training loss became {loss} at step {step + 1}, so training stopped before the optimizer step; "
-            f"{where}; lower --lr or check the data"
+            f"{self.intact_checkpoint()}; lower --lr or check the data"
         )
+
+    # -- the divergence guard ---------------------------------------------------------------------------------
+
+    def init_guard(self) -> None:
+        """Each trained tensor's weight limit, from its values at the start (call before loading a checkpoint)."""
+        tensors = self.checkpoint_tensors()
+        peaks = _abs_max(list(tensors.values()))
+        self._weight_limits = {n: WEIGHT_LIMIT_FACTOR * max(1.0, p) for n, p in zip(tensors, peaks, strict=True)}
+        vocab = getattr(self.model.config, "vocab_size", None)
+        self._uniform_loss = math.log(vocab) if isinstance(vocab, int) and vocab > 1 else None
+
+    def check_loss(self, step: int, loss: float) -> None:
+        """Before the optimizer step of `step` (0-based): stop on a non-finite loss, or when the loss has stayed
+        too high for DIVERGENCE_STEPS steps; otherwise write the checkpoint that waited for this loss."""
+        if not math.isfinite(loss):
+            self.raise_nonfinite(step, loss)
+        guard = self.state.guard
+        bound = loss_bound(guard["reference"], guard["lowest"], self._uniform_loss)
+        high = loss >= bound
+        if self._pending_rng is not None:
+            if high:
+                log.log(
+                    logging.INFO if guard["strikes"] else logging.WARNING,  # warn once per run of high losses
+                    "the checkpoint of step %d was not written: the next loss, %.4g, is above %.4g",
+                    step,
+                    loss,
+                    bound,
+                )
+                self._pending_rng = None
+            else:
+                self.save_checkpoint()  # the state as of the end of `step` (its RNG included), before this loss
+        guard["strikes"] = guard["strikes"] + 1 if high else 0
+        guard["lowest"] = min(guard["lowest"], loss)
+        guard["recent"] = [*guard["recent"], loss][-DIVERGENCE_STEPS:]
+        if len(guard["recent"]) == DIVERGENCE_STEPS:
+            mean = sum(guard["recent"]) / DIVERGENCE_STEPS
+            guard["reference"] = mean if guard["reference"] is None else min(guard["reference"], mean)
+        if guard["strikes"] >= DIVERGENCE_STEPS:
+            if bound == self._uniform_loss:
+                why = f"ln(vocab), no better than uniform guessing, where it had reached {guard['lowest']:.4g}"
+            else:
+                why = f"{DIVERGENCE_FACTOR:g}x its best {DIVERGENCE_STEPS}-step mean, "
+                why += f"at least {DIVERGENCE_MARGIN:g} above it"
+            raise SparsetuneError(
+                f"training diverged: the loss stayed at or above {bound:.4g} ({why}) for {DIVERGENCE_STEPS} steps, "
+                f"up to step {step + 1} (loss {loss:.4g}), so training stopped before the optimizer step; "
+                f"{self.intact_checkpoint()}; lower --lr or check the data"
+            )
+
+    def check_weights(self, step: int) -> None:
+        """After the optimizer step of `step`: stop when a trained tensor holds a non-finite or absurd value."""
+        if self._weight_limits is None:
+            return
+        tensors = self.checkpoint_tensors()
+        for (name, _), peak in zip(tensors.items(), _abs_max(list(tensors.values())), strict=True):
+            limit = self._weight_limits[name]
+            if not peak <= limit:  # also true for nan
+                raise SparsetuneError(
+                    f"training diverged: after step {step + 1}, {name} holds a weight of magnitude {peak:.3g}, over "
+                    f"its limit {limit:.3g} ({WEIGHT_LIMIT_FACTOR:g} x the larger of 1 and its largest at the start), "
+                    f"so training stopped; {self.intact_checkpoint()}; lower --lr"
+                )
+
+    def request_checkpoint(self) -> None:
+        """A checkpoint is due now. The last step's is written at once (there is no next loss to wait for; its
+        weights passed `check_weights`); any other waits for the next step's loss (see `check_loss`)."""
+        if self.state.step >= self.cfg.steps:
+            self._pending_rng = None
+            self.save_checkpoint()
+        else:
+            self._pending_rng = torch.get_rng_state()
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -341,9 +452,12 @@ class CheckpointedTraining:
                 f.write(json.dumps(row) + "\n")
 
     def save_checkpoint(self) -> None:
-        """Trained tensors, optimizer state (masks included), TrainingState and RNG: temp dir, then renamed."""
+        """Trained tensors, optimizer state (masks included), TrainingState and RNG (of the end of the step a
+        checkpoint waited since, else the current one): temp dir, then renamed."""
         assert self.ckpt_dir is not None
-        self.state.rng = {"torch": torch.get_rng_state()}
+        rng = self._pending_rng if self._pending_rng is not None else torch.get_rng_state()
+        self.state.rng = {"torch": rng}
+        self._pending_rng = None
         if self.ctx.is_main:
             from safetensors.torch import save_file
 
@@ -383,6 +497,45 @@ class CheckpointedTraining:
             (self.ckpt_dir / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
         log.info("resumed from step %d in %s", self.state.step, path)
 
+    def check_sparsity_kept(
+        self, counts: dict[str, tuple[int, int, int]], tolerance: dict[str, int] | None = None
+    ) -> None:
+        """The end-of-run invariant: every sparse module holds as many zeros as it held at the start, counted the
+        same way (weights == 0). `counts` maps a module to (numel, zeros at the start, zeros now, less any
+        `untrained_zeros`); `tolerance` allows a module a difference (LoRA*'s re-prune rounds per row). Weights
+        that overflowed or cancelled to exactly 0 in a diverging run break it, and nothing is written then."""
+        tolerance = tolerance or {}
+        off = {n: c for n, c in counts.items() if abs(c[2] - c[1]) > tolerance.get(n, 0)}
+        if not off:
+            return
+        numel = sum(c[0] for c in counts.values())
+        before = sum(c[1] for c in counts.values()) / numel
+        after = sum(c[2] for c in counts.values()) / numel
+        name, (_, start, now) = next(iter(off.items()))
+        raise SparsetuneError(
+            f"the sparsity changed from {before:.4f} to {after:.4f} during training ({len(off)} modules, e.g. {name} "
+            f"with {now} zeros instead of {start}): weights overflowed or cancelled to exactly 0, so the run "
+            f"diverged; nothing was written; lower --lr"
+        )
+
     def cleanup(self) -> None:
         if self.ctx.world > 1 and torch.distributed.is_initialized():
             self.ctx.barrier()
+
+
+def untrained_zeros(optimizer: Any, weight: Any) -> int:
+    """Active entries of a SparseWeight that hold exactly 0 and never had a non-zero gradient (Adam's v is 0): grown
+    at 0 where no gradient reaches (in tiny models, a unit whose output nothing reads). Unlike weights that
+    overflowed or cancelled to 0, they are no sign of divergence."""
+    _, v = optimizer.sparse_state[weight.name].moments.load()  # per slot, in the order of weight.active
+    values = weight.param.detach().view(-1)[weight.active]
+    return int(((values == 0) & (v == 0)).sum())
+
+
+def _abs_max(tensors: list[torch.Tensor]) -> list[float]:
+    """Largest |value| of each tensor (nan when it holds one), with one device sync for all of them."""
+    if not tensors:
+        return []
+    with torch.no_grad():
+        peaks = torch.stack([torch.linalg.vector_norm(t.detach(), math.inf).float() for t in tensors])
+    return [float(p) for p in peaks.cpu()]

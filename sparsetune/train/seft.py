@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from sparsetune.train.common import (
     packed_windows,
     progress_bar,
     rank_share,
+    untrained_zeros,
 )
 from sparsetune.train.seft_config import SeftConfig
 
@@ -236,6 +236,7 @@ class SeftRecipe(CheckpointedTraining):
         else:
             self._setup_sparse()
         self._identity = run_identity(cfg, self.start)  # the start masks are final here; a resume must match them
+        self.init_guard()
         if cfg.resume:
             self.load_checkpoint()
 
@@ -382,7 +383,7 @@ class SeftRecipe(CheckpointedTraining):
                     self.log_row(row)
                 advance(self.state.step, row)
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
+                    self.request_checkpoint()
 
     def train_step(self, step: int) -> tuple[float, int]:
         """Forward/backward over the micro-batches of global batch `step`, then one optimizer step."""
@@ -398,8 +399,7 @@ class SeftRecipe(CheckpointedTraining):
             (loss_sum * self.grad_scale() / total).backward()
             nll += loss_sum.detach().double().cpu()
         loss = float(all_reduce_sum(nll, ctx)) / total
-        if not math.isfinite(loss):
-            self.raise_nonfinite(step, loss)
+        self.check_loss(step, loss)
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -407,6 +407,7 @@ class SeftRecipe(CheckpointedTraining):
             self.reduce_dense_grads(list(self.trainable.values()))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.check_weights(step)
         return loss, sum(len(self.train_data.inputs[i]) for i in idx)
 
     def grad_scale(self) -> float:
@@ -485,6 +486,21 @@ class SeftRecipe(CheckpointedTraining):
                     )
         return zeros / max(1, numel)
 
+    def check_final_sparsity(self) -> None:
+        """Every sparse module ends with the zeros it started with (start: its active count after any restore).
+        LoRA*'s Wanda re-prune picks int(in_features * s) per row, so it may differ by up to one weight per row
+        from a start that was pruned per matrix."""
+        counts, tolerance = {}, {}
+        for name, module in self.start.modules.items():
+            w = module.weight.detach()
+            zeros = w.numel() - int(w.count_nonzero())
+            if name in self.sparse:
+                zeros -= untrained_zeros(self.optimizer, self.sparse[name])
+            counts[name] = (w.numel(), w.numel() - self.start.active_counts[name], zeros)
+            if self.cfg.method == "lora-reprune" and self.start.pattern is None:
+                tolerance[name] = w.shape[0]
+        self.check_sparsity_kept(counts, tolerance)
+
     # -- checkpoints (the mechanics live in CheckpointedTraining) ---------------------------------------------
 
     RESUME_HINT = "resume with the same model and settings"
@@ -503,6 +519,7 @@ class SeftRecipe(CheckpointedTraining):
         t0 = time.perf_counter()
         reprune_report = self._merge_and_reprune() if cfg.method == "lora-reprune" else None
         finish_s = time.perf_counter() - t0
+        self.check_final_sparsity()
         memory = self.memory_report()
         report = build_report(self, memory, reprune_report, finish_s)
         if self.ctx.is_main:

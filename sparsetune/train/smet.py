@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 import time
 from pathlib import Path
@@ -58,6 +57,7 @@ from sparsetune.train.common import (
     random_batch,
     rank_share,
     token_nll_sum,
+    untrained_zeros,
 )
 from sparsetune.train.smet_config import PRESETS, SmetConfig
 from sparsetune.train.sparse_optim import SparseAdamW, SparseWeight
@@ -222,6 +222,7 @@ class SmetRecipe(CheckpointedTraining):
             self._setup_sparse()
         else:
             self._setup_dense()
+        self.init_guard()
         if cfg.resume:
             self.load_checkpoint()
 
@@ -307,7 +308,7 @@ class SmetRecipe(CheckpointedTraining):
                     self.log_row(row)
                 advance(self.state.step, row)
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
+                    self.request_checkpoint()
 
     def topology_due(self, step: int) -> bool:
         interval = self.cfg.update_interval
@@ -352,8 +353,7 @@ class SmetRecipe(CheckpointedTraining):
             (loss_sum * ctx.world / total).backward()
             nll += loss_sum.detach().double().cpu()
         loss = float(all_reduce_sum(nll, ctx)) / total
-        if not math.isfinite(loss):
-            self.raise_nonfinite(step, loss)
+        self.check_loss(step, loss)
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -361,6 +361,7 @@ class SmetRecipe(CheckpointedTraining):
             self.reduce_grads([p for p in self.model.parameters() if p.grad is not None])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.check_weights(step)
         return loss, sum(len(self.train_data.inputs[i]) for i in idx)
 
     def reduce_grads(self, params: list[torch.Tensor]) -> None:
@@ -480,6 +481,12 @@ class SmetRecipe(CheckpointedTraining):
 
     def finish(self) -> dict[str, Any]:
         cfg = self.cfg
+        # Each sparse layer ends with exactly its active count of non-zeros (its zeros are what it started with).
+        counts = {}
+        for name, w in self.sparse.items():
+            zeros = w.param.numel() - int(w.param.detach().count_nonzero()) - untrained_zeros(self.optimizer, w)
+            counts[name] = (w.param.numel(), w.param.numel() - w.nnz, zeros)
+        self.check_sparsity_kept(counts)
         val_loss = self.validation_loss() if self.val_data is not None else None
         memory = self.memory_report()
         report = self.build_report(memory, val_loss)
