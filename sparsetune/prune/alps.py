@@ -17,14 +17,14 @@ P keeps the largest |Z|: all but exactly `prune_count(rows * cols, sparsity)` en
 the N largest of every M consecutive input columns of each row. (Hn + rho I)^-1 = Q diag(1 / (L + rho)) Q^T comes from
 one fp64 eigendecomposition, so a new rho costs nothing and a step is two GEMMs with Q plus one selection.
 
-rho starts at `rho` (0.1). Every 3 steps s = the number of support entries that changed since the last check,
-against k = the kept count: s/k > 0.1 -> rho x1.3; s/k > 0.005 -> x1.2; s >= 1 -> x1.1; s = 0 -> stop (the support
-converged). `rho_growth` g raises those factors to the power g (1 = the paper; 2 about halves the steps). As the
-public code does: while rho has never grown, a barely moving support means rho started too high, so rho /= 5 (and the
-iterates restart when the support still moved a little); after 30 steps a change below 3e-4 k also counts as
-converged; rho is capped at 1e6.
+rho starts at `alps_rho` (0.1). Every 3 steps s = the number of support entries that changed since the last
+check, against k = the kept count: s/k > 0.1 -> rho x1.3; s/k > 0.005 -> x1.2; s >= 1 -> x1.1; s = 0 -> stop (the
+support converged). `alps_rho_growth` g raises those factors to the power g (1 = the paper; larger settles in fewer
+steps). As the public code does: while rho has never grown, a barely moving support means rho started too high, so
+rho /= 5 (and the iterates restart when the support still moved a little); after 30 steps a change below 3e-4 k
+also counts as converged; rho is capped at 1e6.
 
-Then W = P(B)'s support is fixed and the kept weights are refined by `cg_iter` steps of conjugate gradient on
+Then W = P(B)'s support is fixed and the kept weights are refined by `alps_cg_iter` steps of conjugate gradient on
 Wn Hn = C restricted to the support (every row is its own system; pruned entries are never touched).
 """
 
@@ -71,7 +71,8 @@ def prune_group(
     prune_counts = [prune_count(r * cols, float(target)) for r in rows] if nm is None else []
     if nm is None and sum(prune_counts) == 0:
         nothing = {"iterations": 0, "rho": alps_rho, "converged": True, "support_change": 0.0}
-        return [w.float().clone() for w in weights], [_info(nothing, recon_error=0.0) for _ in rows]
+        infos = [_info(nothing, cg_iterations=0, recon_error_admm=0.0, recon_error=0.0) for _ in rows]
+        return [w.float().clone() for w in weights], infos
     dead = torch.diag(hessian) == 0
     if bool(dead.all()):  # no calibration signal at all: there is nothing to reconstruct
         warning = "ALPS: the input Hessian is all zero (no calibration signal reached this module); pruned by magnitude"
@@ -107,7 +108,7 @@ def prune_group(
     B, admm = admm_support(
         Wn0, Q.float(), L.clamp_min_(0.0).float(), select, kept, alps_rho, alps_rho_growth, alps_max_iter
     )
-    support = _exact_support(B, rows, prune_counts) if nm is None else select(B.abs())
+    support = _exact_support(B, rows, prune_counts) if nm is None else select(B.abs()).bool()
     X = B.masked_fill_(~support, 0.0)
 
     # 4. Conjugate gradient on the fixed support, then back to the model's layout.
@@ -155,7 +156,7 @@ def admm_support(
     Z = torch.empty_like(Wn0)
     B = Wn0.clone()
     T = torch.empty_like(Wn0)
-    mask = select(Wn0.abs())  # D0 = P(Wn0): Wanda's score, chosen over the matrix
+    mask = select(Wn0.abs())  # 1.0 = kept. D0 = P(Wn0): Wanda's score, chosen over the matrix
     torch.mul(Wn0, mask, out=D)
     prev = mask.clone()
 
@@ -178,7 +179,7 @@ def admm_support(
         torch.sub(Z, D, out=U)
         if it % CHECK_EVERY:
             continue
-        changed = int(torch.ne(mask, prev).sum())
+        changed = int(torch.count_nonzero(torch.ne(mask, prev)))
         change = changed / kept
         new_rho = rho
         if change > 0.1:
@@ -210,7 +211,8 @@ def admm_support(
 
 
 class _UnstructuredSelect:
-    """Keep-mask of |Z| for stacked matrices: in matrix i the `prune_counts[i]` smallest entries are dropped.
+    """Keep-mask of |Z| (1.0 kept, 0.0 pruned: a float mask multiplies faster) for stacked matrices: in matrix i
+    the `prune_counts[i]` smallest entries are dropped.
 
     kthvalue over a whole matrix costs about as much as one of the step's GEMMs, so each matrix remembers its last
     threshold and runs kthvalue only inside a narrow band around it (exact; over everything when the band misses).
@@ -222,12 +224,12 @@ class _UnstructuredSelect:
         self.guess: list[float | None] = [None] * len(rows)
 
     def __call__(self, A: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        out = torch.empty_like(A, dtype=torch.bool) if out is None else out
+        out = torch.empty_like(A) if out is None else out
         start = 0
         for i, (n_rows, k) in enumerate(zip(self.rows, self.counts, strict=True)):
             seg, seg_out = A[start : start + n_rows], out[start : start + n_rows]
             if k == 0:
-                seg_out.fill_(True)
+                seg_out.fill_(1.0)
             else:
                 threshold = kth_smallest(seg.reshape(-1), k, self.guess[i])
                 self.guess[i] = float(threshold)
@@ -239,12 +241,12 @@ class _UnstructuredSelect:
 def kth_smallest(values: torch.Tensor, k: int, guess: float | None = None) -> torch.Tensor:
     """The k-th smallest (1-based) entry of a 1-D tensor, exactly; cheaper when `guess` is near it.
 
-    Only the entries in a band around the guess go through kthvalue: +-5%, then +-30% (a change of rho moves the
+    Only the entries in a band around the guess go through kthvalue: +-3%, then +-15% (a change of rho moves the
     threshold by about 10%), then all of them.
     """
-    for width in (0.05, 0.3) if guess is not None and guess > 0 else ():
+    for width in (0.03, 0.15) if guess is not None and guess > 0 else ():
         below_band = values <= guess * (1 - width)
-        below = int(below_band.sum())
+        below = int(torch.count_nonzero(below_band))
         if below < k:
             inside = values[torch.le(values, guess * (1 + width)).logical_xor_(below_band)]
             if below + inside.numel() >= k:
@@ -258,29 +260,28 @@ def _slab_permutation(cols: int, nm: NMPattern) -> torch.Tensor:
 
 
 class _SlabSelect:
-    """Keep-mask for N:M in slab layout: exactly the N largest of every group (ties: the earlier member wins).
-
-    A rank from M(M-1)/2 slab comparisons is several times cheaper than topk/kthvalue over groups of M.
+    """Keep-mask (1.0 kept) for N:M in slab layout: exactly the N largest of every group (ties: the earlier member
+    wins). A rank from M(M-1)/2 slab comparisons is several times cheaper than topk/kthvalue over groups of M.
     """
 
     def __init__(self, shape: torch.Size, nm: NMPattern, device: torch.device) -> None:
         self.nm, self.width = nm, shape[1] // nm.m
-        self.beaten = [torch.empty(shape[0], self.width, dtype=torch.uint8, device=device) for _ in range(nm.m)]
-        self.cmp = torch.empty(shape[0], self.width, dtype=torch.bool, device=device)
+        self.beaten = [torch.empty(shape[0], self.width, device=device) for _ in range(nm.m)]
+        self.cmp = torch.empty(shape[0], self.width, device=device)
 
     def __call__(self, A: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        out = torch.empty_like(A, dtype=torch.bool) if out is None else out
+        out = torch.empty_like(A) if out is None else out
         g, m = self.width, self.nm.m
         slabs = [A[:, r * g : (r + 1) * g] for r in range(m)]
-        for beaten in self.beaten:
-            beaten.zero_()
-        for i in range(m):  # beaten[r]: how many members of its group beat member r
+        for r, beaten in enumerate(self.beaten):  # beaten[r]: how many members of its group beat member r
+            beaten.fill_(r)  # as if every earlier member won; each pair below corrects that
+        for i in range(m):
             for j in range(i + 1, m):
-                torch.gt(slabs[j], slabs[i], out=self.cmp)
+                torch.gt(slabs[j], slabs[i], out=self.cmp)  # 1.0 where j beats i (a tie goes to i)
                 self.beaten[i].add_(self.cmp)
-                self.beaten[j].add_(self.cmp.logical_not_())
+                self.beaten[j].sub_(self.cmp)
         for r in range(m):
-            out[:, r * g : (r + 1) * g] = self.beaten[r] < self.nm.n
+            torch.lt(self.beaten[r], self.nm.n, out=out[:, r * g : (r + 1) * g])
         return out
 
 

@@ -85,7 +85,7 @@ class PruneConfig(BaseModel):
         1.0,
         gt=0,
         description="ALPS: pace of rho's growth; the paper's factors x1.3/x1.2/x1.1 per 3 steps are raised to this "
-        "power (2 about halves the steps, 0.5 doubles them)",
+        "power (above 1: fewer steps, a slightly worse support; below 1: more steps)",
     )
     alps_max_iter: int = Field(
         300, ge=1, description="ALPS: most ADMM steps per group (it stops when the support settles)"
