@@ -338,3 +338,14 @@ def test_prune_help_lists_the_alps_settings():
     for flag in ("--alps-rho ", "--alps-rho-growth", "--alps-max-iter", "--alps-cg-iter"):
         assert flag in result.output, flag
     assert "default: 300" in result.output and "alps" in result.output
+
+
+def test_resume_keeps_the_finished_blocks_module_info(tiny_tokenizer, tmp_path, one_thread):
+    cfg = PruneConfig(model="x", method="alps", sparsity=0.7, checkpoint_dir=str(tmp_path / "ckpt"))
+    first = prune_model(make_tiny_model("llama"), tiny_tokenizer, cfg, _calib(), show_progress=False)
+    resumed_cfg = cfg.model_copy(update={"resume": True})
+    model = make_tiny_model("llama")
+    resumed = prune_model(model, tiny_tokenizer, resumed_cfg, _calib(), show_progress=False)
+    assert resumed["resumed_from_block"] == 2  # every block was finished: all of it comes from the checkpoint
+    for name in _block_linears(model):
+        assert resumed["modules"][name] == first["modules"][name], name
