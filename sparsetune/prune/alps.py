@@ -120,6 +120,16 @@ def prune_group(
         _info(admm, cg_iterations=steps, recon_error_admm=before, recon_error=after)
         for before, after in zip(err_admm, err, strict=True)
     ]
+    log.debug(
+        "ALPS %s x %d: %d ADMM steps (rho %.3g, converged %s), %d CG steps, relative error %s",
+        rows,
+        cols,
+        admm["iterations"],
+        admm["rho"],
+        admm["converged"],
+        steps,
+        [round(e, 5) for e in err],
+    )
     return list(torch.split(X, rows, dim=0)), infos
 
 
