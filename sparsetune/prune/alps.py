@@ -83,13 +83,13 @@ def prune_group(
     # 1. Normalise: dampen, unit diagonal. Dead inputs are handled as SparseGPT does (their weights become 0).
     H = hessian.float().clone()
     H[dead, dead] = 1.0
-    W0 = torch.cat([w.to(H.device, torch.float32) for w in weights], dim=0)  # (m, n), a fresh copy
-    W0[:, dead] = 0.0
+    Wn0 = torch.cat([w.to(H.device, torch.float32) for w in weights], dim=0)  # (m, n), a fresh copy
+    Wn0[:, dead] = 0.0
     damp = percdamp * float(torch.mean(torch.diag(H)))
     H.diagonal().add_(damp)
     d = torch.diag(H).sqrt()  # (n,)
     Hn = H.div_(d.unsqueeze(0)).div_(d.unsqueeze(1))
-    Wn0 = W0.mul_(d)
+    Wn0.mul_(d)
     undamp = damp / d.pow(2)  # Hn - diag(undamp) is the undampened Hessian, normalised (for the reported error)
 
     # 2. N:M: permute the inputs so that member r of every group sits in column slab r (a cheap exact rank).
@@ -168,7 +168,7 @@ def admm_support(
     T = torch.empty_like(Wn0)
     mask = select(Wn0.abs())  # 1.0 = kept. D0 = P(Wn0): Wanda's score, chosen over the matrix
     torch.mul(Wn0, mask, out=D)
-    prev = mask.clone()
+    prev = mask.bool()  # the support at the last check
 
     def coefficients(rho: float) -> tuple[torch.Tensor, torch.Tensor]:
         inv = 1.0 / (L + rho)
