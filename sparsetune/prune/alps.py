@@ -320,9 +320,10 @@ def refine_on_support(
 ) -> tuple[list[float], list[float], int]:
     """Conjugate gradient on X Hn = Wn0 Hn over the kept entries, in place on X (pruned entries stay exactly 0).
 
-    Each row is its own system and CG lowers each row's error monotonically; a row that rounding would still make
-    worse keeps its start. Returns each matrix's relative reconstruction error before and after,
-    tr((W - W0) H (W - W0)^T) / tr(W0 H W0^T) with the undampened H, and the number of steps taken.
+    Each row is its own system and CG lowers each row's dampened objective monotonically; a row whose error with
+    the undampened H still ends higher (through the dampening or rounding) keeps its start. Returns each matrix's
+    relative reconstruction error before and after, tr((W - W0) H (W - W0)^T) / tr(W0 H W0^T) with the undampened
+    H, and the number of steps taken.
     """
     X0 = X.clone()
     Delta = torch.sub(Wn0, X)
