@@ -50,6 +50,10 @@ def prune_command(
     device_map: str | None = typer.Option(None, help=_h("device_map"), show_default=False),
     percdamp: float | None = typer.Option(None, help=_h("percdamp"), show_default=False),
     blocksize: int | None = typer.Option(None, help=_h("blocksize"), show_default=False),
+    alps_rho: float | None = typer.Option(None, help=_h("alps_rho"), show_default=False),
+    alps_rho_growth: float | None = typer.Option(None, help=_h("alps_rho_growth"), show_default=False),
+    alps_max_iter: int | None = typer.Option(None, help=_h("alps_max_iter"), show_default=False),
+    alps_cg_iter: int | None = typer.Option(None, help=_h("alps_cg_iter"), show_default=False),
     recipe: str | None = typer.Option(
         None, help="YAML recipe with these settings (flags given on the command line override it)"
     ),
@@ -57,7 +61,7 @@ def prune_command(
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable JSON summary on stdout"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging"),
 ) -> None:
-    """Prune a model in one shot (magnitude, Wanda or SparseGPT; unstructured or N:M) and save it."""
+    """Prune a model in one shot (magnitude, Wanda, SparseGPT or ALPS; unstructured or N:M) and save it."""
     setup_logging(verbose)
     with user_errors():
         from sparsetune.prune.api import print_summary, run_prune
@@ -93,6 +97,10 @@ def prune_command(
             "device_map": device_map,
             "percdamp": percdamp,
             "blocksize": blocksize,
+            "alps_rho": alps_rho,
+            "alps_rho_growth": alps_rho_growth,
+            "alps_max_iter": alps_max_iter,
+            "alps_cg_iter": alps_cg_iter,
         }
         base = recipe_settings(recipe, "prune")
         if pattern is not None and "sparsity" in base:

@@ -64,7 +64,7 @@ class EvalConfig(EvalSettings):
 class SweepConfig(EvalSettings):
     model: str = Field(description="The dense base model: HF dir, hub id, .gguf file, or bundled alias")
     output: str = Field(description="Output dir for sweep.json, sweep.md, sweep.png and the per-point results")
-    methods: list[Literal["magnitude", "wanda", "sparsegpt"]] = Field(
+    methods: list[Literal["magnitude", "wanda", "sparsegpt", "alps"]] = Field(
         default_factory=lambda: ["wanda", "sparsegpt", "magnitude"], description="Pruning methods to sweep"
     )
     sparsities: list[float] = Field(

@@ -161,7 +161,7 @@ def _run_points(cfg, todo, tasks, work, show_progress, make_calibration, prune_m
     t0 = time.perf_counter()
     model, tokenizer = models.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     log.info("loaded %s in %.1f s", cfg.model, time.perf_counter() - t0)
-    needs_calib = [p for p in todo if p.method in ("wanda", "sparsegpt")]
+    needs_calib = [p for p in todo if p.method in ("wanda", "sparsegpt", "alps")]
     calib = make_calibration(model, tokenizer, prune_config(cfg, needs_calib[0])) if needs_calib else None
     dense = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
     token_ids: dict[str, tuple[torch.Tensor, str]] = {}

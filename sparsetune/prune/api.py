@@ -17,7 +17,7 @@ from sparsetune import data, masks, models
 from sparsetune.distributed import DistContext, dist_context
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
-from sparsetune.prune import magnitude, sparsegpt, wanda
+from sparsetune.prune import alps, magnitude, sparsegpt, wanda
 from sparsetune.prune.activations import ActivationStore
 from sparsetune.prune.config import PruneConfig
 from sparsetune.prune.engine import GROUP_OF, BlockTargets, EngineOptions, run_blocks
@@ -25,7 +25,7 @@ from sparsetune.recipes import dump_yaml
 
 log = logging.getLogger(__name__)
 
-METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
+METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "alps": alps}
 REPORT_FILE = "sparsity_report.json"
 
 
@@ -182,6 +182,10 @@ def prune_model(
         "blocksize": cfg.blocksize,
         "percdamp": cfg.percdamp,
         "exact_total": bool(cfg.owl or block_targets),
+        "alps_rho": cfg.alps_rho,
+        "alps_rho_growth": cfg.alps_rho_growth,
+        "alps_max_iter": cfg.alps_max_iter,
+        "alps_cg_iter": cfg.alps_cg_iter,
     }
     t0 = time.perf_counter()
     engine: dict[str, Any] = {}
@@ -228,6 +232,8 @@ def prune_model(
     report["summary"]["warnings"] = report["warnings"] = [shortfall] if shortfall else []
     for name, info in module_info.items():
         report["modules"][name].update(info)
+        if "warning" in info and ctx.is_main:  # e.g. a method's documented fallback: never silent
+            log.warning("%s: %s", name, info["warning"])
     report["processes"] = ctx.world
     report["rank"] = ctx.rank
     if "resumed_from_block" in engine:

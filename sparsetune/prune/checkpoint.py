@@ -58,8 +58,16 @@ class Checkpointer:
     def exists(self) -> bool:
         return self.state_file.exists()
 
-    def save(self, block: int, layer: nn.Module, X: torch.Tensor | DiskTensor, targets: list[Any]) -> None:
-        """Record that `block` is finished; X holds the next block's input for this rank."""
+    def save(
+        self,
+        block: int,
+        layer: nn.Module,
+        X: torch.Tensor | DiskTensor,
+        targets: list[Any],
+        module_info: dict[str, Any] | None = None,
+    ) -> None:
+        """Record that `block` is finished; X holds the next block's input for this rank. `module_info` (the
+        methods' per-module report entries so far) comes back on resume, so the report stays complete."""
         self.folder.mkdir(parents=True, exist_ok=True)
         act = self.folder / f"activations-rank{self.rank}-block{block:04d}.bin"
         write_rows(X, act)
@@ -86,6 +94,7 @@ class Checkpointer:
                     str(r): [f"activations-rank{r}-block{block:04d}.bin", d] for r, d in enumerate(digests)
                 },
                 "block_targets": [_encode_target(t) for t in targets],
+                "module_info": module_info or {},
             }
             tmp = self.state_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(state, indent=1))

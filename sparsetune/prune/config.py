@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sparsetune.errors import as_value_error
 from sparsetune.patterns import NMPattern, check_sparsity, parse_pattern
 
-METHOD_NAMES = ("magnitude", "wanda", "sparsegpt")
+METHOD_NAMES = ("magnitude", "wanda", "sparsegpt", "alps")
 
 
 class PruneConfig(BaseModel):
@@ -17,8 +17,8 @@ class PruneConfig(BaseModel):
 
     model: str = Field(description="HF model dir, hub id, .gguf file, or bundled alias (smollm2, llama)")
     output: str | None = Field(None, description="Output dir for the pruned model")
-    method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
-        "wanda", description="Pruning method: magnitude, wanda or sparsegpt"
+    method: Literal["magnitude", "wanda", "sparsegpt", "alps"] = Field(
+        "wanda", description="Pruning method: magnitude, wanda, sparsegpt or alps"
     )
     sparsity: float | None = Field(
         None, description="Unstructured sparsity in [0, 1), the fraction of weights set to zero (default: 0.5)"
@@ -54,7 +54,7 @@ class PruneConfig(BaseModel):
     down_stats: Literal["auto", "dense", "pruned"] = Field(
         "auto",
         description="Sequential engine: down_proj's statistic from act(gate)*up before gate/up are pruned (dense) "
-        "or after (pruned, strict true-sequential); auto = dense for wanda, pruned for sparsegpt",
+        "or after (pruned, strict true-sequential); auto = dense for wanda, pruned for sparsegpt and alps",
     )
     untie_embeddings: bool = Field(
         False, description="Allow pruning lm_head when it shares its weight with the embeddings (unties a copy)"
@@ -74,8 +74,25 @@ class PruneConfig(BaseModel):
     device_map: str | None = Field(
         None, description="auto: place blocks across GPUs and CPU with accelerate (models bigger than one device)"
     )
-    percdamp: float = Field(0.01, gt=0, description="SparseGPT dampening, a fraction of the mean Hessian diagonal")
+    percdamp: float = Field(
+        0.01, gt=0, description="SparseGPT and ALPS dampening, a fraction of the mean Hessian diagonal"
+    )
     blocksize: int = Field(128, ge=1, description="SparseGPT column block size")
+    alps_rho: float = Field(
+        0.1, gt=0, description="ALPS: starting ADMM penalty rho (Hessian normalised to unit diagonal)"
+    )
+    alps_rho_growth: float = Field(
+        1.0,
+        gt=0,
+        description="ALPS: pace of rho's growth; the paper's factors x1.3/x1.2/x1.1 per 3 steps are raised to this "
+        "power (above 1: fewer steps, a slightly worse support; below 1: more steps)",
+    )
+    alps_max_iter: int = Field(
+        300, ge=1, description="ALPS: most ADMM steps per group (it stops when the support settles)"
+    )
+    alps_cg_iter: int = Field(
+        10, ge=0, description="ALPS: conjugate-gradient steps refining the kept weights on the final support (0: none)"
+    )
 
     @field_validator("sparsity")
     @classmethod
@@ -112,7 +129,7 @@ class PruneConfig(BaseModel):
     @property
     def dense_down_stats(self) -> bool:
         """Wanda does not compensate for pruning error, and its down_proj scores are better from the dense
-        gate/up output (testbed, Wanda 2:4: 171 vs 187 ppl); SparseGPT's update needs the real input."""
+        gate/up output (testbed, Wanda 2:4: 171 vs 187 ppl); SparseGPT's and ALPS's updates need the real input."""
         if self.down_stats == "auto":
             return self.method == "wanda"
         return self.down_stats == "dense"

@@ -346,6 +346,8 @@ def run_blocks(
     if opts.resume and opts.checkpoint is not None and opts.checkpoint.exists():
         start, targets = opts.checkpoint.restore(model, X)
         result["resumed_from_block"] = start
+        if opts.module_info is not None:  # the finished blocks' per-module info
+            opts.module_info.update(opts.checkpoint.load_state().get("module_info", {}))
     elif opts.block_targets is not None:
         targets = list(opts.block_targets)
     elif opts.owl_m is not None:
@@ -362,7 +364,7 @@ def run_blocks(
             block_opts = replace(opts, target=targets[i], device=dev)
             prune_block(layers[i], X, _on_device(layer_kwargs[i], dev), blocks[i], block_opts)
         if opts.checkpoint is not None:
-            opts.checkpoint.save(i, layers[i], X, targets)
+            opts.checkpoint.save(i, layers[i], X, targets, opts.module_info)
             _test_kill_hook(i)
         if on_block_done is not None:
             on_block_done(i, time.perf_counter() - t_block)
