@@ -170,7 +170,7 @@ def read_recipe(path: str | os.PathLike[str]) -> Located:
             f"recipe {p} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
             "pass a YAML file saved as UTF-8"
         ) from None
-    loader = yaml.SafeLoader(text)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # libyaml's parser when present: 10x faster
     try:
         node = loader.get_single_node()
         if node is not None:
