@@ -57,7 +57,7 @@ def test_the_hand_count_matches_a_real_expansion(levels):
     assert _expanded_nodes(yaml.safe_load(alias_bomb(levels))) == bomb_counts(levels)[0]
 
 
-@pytest.mark.parametrize("levels", [1, 3, 9])
+@pytest.mark.parametrize("levels", [1, 3, 5])  # 9 is checked through the CLI below
 def test_alias_growth_counts_the_expansion_without_doing_it(levels):
     expanded_nodes, expanded_chars, written_nodes, written_chars = bomb_counts(levels)
     node = yaml.compose(alias_bomb(levels), Loader=yaml.SafeLoader)
