@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +82,16 @@ def bundled_model_dir() -> Path:
     target = cache_dir() / f"smollm2-135m-instruct-f32-{key}"
     if (target / "config.json").exists():
         return target
-    from sparsetune.outputs import atomic_output_dir
+    from sparsetune.outputs import OutputExistsError, atomic_output_dir
 
     log.info("converting the bundled GGUF to a cached HF dir at %s (once)", target)
     model, tokenizer = _load_gguf(gguf, torch.float32)
     try:
         with atomic_output_dir(target) as tmp:
             save_model(model, tokenizer, tmp)
-    except SparsetuneError:
-        if not (target / "config.json").exists():  # another process won the race: that is fine
+    except OutputExistsError as err:  # another process converted it first: use theirs, drop our copy
+        shutil.rmtree(err.kept, ignore_errors=True)
+        if not (target / "config.json").exists():
             raise
     return target
 
@@ -230,6 +232,11 @@ def _from_pretrained(
         hint = "check the files are complete (re-download or re-save the model)"
         if isinstance(err, OSError) and not Path(location).exists():
             hint = "check the hub id, your network, or set HF_HUB_OFFLINE=0; or pass a local model dir"
+        if not trust_remote_code and needs_remote_code(err):
+            hint = (
+                "this model needs its own Python code (config.json auto_map); pass --trust-remote-code only if "
+                "you trust it: that runs the code shipped in the model dir"
+            )
         raise SparsetuneError(f"could not load model {location}: {_first_line(err)}; {hint}") from err
 
 
@@ -241,6 +248,11 @@ def has_tokenizer_files(location: str) -> bool:
     """False for a local dir holding no tokenizer file; True otherwise (hub ids are not checked)."""
     path = Path(location).expanduser()
     return not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def needs_remote_code(err: BaseException) -> bool:
+    """Did loading fail because the model ships custom code that transformers will not run without consent?"""
+    return "trust_remote_code" in str(err) or "contains custom code" in str(err)
 
 
 def load_tokenizer(location: str, trust_remote_code: bool = False) -> Any:
@@ -317,6 +329,46 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike[str]
     model.save_pretrained(str(out_dir), safe_serialization=True, **kwargs)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
+    drop_dangling_auto_map(out_dir)
+
+
+def drop_dangling_auto_map(out_dir: str | os.PathLike[str]) -> None:
+    """Remove `auto_map` entries of config.json / tokenizer_config.json whose code file is not in `out_dir`.
+
+    A model loaded without --trust-remote-code runs as its built-in transformers class, and the input's
+    modeling_*.py files are not copied (save_pretrained copies them only for a model built from that code).
+    The saved config would still point at them; the built-in class it now holds is what loads the output.
+    """
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(out_dir) / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        auto_map = data.get("auto_map")
+        if not isinstance(auto_map, dict):
+            continue
+        kept = {key: ref for key, ref in auto_map.items() if all(_code_file_present(out_dir, r) for r in _refs(ref))}
+        if kept == auto_map:
+            continue
+        dropped = sorted(set(auto_map) - set(kept))
+        log.info("dropped auto_map %s from %s: the code it names is not in the output", ", ".join(dropped), name)
+        if kept:
+            data["auto_map"] = kept
+        else:
+            del data["auto_map"]
+        path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _refs(ref: Any) -> list[str]:
+    """auto_map values are "module.Class", "repo--module.Class", or a [slow, fast] tokenizer pair (None allowed)."""
+    return [r for r in (ref if isinstance(ref, list | tuple) else [ref]) if isinstance(r, str)]
+
+
+def _code_file_present(out_dir: str | os.PathLike[str], ref: str) -> bool:
+    if "--" in ref:  # code in another hub repo, not a file of this dir
+        return True
+    module = ref.rsplit(".", 1)[0]
+    return (Path(out_dir) / f"{module.replace('.', '/')}.py").is_file()
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:

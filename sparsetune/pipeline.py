@@ -38,7 +38,7 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate.config import EvalConfig, SweepConfig
 from sparsetune.evaluate.sweep import STATE_FILE as SWEEP_STATE_FILE
 from sparsetune.export.config import ExportConfig
-from sparsetune.outputs import write_json_atomic
+from sparsetune.outputs import check_parent_writable, write_json_atomic
 from sparsetune.prune.config import PruneConfig
 from sparsetune.train.common import CKPT_NAME
 from sparsetune.train.seft_config import SeftConfig
@@ -114,22 +114,96 @@ def _record_lines(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any,
             _record_lines(item, (*path, i), lines)
 
 
+# Aliases (&name / *name) let a few hundred bytes of YAML stand for billions of nodes; everything after
+# parsing (line recording, ${var} substitution, validation) walks the expanded tree. So the expansion, not
+# the file size, is bounded: a long recipe written out in full costs time in proportion to its size and is
+# accepted; aliases may add at most this much on top of what is written.
+MAX_ALIAS_NODES = 100_000
+MAX_ALIAS_CHARS = 10_000_000  # one long string referenced many times
+
+
+def alias_growth(root: yaml.Node) -> tuple[int, int]:
+    """(nodes, scalar characters) that aliases add when `root` is expanded, counted without expanding it.
+
+    PyYAML's composer makes each alias the very node object of its anchor, so the document is a graph of
+    shared nodes: one memoised walk gives every node's expanded size. Raises ValueError on a recursive alias.
+    """
+    sizes: dict[int, tuple[int, int] | None] = {}  # id(node) -> expanded (nodes, chars); None while being walked
+    written = [0, 0]  # the same counts with every node once
+
+    def expanded(node: yaml.Node) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            if sizes[key] is None:
+                raise ValueError("an alias refers to a node that contains it")
+            return sizes[key]
+        sizes[key] = None
+        own = (1, len(node.value)) if isinstance(node, yaml.ScalarNode) else (1, 0)
+        written[0], written[1] = written[0] + own[0], written[1] + own[1]
+        children = (
+            [n for pair in node.value for n in pair]
+            if isinstance(node, yaml.MappingNode)
+            else node.value
+            if isinstance(node, yaml.SequenceNode)
+            else []
+        )
+        nodes, chars = own
+        for child in children:
+            child_nodes, child_chars = expanded(child)
+            nodes, chars = nodes + child_nodes, chars + child_chars
+        sizes[key] = (nodes, chars)
+        return nodes, chars
+
+    nodes, chars = expanded(root)
+    return nodes - written[0], chars - written[1]
+
+
 def read_recipe(path: str | os.PathLike[str]) -> Located:
     p = Path(path)
     if not p.is_file():
         raise SparsetuneError(f"recipe {p} not found; pass an existing YAML file")
-    text = p.read_text()
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SparsetuneError(
+            f"recipe {p} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+            "pass a YAML file saved as UTF-8"
+        ) from None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # libyaml's parser when present: 10x faster
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_aliases(node, p)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise SparsetuneError(f"recipe {p}{where} is not valid YAML; fix the syntax") from err
+    except RecursionError:
+        raise SparsetuneError(f"recipe {p} is nested too deeply to read; flatten it") from None
+    finally:
+        loader.dispose()
     lines: dict[tuple[Any, ...], int] = {}
     if node is not None:
         _record_lines(node, (), lines)
     return Located(data if data is not None else {}, lines, f"recipe {p}")
+
+
+def _check_aliases(node: yaml.Node, path: Path) -> None:
+    try:
+        nodes, chars = alias_growth(node)
+    except ValueError:
+        raise SparsetuneError(
+            f"recipe {path}: an alias (*name) refers to a mapping or list that contains it; write the value out"
+        ) from None
+    if nodes > MAX_ALIAS_NODES or chars > MAX_ALIAS_CHARS:
+        size = f"{nodes:,} nodes" if nodes > MAX_ALIAS_NODES else f"{chars:,} characters"
+        raise SparsetuneError(
+            f"recipe {path}: its aliases (*name) expand to {size} more than the file holds "
+            f"(at most {MAX_ALIAS_NODES:,} nodes and {MAX_ALIAS_CHARS:,} characters); "
+            "use fewer or less nested aliases, or write the settings out"
+        )
 
 
 def is_pipeline(data: Any) -> bool:
@@ -568,6 +642,7 @@ def check_run_dir(plan: Plan, overwrite: bool) -> None:
                 )
     if out.exists() and not out.is_dir():
         raise SparsetuneError(f"output path {out} is a file, not a directory; choose another -o")
+    check_parent_writable(out / STATE_DIR if out.is_dir() else out)  # OUT, or where it will be made, is writable
     if out.is_dir() and any(out.iterdir()) and not (out / RUN_FILE).exists() and not overwrite:
         raise SparsetuneError(
             f"output dir {out} already exists and is not a `sparsetune run` dir; pass --overwrite or choose another -o"

@@ -63,7 +63,39 @@ def merge_settings(recipe: dict[str, Any], cli_values: dict[str, Any]) -> dict[s
     return merged
 
 
+# Settings that name local files or dirs (when they are not a hub id, a bundled alias or a dataset name).
+INPUT_PATH_KEYS = ("model", "models", "model_config", "tokenizer", "calib", "data", "val_data", "ppl", "include_path")
+OUTPUT_PATH_KEYS = ("output", "checkpoint_dir", "data_dir")  # always paths
+
+
+def reproducible_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """Settings as a recipe that reproduces the run from any working directory: local paths made absolute,
+    and `data_dir` set to the mirror actually used (from SPARSETUNE_DATA_DIR when the flag was not given)."""
+    from sparsetune.data import NAMED_DATASETS, mirror_dir
+    from sparsetune.models import BUNDLED_ALIASES
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        if not isinstance(value, str) or value in BUNDLED_ALIASES or value in NAMED_DATASETS:
+            return value
+        path = Path(value).expanduser()
+        return str(path.resolve()) if path.exists() else value  # else a hub id (or a name lm-eval knows)
+
+    out = dict(data)
+    if "data_dir" in out and out["data_dir"] is None:
+        mirror = mirror_dir(None)
+        out["data_dir"] = None if mirror is None else str(mirror)
+    for key in INPUT_PATH_KEYS:
+        if key in out:
+            out[key] = absolute(out[key])
+    for key in OUTPUT_PATH_KEYS:
+        if isinstance(out.get(key), str):
+            out[key] = str(Path(out[key]).expanduser().resolve())
+    return out
+
+
 def dump_yaml(cfg: BaseModel, path: str | os.PathLike[str], header: str = "") -> None:
-    data = cfg.model_dump(mode="json", by_alias=True)
+    data = reproducible_settings(cfg.model_dump(mode="json", by_alias=True))
     text = yaml.safe_dump(data, sort_keys=False)
     Path(path).write_text((f"# {header}\n" if header else "") + text)

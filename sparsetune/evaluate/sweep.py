@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,7 +24,14 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate import harness
 from sparsetune.evaluate.compare import check_model_spec, check_sources, evaluate_model, ppl_row_name
 from sparsetune.evaluate.config import SweepConfig
-from sparsetune.outputs import check_output_dir, package_versions, peak_memory, write_json
+from sparsetune.outputs import (
+    check_output_dir,
+    commit_output_dir,
+    package_versions,
+    peak_memory,
+    replaceable_state,
+    write_json,
+)
 from sparsetune.outputs import write_json_atomic as _write_json_atomic  # module-level: tests inject crashes
 
 log = logging.getLogger(__name__)
@@ -146,12 +152,8 @@ def run_sweep(cfg: SweepConfig, overwrite: bool = False, show_progress: bool = T
     (work / "sweep.md").write_text(markdown_sweep(report))
     plot_sweep(report, work / "sweep.png")
     (work / STATE_FILE).unlink()
-    if out.exists():  # --overwrite: replace the old result only now that the new one is complete
-        trash = out.with_name(out.name + ".old")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(out, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    os.replace(work, out)
+    # --overwrite replaces the old result only now that the new one is complete, and never another run's
+    commit_output_dir(work, out, replaceable_state(out, overwrite))
     report["output"] = str(out)
     return report
 

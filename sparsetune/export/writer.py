@@ -224,6 +224,7 @@ def export_model(model: nn.Module, tokenizer: Any, out_dir: Path, cfg: ExportCon
         model.generation_config.save_pretrained(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
+    models.drop_dangling_auto_map(out_dir)
 
     dtype = str(next(iter(state[f"{n}.weight"] for n in plan.compress)).dtype).removeprefix("torch.")
     meta: dict[str, Any] = {
