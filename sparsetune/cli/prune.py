@@ -50,6 +50,13 @@ def prune_command(
     device_map: str | None = typer.Option(None, help=_h("device_map"), show_default=False),
     percdamp: float | None = typer.Option(None, help=_h("percdamp"), show_default=False),
     blocksize: int | None = typer.Option(None, help=_h("blocksize"), show_default=False),
+    refine: str | None = typer.Option(None, help=_h("refine"), show_default=False),
+    refine_targets: str | None = typer.Option(
+        None, help=_h("refine_targets") + " (comma-separated)", show_default=False
+    ),
+    refine_max_cycles: int | None = typer.Option(None, help=_h("refine_max_cycles"), show_default=False),
+    refine_threshold: float | None = typer.Option(None, help=_h("refine_threshold"), show_default=False),
+    refine_values: str | None = typer.Option(None, help=_h("refine_values"), show_default=False),
     recipe: str | None = typer.Option(
         None, help="YAML recipe with these settings (flags given on the command line override it)"
     ),
@@ -93,6 +100,11 @@ def prune_command(
             "device_map": device_map,
             "percdamp": percdamp,
             "blocksize": blocksize,
+            "refine": refine,
+            "refine_targets": split_list(refine_targets),
+            "refine_max_cycles": refine_max_cycles,
+            "refine_threshold": refine_threshold,
+            "refine_values": refine_values,
         }
         base = recipe_settings(recipe, "prune")
         if pattern is not None and "sparsity" in base:

@@ -17,7 +17,7 @@ from sparsetune import data, masks, models
 from sparsetune.distributed import DistContext, dist_context
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
-from sparsetune.prune import magnitude, sparsegpt, wanda
+from sparsetune.prune import dsnot, magnitude, sparsegpt, wanda
 from sparsetune.prune.activations import ActivationStore
 from sparsetune.prune.config import PruneConfig
 from sparsetune.prune.engine import GROUP_OF, BlockTargets, EngineOptions, run_blocks
@@ -78,11 +78,13 @@ def plan_targets(model: nn.Module, cfg: PruneConfig) -> tuple[list[BlockTargets]
                     f"{name} has {module.in_features} input features, not divisible by M={nm.m} of pattern {nm}; "
                     "--ignore it or choose another pattern"
                 )
+    if cfg.refine != "none":
+        dsnot.refine_selection(chosen_all, cfg.refine_targets)  # refuse --refine-targets that match nothing
     return blocks, head
 
 
 def needs_calibration(cfg: PruneConfig) -> bool:
-    return bool(METHODS[cfg.method].NEEDS_CALIBRATION or cfg.owl)
+    return bool(METHODS[cfg.method].NEEDS_CALIBRATION or cfg.owl or cfg.refine != "none")
 
 
 def make_calibration(
@@ -167,6 +169,18 @@ def prune_model(
     if head is not None and models.embeddings_tied(model):
         models.untie_embeddings(model)
         head = ("lm_head", model.get_output_embeddings())
+    refined: list[tuple[str, nn.Linear]] = []
+    if cfg.refine == "dsnot":  # the base method wrapped: same pass, two more statistics, masks refined
+        refined = dsnot.refine_selection(
+            [item for b in blocks for item in b.modules()] + ([head] if head else []), cfg.refine_targets
+        )
+        method = dsnot.DSnoT(
+            method,
+            [m for _, m in refined] if cfg.refine_targets else None,
+            cfg.refine_max_cycles,
+            cfg.refine_threshold,
+            cfg.refine_values,
+        )
     timings: dict[str, Any] = {}
     if needs_calibration(cfg) and calib is None:
         t0 = time.perf_counter()
@@ -220,6 +234,9 @@ def prune_model(
     report = build_report(model, cfg, blocks, head, calib, timings, before)
     for name, info in module_info.items():
         report["modules"][name].update(info)
+    report["summary"]["refine"] = cfg.refine
+    if cfg.refine == "dsnot":
+        report["refine"] = dsnot.report_section(cfg, method, [name for name, _ in refined], module_info)
     report["processes"] = ctx.world
     report["rank"] = ctx.rank
     if "resumed_from_block" in engine:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparsetune.errors import as_value_error
 from sparsetune.masks import NMPattern, check_sparsity, parse_pattern
+from sparsetune.prune.dsnot import DEFAULT_MAX_CYCLES as DSNOT_MAX_CYCLES
+from sparsetune.prune.dsnot import DEFAULT_THRESHOLD as DSNOT_THRESHOLD
 
 METHOD_NAMES = ("magnitude", "wanda", "sparsegpt")
 
@@ -76,6 +79,28 @@ class PruneConfig(BaseModel):
     )
     percdamp: float = Field(0.01, gt=0, description="SparseGPT dampening, a fraction of the mean Hessian diagonal")
     blocksize: int = Field(128, ge=1, description="SparseGPT column block size")
+    refine: Literal["none", "dsnot"] = Field(
+        "none",
+        description="Mask refinement after the method: dsnot swaps weights within each row (N:M: within groups) "
+        "to shrink the expected output error, keeping every row's non-zero count; none",
+    )
+    refine_targets: list[str] = Field(
+        default_factory=list,
+        description="Regexes of the pruned Linears to refine (default: every pruned Linear)",
+    )
+    refine_max_cycles: int = Field(DSNOT_MAX_CYCLES, ge=1, description="DSnoT: at most this many swaps per row")
+    refine_threshold: float = Field(
+        DSNOT_THRESHOLD,
+        ge=0,
+        description="DSnoT: a row stops once |expected output error| per token is at most this "
+        "(the paper's 0.1 on 2048-token sums)",
+    )
+    refine_values: Literal["updated", "dense"] = Field(
+        "updated",
+        description="DSnoT with a method that updates kept weights (sparsegpt): updated = measure the error of "
+        "the updated weights; dense = refine the mask on the dense weights, then apply it to the updated ones. "
+        "A revived weight takes its dense value",
+    )
 
     @field_validator("sparsity")
     @classmethod
@@ -93,6 +118,16 @@ class PruneConfig(BaseModel):
     def _block_range(cls, value: list[float] | None) -> list[float] | None:
         return None if value is None else [as_value_error(check_sparsity, v) for v in value]
 
+    @field_validator("refine_targets")
+    @classmethod
+    def _regexes(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{pattern!r} is not a valid regex ({err}); e.g. 'self_attn|mlp.down_proj'") from None
+        return value
+
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
         if self.pattern is not None and self.sparsity is not None:
@@ -101,6 +136,8 @@ class PruneConfig(BaseModel):
             self.sparsity = 0.5
         if self.block_sparsity is not None and (self.owl or self.pattern is not None):
             raise ValueError("block_sparsity is an unstructured per-block list; drop owl/pattern to use it")
+        if self.refine_targets and self.refine == "none":
+            raise ValueError("refine_targets does nothing without refine: dsnot; add --refine dsnot or drop it")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("--resume needs --checkpoint-dir")
         return self
