@@ -330,6 +330,35 @@ def test_resume_refuses_a_checkpoint_made_without_refinement(tiny_model_dir, tex
     assert not (tmp_path / "b").exists()
 
 
+def test_checkpoints_and_sweeps_from_before_refinement_stay_resumable():
+    """With refine off, the identity hashes are those of the same settings without any refine field."""
+    import hashlib
+
+    from sparsetune.evaluate.config import SweepConfig
+    from sparsetune.evaluate.sweep import sweep_identity
+    from sparsetune.prune.api import settings_hash
+
+    def old_hash(data, skip):
+        relevant = {k: v for k, v in data.items() if k not in skip and not k.startswith("refine")}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    cfg = PruneConfig(model="m", sparsity=0.6)
+    skip = {"output", "device", "data_dir", "checkpoint_dir", "resume", "device_map", "trust_remote_code", "model"}
+    assert settings_hash(cfg) == old_hash(cfg.model_dump(mode="json"), skip)
+    assert settings_hash(PruneConfig(model="m", sparsity=0.6, refine="dsnot")) != settings_hash(cfg)
+    sweep = SweepConfig(model="m", output="o")
+    skip = {"output", "resume", "methods", "sparsities", "patterns", "device", "data_dir"}
+    assert sweep_identity(sweep) == old_hash(sweep.model_dump(mode="json"), skip)
+    assert sweep_identity(SweepConfig(model="m", output="o", refine=["none", "dsnot"])) == sweep_identity(sweep)
+
+
+def test_help_lists_the_refine_flags():
+    prune_help, sweep_help = _run("prune", "--help").output, _run("sweep", "--help").output
+    for flag in ("--refine ", "--refine-targets", "--refine-max-cycles", "--refine-threshold", "--refine-values"):
+        assert flag in prune_help, flag
+    assert "default: none" in prune_help and "--refine " in sweep_help and "dsnot-dense" in sweep_help
+
+
 def test_magnitude_with_refine_needs_calibration():
     from sparsetune.prune.api import needs_calibration
 
@@ -338,17 +367,31 @@ def test_magnitude_with_refine_needs_calibration():
 
 
 def test_sweep_crosses_methods_with_refinement(tiny_model_dir, text_file, tmp_path):
+    from sparsetune.data import calibration_set
+    from sparsetune.evaluate.ppl import perplexity
+    from sparsetune.models import load_model
+
     eval_text = tmp_path / "eval.txt"
     eval_text.write_text(text_file.read_text())
     out = tmp_path / "sweep"
-    result = _run("sweep", tiny_model_dir, "-o", out, "--methods", "magnitude,wanda", "--sparsities", "0.5",
-                  "--refine", "none,dsnot", "--ppl", eval_text, "--seqlen", "32", "--calib", text_file,
+    result = _run("sweep", tiny_model_dir, "-o", out, "--methods", "magnitude,sparsegpt", "--sparsities", "0.5",
+                  "--refine", "none,dsnot,dsnot-dense", "--ppl", eval_text, "--seqlen", "32", "--calib", text_file,
                   "--calib-samples", "4", "--calib-seqlen", "32")  # fmt: skip
     assert result.exit_code == 0, result.output
     points = {p["key"]: p for p in json.loads((out / "sweep.json").read_text())["points"]}
-    assert list(points) == ["dense", "magnitude-0.5", "magnitude+dsnot-0.5", "wanda-0.5", "wanda+dsnot-0.5"]
-    assert [p["refine"] for p in points.values()] == ["none", "none", "dsnot", "none", "dsnot"]
+    assert list(points) == ["dense", "magnitude-0.5", "magnitude+dsnot-0.5", "magnitude+dsnot-dense-0.5",
+                            "sparsegpt-0.5", "sparsegpt+dsnot-0.5", "sparsegpt+dsnot-dense-0.5"]  # fmt: skip
+    assert [p["refine"] for p in points.values()][:4] == ["none", "none", "dsnot", "dsnot-dense"]
     assert points["magnitude-0.5"]["calibration"] is None and points["magnitude+dsnot-0.5"]["calibration"]
     ppl = {k: p["ppl"][str(eval_text)]["ppl"] for k, p in points.items()}
-    assert ppl["wanda+dsnot-0.5"] != ppl["wanda-0.5"] and ppl["magnitude+dsnot-0.5"] != ppl["magnitude-0.5"]
-    assert "| wanda | unstructured | dsnot |" in (out / "sweep.md").read_text()
+    assert ppl["magnitude+dsnot-0.5"] != ppl["magnitude-0.5"]
+    assert ppl["magnitude+dsnot-0.5"] == ppl["magnitude+dsnot-dense-0.5"]  # the variants agree without updates
+    assert len({ppl["sparsegpt-0.5"], ppl["sparsegpt+dsnot-0.5"], ppl["sparsegpt+dsnot-dense-0.5"]}) == 3
+    assert "| sparsegpt | unstructured | dsnot-dense |" in (out / "sweep.md").read_text()
+    # a sweep point is the standalone prune with the same settings
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    cfg = PruneConfig(model=str(tiny_model_dir), method="sparsegpt", sparsity=0.5, calib=str(text_file),
+                      calib_samples=4, seqlen=32, refine="dsnot", refine_values="dense")  # fmt: skip
+    prune_model(model, tok, cfg, calibration_set(tok, str(text_file), 4, 32), show_progress=False)
+    direct = perplexity(model, tok, str(eval_text), seqlen=32)["ppl"]
+    assert ppl["sparsegpt+dsnot-dense-0.5"] == pytest.approx(direct, rel=1e-6)

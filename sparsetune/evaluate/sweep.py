@@ -40,7 +40,7 @@ class Point:
     method: str
     sparsity: float | None = None
     pattern: str | None = None
-    refine: str = "none"  # mask refinement after the method (dsnot)
+    refine: str = "none"  # mask refinement after the method: none, dsnot, dsnot-dense
 
     @property
     def key(self) -> str:
@@ -84,8 +84,8 @@ def prune_config(cfg: SweepConfig, point: Point) -> Any:
         data_dir=cfg.data_dir,
         dtype=cfg.dtype,
         device=cfg.device,
-        refine=point.refine,
-        refine_values=cfg.refine_values,
+        refine="none" if point.refine == "none" else "dsnot",
+        refine_values="dense" if point.refine == "dsnot-dense" else "updated",
     )
 
 

@@ -118,6 +118,8 @@ def make_calibration(
 def settings_hash(cfg: PruneConfig) -> str:
     """Hash of every setting that changes the result (not where it is written or which device runs it)."""
     skip = {"output", "device", "data_dir", "checkpoint_dir", "resume", "device_map", "trust_remote_code", "model"}
+    if cfg.refine == "none":  # unused refine settings: checkpoints from before they existed stay valid
+        skip |= {k for k in PruneConfig.model_fields if k.startswith("refine")}
     relevant = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
