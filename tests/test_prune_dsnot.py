@@ -73,8 +73,9 @@ def test_unstructured_rows_keep_their_count_and_error_never_grows(values):
     assert torch.equal((refined != 0).sum(1), (pruned != 0).sum(1))
     assert info["dsnot_swaps"] > 0 and 1 <= info["dsnot_cycles"] <= 50
     if values == "updated":  # the error DSnoT measures is the real one, and no row's |e| grows
-        before, after = _expected_error(W, pruned, x).abs(), _expected_error(W, refined, x).abs()
-        assert torch.all(after <= before + 1e-9)
+        before, after = _expected_error(W, pruned, x), _expected_error(W, refined, x)
+        assert torch.all(after.abs() <= before.abs() + 1e-9) and torch.all(after * before >= 0)  # never past 0
+        before, after = before.abs(), after.abs()
         assert float(after.mean()) == pytest.approx(info["dsnot_error_after"], rel=1e-4)
         assert float(before.mean()) == pytest.approx(info["dsnot_error_before"], rel=1e-4)
     # kept weights keep the base's value, revived ones take their dense value
@@ -106,39 +107,55 @@ def test_max_cycles_bounds_the_swaps_per_row():
     assert cycles <= 2 and int(swaps.max()) <= 2 and int(swaps.sum()) > 0
 
 
-# One row, four inputs, two calibration tokens: t1 = [3, 1, 1, 2], t2 = [1, -1, 0, 0].
-# mean = [2, 0, 0.5, 1], var = [1, 1, 0.25, 1], ||x|| = [sqrt 10, sqrt 2, 1, 2].
-# W = [-0.5, 2, 1, 0.4]: Wanda scores [1.58, 2.83, 1, 0.8] keep inputs 0 and 1 at 50% (and in the one 2:4 group).
-# c = W * mean = [-1, 0, 0.5, 0.4]; e = c2 + c3 = 0.9 > 0, so revive the pruned weight with the largest positive
-# c / var: input 2 (0.5 / 0.25 = 2 beats 0.4 / 1), and prune the kept weight with negative c: input 0.
-# e becomes 0.9 - 0.5 + (-1) = -0.6, smaller in size: accepted. Then e < 0 and no pruned weight has c < 0: done.
-HAND_TOKENS = torch.tensor([[3.0, 1.0, 1.0, 2.0], [1.0, -1.0, 0.0, 0.0]])
-HAND_W = torch.tensor([[-0.5, 2.0, 1.0, 0.4]])
+# One row, four inputs, two calibration tokens: t1 = [3, 2, 1, 2], t2 = [1, -3, 0, 0].
+# mean = [2, -0.5, 0.5, 1], var = [1, 6.25, 0.25, 1], ||x|| = [sqrt 10, sqrt 13, 1, 2].
+# W = [2, 0.2, 0.6, 0.25]: Wanda scores [6.32, 0.72, 0.6, 0.5] keep inputs 0 and 1 at 50% (and in the one 2:4 group).
+# c = W * mean = [4, -0.1, 0.3, 0.25]; e = c2 + c3 = 0.55 > 0, so revive the pruned weight with the largest positive
+# c / var: input 2 (0.3 / 0.25 = 1.2 beats 0.25 / 1), and prune the lowest-scoring kept weight with negative c
+# (under 2:4: the lowest-scoring kept weight of the group): input 1. e becomes 0.55 - 0.3 + (-0.1) = 0.15, smaller
+# and still positive: accepted. Cycle 2, unstructured: no kept weight with negative c is left, the row stops.
+# Cycle 2, 2:4: reviving input 3 would prune input 0 (c = 4, e -> 3.9): rejected; cycle 3: no candidate left.
+HAND_TOKENS = torch.tensor([[3.0, 2.0, 1.0, 2.0], [1.0, -3.0, 0.0, 0.0]])
+HAND_W = torch.tensor([[2.0, 0.2, 0.6, 0.25]])
 
 
-@pytest.mark.parametrize("target", [0.5, NMPattern(2, 4)])
-def test_hand_computed_swap(target):
+@pytest.mark.parametrize("target, cycles", [(0.5, 2), (NMPattern(2, 4), 3)])
+def test_hand_computed_swap(target, cycles):
     refiner = dsnot.DSnoT(wanda, threshold=0.0)
     stats = refiner.init_stats(4, torch.device("cpu"))
     refiner.accumulate(stats, HAND_TOKENS[:1])  # two mini-batches of one token each
     refiner.accumulate(stats, HAND_TOKENS[1:].unsqueeze(0))
     (base,) = wanda.prune_group([HAND_W], stats[0], target)
-    assert torch.equal(base, torch.tensor([[-0.5, 2.0, 0.0, 0.0]]))
+    assert torch.equal(base, torch.tensor([[2.0, 0.2, 0.0, 0.0]]))
     (refined,), (info,) = refiner.prune_group([HAND_W], stats, target)
-    assert torch.equal(refined, torch.tensor([[0.0, 2.0, 1.0, 0.0]]))
-    assert info["dsnot_swaps"] == 1 and info["dsnot_cycles"] == 2
-    # |e| from the tokens themselves: dense outputs [2.3, -2.5]; Wanda's [0.5, -2.5]; refined [3, -2].
-    assert float(_expected_error(HAND_W, base, HAND_TOKENS)) == pytest.approx(0.9)
-    assert float(_expected_error(HAND_W, refined, HAND_TOKENS)) == pytest.approx(-0.6)
-    assert info["dsnot_error_before"] == pytest.approx(0.9) and info["dsnot_error_after"] == pytest.approx(0.6)
+    assert torch.equal(refined, torch.tensor([[2.0, 0.0, 0.6, 0.0]]))
+    assert info["dsnot_swaps"] == 1 and info["dsnot_cycles"] == cycles
+    # e from the tokens themselves: dense outputs [7.5, 1.4]; Wanda's [6.4, 1.4]; refined [6.6, 2].
+    assert float(_expected_error(HAND_W, base, HAND_TOKENS)) == pytest.approx(0.55)
+    assert float(_expected_error(HAND_W, refined, HAND_TOKENS)) == pytest.approx(0.15)
+    assert info["dsnot_error_before"] == pytest.approx(0.55) and info["dsnot_error_after"] == pytest.approx(0.15)
+
+
+def test_a_swap_that_would_flip_the_error_is_not_made():
+    # W = [-0.5, 2, 1, 0.4] on the same tokens: Wanda scores [1.58, 7.21, 1, 0.8] keep inputs 0 and 1;
+    # c = [-1, -1, 0.5, 0.4], e = 0.9. Reviving input 2 or 3 means pruning input 0 (the lowest-scoring kept weight
+    # with negative c): e would go to 0.9 - 0.5 - 1 = -0.6 or 0.9 - 0.4 - 1 = -0.5, past 0. (The public code's
+    # unstructured rule would make the first swap.)
+    W = torch.tensor([[-0.5, 2.0, 1.0, 0.4]])
+    refiner = dsnot.DSnoT(wanda, threshold=0.0)
+    stats = refiner.init_stats(4, torch.device("cpu"))
+    refiner.accumulate(stats, HAND_TOKENS)
+    (refined,), (info,) = refiner.prune_group([W], stats, 0.5)
+    assert torch.equal(refined, torch.tensor([[-0.5, 2.0, 0.0, 0.0]])) and info["dsnot_swaps"] == 0
+    assert float(_expected_error(W, refined, HAND_TOKENS)) == pytest.approx(0.9)
 
 
 def test_threshold_stops_a_row_whose_error_is_small_enough():
-    refiner = dsnot.DSnoT(wanda, threshold=0.95)  # |e| = 0.9 is already within it
+    refiner = dsnot.DSnoT(wanda, threshold=0.6)  # |e| = 0.55 is already within it
     stats = refiner.init_stats(4, torch.device("cpu"))
     refiner.accumulate(stats, HAND_TOKENS)
     (refined,), (info,) = refiner.prune_group([HAND_W], stats, 0.5)
-    assert torch.equal(refined, torch.tensor([[-0.5, 2.0, 0.0, 0.0]])) and info["dsnot_swaps"] == 0
+    assert torch.equal(refined, torch.tensor([[2.0, 0.2, 0.0, 0.0]])) and info["dsnot_swaps"] == 0
 
 
 @pytest.mark.parametrize("base", [magnitude, wanda])

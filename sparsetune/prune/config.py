@@ -97,7 +97,7 @@ class PruneConfig(BaseModel):
     )
     refine_values: Literal["updated", "dense"] = Field(
         "updated",
-        description="DSnoT with a method that updates kept weights (sparsegpt): updated = measure the error of "
+        description="DSnoT with a method that updates kept weights (SparseGPT, ALPS): updated = measure the error of "
         "the updated weights; dense = refine the mask on the dense weights, then apply it to the updated ones. "
         "A revived weight takes its dense value",
     )

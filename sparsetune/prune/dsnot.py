@@ -12,11 +12,16 @@ moves e_i toward 0) and prunes one kept weight (unstructured: the lowest Wanda s
 whose c has the opposite sign; N:M: the lowest Wanda score in the revived weight's group of M, so every group keeps
 its count). DSnoT never changes a kept weight's value; a revived weight takes its dense value.
 
+A swap is made only when it shrinks |e_i| without flipping its sign (the paper's rule, plus the shrink test that
+matters under N:M, where the pruned weight's contribution can have either sign). A rejected swap skips that revive
+candidate and the row goes on; a row stops when |e_i| <= threshold or it runs out of candidates.
+
 Where this differs from the public code (zyxxmu/DSnoT, `lib/prune.py`), on purpose:
-- A swap is made only when it shrinks |e_i|. The public code's unstructured path accepts every swap while
-  |e_i| > threshold (its `--without_same_sign` flag is `type=bool`, so the sign check it describes is never on),
-  and its N:M path accepts a swap that keeps the error's sign even when |e_i| grows. A rejected swap here skips that
-  revive candidate and the row goes on; a row stops when |e_i| <= threshold or it runs out of candidates.
+- Its unstructured path accepts every swap while |e_i| > threshold (its `--without_same_sign` flag is `type=bool`, so
+  the sign check is never on) and so always runs the 50 cycles. In a layer-wise check (16 Linears of SmolLM2-135M,
+  C4 inputs, error ||X (W_dense - W)^T||^2 on held-out tokens, Wanda at 70%), that rule made the error 17% worse
+  than Wanda alone and the rule here 4.5% better. Its N:M path accepts a swap that keeps the sign even when |e_i|
+  grows, and stops a row at its first rejected swap.
 - e is in per-token units (the mean input), not summed over a 2048-token sample, so the threshold does not depend on
   the calibration sequence length. The default, 0.1 / 2048, is the public code's 0.1 at its 2048-token samples.
 - The prune choice uses the Wanda score for every base method (the public N:M path uses the base method's own score).
@@ -161,7 +166,8 @@ def refine_mask(
             slot = torch.where(candidate, score.gather(1, group), inf).argmin(dim=1, keepdim=True)
             drop, drop_ok = group.gather(1, slot).squeeze(1), candidate.any(dim=1)
         e_after = e - c_revive[row, grow] + c_prune[row, drop]
-        swap = active & grow_ok & drop_ok & (e_after.abs() < e.abs())
+        shrinks = (e_after.abs() < e.abs()) & (torch.sign(e_after) == torch.sign(e))  # no overshoot past 0
+        swap = active & grow_ok & drop_ok & shrinks
         keep[row[swap], grow[swap]] = True
         keep[row[swap], drop[swap]] = False
         if revived is not None:
