@@ -264,6 +264,42 @@ def test_refine_targets_restrict_refinement(tiny_tokenizer):
         assert torch.equal(module.weight, expected[name].weight) is (name != last), name
 
 
+def test_refine_with_device_map_matches_moving_blocks(tiny_tokenizer):
+    """`--device-map` computes each block where it was placed; the statistics and the refinement follow it."""
+    a, b = make_tiny_model(), make_tiny_model()
+    settings = {"model": "x", "refine": "dsnot", "refine_targets": ["self_attn"]}
+    prune_model(a, tiny_tokenizer, PruneConfig(**settings), _calib(), show_progress=False)
+    report = prune_model(b, tiny_tokenizer, PruneConfig(**settings, device_map="auto"), _calib(), show_progress=False)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert report["refine"]["modules_refined"] == 8 and report["refine"]["swaps"] > 0
+
+
+@pytest.mark.dist
+def test_two_processes_match_one_with_refine(tiny_model_dir, text_file, tmp_path):
+    """The mean/variance sums are all-reduced like every other statistic: the masks equal one process's."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["-m", "sparsetune", "prune", str(tiny_model_dir), "--refine", "dsnot", "--calib", str(text_file),
+              "--calib-samples", "6", "--seqlen", "32", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dist = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    two = subprocess.run([*dist, *common, "-o", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run(
+        [sys.executable, *common, "-o", str(tmp_path / "one")], capture_output=True, text=True, env=env
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    reports = [json.loads((tmp_path / d / "sparsity_report.json").read_text()) for d in ("one", "two")]
+    assert reports[1]["processes"] == 2 and reports[0]["refine"]["swaps"] == reports[1]["refine"]["swaps"] > 0
+    a, b = (
+        load_file(str(tmp_path / "one" / "model.safetensors")),
+        load_file(str(tmp_path / "two" / "model.safetensors")),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)  # Wanda + DSnoT keep dense values: equal masks, equal weights
+
+
 def test_prune_cli_wanda_dsnot_end_to_end(tiny_model_dir, text_file, tmp_path):
     out, plain_out = tmp_path / "out", tmp_path / "plain"
     common = [tiny_model_dir, "--calib", text_file, *CALIB, "--sparsity", "0.5"]

@@ -425,6 +425,10 @@ def print_summary(report: dict[str, Any]) -> None:
     table.add_row("sparsity", f"{s['sparsity_before']:.4f}", f"{s['global_sparsity']:.4f}")
     table.add_row("modules pruned", "", str(s["modules_pruned"]))
     table.add_row("embedding sparsity", "", f"{s['embedding_sparsity']:.4f}")
+    if "refine" in report:
+        table.add_row(
+            "dsnot swaps", "", f"{report['refine']['swaps']:,} in {report['refine']['modules_refined']} modules"
+        )
     for key, value in report["timings"].items():
         table.add_row(f"time {key.removesuffix('_s')}", "", f"{value:.1f} s")
     Console().print(table)
