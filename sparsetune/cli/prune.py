@@ -54,6 +54,13 @@ def prune_command(
     alps_rho_growth: float | None = typer.Option(None, help=_h("alps_rho_growth"), show_default=False),
     alps_max_iter: int | None = typer.Option(None, help=_h("alps_max_iter"), show_default=False),
     alps_cg_iter: int | None = typer.Option(None, help=_h("alps_cg_iter"), show_default=False),
+    refine: str | None = typer.Option(None, help=_h("refine"), show_default=False),
+    refine_targets: str | None = typer.Option(
+        None, help=_h("refine_targets") + " (comma-separated)", show_default=False
+    ),
+    refine_max_cycles: int | None = typer.Option(None, help=_h("refine_max_cycles"), show_default=False),
+    refine_threshold: float | None = typer.Option(None, help=_h("refine_threshold"), show_default=False),
+    refine_values: str | None = typer.Option(None, help=_h("refine_values"), show_default=False),
     recipe: str | None = typer.Option(
         None, help="YAML recipe with these settings (flags given on the command line override it)"
     ),
@@ -101,6 +108,11 @@ def prune_command(
             "alps_rho_growth": alps_rho_growth,
             "alps_max_iter": alps_max_iter,
             "alps_cg_iter": alps_cg_iter,
+            "refine": refine,
+            "refine_targets": split_list(refine_targets),
+            "refine_max_cycles": refine_max_cycles,
+            "refine_threshold": refine_threshold,
+            "refine_values": refine_values,
         }
         base = recipe_settings(recipe, "prune")
         if pattern is not None and "sparsity" in base:

@@ -71,6 +71,11 @@ class SweepConfig(EvalSettings):
         default_factory=lambda: [0.3, 0.5, 0.6, 0.7], description="Unstructured sparsities to sweep"
     )
     patterns: list[str] = Field(default_factory=list, description="N:M patterns to sweep as well, e.g. 2:4,4:8")
+    refine: list[Literal["none", "dsnot", "dsnot-dense"]] = Field(
+        default_factory=lambda: ["none"],
+        description="Mask refinements to sweep for every pruned point: none, dsnot, dsnot-dense (DSnoT with "
+        "prune's --refine-values dense); none,dsnot = with and without",
+    )
     calib: str = Field("c4", description="Calibration data (one set, reused by every point): c4, wikitext2, a file")
     calib_samples: int = Field(128, ge=1, description="Number of calibration samples")
     calib_seqlen: int = Field(
@@ -88,6 +93,13 @@ class SweepConfig(EvalSettings):
     def _known_methods(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError(f"give at least one method of {', '.join(METHOD_NAMES)}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("refine")
+    @classmethod
+    def _some_refine(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one of none, dsnot")
         return list(dict.fromkeys(value))
 
     @field_validator("sparsities")

@@ -46,12 +46,14 @@ class Point:
     method: str
     sparsity: float | None = None
     pattern: str | None = None
+    refine: str = "none"  # mask refinement after the method: none, dsnot, dsnot-dense
 
     @property
     def key(self) -> str:
         if self.method == "dense":
             return "dense"
-        return f"{self.method}-{self.pattern.replace(':', 'of') if self.pattern else f'{self.sparsity:g}'}"
+        suffix = "" if self.refine == "none" else f"+{self.refine}"
+        return f"{self.method}{suffix}-{self.pattern.replace(':', 'of') if self.pattern else f'{self.sparsity:g}'}"
 
     @property
     def target_sparsity(self) -> float:
@@ -62,11 +64,12 @@ class Point:
 
 
 def grid(cfg: SweepConfig) -> list[Point]:
-    """The dense baseline, then every method at every sparsity, then every method at every pattern."""
+    """The dense baseline, then per method (and refinement) every sparsity, then every pattern."""
     points = [Point("dense", 0.0)]
     for method in cfg.methods:
-        points += [Point(method, sparsity=s) for s in cfg.sparsities if s > 0]
-        points += [Point(method, pattern=p) for p in cfg.patterns]
+        for refine in cfg.refine:
+            points += [Point(method, sparsity=s, refine=refine) for s in cfg.sparsities if s > 0]
+            points += [Point(method, pattern=p, refine=refine) for p in cfg.patterns]
     return points
 
 
@@ -87,12 +90,14 @@ def prune_config(cfg: SweepConfig, point: Point) -> Any:
         data_dir=cfg.data_dir,
         dtype=cfg.dtype,
         device=cfg.device,
+        refine="none" if point.refine == "none" else "dsnot",
+        refine_values="dense" if point.refine == "dsnot-dense" else "updated",
     )
 
 
 def sweep_identity(cfg: SweepConfig) -> str:
     """Hash of the settings every point depends on (not the grid itself: adding points may resume)."""
-    skip = {"output", "resume", "methods", "sparsities", "patterns", "device", "data_dir"}
+    skip = {"output", "resume", "methods", "sparsities", "patterns", "refine", "device", "data_dir"}
     relevant = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -125,7 +130,7 @@ def prepare_workdir(cfg: SweepConfig, overwrite: bool) -> tuple[Path, Path]:
 
 def run_sweep(cfg: SweepConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """The whole sweep: validate, load once, calibrate once, then prune/evaluate/restore per point."""
-    from sparsetune.prune.api import make_calibration, prune_model
+    from sparsetune.prune.api import make_calibration, needs_calibration, prune_model
 
     if not cfg.ppl and not cfg.tasks:
         raise SparsetuneError("nothing to evaluate; pass --ppl wikitext2 and/or --tasks arc_easy,...")
@@ -139,7 +144,7 @@ def run_sweep(cfg: SweepConfig, overwrite: bool = False, show_progress: bool = T
         if done:
             log.info("resuming: %d of %d points already finished", len(done), len(points))
         if todo:
-            _run_points(cfg, todo, tasks, work, show_progress, make_calibration, prune_model)
+            _run_points(cfg, todo, tasks, work, show_progress, make_calibration, prune_model, needs_calibration)
         results = [json.loads((work / "points" / f"{p.key}.json").read_text()) for p in points]
     report = {
         "model": cfg.model,
@@ -158,12 +163,13 @@ def run_sweep(cfg: SweepConfig, overwrite: bool = False, show_progress: bool = T
     return report
 
 
-def _run_points(cfg, todo, tasks, work, show_progress, make_calibration, prune_model) -> None:
+def _run_points(cfg, todo, tasks, work, show_progress, make_calibration, prune_model, needs_calibration) -> None:
     """Load the base model once, draw one calibration set, and evaluate every point still to do."""
     t0 = time.perf_counter()
     model, tokenizer = models.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     log.info("loaded %s in %.1f s", cfg.model, time.perf_counter() - t0)
-    needs_calib = [p for p in todo if p.method in ("wanda", "sparsegpt", "alps")]
+    calibrated = {p.key for p in todo if p.method != "dense" and needs_calibration(prune_config(cfg, p))}
+    needs_calib = [p for p in todo if p.key in calibrated]
     calib = make_calibration(model, tokenizer, prune_config(cfg, needs_calib[0])) if needs_calib else None
     dense = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
     token_ids: dict[str, tuple[torch.Tensor, str]] = {}
@@ -178,11 +184,12 @@ def _run_points(cfg, todo, tasks, work, show_progress, make_calibration, prune_m
         result = {
             "key": point.key,
             "method": point.method,
+            "refine": point.refine,
             "pattern": point.pattern or ("dense" if point.method == "dense" else "unstructured"),
             "target_sparsity": point.target_sparsity,
             "global_sparsity": prune_report["global_sparsity"] if prune_report else 0.0,
             "prune_s": round(prune_s, 3),
-            "calibration": calib.describe() if calib is not None and point.method != "magnitude" else None,
+            "calibration": calib.describe() if calib is not None and point.key in calibrated else None,
             **measured,
         }
         _write_json_atomic(work / "points" / f"{point.key}.json", result)
@@ -218,10 +225,11 @@ def markdown_sweep(report: dict[str, Any]) -> str:
 
     points = report["points"]
     columns = _metric_columns(points)
-    header = ["method", "pattern", "target", "sparsity"] + [c[0] for c in columns]
+    header = ["method", "pattern", "refine", "target", "sparsity"] + [c[0] for c in columns]
     rows = []
     for p in points:
-        cells = [p["method"], p["pattern"], f"{p['target_sparsity']:.2f}", f"{p['global_sparsity']:.4f}"]
+        refine = p.get("refine", "none") if p["method"] != "dense" else "-"  # points saved before refine: none
+        cells = [p["method"], p["pattern"], refine, f"{p['target_sparsity']:.2f}", f"{p['global_sparsity']:.4f}"]
         for _, kind, name in columns:
             v = _value(p, kind, name)
             cells.append("-" if v is None else f"{v:.2f}" if kind == "ppl" else f"{v:.4f}")
@@ -238,6 +246,12 @@ def markdown_sweep(report: dict[str, Any]) -> str:
 PATTERN_MARKERS = ("s", "^", "D", "v", "P", "X")
 
 
+def _label(point: dict[str, Any]) -> str:
+    """A plot line's name: the method, plus the refinement when one ran (e.g. wanda+dsnot)."""
+    refine = point.get("refine", "none")
+    return point["method"] if refine == "none" else f"{point['method']}+{refine}"
+
+
 def plot_sweep(report: dict[str, Any], path: Path) -> None:
     """One panel per metric: the metric against sparsity, one line per method (dense point included);
     N:M points are separate markers (one marker shape per pattern) in the method's colour."""
@@ -249,20 +263,20 @@ def plot_sweep(report: dict[str, Any], path: Path) -> None:
     points = report["points"]
     columns = _metric_columns(points)
     dense = next((p for p in points if p["method"] == "dense"), None)
-    methods = list(dict.fromkeys(p["method"] for p in points if p["method"] != "dense"))
+    methods = list(dict.fromkeys(_label(p) for p in points if p["method"] != "dense"))
     patterns = list(dict.fromkeys(p["pattern"] for p in points if p["pattern"] not in ("dense", "unstructured")))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(columns), figsize=(6.4 * len(columns), 4.8), squeeze=False)
     for ax, (title, kind, name) in zip(axes[0], columns, strict=True):
         for method in methods:
-            line = [p for p in points if p["method"] == method and p["pattern"] == "unstructured"]
+            line = [p for p in points if _label(p) == method and p["pattern"] == "unstructured"]
             if dense is not None:
                 line = [dense, *line]
             xs = [p["target_sparsity"] for p in line]
             ys = [_value(p, kind, name) for p in line]
             ax.plot(xs, ys, marker="o", color=colors[method], label=f"{method} (unstructured)")
             for j, pattern in enumerate(patterns):
-                hit = [p for p in points if p["method"] == method and p["pattern"] == pattern]
+                hit = [p for p in points if _label(p) == method and p["pattern"] == pattern]
                 if hit:
                     ax.scatter(
                         [hit[0]["target_sparsity"]],

@@ -17,7 +17,7 @@ from sparsetune import data, masks, models
 from sparsetune.distributed import DistContext, dist_context
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
-from sparsetune.prune import alps, magnitude, sparsegpt, wanda
+from sparsetune.prune import alps, dsnot, magnitude, sparsegpt, wanda
 from sparsetune.prune.activations import ActivationStore
 from sparsetune.prune.config import PruneConfig
 from sparsetune.prune.engine import GROUP_OF, BlockTargets, EngineOptions, run_blocks
@@ -78,11 +78,13 @@ def plan_targets(model: nn.Module, cfg: PruneConfig) -> tuple[list[BlockTargets]
                     f"{name} has {module.in_features} input features, not divisible by M={nm.m} of pattern {nm}; "
                     "--ignore it or choose another pattern"
                 )
+    if cfg.refine != "none":
+        dsnot.refine_selection(chosen_all, cfg.refine_targets)  # refuse --refine-targets that match nothing
     return blocks, head
 
 
 def needs_calibration(cfg: PruneConfig) -> bool:
-    return bool(METHODS[cfg.method].NEEDS_CALIBRATION or cfg.owl)
+    return bool(METHODS[cfg.method].NEEDS_CALIBRATION or cfg.owl or cfg.refine != "none")
 
 
 def make_calibration(
@@ -120,6 +122,8 @@ def make_calibration(
 def settings_hash(cfg: PruneConfig) -> str:
     """Hash of every setting that changes the result (not where it is written or which device runs it)."""
     skip = {"output", "device", "data_dir", "checkpoint_dir", "resume", "device_map", "trust_remote_code", "model"}
+    if cfg.refine == "none":  # unused refine settings: checkpoints from before they existed stay valid
+        skip |= {k for k in PruneConfig.model_fields if k.startswith("refine")}
     relevant = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -171,6 +175,18 @@ def prune_model(
     if head is not None and models.embeddings_tied(model):
         models.untie_embeddings(model)
         head = ("lm_head", model.get_output_embeddings())
+    refined: list[tuple[str, nn.Linear]] = []
+    if cfg.refine == "dsnot":  # the base method wrapped: same pass, two more statistics, masks refined
+        refined = dsnot.refine_selection(
+            [item for b in blocks for item in b.modules()] + ([head] if head else []), cfg.refine_targets
+        )
+        method = dsnot.DSnoT(
+            method,
+            [m for _, m in refined] if cfg.refine_targets else None,
+            cfg.refine_max_cycles,
+            cfg.refine_threshold,
+            cfg.refine_values,
+        )
     timings: dict[str, Any] = {}
     if needs_calibration(cfg) and calib is None:
         t0 = time.perf_counter()
@@ -234,6 +250,9 @@ def prune_model(
         report["modules"][name].update(info)
         if "warning" in info and ctx.is_main:  # e.g. a method's documented fallback: never silent
             log.warning("%s: %s", name, info["warning"])
+    report["summary"]["refine"] = cfg.refine
+    if cfg.refine == "dsnot":
+        report["refine"] = dsnot.report_section(cfg, method, [name for name, _ in refined], module_info)
     report["processes"] = ctx.world
     report["rank"] = ctx.rank
     if "resumed_from_block" in engine:
@@ -468,6 +487,10 @@ def print_summary(report: dict[str, Any]) -> None:
     table.add_row("sparsity", f"{s['sparsity_before']:.4f}", f"{s['global_sparsity']:.4f}")
     table.add_row("modules pruned", "", str(s["modules_pruned"]))
     table.add_row("embedding sparsity", "", f"{s['embedding_sparsity']:.4f}")
+    if "refine" in report:
+        table.add_row(
+            "dsnot swaps", "", f"{report['refine']['swaps']:,} in {report['refine']['modules_refined']} modules"
+        )
     for key, value in report["timings"].items():
         table.add_row(f"time {key.removesuffix('_s')}", "", f"{value:.1f} s")
     Console().print(table)

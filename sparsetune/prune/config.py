@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparsetune.errors import as_value_error
 from sparsetune.patterns import NMPattern, check_sparsity, parse_pattern
+
+# DSnoT defaults live here, not in prune/dsnot.py, so the schema (and so `--help`) imports no torch.
+DSNOT_MAX_CYCLES = 50  # the paper's
+DSNOT_THRESHOLD = 0.1 / 2048  # the public code's 0.1 on sums over 2048-token samples, per token
 
 METHOD_NAMES = ("magnitude", "wanda", "sparsegpt", "alps")
 
@@ -93,6 +98,28 @@ class PruneConfig(BaseModel):
     alps_cg_iter: int = Field(
         10, ge=0, description="ALPS: conjugate-gradient steps refining the kept weights on the final support (0: none)"
     )
+    refine: Literal["none", "dsnot"] = Field(
+        "none",
+        description="Mask refinement after the method: dsnot swaps weights within each row (N:M: within groups) "
+        "to shrink the expected output error, keeping every row's non-zero count; none",
+    )
+    refine_targets: list[str] = Field(
+        default_factory=list,
+        description="Regexes of the pruned Linears to refine (default: every pruned Linear)",
+    )
+    refine_max_cycles: int = Field(DSNOT_MAX_CYCLES, ge=1, description="DSnoT: at most this many swaps per row")
+    refine_threshold: float = Field(
+        DSNOT_THRESHOLD,
+        ge=0,
+        description="DSnoT: a row stops once |expected output error| per token is at most this "
+        "(the paper's 0.1 on 2048-token sums)",
+    )
+    refine_values: Literal["updated", "dense"] = Field(
+        "updated",
+        description="DSnoT with a method that updates kept weights (SparseGPT, ALPS): updated = measure the error of "
+        "the updated weights; dense = refine the mask on the dense weights, then apply it to the updated ones. "
+        "A revived weight takes its dense value",
+    )
 
     @field_validator("sparsity")
     @classmethod
@@ -110,6 +137,16 @@ class PruneConfig(BaseModel):
     def _block_range(cls, value: list[float] | None) -> list[float] | None:
         return None if value is None else [as_value_error(check_sparsity, v) for v in value]
 
+    @field_validator("refine_targets")
+    @classmethod
+    def _regexes(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{pattern!r} is not a valid regex ({err}); e.g. 'self_attn|mlp.down_proj'") from None
+        return value
+
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
         if self.pattern is not None and self.sparsity is not None:
@@ -118,6 +155,8 @@ class PruneConfig(BaseModel):
             self.sparsity = 0.5
         if self.block_sparsity is not None and (self.owl or self.pattern is not None):
             raise ValueError("block_sparsity is an unstructured per-block list; drop owl/pattern to use it")
+        if self.refine_targets and self.refine == "none":
+            raise ValueError("refine_targets does nothing without refine: dsnot; add --refine dsnot or drop it")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("--resume needs --checkpoint-dir")
         return self
