@@ -56,7 +56,10 @@ def test_version_is_the_project_version():
     assert result.output == f"sparsetune {expected}\n"
 
 
-def test_shell_completion_script_and_completions():
+def test_shell_completion_script_and_completions(monkeypatch):
+    # Typer detects the user's shell from the parent processes, which fails off a terminal (CI); with detection
+    # off, `--show-completion` takes the shell as its value.
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     runner = CliRunner()
     script = runner.invoke(app, ["--show-completion", "bash"], prog_name="sparsetune")
     assert script.exit_code == 0

@@ -360,9 +360,13 @@ class CheckpointedTraining:
 
     # -- the divergence guard ---------------------------------------------------------------------------------
 
+    def guarded_tensors(self) -> dict[str, torch.Tensor]:
+        """The trained weights among the checkpoint's tensors (not bookkeeping such as SMET's uint8 ITOP bitmaps)."""
+        return {n: t for n, t in self.checkpoint_tensors().items() if t.is_floating_point()}
+
     def init_guard(self) -> None:
         """Each trained tensor's weight limit, from its values at the start (call before loading a checkpoint)."""
-        tensors = self.checkpoint_tensors()
+        tensors = self.guarded_tensors()
         peaks = _abs_max(list(tensors.values()))
         self._weight_limits = {n: WEIGHT_LIMIT_FACTOR * max(1.0, p) for n, p in zip(tensors, peaks, strict=True)}
         vocab = getattr(self.model.config, "vocab_size", None)
@@ -410,7 +414,7 @@ class CheckpointedTraining:
         """After the optimizer step of `step`: stop when a trained tensor holds a non-finite or absurd value."""
         if self._weight_limits is None:
             return
-        tensors = self.checkpoint_tensors()
+        tensors = self.guarded_tensors()
         for (name, _), peak in zip(tensors.items(), _abs_max(list(tensors.values())), strict=True):
             limit = self._weight_limits[name]
             if not peak <= limit:  # also true for nan
