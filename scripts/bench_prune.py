@@ -68,6 +68,14 @@ def worker(args: argparse.Namespace) -> None:
         result.update(prune_s=t.seconds, global_sparsity=report["global_sparsity"], down_stats=report["down_stats"])
         if "layerwise" in report:
             result["block_targets"] = report["layerwise"]["block_targets"]
+        if "refine" in report:
+            result["dsnot_swaps"] = report["refine"]["swaps"]
+            result["refine_values"] = report["refine"]["values"]
+        admm = [m["admm_iterations"] for m in report["modules"].values() if "admm_iterations" in m]
+        if admm:
+            errors = [m["recon_error"] for m in report["modules"].values() if "recon_error" in m]
+            result["alps_admm_iterations"] = {"mean": sum(admm) / len(admm), "min": min(admm), "max": max(admm)}
+            result["alps_mean_recon_error"] = sum(errors) / len(errors)
     result["peak_rss_gb"] = peak_rss_gb()
     result["embed_untouched"] = bool(torch.equal(model.get_input_embeddings().weight.detach(), embed_before))
     if not args.blocks:
