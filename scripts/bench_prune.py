@@ -118,7 +118,11 @@ def main() -> None:
     )
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt,alps", help="table suite: methods")
     p.add_argument("--targets", default="0.5,0.6,0.7,0.8,2:4", help="table suite: sparsities and N:M patterns")
-    p.add_argument("--variants", default="plain,owl,dsnot,owl+dsnot", help="table suite: plain, owl, dsnot, owl+dsnot")
+    p.add_argument(
+        "--variants",
+        default="plain,owl,dsnot,owl+dsnot",
+        help="table suite: plain, owl, dsnot, owl+dsnot, dsnot-dense (--refine-values dense)",
+    )
     p.add_argument("--runs", default=",".join(RUNS), help="comma list of METHOD-SPARSITY%% or METHOD-N:M")
     p.add_argument("--no-llmc", action="store_true", help="skip llm-compressor (no .venv-bench)")
     p.add_argument("--no-two-pass", action="store_true", help="skip the --no-sequential parity runs")
@@ -261,6 +265,8 @@ def table_suite(args: argparse.Namespace, me: list[str], emit) -> None:
                     extra["owl"] = True
                 if "dsnot" in variant:
                     extra["refine"] = "dsnot"
+                if variant.endswith("dsnot-dense"):  # DSnoT's mask refined on the dense values
+                    extra["refine_values"] = "dense"
                 result = _subprocess_json([*me, "--method", method, *shape, "--extra", json.dumps(extra)])
                 if method == "wanda" and variant == "plain" and "prune_s" in result:
                     wanda_s[target] = float(result["prune_s"])  # type: ignore[arg-type]
