@@ -47,3 +47,15 @@ def check_sparsity(sparsity: float) -> float:
     if not 0.0 <= sparsity < 1.0:
         raise SparsetuneError(f"sparsity {sparsity} is outside [0, 1); pass e.g. --sparsity 0.5")
     return float(sparsity)
+
+
+def check_regexes(patterns: list[str], what: str) -> list[str]:
+    """Raise ValueError naming the first of `patterns` that is not a valid regex (for pydantic validators)."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(
+                f"{what} {pattern!r} is not a valid regex ({err}); e.g. 'self_attn|mlp.down_proj'"
+            ) from None
+    return patterns

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sparsetune.patterns import check_regexes
+
 FORMAT_NAMES = ("sparse-bitmask", "sparse-24-bitmask", "semi-structured-2:4", "dense")
 ExportFormat = Literal["sparse-bitmask", "sparse-24-bitmask", "semi-structured-2:4", "dense"]
 
@@ -37,12 +39,7 @@ class ExportConfig(BaseModel):
     @field_validator("ignore")
     @classmethod
     def _regexes(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"ignore pattern {pattern!r} is not a valid regex ({err})") from err
-        return value
+        return check_regexes(value, "ignore pattern")
 
     @field_validator("max_shard_size")
     @classmethod

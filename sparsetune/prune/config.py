@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparsetune.errors import as_value_error
-from sparsetune.patterns import NMPattern, check_sparsity, parse_pattern
+from sparsetune.patterns import NMPattern, check_regexes, check_sparsity, parse_pattern
 
 # DSnoT defaults live here, not in prune/dsnot.py, so the schema (and so `--help`) imports no torch.
 DSNOT_MAX_CYCLES = 50  # the paper's
@@ -140,12 +139,7 @@ class PruneConfig(BaseModel):
     @field_validator("refine_targets")
     @classmethod
     def _regexes(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"{pattern!r} is not a valid regex ({err}); e.g. 'self_attn|mlp.down_proj'") from None
-        return value
+        return check_regexes(value, "refine target")
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
