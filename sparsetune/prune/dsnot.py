@@ -42,6 +42,7 @@ from torch import nn
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern
 from sparsetune.prune.config import DSNOT_MAX_CYCLES, DSNOT_THRESHOLD
+from sparsetune.prune.engine import split_method_result
 
 DEFAULT_MAX_CYCLES = DSNOT_MAX_CYCLES
 DEFAULT_THRESHOLD = DSNOT_THRESHOLD
@@ -264,8 +265,7 @@ class DSnoT:
     ) -> tuple[list[torch.Tensor], list[dict[str, Any] | None]]:
         """The base method's prune_group (which must not modify `weights`), then DSnoT on the selected ones."""
         selected = self._selected(weights)  # before the base runs: the engine has not written anything yet
-        result = self.base.prune_group(weights, stats[0], target, **options)
-        pruned, infos = result if isinstance(result, tuple) else (result, [None] * len(result))
+        pruned, infos = split_method_result(self.base.prune_group(weights, stats[0], target, **options))
         mean, var = input_moments(*stats[1:])
         norm = stats[2].clamp_min(0.0).sqrt()
         pattern = target if isinstance(target, NMPattern) else None

@@ -151,12 +151,16 @@ def capture_block_inputs(
     return first, layer_kwargs
 
 
+def split_method_result(result: Any) -> tuple[list[torch.Tensor], list[dict[str, Any] | None]]:
+    """A method's `prune_group` output as (weights, one info dict or None per weight)."""
+    return result if isinstance(result, tuple) else (result, [None] * len(result))
+
+
 def _prune_group(items: list[tuple[str, nn.Linear]], stats: Any, opts: EngineOptions) -> None:
     if not items:
         return
     weights = [module.weight.data for _, module in items]
-    result = opts.method.prune_group(weights, stats, opts.target, **opts.method_options)
-    pruned, infos = result if isinstance(result, tuple) else (result, [None] * len(result))
+    pruned, infos = split_method_result(opts.method.prune_group(weights, stats, opts.target, **opts.method_options))
     for (name, module), new, info in zip(items, pruned, infos, strict=True):
         module.weight.data.copy_(new.to(module.weight.dtype))
         if info is not None and opts.module_info is not None:
