@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, make_tokenizer, random_text
+from helpers import make_tiny_model, make_tokenizer, random_text
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

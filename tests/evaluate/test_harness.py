@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SHARED_DATA, TEST_DATA, make_tiny_model
+from helpers import SHARED_DATA, TEST_DATA, make_tiny_model
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate import harness

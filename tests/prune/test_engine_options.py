@@ -1,4 +1,4 @@
-"""prune part 2: OWL, explicit per-block sparsity, self-calibration, disk offload, resume, device maps."""
+"""The engine's options: OWL, explicit per-block sparsity, self-calibration, disk offload, resume, device maps."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import block_linears as _block_linears
+from helpers import make_tiny_model
+from helpers import random_calibration as _calib
 from safetensors.torch import load_file
-from test_prune_methods import _block_linears, _calib
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern, nm_violations
