@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import bits, make_pruned_dir
+from helpers import bits, make_pruned_dir, random_text
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
@@ -62,7 +62,11 @@ def test_round_trip_is_bit_identical(fmt, pattern, dtype, tmp_path, tiny_tokeniz
     if fmt != "dense":
         assert report["modules_compressed"] == 14 and report["bytes_written"] < report["bytes_dense"]
         # the tokenizer travels with the weights, so eval/prune can read the dir on its own
-        assert load_tokenizer(str(out)) is not None
+        tokenizer = load_tokenizer(str(out))
+        assert tokenizer.get_vocab() == tiny_tokenizer.get_vocab()
+        text = random_text(60)
+        assert tokenizer(text).input_ids == tiny_tokenizer(text).input_ids
+        assert (tokenizer.eos_token, tokenizer.pad_token) == ("</s>", "<pad>")
 
 
 @pytest.mark.parametrize("fmt", ["sparse-bitmask", "sparse-24-bitmask", "semi-structured-2:4"])
