@@ -496,10 +496,3 @@ def print_summary(report: dict[str, Any]) -> None:
     Console().print(table)
     if "output" in s:
         Console().print(f"wrote {s['output']}")
-
-
-def restore_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a saved state back into a model (e.g. to prune the same base model again)."""
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            tensor.copy_(state[name])
