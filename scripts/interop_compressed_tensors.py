@@ -96,7 +96,7 @@ def _make_pruned(case: tuple, work: Path) -> Path:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_tiny_model, make_tokenizer
+    from helpers import make_tiny_model, make_tokenizer
 
     from sparsetune.masks import NMPattern, nm_mask, row_mask
 

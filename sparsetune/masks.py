@@ -64,10 +64,6 @@ def nm_mask(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     return mask.view(rows, cols)
 
 
-def is_nm(weight: torch.Tensor, pattern: NMPattern) -> bool:
-    return nm_violations(weight, pattern) == 0
-
-
 def nm_violations(weight: torch.Tensor, pattern: NMPattern) -> int:
     """Number of M-groups holding more than N non-zeros."""
     rows, cols = weight.shape
@@ -79,10 +75,6 @@ def nm_violations(weight: torch.Tensor, pattern: NMPattern) -> int:
 
 def tensor_sparsity(weight: torch.Tensor) -> float:
     return float((weight == 0).sum()) / max(1, weight.numel())
-
-
-def linear_modules(root: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
-    return {f"{prefix}{name}": mod for name, mod in root.named_modules() if isinstance(mod, nn.Linear) and name != ""}
 
 
 def sparsity_stats(modules: dict[str, nn.Module]) -> dict[str, object]:

@@ -7,72 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import EMBEDDED_SAMPLES, SHARED_DATA, make_tiny_model, make_tokenizer, random_text
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-# The full offline data (../shared/data beside the checkout on dev and CI machines). A fresh clone has none; the
-# tests that read real data then use the embedded samples (SPARSETUNE_TEST_SHARED_DATA=/nonexistent simulates it).
-SHARED_DATA = Path(
-    os.environ.get("SPARSETUNE_TEST_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
-)
-EMBEDDED_SAMPLES = Path(__file__).resolve().parents[1] / "sparsetune" / "samples"
-TEST_DATA = Path(__file__).resolve().parent / "data"
-
-_WORDS = (
-    "the of and to in a is that for it as was with be by on not he i this are or his from at which but have an "
-    "they you were her she there one all we their been has would when who will more if no out so said what up its "
-    "about into than them can only other new some could time these two may then do first any my now such like our "
-    "over man me even most made after also did many before must through back years where much your way well down "
-    "should because each just those people how too little state good very make world still own see men work long"
-).split()
-
-
-def make_tokenizer():
-    """A small word-level tokenizer (about 200 tokens) built with `tokenizers`, no download needed."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(_WORDS)) + list(".,;:!?\n"))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-
-
-def make_tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 256, tie: bool = False, **overrides):
-    """A 2-layer, hidden-64 random model of a supported decoder family."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    kwargs.update(overrides)
-    config = AutoConfig.for_model(family, **kwargs)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
-
-
-def random_text(n_words: int, seed: int = 0) -> str:
-    import random
-
-    rng = random.Random(seed)
-    words = [rng.choice(_WORDS) for _ in range(n_words)]
-    return " ".join(words[i] + ("." if i % 13 == 12 else "") for i in range(n_words))
 
 
 @pytest.fixture
@@ -105,6 +43,16 @@ def text_file(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text("\n\n".join(random_text(400, seed=i) for i in range(8)))
     return path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> tuple[Path, Path]:
+    """A saved tiny tokenizer and a plain-text corpus: the inputs of `smet-pretrain`."""
+    tok_dir = tmp_path / "tok"
+    make_tokenizer().save_pretrained(tok_dir)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(random_text(200, seed=s) for s in range(12)))
+    return tok_dir, text
 
 
 @pytest.fixture(scope="session")

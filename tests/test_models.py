@@ -29,7 +29,7 @@ def test_missing_bundled_package_gives_install_command(monkeypatch):
 
 
 def test_dir_without_tokenizer_is_a_clear_error(tmp_path):
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
     make_tiny_model("llama").save_pretrained(tmp_path)
     with pytest.raises(SparsetuneError, match="tokenizer"):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 
 from sparsetune import data, hub
 from sparsetune.errors import SparsetuneError

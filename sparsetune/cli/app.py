@@ -2,7 +2,7 @@
 
 Importing this module (and so `sparsetune --help`, `sparsetune COMMAND --help`, `--version`) must not import
 torch, transformers or datasets: the command modules import only the pydantic settings schemas at module level
-and the library inside the command functions (tests/test_cli_conventions.py checks it).
+and the library inside the command functions (tests/cli/test_conventions.py checks it).
 """
 
 from __future__ import annotations

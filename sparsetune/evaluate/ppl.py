@@ -21,6 +21,7 @@ from torch import nn
 
 from sparsetune import data, models
 from sparsetune.errors import SparsetuneError
+from sparsetune.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,8 @@ def perplexity_on_ids(
     scored = 0
     scratch = _head_scratch(model)
     t0 = time.perf_counter()
-    with _progress(sum(w.end - w.first_target for w in windows), show_progress, label) as advance:
+    total = sum(w.end - w.first_target for w in windows)
+    with Progress(total, f"ppl {label}", unit="tokens", enabled=show_progress, rate=True) as bar:
         for batch in _batches(windows, batch_size):
             x = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)  # (B, T)
             offsets = torch.tensor([w.first_target - w.begin for w in batch], device=device)  # (B,)
@@ -251,7 +253,7 @@ def perplexity_on_ids(
             total_nll += nll[keep].sum(dtype=torch.float64).cpu()
             n = int(keep.sum())
             scored += n
-            advance(n)
+            bar.update(advance=n)
     seconds = time.perf_counter() - t0
     mean_nll = float(total_nll) / scored
     return {
@@ -292,19 +294,3 @@ def perplexity(
         limit_windows = min(limit_windows or protocol.max_windows, protocol.max_windows)
     result = perplexity_on_ids(model, ids, seq, stride, limit_windows, batch_size, show_progress, label=label)
     return {"source": source, "dataset": label, **result}
-
-
-class _progress:  # noqa: N801 - a context manager used like a function
-    """Progress over scored tokens showing tokens/s (plain log lines off a terminal); yields `advance(n_tokens)`."""
-
-    def __init__(self, total: int, enabled: bool, label: str) -> None:
-        from sparsetune.progress import Progress
-
-        self.bar = Progress(total, f"ppl {label}", unit="tokens", enabled=enabled, rate=True)
-
-    def __enter__(self) -> Any:
-        bar = self.bar.__enter__()
-        return lambda n: bar.update(advance=n)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.__exit__(*exc)

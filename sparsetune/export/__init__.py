@@ -7,7 +7,6 @@ on every dir it loads. The codecs, writer and loader live in submodules imported
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,15 +69,13 @@ def export(cfg: Any, overwrite: bool = False) -> dict[str, Any]:
 
 def tensor_bytes(path: str | Path) -> dict[str, int]:
     """Bytes of every tensor in a dir's safetensors files, read from the headers only."""
+    from huggingface_hub import parse_local_safetensors_file_metadata
+
     sizes = {}
     for file in sorted(Path(path).glob("*.safetensors")):
-        with open(file, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        for key, info in header.items():
-            if key != "__metadata__":
-                start, end = info["data_offsets"]
-                sizes[key] = end - start
+        for key, info in parse_local_safetensors_file_metadata(file).tensors.items():
+            start, end = info.data_offsets
+            sizes[key] = end - start
     return sizes
 
 

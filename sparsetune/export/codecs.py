@@ -15,7 +15,7 @@ Speed: the codecs work on the raw bits of the weights (numpy integer views, so -
 survive exactly). The non-zero mask is packed to bytes once; 256-entry tables then turn each byte (two groups of
 4 columns) into its 2:4 violations, its exact-2:4 slots or its CUTLASS metadata, and values are gathered and
 scattered in one vectorized pass. The files are byte-identical to the straightforward torch implementations
-(tests/test_export_codecs.py compares them on edge cases; `make interop` checks compressed-tensors itself), with
+(tests/export/test_codecs.py compares them on edge cases; `make interop` checks compressed-tensors itself), with
 one exception: a bf16 NaN kept by semi-structured-2:4 keeps its bits here, where PyTorch's CPU bf16 gather
 rewrites them (0x7FC0 -> 0xFFFF).
 """

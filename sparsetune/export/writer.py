@@ -142,6 +142,9 @@ def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_bytes: int
 
     Returns {file name: {"bytes", "sha256"}}.
     """
+    # Not huggingface_hub.split_torch_state_dict_into_shards: it splits per tensor, so a compressed module's
+    # shape/compressed/bitmask parts can land in different shards (3 modules at 40KB on the tiny test model), and it
+    # moves an over-size tensor into a shard of its own out of order; both change the files and index we write now.
     groups: dict[str, list[str]] = {}
     for key in tensors:
         groups.setdefault(key.rsplit(".", 1)[0], []).append(key)

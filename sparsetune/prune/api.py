@@ -17,6 +17,7 @@ from sparsetune import data, masks, models
 from sparsetune.distributed import DistContext, dist_context
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
+from sparsetune.progress import Progress
 from sparsetune.prune import alps, dsnot, magnitude, sparsegpt, wanda
 from sparsetune.prune.activations import ActivationStore
 from sparsetune.prune.config import PruneConfig
@@ -231,8 +232,9 @@ def prune_model(
             keep_placement=cfg.device_map is not None,
             module_info=module_info,
         )
-        with _block_progress(len(blocks), show_progress and ctx.is_main) as advance:
-            engine = run_blocks(model, ctx.shard(calib.input_ids), blocks, head, opts, on_block_done=advance)
+        with Progress(len(blocks), "pruning block", enabled=show_progress and ctx.is_main) as bar:
+            on_block_done = lambda i, _seconds: bar.update(completed=i + 1)  # noqa: E731
+            engine = run_blocks(model, ctx.shard(calib.input_ids), blocks, head, opts, on_block_done=on_block_done)
     else:
         for i, block in enumerate(blocks):
             block_target = block_targets[i] if block_targets else target
@@ -367,22 +369,6 @@ def _down_stats_used(cfg: PruneConfig) -> str | None:
     return "dense" if cfg.dense_down_stats or not cfg.sequential else "pruned"
 
 
-class _block_progress:  # noqa: N801 - used as a context manager function
-    """Progress over blocks (block i/N, ETA; plain log lines off a terminal); yields the per-block callback."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        from sparsetune.progress import Progress
-
-        self.bar = Progress(total, "pruning block", enabled=enabled)
-
-    def __enter__(self) -> Any:
-        bar = self.bar.__enter__()
-        return lambda i, s: bar.update(completed=i + 1)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.__exit__(*exc)
-
-
 def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """The whole `sparsetune prune` flow. Validates everything it can before loading or writing anything."""
     if cfg.output is None:
@@ -496,10 +482,3 @@ def print_summary(report: dict[str, Any]) -> None:
     Console().print(table)
     if "output" in s:
         Console().print(f"wrote {s['output']}")
-
-
-def restore_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a saved state back into a model (e.g. to prune the same base model again)."""
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            tensor.copy_(state[name])

@@ -17,8 +17,6 @@ tensor or a tuple/list of tensors (all-reduced element by element).
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -31,8 +29,6 @@ from torch import nn
 from sparsetune.masks import NMPattern
 from sparsetune.prune.activations import ActivationStore, DiskTensor
 from sparsetune.prune.checkpoint import Checkpointer
-
-KILL_AFTER_BLOCK_ENV = "SPARSETUNE_TEST_KILL_AFTER_BLOCK"  # test hook: SIGKILL self after this block's checkpoint
 
 # Which input each Linear of a Llama-layout block reads; Linears of one group share a statistic.
 GROUP_OF = {
@@ -369,7 +365,6 @@ def run_blocks(
             prune_block(layers[i], X, _on_device(layer_kwargs[i], dev), blocks[i], block_opts)
         if opts.checkpoint is not None:
             opts.checkpoint.save(i, layers[i], X, targets, opts.module_info)
-            _test_kill_hook(i)
         if on_block_done is not None:
             on_block_done(i, time.perf_counter() - t_block)
     result["blocks_s"] = time.perf_counter() - t_blocks
@@ -397,11 +392,6 @@ class _block_on_device:  # noqa: N801 - a context manager
     def __exit__(self, *exc: Any) -> None:
         if not self.opts.keep_placement:
             self.layer.to(self.home)
-
-
-def _test_kill_hook(block: int) -> None:
-    if os.environ.get(KILL_AFTER_BLOCK_ENV) == str(block):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @torch.no_grad()

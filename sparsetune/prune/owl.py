@@ -10,11 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern
-from sparsetune.prune import wanda
 
 
 def outlier_ratio(block_scores: Sequence[torch.Tensor], m: float) -> float:
@@ -48,8 +46,3 @@ def block_patterns(sparsities: Sequence[float], pattern: NMPattern) -> list[NMPa
     if sum(base) != pattern.n * len(want):
         raise SparsetuneError(f"OWL cannot keep the mean of {pattern} with per-block N in [1, {pattern.m - 1}]")
     return [NMPattern(n, pattern.m) for n in base]
-
-
-def block_scores(layer: nn.Module, stats: dict[str, torch.Tensor], readers: dict[str, list[nn.Linear]]) -> list:
-    """Wanda scores of every targeted Linear of one block, from the per-group input statistics."""
-    return [wanda.scores(mod.weight.data, stats[group]) for group, mods in readers.items() for mod in mods]

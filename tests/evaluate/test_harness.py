@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SHARED_DATA, TEST_DATA, make_tiny_model
+from helpers import SHARED_DATA, TEST_DATA, make_tiny_model
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate import harness
@@ -128,10 +128,27 @@ def test_missing_mirror_file_names_expected_path(tmp_path):
         pass
 
 
+def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+    """Brute force: log p(" " + choice | context) summed over the choice's tokens, one full forward per choice."""
+    import torch
+
+    n_context = len(tokenizer(context, add_special_tokens=False).input_ids)
+    scores = []
+    for choice in choices:
+        ids = tokenizer(f"{context} {choice}", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+        scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(n_context, len(ids))))
+    return scores
+
+
 def test_include_path_adds_user_tasks(tmp_path, tiny_tokenizer):
-    """A user's task dir works exactly as lm-eval's --include_path (and needs no built-in index)."""
+    """A user's task dir works exactly as lm-eval's --include_path (and needs no built-in index), and its accuracy
+    equals the one computed by scoring each choice with the model directly."""
+    words, gold = ["man", "it", "on", "world", "time"], [0, 1, 1, 0, 1]
+    choices = ["is good", "was long"]
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"q": f"the {w}", "a": 0}) + "\n" for w in ("man", "world", "time")))
+    docs.write_text("".join(json.dumps({"q": f"the {w}", "a": a}) + "\n" for w, a in zip(words, gold, strict=True)))
     task_dir = tmp_path / "mytasks"
     task_dir.mkdir()
     (task_dir / "my_task.yaml").write_text(
@@ -144,13 +161,21 @@ def test_include_path_adds_user_tasks(tmp_path, tiny_tokenizer):
                 "output_type": "multiple_choice",
                 "doc_to_text": "{{q}}",
                 "doc_to_target": "{{a}}",
-                "doc_to_choice": "{{['is good', 'was long']}}",
+                "doc_to_choice": "{{" + repr(choices) + "}}",
                 "metric_list": [{"metric": "acc"}],
             }
         )
     )
+    model = make_tiny_model()
+    scores = [choice_loglikelihoods(model, tiny_tokenizer, f"the {w}", choices) for w in words]
+    picked = [max(range(len(choices)), key=s.__getitem__) for s in scores]
+    # The documents are chosen so the model picks both choices and no pick is a near tie; with these labels,
+    # always-first, always-second and reversed picks would give 2/5, 3/5 and 1/5.
+    assert set(picked) == {0, 1} and min(abs(a - b) for a, b in scores) > 0.03
+    expected = sum(p == g for p, g in zip(picked, gold, strict=True)) / len(words)
+    assert expected == 4 / 5
     with harness.prepared_tasks(["my_task"], include_path=[str(task_dir)]) as setup:
-        result = harness.run_tasks(make_tiny_model(), tiny_tokenizer, setup, batch_size=4)
-    assert result["my_task"]["n_samples"] == 3
-    assert result["my_task"]["acc"] in (0.0, 1 / 3, 2 / 3, 1.0)
+        result = harness.run_tasks(model, tiny_tokenizer, setup, batch_size=4)
+    assert result["my_task"]["n_samples"] == len(words)
+    assert result["my_task"]["acc"] == pytest.approx(expected)
     assert result["my_task"]["source"] == "lm-eval"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import random_text
+from helpers import random_text
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import random_text
+from helpers import random_text
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app

@@ -10,13 +10,14 @@ import logging
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_model
+from helpers import block_linears as _block_linears
+from helpers import make_tiny_model
+from helpers import random_calibration as _calib
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
-from sparsetune.data import CalibrationSet
 from sparsetune.masks import NMPattern, nm_violations, prune_count
 from sparsetune.prune import alps, magnitude, sparsegpt
 from sparsetune.prune.api import prune_model
@@ -184,15 +185,6 @@ def test_all_zero_hessian_falls_back_to_magnitude_with_a_warning(target):
 
 
 # ---- the engine -------------------------------------------------------------------------------------------------
-
-
-def _calib(n: int = 8, t: int = 32, seed: int = 0) -> CalibrationSet:
-    ids = torch.randint(4, 256, (n, t), generator=torch.Generator().manual_seed(seed))
-    return CalibrationSet(ids, "random-ids", "random", seed, "test")
-
-
-def _block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

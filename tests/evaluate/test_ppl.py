@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate import ppl
@@ -87,7 +87,7 @@ def test_head_chunks_and_the_reused_logits_buffer_change_nothing(model, ids, mon
 
 
 def test_perplexity_on_a_text_file(tmp_path, tiny_tokenizer, model):
-    from conftest import random_text
+    from helpers import random_text
 
     path = tmp_path / "doc.txt"
     path.write_text(random_text(600, seed=4))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_seft_cli import make_pruned, write_alpaca, write_text
+from helpers import make_pruned, write_alpaca, write_text
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import nm_violations

@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
-from torch import nn
+from helpers import block_linears as _block_linears
+from helpers import make_tiny_model
+from helpers import random_calibration as _calib
 
-from sparsetune.data import CalibrationSet
 from sparsetune.masks import NMPattern, nm_violations
 from sparsetune.prune import sparsegpt, wanda
 from sparsetune.prune.api import prune_model
 from sparsetune.prune.config import PruneConfig
-
-
-def _calib(n: int = 8, t: int = 32, seed: int = 0) -> CalibrationSet:
-    ids = torch.randint(4, 256, (n, t), generator=torch.Generator().manual_seed(seed))
-    return CalibrationSet(ids, "random-ids", "random", seed, "test")
-
-
-def _block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])

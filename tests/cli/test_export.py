@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_export_roundtrip import make_pruned_dir
+from helpers import make_pruned_dir
 from typer.testing import CliRunner
 
 import sparsetune

@@ -8,8 +8,8 @@ import struct
 
 import pytest
 import torch
+from helpers import bits, make_pruned_dir
 from safetensors.torch import load_file, save_file
-from test_export_roundtrip import bits, make_pruned_dir
 
 import sparsetune
 from sparsetune.errors import SparsetuneError

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import write_text
 from safetensors.torch import load_file
-from test_seft_cli import write_text
 
 from sparsetune.masks import NMPattern, nm_violations
 

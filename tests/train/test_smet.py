@@ -10,13 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, random_text
+from helpers import ONE_THREAD_ENV
+from helpers import smet_settings as settings
 from safetensors.torch import load_file
-from test_seft_cli import ONE_THREAD_ENV
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
@@ -27,32 +26,6 @@ from sparsetune.train.smet_config import SmetConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def corpus(tmp_path) -> tuple[Path, Path]:
-    tok_dir = tmp_path / "tok"
-    make_tokenizer().save_pretrained(tok_dir)
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n\n".join(random_text(200, seed=s) for s in range(12)))
-    return tok_dir, text
-
-
-def settings(tok_dir: Path, text: Path, out: Path, **extra) -> dict:
-    base = {
-        "model_config": "tiny",
-        "tokenizer": str(tok_dir),
-        "data": str(text),
-        "output": str(out),
-        "seqlen": 32,
-        "batch_size": 4,
-        "steps": 12,
-        "lr": 3e-3,
-        "update_interval": 3,
-        "regrow_warmup": 2,
-        "drop_fraction": 0.3,
-    }
-    return {**base, **extra}
 
 
 class Watched(SmetRecipe):

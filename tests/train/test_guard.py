@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from helpers import make_pruned, tiny_args, write_text
+from helpers import smet_settings as settings
 from safetensors.torch import load_file
-from test_seft_cli import make_pruned, tiny_args, write_text
-from test_smet import corpus, settings  # noqa: F401 - corpus is a fixture
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app

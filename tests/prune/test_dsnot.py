@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_model
+from helpers import block_linears as _block_linears
+from helpers import make_tiny_model
+from helpers import random_calibration as _calib
 from safetensors.torch import load_file
-from torch import nn
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
-from sparsetune.data import CalibrationSet
 from sparsetune.masks import NMPattern, nm_mask, nm_violations, row_mask
 from sparsetune.prune import alps, dsnot, magnitude, sparsegpt, wanda
 from sparsetune.prune.api import prune_model
@@ -27,15 +27,6 @@ CALIB = ["--calib-samples", "4", "--seqlen", "32"]
 
 def _run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _calib(n: int = 8, t: int = 32, seed: int = 0) -> CalibrationSet:
-    ids = torch.randint(4, 256, (n, t), generator=torch.Generator().manual_seed(seed))
-    return CalibrationSet(ids, "random-ids", "random", seed, "test")
-
-
-def _block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
 
 
 def _problem(rows: int = 24, cols: int = 64, seed: int = 0):

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from sparsetune.cli.app import app
 from sparsetune.progress import Progress
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "datasets", "lm_eval", "accelerate", "peft", "safetensors", "huggingface_hub")
 COMMANDS = ("prune", "eval", "sweep", "report", "export", "seft", "smet-pretrain", "run", "validate")
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import bits, make_pruned_dir, random_text
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
@@ -15,37 +16,7 @@ from sparsetune.export import module_bytes, print_size_comparison, read_export_f
 from sparsetune.export.codecs import bitmask_compress, nm_group_violations, pack_bitmask, unpack_bitmask
 from sparsetune.export.config import ExportConfig
 from sparsetune.export.writer import run_export
-from sparsetune.masks import NMPattern, nm_mask, row_mask
 from sparsetune.models import load_tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def make_pruned_dir(
-    path, tokenizer, pattern="unstructured", dtype="float32", tie=False, skip=(), multiply=False, **overrides
-):
-    """A tiny Llama whose decoder Linears are zeroed with random masks (no prune engine involved).
-
-    multiply=True zeroes as sparsetune's pruners do (`w * mask`), so pruned negative weights become -0.0.
-    """
-    from conftest import make_tiny_model
-
-    model = make_tiny_model("llama", seed=3, tie=tie, **overrides)
-    gen = torch.Generator().manual_seed(0)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name and not any(s in name for s in skip):
-            w = module.weight.data
-            scores = torch.rand(w.shape, generator=gen)
-            keep = nm_mask(scores, NMPattern(2, 4)) if pattern == "2:4" else row_mask(scores, 0.5)
-            w.mul_(keep) if multiply else w.masked_fill_(~keep, 0)
-    model.to(DTYPES[dtype])
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
 
 
 def assert_same_model(got, want):
@@ -91,7 +62,11 @@ def test_round_trip_is_bit_identical(fmt, pattern, dtype, tmp_path, tiny_tokeniz
     if fmt != "dense":
         assert report["modules_compressed"] == 14 and report["bytes_written"] < report["bytes_dense"]
         # the tokenizer travels with the weights, so eval/prune can read the dir on its own
-        assert load_tokenizer(str(out)) is not None
+        tokenizer = load_tokenizer(str(out))
+        assert tokenizer.get_vocab() == tiny_tokenizer.get_vocab()
+        text = random_text(60)
+        assert tokenizer(text).input_ids == tiny_tokenizer(text).input_ids
+        assert (tokenizer.eos_token, tokenizer.pad_token) == ("</s>", "<pad>")
 
 
 @pytest.mark.parametrize("fmt", ["sparse-bitmask", "sparse-24-bitmask", "semi-structured-2:4"])

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
+from helpers import ONE_THREAD_ENV, make_pruned, write_text
 from safetensors.torch import load_file
-from test_seft_cli import ONE_THREAD_ENV, make_pruned, write_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -192,7 +192,7 @@ def test_output_inside_the_input_is_refused(tiny_model_dir, text_file):
 
 
 def test_magnitude_needs_no_tokenizer_and_warns_once(tmp_path, caplog):
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
     bare = tmp_path / "bare"
     make_tiny_model("llama").save_pretrained(bare)  # weights and config only

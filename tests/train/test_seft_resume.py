@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
+from helpers import ONE_THREAD_ENV, make_pruned, write_text
 from safetensors.torch import load_file
-from test_seft_cli import ONE_THREAD_ENV, make_pruned, write_text
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.train.seft import run_seft

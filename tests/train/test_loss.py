@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from torch import nn
 
 from sparsetune.train import common

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_model
-from test_prune_methods import _calib
+from helpers import make_tiny_model
+from helpers import random_calibration as _calib
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.prune import wanda

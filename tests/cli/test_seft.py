@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, make_tokenizer, random_text
+from helpers import make_pruned, random_text, tiny_args, write_alpaca, write_text
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -15,44 +15,9 @@ from sparsetune.cli.app import app
 from sparsetune.masks import NMPattern, nm_violations
 
 runner = CliRunner()
-# Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads slow steps by 30x.
-ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_pruned(root: Path, pattern: str | None = None, sparsity: float = 0.5, seed: int = 0) -> Path:
-    """A tiny Llama pruned by magnitude (no calibration needed), written by the prune library."""
-    from sparsetune.prune.api import run_prune
-    from sparsetune.prune.config import PruneConfig
-
-    dense = root / f"dense-{seed}"
-    if not dense.exists():
-        make_tiny_model("llama", seed=seed).save_pretrained(dense)
-        make_tokenizer().save_pretrained(dense)
-    out = root / f"pruned-{pattern or sparsity}-{seed}".replace(":", "of")
-    target = {"pattern": pattern} if pattern else {"sparsity": sparsity}
-    run_prune(PruneConfig(model=str(dense), output=str(out), method="magnitude", **target), show_progress=False)
-    return out
-
-
-def write_text(path: Path, n_docs: int = 8) -> Path:
-    path.write_text("\n\n".join(random_text(300, seed=i) for i in range(n_docs)))
-    return path
-
-
-def write_alpaca(path: Path, n: int = 24) -> Path:
-    records = [
-        {
-            "instruction": random_text(8, seed=i),
-            "input": random_text(5, seed=100 + i) if i % 2 else "",
-            "output": random_text(12, seed=200 + i),
-        }
-        for i in range(n)
-    ]
-    path.write_text(json.dumps(records))
-    return path
 
 
 def decoder_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -63,10 +28,6 @@ def decoder_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 def last_json(output: str) -> dict:
     line = [line for line in output.splitlines() if '{"' in line][-1]
     return json.loads(line[line.index('{"') :])
-
-
-def tiny_args(pruned: Path, out: Path, data: Path, *extra: str) -> list[str]:
-    return ["seft", str(pruned), "-o", str(out), "--data", str(data), "--seqlen", "32", "--batch-size", "4", *extra]
 
 
 def test_help_comes_from_the_schema():

@@ -1,0 +1,185 @@
+"""Plain helpers shared by the test modules: tiny random models and tokenizer, text, pruned model dirs and the
+argument lists the CLI tests use. Fixtures live in conftest.py; test modules import helpers from here only."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# The full offline data (../shared/data beside the checkout on dev and CI machines). A fresh clone has none; the
+# tests that read real data then use the embedded samples (SPARSETUNE_TEST_SHARED_DATA=/nonexistent simulates it).
+SHARED_DATA = Path(
+    os.environ.get("SPARSETUNE_TEST_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
+EMBEDDED_SAMPLES = Path(__file__).resolve().parents[1] / "sparsetune" / "samples"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+_WORDS = (
+    "the of and to in a is that for it as was with be by on not he i this are or his from at which but have an "
+    "they you were her she there one all we their been has would when who will more if no out so said what up its "
+    "about into than them can only other new some could time these two may then do first any my now such like our "
+    "over man me even most made after also did many before must through back years where much your way well down "
+    "should because each just those people how too little state good very make world still own see men work long"
+).split()
+
+
+def make_tokenizer():
+    """A small word-level tokenizer (about 200 tokens) built with `tokenizers`, no download needed."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(_WORDS)) + list(".,;:!?\n"))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def make_tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 256, tie: bool = False, **overrides):
+    """A 2-layer, hidden-64 random model of a supported decoder family."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(family, **kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def random_text(n_words: int, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    words = [rng.choice(_WORDS) for _ in range(n_words)]
+    return " ".join(words[i] + ("." if i % 13 == 12 else "") for i in range(n_words))
+
+
+# Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads slow steps by 30x.
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ---- calibration and block Linears (prune tests) -----------------------------------------------------------------
+
+
+def random_calibration(n: int = 8, t: int = 32, seed: int = 0):
+    """n random token windows of length t (ids 4..255), as a CalibrationSet."""
+    from sparsetune.data import CalibrationSet
+
+    ids = torch.randint(4, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+    return CalibrationSet(ids, "random-ids", "random", seed, "test")
+
+
+def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+
+
+# ---- pruned model dirs and training inputs (seft / smet tests) ---------------------------------------------------
+
+
+def make_pruned(root: Path, pattern: str | None = None, sparsity: float = 0.5, seed: int = 0) -> Path:
+    """A tiny Llama pruned by magnitude (no calibration needed), written by the prune library."""
+    from sparsetune.prune.api import run_prune
+    from sparsetune.prune.config import PruneConfig
+
+    dense = root / f"dense-{seed}"
+    if not dense.exists():
+        make_tiny_model("llama", seed=seed).save_pretrained(dense)
+        make_tokenizer().save_pretrained(dense)
+    out = root / f"pruned-{pattern or sparsity}-{seed}".replace(":", "of")
+    target = {"pattern": pattern} if pattern else {"sparsity": sparsity}
+    run_prune(PruneConfig(model=str(dense), output=str(out), method="magnitude", **target), show_progress=False)
+    return out
+
+
+def write_text(path: Path, n_docs: int = 8) -> Path:
+    path.write_text("\n\n".join(random_text(300, seed=i) for i in range(n_docs)))
+    return path
+
+
+def write_alpaca(path: Path, n: int = 24) -> Path:
+    records = [
+        {
+            "instruction": random_text(8, seed=i),
+            "input": random_text(5, seed=100 + i) if i % 2 else "",
+            "output": random_text(12, seed=200 + i),
+        }
+        for i in range(n)
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def tiny_args(pruned: Path, out: Path, data: Path, *extra: str) -> list[str]:
+    """`sparsetune seft` arguments for a tiny run."""
+    return ["seft", str(pruned), "-o", str(out), "--data", str(data), "--seqlen", "32", "--batch-size", "4", *extra]
+
+
+def smet_settings(tok_dir: Path, text: Path, out: Path, **extra) -> dict:
+    """SmetConfig fields for a 12-step run of the tiny preset."""
+    base = {
+        "model_config": "tiny",
+        "tokenizer": str(tok_dir),
+        "data": str(text),
+        "output": str(out),
+        "seqlen": 32,
+        "batch_size": 4,
+        "steps": 12,
+        "lr": 3e-3,
+        "update_interval": 3,
+        "regrow_warmup": 2,
+        "drop_fraction": 0.3,
+    }
+    return {**base, **extra}
+
+
+# ---- export tests ------------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_pruned_dir(
+    path, tokenizer, pattern="unstructured", dtype="float32", tie=False, skip=(), multiply=False, **overrides
+):
+    """A tiny Llama whose decoder Linears are zeroed with random masks (no prune engine involved).
+
+    multiply=True zeroes as sparsetune's pruners do (`w * mask`), so pruned negative weights become -0.0.
+    """
+    from sparsetune.masks import NMPattern, nm_mask, row_mask
+
+    model = make_tiny_model("llama", seed=3, tie=tie, **overrides)
+    gen = torch.Generator().manual_seed(0)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name and not any(s in name for s in skip):
+            w = module.weight.data
+            scores = torch.rand(w.shape, generator=gen)
+            keep = nm_mask(scores, NMPattern(2, 4)) if pattern == "2:4" else row_mask(scores, 0.5)
+            w.mul_(keep) if multiply else w.masked_fill_(~keep, 0)
+    model.to(DTYPES[dtype])
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor: compares -0.0 and NaN payloads exactly."""
+    return t.contiguous().view(torch.uint8)
