@@ -186,13 +186,13 @@ def run_stage(kind: str, schema: type[BaseModel], values: dict[str, Any], requir
     recipe, overwrite, json_out = values.pop("recipe"), values.pop("overwrite"), values.pop("json_out")
     setup_logging(values.pop("verbose"))
     with user_errors():
-        from sparsetune.pipeline import STAGES  # the library: imported only now, so `--help` loads no torch
-
         settings = merge_settings(recipe_settings(recipe, kind), settings_from_flags(schema, values))
         for key, missing in required.items():
             if not settings.get(key):
                 raise SparsetuneError(f"missing {missing}")
         cfg = validate_config(schema, settings, where=f"recipe {recipe}" if recipe else kind)
+        from sparsetune.pipeline import STAGES  # the library (torch): only now, so --help and bad flags are quick
+
         stage = STAGES[kind]
         report = stage.run(cfg, overwrite=overwrite, show_progress=not json_out)
         if report.get("rank", 0) != 0:  # in multi-process runs only rank 0 reports
