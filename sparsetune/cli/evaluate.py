@@ -11,6 +11,7 @@ from sparsetune.cli.common import user_errors
 from sparsetune.cli.options import schema_command, schema_parameters, shared_parameters, stage_command
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate.config import EvalConfig, ReportConfig, SweepConfig
+from sparsetune.evaluate.report import run_report  # torch-free (matplotlib is imported when it draws)
 from sparsetune.recipes import validate_config
 
 MISSING_MODEL = "MODEL; pass a model dir, hub id, .gguf file or the alias smollm2"
@@ -19,8 +20,6 @@ MISSING_OUTPUT = "--output; pass -o OUT_DIR"
 
 def report(values: dict[str, Any]) -> None:
     with user_errors():
-        from sparsetune.evaluate.report import run_report
-
         if not values["model"]:
             raise SparsetuneError("missing MODEL; pass a pruned model dir")
         cfg = validate_config(ReportConfig, {"model": values["model"], "output": values["output"]}, where="report")

@@ -35,7 +35,7 @@ def loader_for(path: str | Path) -> Callable[..., Any] | None:
     """
     if read_export_format(path) is None:
         return None
-    from sparsetune.export.loader import load_exported
+    from sparsetune.export.loader import load_exported  # torch: the CLI's --help imports this package
 
     return load_exported
 

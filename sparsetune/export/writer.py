@@ -22,6 +22,7 @@ from torch import nn
 
 from sparsetune import __version__, models
 from sparsetune.errors import SparsetuneError
+from sparsetune.export import print_size_comparison
 from sparsetune.export.codecs import CODECS, force_24, mask_stats
 from sparsetune.export.config import ExportConfig, shard_size_bytes
 from sparsetune.export.formats import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256
@@ -322,8 +323,6 @@ def print_summary(report: dict[str, Any]) -> None:
 
 def demo_export(pruned_dir: str | Path, out_dir: str | Path, fmt: str = "sparse-bitmask") -> dict[str, Any]:
     """Export a pruned dir, load it back, check the weights match, and print the sizes on disk."""
-    from sparsetune.export import print_size_comparison
-
     run_export(ExportConfig(model=str(pruned_dir), output=str(out_dir), format=fmt), overwrite=True)
     sparse, _ = models.load_model(str(out_dir), dtype="float32", device="cpu", need_tokenizer=False)
     dense, _ = models.load_model(str(pruned_dir), dtype="float32", device="cpu", need_tokenizer=False)
