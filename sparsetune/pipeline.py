@@ -12,9 +12,13 @@ A recipe is one YAML file:
     gates: {wikitext2_ppl_max: 90, sparsity_min: 0.5}
 
 Each stage's settings are exactly those of its command: the same pydantic schema behind the flags and
-`--recipe`. `plan_recipe` resolves variables, overrides and stage chaining into validated configs without
-loading any model; `run_plan` runs them. Stage outputs go to OUT/<nn>-<name>; a stage that finished with the
-same settings and the same input files is skipped on re-run, so a crashed pipeline resumes where it stopped.
+`--recipe`. One table, `STAGES`, says per kind what its schema is, which library function runs it and prints
+its summary, what it reads, and how it resumes; the CLI commands run through it too. The YAML reader and the
+stage validation live in sparsetune/recipes.py, the gates in sparsetune/gates.py.
+
+`plan_recipe` resolves variables, overrides and stage chaining into validated configs without loading any
+model; `run_plan` runs them. Stage outputs go to OUT/<nn>-<name>; a stage that finished with the same settings
+and the same input files is skipped on re-run, so a crashed pipeline resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -37,12 +40,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sparsetune import sweep
 from sparsetune.distributed import dist_context, launched_distributed
 from sparsetune.errors import SparsetuneError
-from sparsetune.evaluate import harness
 from sparsetune.evaluate.compare import print_comparison, run_eval
 from sparsetune.evaluate.config import EvalConfig, SweepConfig
 from sparsetune.export.config import ExportConfig
 from sparsetune.export.writer import print_summary as print_export
 from sparsetune.export.writer import run_export
+from sparsetune.gates import check_gate_names, check_gates, eval_metrics
 from sparsetune.models import BUNDLED_ALIASES, bundled_gguf_path
 from sparsetune.outputs import check_parent_writable, write_json_atomic
 from sparsetune.prune.api import print_summary as print_prune
@@ -351,83 +354,16 @@ def plan_recipe(
             outputs[name] = (kind, output)
             prev = name
 
-    _check_gates(gates, stages, loc)
+    evals = [s.config for s in stages if s.kind == "eval"]
+    gate_names = loc.data.get("gates") or {}
+    check_gate_names(
+        gates,
+        evals[-1] if evals else None,
+        has_model=any(STAGES[s.kind].makes_model for s in stages),
+        where=lambda key: loc.where(("gates", key)) if key in gate_names else f"override gates.{key}",
+    )
     bounds = {key: float(value) for key, value in gates.items()}
     return Plan(str(path), top.name or Path(path).stem, out_path, stages, bounds, variables, overrides)
-
-
-# --------------------------------------------------------------------------------------------- gates
-
-
-def metric_key(text: str) -> str:
-    """A metric name safe for gate keys: 'exact_match[strict]' -> 'exact_match_strict'."""
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
-def ppl_metric(source: str) -> str:
-    return f"{metric_key(Path(source).stem)}_ppl"
-
-
-def _gate_metric(key: str) -> tuple[str, str]:
-    for bound in ("_min", "_max"):
-        if key.endswith(bound) and len(key) > len(bound):
-            return key[: -len(bound)], bound[1:]
-    raise SparsetuneError(f"gate {key!r} must end in _min or _max, e.g. wikitext2_ppl_max or sparsity_min")
-
-
-def _check_gates(gates: dict[str, Any], stages: list[Stage], loc: Located) -> None:
-    """Every gate must name a metric the plan will measure: sparsity, or one of the last eval stage's."""
-    evals = [s for s in stages if s.kind == "eval"]
-    has_model = any(STAGES[s.kind].makes_model for s in stages)
-    last = evals[-1].config if evals else None
-    ppl_names = [ppl_metric(s) for s in last.ppl] if isinstance(last, EvalConfig) else []
-    task_names = list(last.tasks) if isinstance(last, EvalConfig) else []
-    compares = isinstance(last, EvalConfig) and len(last.models) > 1
-    for key, bound in gates.items():
-        where = loc.where(("gates", key)) if key in (loc.data.get("gates") or {}) else f"override gates.{key}"
-        try:
-            metric, _ = _gate_metric(key)
-            float(bound)
-        except (SparsetuneError, TypeError, ValueError) as err:
-            problem = err if isinstance(err, SparsetuneError) else f"gate {key!r}: the bound must be a number"
-            raise SparsetuneError(f"{where}: {problem}") from err
-        base = metric.removesuffix("_vs_baseline")
-        if base != metric and not compares:
-            raise SparsetuneError(
-                f"{where}: gate {key!r} compares against a baseline, but the last eval stage evaluates one model; "
-                "list the baseline first in its models"
-            )
-        known = ["sparsity"] if has_model else []
-        ok = (base == "sparsity" and has_model and base == metric) or base in ppl_names
-        ok = ok or any(base.startswith(f"{metric_key(t)}_") for t in task_names)
-        if not ok:
-            known += ppl_names + [f"{metric_key(t)}_<metric>" for t in task_names]
-            raise SparsetuneError(
-                f"{where}: gate {key!r} names a metric the recipe does not measure; "
-                f"measured: {', '.join(known) or 'none (add an eval stage)'}"
-            )
-
-
-def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """Metrics of the last model of an eval report, plus `<metric>_vs_baseline` against the first model."""
-
-    def flat(result: dict[str, Any]) -> dict[str, float]:
-        values = {ppl_metric(source): float(v["ppl"]) for source, v in result["ppl"].items()}
-        for task, row in result["tasks"].items():
-            for metric in harness.metric_names(row):
-                values[f"{metric_key(task)}_{metric_key(metric)}"] = float(row[metric])
-        if result.get("sparsity") and result["sparsity"].get("global_sparsity") is not None:
-            values["sparsity"] = float(result["sparsity"]["global_sparsity"])
-        return values
-
-    models = report["models"]
-    final = flat(models[-1])
-    if len(models) > 1:
-        base = flat(models[0])
-        for name, value in list(final.items()):
-            if name in base and name != "sparsity" and base[name]:
-                final[f"{name}_vs_baseline"] = value / base[name]
-    return final
 
 
 def model_sparsity(model_dir: Path) -> float | None:
@@ -436,16 +372,6 @@ def model_sparsity(model_dir: Path) -> float | None:
         return None
     value = json.loads(path.read_text()).get("global_sparsity")
     return None if value is None else float(value)
-
-
-def check_gates(gates: dict[str, float], metrics: dict[str, float]) -> list[dict[str, Any]]:
-    results = []
-    for key, bound in gates.items():
-        metric, side = _gate_metric(key)
-        value = metrics.get(metric)
-        passed = value is not None and (value >= bound if side == "min" else value <= bound)
-        results.append({"gate": key, "metric": metric, "bound": bound, "value": value, "passed": passed})
-    return results
 
 
 # --------------------------------------------------------------------------------------------- running

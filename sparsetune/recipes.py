@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -218,7 +219,7 @@ def stage_entries(loc: Located, kinds: list[str]) -> list[tuple[str, str, dict[s
     return entries
 
 
-def validate_stage(schema: type[ConfigT], settings: dict[str, Any], where: Any, label: str) -> ConfigT:
+def validate_stage(schema: type[ConfigT], settings: dict[str, Any], where: Callable[[str], str], label: str) -> ConfigT:
     """Validate one stage's settings; an error names the recipe line of the offending key.
 
     `where(key)` is that line (or the override that set the key); `label` is e.g. 'stage 2 (seft)'.
