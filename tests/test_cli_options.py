@@ -67,8 +67,8 @@ def test_every_schema_field_is_one_flag_with_the_schema_help(command):
         if name in recipe_only:
             assert key not in params
             continue
-        help_text = field_help(schema, name)
-        expected = help_text if name == argument or "list" not in str(info.annotation) else help_text + " (comma-separated)"
+        is_list_option = name != argument and "list" in str(info.annotation)
+        expected = field_help(schema, name) + (" (comma-separated)" if is_list_option else "")
         assert params[key].help == expected, key
     shared = {"recipe", "overwrite", "json_out", "verbose"}
     assert set(params) == {info.alias or n for n, info in schema.model_fields.items() if n not in recipe_only} | shared
@@ -163,3 +163,12 @@ def test_no_cli_function_takes_more_than_10_parameters(tmp_path):
     sizes = function_sizes()
     assert any(name.endswith(" run_stage") for name in sizes)
     assert {name: n for name, n in sizes.items() if n > 10} == {}
+
+
+def test_literal_choices_complete_in_the_shell():
+    def complete(words: str) -> list[str]:
+        env = {"_SPARSETUNE_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
+        return runner.invoke(app, [], prog_name="sparsetune", env=env).output.split()
+
+    assert complete("sparsetune prune --method s") == ["sparsegpt"]
+    assert complete("sparsetune export -f s") == ["sparse-bitmask", "sparse-24-bitmask", "semi-structured-2:4"]
