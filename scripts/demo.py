@@ -85,7 +85,7 @@ def _perplexity_or_none(model, tok) -> dict | None:
 
 
 def _export_demo(t0: float) -> None:
-    from sparsetune.export import demo_export
+    from sparsetune.export.writer import demo_export
 
     demo_export(OUT, ROOT / "demo-out-sparse-bitmask")
     step("export sparse-bitmask and load it back", t0)

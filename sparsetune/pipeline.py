@@ -12,9 +12,13 @@ A recipe is one YAML file:
     gates: {wikitext2_ppl_max: 90, sparsity_min: 0.5}
 
 Each stage's settings are exactly those of its command: the same pydantic schema behind the flags and
-`--recipe`. `plan_recipe` resolves variables, overrides and stage chaining into validated configs without
-loading any model; `run_plan` runs them. Stage outputs go to OUT/<nn>-<name>; a stage that finished with the
-same settings and the same input files is skipped on re-run, so a crashed pipeline resumes where it stopped.
+`--recipe`. One table, `STAGES`, says per kind what its schema is, which library function runs it and prints
+its summary, what it reads, and how it resumes; the CLI commands run through it too. The YAML reader and the
+stage validation live in sparsetune/recipes.py, the gates in sparsetune/gates.py.
+
+`plan_recipe` resolves variables, overrides and stage chaining into validated configs without loading any
+model; `run_plan` runs them. Stage outputs go to OUT/<nn>-<name>; a stage that finished with the same settings
+and the same input files is skipped on re-run, so a crashed pipeline resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -24,41 +28,50 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sparsetune import sweep
+from sparsetune.distributed import dist_context, launched_distributed
 from sparsetune.errors import SparsetuneError
+from sparsetune.evaluate.compare import print_comparison, run_eval
 from sparsetune.evaluate.config import EvalConfig, SweepConfig
-from sparsetune.evaluate.sweep import STATE_FILE as SWEEP_STATE_FILE
 from sparsetune.export.config import ExportConfig
+from sparsetune.export.writer import print_summary as print_export
+from sparsetune.export.writer import run_export
+from sparsetune.gates import check_gate_names, check_gates, eval_metrics
+from sparsetune.models import BUNDLED_ALIASES, bundled_gguf_path
 from sparsetune.outputs import check_parent_writable, write_json_atomic
+from sparsetune.prune.api import print_summary as print_prune
+from sparsetune.prune.api import run_prune
 from sparsetune.prune.config import PruneConfig
+from sparsetune.recipes import (
+    VAR,
+    Located,
+    merge_settings,
+    parse_assignment,
+    read_recipe,
+    stage_entries,
+    substitute,
+    validate_stage,
+)
 from sparsetune.train.common import CKPT_NAME
+from sparsetune.train.seft import print_summary as print_seft
+from sparsetune.train.seft import run_seft
 from sparsetune.train.seft_config import SeftConfig
+from sparsetune.train.smet import print_summary as print_smet
+from sparsetune.train.smet import run_smet
 from sparsetune.train.smet_config import SmetConfig
 
 log = logging.getLogger(__name__)
 
-STAGE_SCHEMAS: dict[str, type[BaseModel]] = {
-    "prune": PruneConfig,
-    "seft": SeftConfig,
-    "smet-pretrain": SmetConfig,
-    "eval": EvalConfig,
-    "sweep": SweepConfig,
-    "export": ExportConfig,
-}
-MODEL_STAGES = ("prune", "seft", "smet-pretrain", "export")  # stages whose output is a model
-DISTRIBUTED_STAGES = ("prune", "seft", "smet-pretrain")  # share their work across launched processes
 PREV = "@prev"
-STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 RUN_FILE = "run.json"  # marks OUT as a sparsetune run dir: resuming into it needs no --overwrite
 STATE_DIR = ".stages"
 SUMMARY_FILE = "summary.json"
@@ -69,6 +82,58 @@ UNHASHED = {"output", "model", "models", "resume", "device", "log_every", "check
 Scalar = str | int | float | bool | None
 
 
+def training_checkpoint(cfg: SeftConfig | SmetConfig, output: Path) -> tuple[Path, bool]:
+    """(checkpoint dir, whether it holds a state the run can continue from)."""
+    ckpt = Path(cfg.checkpoint_path() or (str(output) + ".ckpt")).expanduser().resolve()
+    has_state = (ckpt / CKPT_NAME / "state.pt").exists() or (ckpt / f".{CKPT_NAME}.old" / "state.pt").exists()
+    return ckpt, has_state and bool(cfg.checkpoint_every or cfg.resume)
+
+
+def sweep_checkpoint(cfg: SweepConfig, output: Path) -> tuple[Path, bool]:
+    ckpt = output.with_name(output.name + ".partial")
+    return ckpt, (ckpt / sweep.STATE_FILE).exists()
+
+
+def run_without_progress(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    def runner(cfg: Any, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
+        return run(cfg, overwrite=overwrite)
+
+    return runner
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """One command, as the pipeline and the CLI run it."""
+
+    schema: type[BaseModel]
+    run: Callable[..., dict[str, Any]]  # run(cfg, overwrite=..., show_progress=...) -> report
+    summary: Callable[[dict[str, Any]], None]  # prints the report as the command does
+    reads: str | None = "model"  # the setting naming its input model(s): model, models (a list), or None
+    makes_model: bool = True  # its output dir is a model a later stage can read
+    distributed: bool = False  # under torchrun every process runs it (they share the work); else only rank 0
+    checkpoint: Callable[[Any, Path], tuple[Path, bool]] | None = None  # (dir, resumable) of an interrupted run
+    resumes: str = "from the checkpoint"  # the log line's words when it continues from that dir
+
+
+STAGES: dict[str, StageKind] = {
+    "prune": StageKind(PruneConfig, run_prune, print_prune, distributed=True),
+    "seft": StageKind(SeftConfig, run_seft, print_seft, distributed=True, checkpoint=training_checkpoint),
+    "smet-pretrain": StageKind(
+        SmetConfig, run_smet, print_smet, reads=None, distributed=True, checkpoint=training_checkpoint
+    ),
+    "eval": StageKind(EvalConfig, run_eval, print_comparison, reads="models", makes_model=False),
+    "sweep": StageKind(
+        SweepConfig,
+        sweep.run_sweep,
+        sweep.print_summary,
+        makes_model=False,
+        checkpoint=sweep_checkpoint,
+        resumes="the unfinished sweep",
+    ),
+    "export": StageKind(ExportConfig, run_without_progress(run_export), print_export),
+}
+
+
 class RecipeFile(BaseModel):
     """The top level of a recipe file (each stage's settings are checked against its command's schema)."""
 
@@ -77,151 +142,10 @@ class RecipeFile(BaseModel):
     name: str | None = Field(None, description="A short name for reports")
     description: str | None = Field(None, description="What the recipe is for")
     vars: dict[str, Scalar] = Field(default_factory=dict, description="Defaults of the ${name} variables")
-    stages: list[Any] = Field(min_length=1, description="Ordered stages: one of " + ", ".join(STAGE_SCHEMAS))
+    stages: list[Any] = Field(min_length=1, description="Ordered stages: one of " + ", ".join(STAGES))
     gates: dict[str, float] = Field(
         default_factory=dict, description="Checks on the result, e.g. wikitext2_ppl_max: 90, sparsity_min: 0.5"
     )
-
-
-# --------------------------------------------------------------------------------------------- reading YAML
-
-
-@dataclass
-class Located:
-    """Parsed YAML plus the line of every key and list item, for errors that point into the file."""
-
-    data: Any
-    lines: dict[tuple[Any, ...], int]
-    source: str
-
-    def where(self, path: tuple[Any, ...]) -> str:
-        """'recipe r.yaml line 7' for the deepest known prefix of `path`."""
-        for end in range(len(path), -1, -1):
-            if path[:end] in self.lines:
-                return f"{self.source} line {self.lines[path[:end]]}"
-        return self.source
-
-
-def _record_lines(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key_path = (*path, key_node.value)
-            lines[key_path] = key_node.start_mark.line + 1
-            _record_lines(value_node, key_path, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[(*path, i)] = item.start_mark.line + 1
-            _record_lines(item, (*path, i), lines)
-
-
-# Aliases (&name / *name) let a few hundred bytes of YAML stand for billions of nodes; everything after
-# parsing (line recording, ${var} substitution, validation) walks the expanded tree. So the expansion, not
-# the file size, is bounded: a long recipe written out in full costs time in proportion to its size and is
-# accepted; aliases may add at most this much on top of what is written.
-MAX_ALIAS_NODES = 100_000
-MAX_ALIAS_CHARS = 10_000_000  # one long string referenced many times
-
-
-def alias_growth(root: yaml.Node) -> tuple[int, int]:
-    """(nodes, scalar characters) that aliases add when `root` is expanded, counted without expanding it.
-
-    PyYAML's composer makes each alias the very node object of its anchor, so the document is a graph of
-    shared nodes: one memoised walk gives every node's expanded size. Raises ValueError on a recursive alias.
-    """
-    sizes: dict[int, tuple[int, int] | None] = {}  # id(node) -> expanded (nodes, chars); None while being walked
-    written = [0, 0]  # the same counts with every node once
-
-    def expanded(node: yaml.Node) -> tuple[int, int]:
-        key = id(node)
-        if key in sizes:
-            if sizes[key] is None:
-                raise ValueError("an alias refers to a node that contains it")
-            return sizes[key]
-        sizes[key] = None
-        own = (1, len(node.value)) if isinstance(node, yaml.ScalarNode) else (1, 0)
-        written[0], written[1] = written[0] + own[0], written[1] + own[1]
-        children = (
-            [n for pair in node.value for n in pair]
-            if isinstance(node, yaml.MappingNode)
-            else node.value
-            if isinstance(node, yaml.SequenceNode)
-            else []
-        )
-        nodes, chars = own
-        for child in children:
-            child_nodes, child_chars = expanded(child)
-            nodes, chars = nodes + child_nodes, chars + child_chars
-        sizes[key] = (nodes, chars)
-        return nodes, chars
-
-    nodes, chars = expanded(root)
-    return nodes - written[0], chars - written[1]
-
-
-def read_recipe(path: str | os.PathLike[str]) -> Located:
-    p = Path(path)
-    if not p.is_file():
-        raise SparsetuneError(f"recipe {p} not found; pass an existing YAML file")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise SparsetuneError(
-            f"recipe {p} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-            "pass a YAML file saved as UTF-8"
-        ) from None
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # libyaml's parser when present: 10x faster
-    try:
-        node = loader.get_single_node()
-        if node is not None:
-            _check_aliases(node, p)
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise SparsetuneError(f"recipe {p}{where} is not valid YAML; fix the syntax") from err
-    except RecursionError:
-        raise SparsetuneError(f"recipe {p} is nested too deeply to read; flatten it") from None
-    finally:
-        loader.dispose()
-    lines: dict[tuple[Any, ...], int] = {}
-    if node is not None:
-        _record_lines(node, (), lines)
-    return Located(data if data is not None else {}, lines, f"recipe {p}")
-
-
-def _check_aliases(node: yaml.Node, path: Path) -> None:
-    try:
-        nodes, chars = alias_growth(node)
-    except ValueError:
-        raise SparsetuneError(
-            f"recipe {path}: an alias (*name) refers to a mapping or list that contains it; write the value out"
-        ) from None
-    if nodes > MAX_ALIAS_NODES or chars > MAX_ALIAS_CHARS:
-        size = f"{nodes:,} nodes" if nodes > MAX_ALIAS_NODES else f"{chars:,} characters"
-        raise SparsetuneError(
-            f"recipe {path}: its aliases (*name) expand to {size} more than the file holds "
-            f"(at most {MAX_ALIAS_NODES:,} nodes and {MAX_ALIAS_CHARS:,} characters); "
-            "use fewer or less nested aliases, or write the settings out"
-        )
-
-
-def is_pipeline(data: Any) -> bool:
-    return isinstance(data, dict) and "stages" in data
-
-
-def parse_assignment(text: str, what: str) -> tuple[str, Any]:
-    """'prune.sparsity=0.6' -> ('prune.sparsity', 0.6); the value is read as YAML (numbers, lists, null)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise SparsetuneError(f"{what} {text!r} is not KEY=VALUE; write it like prune.sparsity=0.6")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, int) and ":" in raw:  # YAML 1.1 reads 2:4 as the base-60 number 124
-        value = raw.strip()
-    return key.strip(), value
 
 
 # --------------------------------------------------------------------------------------------- the plan
@@ -275,41 +199,6 @@ class Plan:
         }
 
 
-def _stage_entries(loc: Located) -> list[tuple[str, str, dict[str, Any]]]:
-    """[(name, kind, settings)] from the `stages` list, with names unique (eval, eval-2, ...)."""
-    entries = []
-    used: dict[str, int] = {}
-    kinds = ", ".join(STAGE_SCHEMAS)
-    for i, item in enumerate(loc.data["stages"]):
-        where = loc.where(("stages", i))
-        if not isinstance(item, dict):
-            raise SparsetuneError(f"{where}: a stage is a mapping like `- prune: {{sparsity: 0.5}}`")
-        found = [k for k in item if k in STAGE_SCHEMAS]
-        extra = [k for k in item if k not in STAGE_SCHEMAS and k != "name"]
-        if extra:
-            raise SparsetuneError(
-                f"{loc.where(('stages', i, extra[0]))}: unknown stage kind {extra[0]!r}; use one of {kinds}"
-            )
-        if len(found) != 1:
-            raise SparsetuneError(f"{where}: each stage needs exactly one of {kinds} (found {len(found)})")
-        kind = found[0]
-        settings = item[kind] if item[kind] is not None else {}
-        if not isinstance(settings, dict):
-            raise SparsetuneError(f"{loc.where(('stages', i, kind))}: {kind} settings must be a mapping")
-        name = item.get("name")
-        if name is None:
-            used[kind] = used.get(kind, 0) + 1
-            name = kind if used[kind] == 1 else f"{kind}-{used[kind]}"
-        elif not isinstance(name, str) or not STAGE_NAME.match(name):
-            raise SparsetuneError(
-                f"{loc.where(('stages', i, 'name'))}: stage name {name!r} must be lower-case letters, digits, - or _"
-            )
-        if name in [e[0] for e in entries]:
-            raise SparsetuneError(f"{where}: two stages are named {name!r}; give each a unique `name`")
-        entries.append((name, kind, dict(settings)))
-    return entries
-
-
 def _apply_overrides(
     entries: list[tuple[str, str, dict[str, Any]]], gates: dict[str, Any], overrides: list[str]
 ) -> None:
@@ -319,47 +208,17 @@ def _apply_overrides(
         stage_name, dot, setting = key.partition(".")
         if not dot or not setting:
             raise SparsetuneError(f"override {text!r} needs STAGE.KEY=VALUE, e.g. prune.sparsity=0.6")
-        if stage_name == "gates":
-            if value is None:
-                gates.pop(setting, None)
-            else:
-                gates[setting] = value
-            continue
-        if stage_name not in names:
+        if stage_name != "gates" and stage_name not in names:
             raise SparsetuneError(
                 f"override {text!r}: no stage named {stage_name!r}; stages are {', '.join(names)} (or gates)"
             )
-        settings = entries[names.index(stage_name)][2]
-        if value is None:  # key=null restores the command's default
+        settings = gates if stage_name == "gates" else entries[names.index(stage_name)][2]
+        if value is None:  # key=null restores the command's default (or drops the gate)
             settings.pop(setting, None)
             continue
-        settings[setting] = value
-        # sparsity and pattern exclude each other: setting one on the command line replaces the other
-        other = {"sparsity": "pattern", "pattern": "sparsity"}.get(setting)
-        if entries[names.index(stage_name)][1] == "prune" and other:
-            settings.pop(other, None)
-
-
-def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
-    """${name} -> its value; a string that is only `${name}` takes the variable's type (0.6 stays a float)."""
-    if isinstance(value, str):
-        whole = VAR.fullmatch(value)
-        names = VAR.findall(value)
-        for name in names:
-            if name not in variables:
-                known = ", ".join(sorted(variables)) or "none"
-                raise SparsetuneError(
-                    f"{where}: variable ${{{name}}} is not defined; add it under `vars:` "
-                    f"or pass --set {name}=VALUE (defined: {known})"
-                )
-        if whole:
-            return variables[whole.group(1)]
-        return VAR.sub(lambda m: str(variables[m.group(1)]), value)
-    if isinstance(value, list):
-        return [_substitute(v, variables, where) for v in value]
-    if isinstance(value, dict):
-        return {k: _substitute(v, variables, where) for k, v in value.items()}
-    return value
+        merged = merge_settings(settings, {setting: value})  # as a flag over a --recipe: a pattern replaces a sparsity
+        settings.clear()
+        settings.update(merged)
 
 
 def _resolve_ref(spec: Any, outputs: dict[str, tuple[str, Path]], prev: str | None, where: str) -> Any:
@@ -379,36 +238,11 @@ def _resolve_ref(spec: Any, outputs: dict[str, tuple[str, Path]], prev: str | No
     return str(outputs[name][1])
 
 
-def _validate_stage(kind: str, settings: dict[str, Any], loc: Located, i: int, overridden: set[str]) -> BaseModel:
-    schema = STAGE_SCHEMAS[kind]
-    try:
-        return schema.model_validate(settings)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = str(first["loc"][0]) if first["loc"] else ""
-        label = f"stage {i + 1} ({kind})"
-        where = f"override {kind}.{key}" if key in overridden else loc.where(("stages", i, kind, key))
-        if first["type"] == "extra_forbidden":
-            valid = ", ".join(sorted(f.alias or n for n, f in schema.model_fields.items() if n != "output"))
-            raise SparsetuneError(f"{where}: {label}: unknown key {key!r}; valid keys: {valid}") from err
-        msg = first["msg"].removeprefix("Value error, ")
-        shown = ".".join(str(p) for p in first["loc"])
-        raise SparsetuneError(f"{where}: {label}: {shown + ': ' if shown else ''}{msg}") from err
-
-
-def plan_recipe(
-    path: str | os.PathLike[str],
-    out: str | os.PathLike[str] | None = None,
-    overrides: list[str] | None = None,
-    set_vars: list[str] | None = None,
-) -> Plan:
-    """Read, resolve and validate a recipe into a Plan. Loads no model and writes nothing."""
-    overrides = list(overrides or [])
-    loc = read_recipe(path)
+def _recipe_file(loc: Located) -> RecipeFile:
     if not isinstance(loc.data, dict):
         raise SparsetuneError(f"{loc.source} must be a YAML mapping with a `stages:` list")
     try:
-        top = RecipeFile.model_validate(loc.data)
+        return RecipeFile.model_validate(loc.data)
     except ValidationError as err:
         first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
         if first["type"] == "missing":
@@ -422,153 +256,114 @@ def plan_recipe(
         shown = ".".join(str(p) for p in key_path)
         raise SparsetuneError(f"{loc.where(key_path)}: {shown}: {first['msg']}") from err
 
-    entries = _stage_entries(loc)
-    gates: dict[str, Any] = dict(top.gates)
-    before = {name: dict(settings) for name, _, settings in entries}
-    _apply_overrides(entries, gates, overrides)
 
-    variables: dict[str, Any] = dict(top.vars)
+def _variables(defaults: dict[str, Any], entries: list[tuple[str, str, dict[str, Any]]], set_vars: list[str]) -> dict:
+    """The recipe's `vars` with `--set name=value` applied (only names the recipe defines or uses)."""
+    variables = dict(defaults)
     referenced = set(VAR.findall(json.dumps([e[2] for e in entries])))
-    for text in set_vars or []:
+    for text in set_vars:
         name, value = parse_assignment(text, "--set")
         if name not in variables and name not in referenced:
             known = ", ".join(sorted(set(variables) | referenced)) or "none"
             raise SparsetuneError(f"--set {text!r}: the recipe has no variable {name!r} (it uses: {known})")
         variables[name] = value
+    return variables
+
+
+def _key_lines(loc: Located, i: int, kind: str, name: str, overridden: set[str]) -> Callable[[str], str]:
+    """where(key): the recipe line of stage i's `key`, or the override that set it."""
+
+    def where(key: str) -> str:
+        return f"override {name}.{key}" if key in overridden else loc.where(("stages", i, kind, key))
+
+    return where
+
+
+def _stage_inputs(
+    name: str,
+    kind: str,
+    settings: dict[str, Any],
+    outputs: dict[str, tuple[str, Path]],
+    prev: str | None,
+    where: Callable[[str], str],
+    at: str,
+) -> list[str]:
+    """Fill in the stage's input model(s) (default: the previous model stage's output; @refs resolved) and
+    return them. `where(key)` names the recipe line of a key, `at` the stage's own line and label."""
+    key = STAGES[kind].reads
+    if key is None:  # smet-pretrain builds its model from scratch
+        return []
+    if settings.get(key) is None:
+        if prev is None:
+            makers = ", ".join(k for k, s in STAGES.items() if s.makes_model and s.distributed)
+            raise SparsetuneError(
+                f"{at} has no input model: it comes before any {makers} stage; move it after one, or set {name}.{key}"
+            )
+        settings[key] = PREV
+    if key == "model":
+        settings[key] = _resolve_ref(settings[key], outputs, prev, where(key))
+        return [settings[key]]
+    if isinstance(settings[key], str):
+        settings[key] = [settings[key]]
+    if not isinstance(settings[key], list):
+        return []  # the schema will reject it
+    settings[key] = [_resolve_ref(m, outputs, prev, where(key)) for m in settings[key]]
+    return list(settings[key])
+
+
+def plan_recipe(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    overrides: list[str] | None = None,
+    set_vars: list[str] | None = None,
+) -> Plan:
+    """Read, resolve and validate a recipe into a Plan. Loads no model and writes nothing."""
+    overrides = list(overrides or [])
+    loc = read_recipe(path)
+    top = _recipe_file(loc)
+    entries = stage_entries(loc, list(STAGES))
+    gates: dict[str, Any] = dict(top.gates)
+    before = {name: dict(settings) for name, _, settings in entries}
+    _apply_overrides(entries, gates, overrides)
+    variables = _variables(top.vars, entries, list(set_vars or []))
 
     out_path = Path(out).expanduser().resolve() if out is not None else Path("OUT")
     outputs: dict[str, tuple[str, Path]] = {}  # model-producing stage name -> (kind, output dir)
     prev: str | None = None
     stages: list[Stage] = []
     for i, (name, kind, raw) in enumerate(entries):
-        overridden = {k for k, v in raw.items() if before[name].get(k, object()) != v}
-        settings = {}
-        for key, value in raw.items():
-            where = f"override {name}.{key}" if key in overridden else loc.where(("stages", i, kind, key))
-            settings[key] = _substitute(value, variables, where)
+        label = f"stage {i + 1} ({kind})"
+        where = _key_lines(loc, i, kind, name, {k for k, v in raw.items() if before[name].get(k, object()) != v})
+        settings = {key: substitute(value, variables, where(key)) for key, value in raw.items()}
         if "output" in settings:
             raise SparsetuneError(
-                f"{loc.where(('stages', i, kind, 'output'))}: stage {i + 1} ({kind}) sets output, but `sparsetune "
-                f"run` writes every stage to OUT/<nn>-<name>; remove it"
+                f"{where('output')}: {label} sets output, but `sparsetune run` writes every stage to "
+                "OUT/<nn>-<name>; remove it"
             )
-        output = out_path / f"{i + 1:02d}-{name}"
-        label = f"stage {i + 1} ({kind})"
-        missing_input = (
-            f"{loc.where(('stages', i))}: {label} has no input model: it comes before any "
-            f"{', '.join(MODEL_STAGES[:3])} stage; move it after one, or set {name}.model"
-        )
-        if kind in ("prune", "seft", "export", "sweep"):
-            where = loc.where(("stages", i, kind, "model"))
-            if settings.get("model") is None:
-                if prev is None:
-                    raise SparsetuneError(missing_input)
-                settings["model"] = PREV
-            settings["model"] = _resolve_ref(settings["model"], outputs, prev, where)
-            inputs = [settings["model"]]
-        elif kind == "eval":
-            where = loc.where(("stages", i, kind, "models"))
-            if settings.get("models") is None:
-                if prev is None:
-                    raise SparsetuneError(missing_input.replace(f"{name}.model", f"{name}.models"))
-                settings["models"] = [PREV]
-            if isinstance(settings["models"], str):
-                settings["models"] = [settings["models"]]
-            if isinstance(settings["models"], list):
-                settings["models"] = [_resolve_ref(m, outputs, prev, where) for m in settings["models"]]
-            inputs = list(settings["models"]) if isinstance(settings["models"], list) else []
-        else:  # smet-pretrain builds its model from scratch
-            inputs = []
-        reads_prev = prev is not None and settings.get("model") == str(outputs[prev][1])
-        if kind == "seft" and reads_prev and prev is not None and outputs[prev][0] == "export":
+        inputs = _stage_inputs(name, kind, settings, outputs, prev, where, f"{loc.where(('stages', i))}: {label}")
+        if kind == "seft" and prev is not None and outputs[prev][0] == "export" and inputs == [str(outputs[prev][1])]:
             raise SparsetuneError(
                 f"{loc.where(('stages', i))}: {label} reads the export of stage {prev!r}; fine-tune before "
                 "exporting (move the export stage after seft)"
             )
+        output = out_path / f"{i + 1:02d}-{name}"
         settings["output"] = str(output)
-        config = _validate_stage(kind, settings, loc, i, overridden)
+        config = validate_stage(STAGES[kind].schema, settings, where, label)
         stages.append(Stage(i + 1, name, kind, config, inputs, output))
-        if kind in MODEL_STAGES:
+        if STAGES[kind].makes_model:
             outputs[name] = (kind, output)
             prev = name
 
-    _check_gates(gates, stages, loc)
+    evals = [s.config for s in stages if s.kind == "eval"]
+    gate_names = loc.data.get("gates") or {}
+    check_gate_names(
+        gates,
+        evals[-1] if evals else None,
+        has_model=any(STAGES[s.kind].makes_model for s in stages),
+        where=lambda key: loc.where(("gates", key)) if key in gate_names else f"override gates.{key}",
+    )
     bounds = {key: float(value) for key, value in gates.items()}
     return Plan(str(path), top.name or Path(path).stem, out_path, stages, bounds, variables, overrides)
-
-
-# --------------------------------------------------------------------------------------------- gates
-
-
-def metric_key(text: str) -> str:
-    """A metric name safe for gate keys: 'exact_match[strict]' -> 'exact_match_strict'."""
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
-def ppl_metric(source: str) -> str:
-    return f"{metric_key(Path(source).stem)}_ppl"
-
-
-def _gate_metric(key: str) -> tuple[str, str]:
-    for bound in ("_min", "_max"):
-        if key.endswith(bound) and len(key) > len(bound):
-            return key[: -len(bound)], bound[1:]
-    raise SparsetuneError(f"gate {key!r} must end in _min or _max, e.g. wikitext2_ppl_max or sparsity_min")
-
-
-def _check_gates(gates: dict[str, Any], stages: list[Stage], loc: Located) -> None:
-    """Every gate must name a metric the plan will measure: sparsity, or one of the last eval stage's."""
-    evals = [s for s in stages if s.kind == "eval"]
-    has_model = any(s.kind in MODEL_STAGES for s in stages)
-    last = evals[-1].config if evals else None
-    ppl_names = [ppl_metric(s) for s in last.ppl] if isinstance(last, EvalConfig) else []
-    task_names = list(last.tasks) if isinstance(last, EvalConfig) else []
-    compares = isinstance(last, EvalConfig) and len(last.models) > 1
-    for key, bound in gates.items():
-        where = loc.where(("gates", key)) if key in (loc.data.get("gates") or {}) else f"override gates.{key}"
-        try:
-            metric, _ = _gate_metric(key)
-            float(bound)
-        except (SparsetuneError, TypeError, ValueError) as err:
-            problem = err if isinstance(err, SparsetuneError) else f"gate {key!r}: the bound must be a number"
-            raise SparsetuneError(f"{where}: {problem}") from err
-        base = metric.removesuffix("_vs_baseline")
-        if base != metric and not compares:
-            raise SparsetuneError(
-                f"{where}: gate {key!r} compares against a baseline, but the last eval stage evaluates one model; "
-                "list the baseline first in its models"
-            )
-        known = ["sparsity"] if has_model else []
-        ok = (base == "sparsity" and has_model and base == metric) or base in ppl_names
-        ok = ok or any(base.startswith(f"{metric_key(t)}_") for t in task_names)
-        if not ok:
-            known += ppl_names + [f"{metric_key(t)}_<metric>" for t in task_names]
-            raise SparsetuneError(
-                f"{where}: gate {key!r} names a metric the recipe does not measure; "
-                f"measured: {', '.join(known) or 'none (add an eval stage)'}"
-            )
-
-
-def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """Metrics of the last model of an eval report, plus `<metric>_vs_baseline` against the first model."""
-    from sparsetune.evaluate.harness import metric_names
-
-    def flat(result: dict[str, Any]) -> dict[str, float]:
-        values = {ppl_metric(source): float(v["ppl"]) for source, v in result["ppl"].items()}
-        for task, row in result["tasks"].items():
-            for metric in metric_names(row):
-                values[f"{metric_key(task)}_{metric_key(metric)}"] = float(row[metric])
-        if result.get("sparsity") and result["sparsity"].get("global_sparsity") is not None:
-            values["sparsity"] = float(result["sparsity"]["global_sparsity"])
-        return values
-
-    models = report["models"]
-    final = flat(models[-1])
-    if len(models) > 1:
-        base = flat(models[0])
-        for name, value in list(final.items()):
-            if name in base and name != "sparsity" and base[name]:
-                final[f"{name}_vs_baseline"] = value / base[name]
-    return final
 
 
 def model_sparsity(model_dir: Path) -> float | None:
@@ -579,16 +374,6 @@ def model_sparsity(model_dir: Path) -> float | None:
     return None if value is None else float(value)
 
 
-def check_gates(gates: dict[str, float], metrics: dict[str, float]) -> list[dict[str, Any]]:
-    results = []
-    for key, bound in gates.items():
-        metric, side = _gate_metric(key)
-        value = metrics.get(metric)
-        passed = value is not None and (value >= bound if side == "min" else value <= bound)
-        results.append({"gate": key, "metric": metric, "bound": bound, "value": value, "passed": passed})
-    return results
-
-
 # --------------------------------------------------------------------------------------------- running
 
 
@@ -597,12 +382,10 @@ def fingerprint(spec: str) -> str:
 
     A stage whose output is rewritten gets new mtimes, so every later stage that reads it runs again.
     """
-    from sparsetune import models
-
     path = Path(spec).expanduser()
-    if spec in models.BUNDLED_ALIASES:
+    if spec in BUNDLED_ALIASES:
         try:
-            path = models.bundled_gguf_path()
+            path = bundled_gguf_path()
         except SparsetuneError:
             return spec
     if path.is_dir():
@@ -655,85 +438,23 @@ def _resume_decision(
     """(config to run, stale checkpoint to remove first). A training stage or sweep interrupted with nothing it
     depends on changed continues from its own checkpoint; otherwise a stale checkpoint inside OUT is removed
     so the stage starts clean (one outside OUT is the user's: the stage will refuse it with a clear error)."""
-    cfg = stage.config
+    cfg, kind = stage.config, STAGES[stage.kind]
     same = previous is not None and all(previous.get(k) == v for k, v in hashes.items())
-    ckpt: Path | None = None
-    if isinstance(cfg, SeftConfig | SmetConfig):
-        ckpt = Path(cfg.checkpoint_path() or (str(stage.output) + ".ckpt")).expanduser().resolve()
-        has_state = (ckpt / CKPT_NAME / "state.pt").exists() or (ckpt / f".{CKPT_NAME}.old" / "state.pt").exists()
-        if has_state and same and (cfg.checkpoint_every or cfg.resume):
-            log.info("%s: resuming from the checkpoint in %s", stage.dirname, ckpt)
-            return cfg.model_copy(update={"resume": True}), None
-    elif isinstance(cfg, SweepConfig):
-        ckpt = stage.output.with_name(stage.output.name + ".partial")
-        if (ckpt / SWEEP_STATE_FILE).exists() and same:
-            log.info("%s: resuming the unfinished sweep in %s", stage.dirname, ckpt)
-            return cfg.model_copy(update={"resume": True}), None
+    ckpt, resumable = kind.checkpoint(cfg, stage.output) if kind.checkpoint else (None, False)
+    if resumable and same:
+        log.info("%s: resuming %s in %s", stage.dirname, kind.resumes, ckpt)
+        return cfg.model_copy(update={"resume": True}), None
     stale = ckpt if ckpt is not None and ckpt.exists() and ckpt.is_relative_to(out) else None
-    return (cfg.model_copy(update={"resume": False}) if hasattr(cfg, "resume") else cfg), stale
-
-
-def _run_stage(kind: str, cfg: Any, show_progress: bool) -> dict[str, Any]:
-    """Call the library function of one stage. The stage dir is ours (inside OUT), so it may be replaced."""
-    if kind == "prune":
-        from sparsetune.prune.api import run_prune
-
-        return run_prune(cfg, overwrite=True, show_progress=show_progress)
-    if kind == "seft":
-        from sparsetune.train.seft import run_seft
-
-        return run_seft(cfg, overwrite=True, show_progress=show_progress)
-    if kind == "smet-pretrain":
-        from sparsetune.train.smet import run_smet
-
-        return run_smet(cfg, overwrite=True, show_progress=show_progress)
-    if kind == "eval":
-        from sparsetune.evaluate.compare import run_eval
-
-        return run_eval(cfg, overwrite=True, show_progress=show_progress)
-    if kind == "sweep":
-        from sparsetune.evaluate.sweep import run_sweep
-
-        return run_sweep(cfg, overwrite=True, show_progress=show_progress)
-    from sparsetune.export.writer import run_export
-
-    return run_export(cfg, overwrite=True)
+    return (cfg.model_copy(update={"resume": False}) if "resume" in type(cfg).model_fields else cfg), stale
 
 
 def stage_metrics(stage: Stage, report: dict[str, Any]) -> dict[str, float]:
     if stage.kind == "eval":
         return eval_metrics(report)
-    if stage.kind in MODEL_STAGES:
+    if STAGES[stage.kind].makes_model:
         sparsity = model_sparsity(stage.output)
         return {} if sparsity is None else {"sparsity": sparsity}
     return {}
-
-
-def print_stage(stage: Stage, report: dict[str, Any]) -> None:
-    """The stage's own summary table, as its command prints it."""
-    if stage.kind == "prune":
-        from sparsetune.prune.api import print_summary
-
-        print_summary(report)
-    elif stage.kind == "seft":
-        from sparsetune.train.seft import print_summary as print_seft
-
-        print_seft(report)
-    elif stage.kind == "smet-pretrain":
-        from sparsetune.train.smet import print_summary as print_smet
-
-        print_smet(report)
-    elif stage.kind == "eval":
-        from sparsetune.evaluate.compare import print_comparison
-
-        print_comparison(report)
-    elif stage.kind == "export":
-        print(
-            f"exported as {report['format']}: {report['disk_bytes'] / 1e6:.1f} MB, "
-            f"sparsity {report.get('global_sparsity', float('nan')):.4f}"
-        )
-    elif stage.kind == "sweep":
-        print(f"sweep of {len(report['points'])} points written to {report['output']}")
 
 
 def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -> dict[str, Any]:
@@ -744,8 +465,6 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
     run's own files. Returns the run summary (also written to OUT/summary.json): per-stage status and timings,
     the final metrics and the gate results.
     """
-    from sparsetune.distributed import dist_context, launched_distributed
-
     ctx = dist_context() if launched_distributed() else None
     main = ctx is None or ctx.is_main
 
@@ -790,9 +509,10 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
             barrier()
             t0 = time.perf_counter()
             report = None
-            if main or stage.kind in DISTRIBUTED_STAGES:
-                try:
-                    report = _run_stage(stage.kind, cfg, show_progress=verbose_output and main)
+            kind = STAGES[stage.kind]
+            if main or kind.distributed:
+                try:  # the stage dir is ours (inside OUT), so it may be replaced
+                    report = kind.run(cfg, overwrite=True, show_progress=verbose_output and main)
                 except SparsetuneError as err:
                     raise SparsetuneError(f"stage {stage.dirname}: {err}") from err
             barrier()
@@ -808,7 +528,7 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
             }
             if main:
                 if verbose_output and report is not None:
-                    print_stage(stage, report)
+                    kind.summary(report)
                 write_json_atomic(marker, row)
             barrier()
             if not main:  # eval metrics were measured on rank 0
@@ -818,7 +538,7 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
         stage_rows.append(row)
         if stage.kind == "eval":
             eval_seen = dict(row.get("metrics", {}))
-        elif stage.kind in MODEL_STAGES:
+        elif STAGES[stage.kind].makes_model:
             metrics.update(row.get("metrics", {}))
     if eval_seen is not None:  # the last eval's numbers; sparsity of the final model stage wins over eval's
         metrics = {**eval_seen, **metrics}
@@ -839,36 +559,3 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
     if main:
         write_json_atomic(out / SUMMARY_FILE, summary)
     return summary
-
-
-# --------------------------------------------------------------------------------------------- single commands
-
-
-def command_settings(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
-    """A command's `--recipe`: a flat mapping of its settings, `{kind: {...}}`, or a run recipe with one `kind`
-    stage (variables take their defaults; `@` references are left for the MODEL argument)."""
-    loc = read_recipe(path)
-    data = loc.data
-    if not isinstance(data, dict):
-        raise SparsetuneError(f"{loc.source} must be a YAML mapping of settings")
-    if not is_pipeline(data):
-        return dict(data[kind]) if isinstance(data.get(kind), dict) else dict(data)
-    entries = [(i, e) for i, e in enumerate(data["stages"]) if isinstance(e, dict) and kind in e]
-    if len(entries) != 1:
-        raise SparsetuneError(
-            f"{loc.source} has {len(entries)} {kind} stages; a command's --recipe needs exactly one "
-            "(run multi-stage recipes with `sparsetune run`)"
-        )
-    i, entry = entries[0]
-    variables = dict(data.get("vars") or {})
-    settings = {
-        key: _substitute(value, variables, loc.where(("stages", i, kind, key)))
-        for key, value in (entry[kind] or {}).items()
-    }
-    for key in ("model", "models"):
-        value = settings.get(key)
-        if (isinstance(value, str) and value.startswith("@")) or (
-            isinstance(value, list) and any(isinstance(v, str) and v.startswith("@") for v in value)
-        ):
-            settings.pop(key)  # an earlier stage's output: the command line names the model instead
-    return settings

@@ -422,7 +422,7 @@ def test_smet_stage_feeds_eval_and_export(tmp_path, tiny_inputs):
 
 
 def test_a_crashed_sweep_stage_resumes_from_its_finished_points(tmp_path, tiny_inputs, monkeypatch, caplog):
-    from sparsetune.evaluate import sweep
+    from sparsetune import sweep
 
     recipe = tmp_path / "sweep.yaml"
     recipe.write_text(

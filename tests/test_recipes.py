@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
-from sparsetune.pipeline import MAX_ALIAS_NODES, alias_growth, read_recipe
-from sparsetune.recipes import reproducible_settings
+from sparsetune.recipes import MAX_ALIAS_NODES, alias_growth, read_recipe, reproducible_settings
 
 runner = CliRunner(env={"COLUMNS": "250"})
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib
 import os
+from importlib.metadata import PackageNotFoundError, version
 
 import typer
+
+from sparsetune import __version__
 
 app = typer.Typer(
     name="sparsetune",
@@ -22,13 +25,9 @@ app = typer.Typer(
 
 def package_version() -> str:
     """The installed distribution's version (importlib.metadata), else the source tree's."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("sparsetune")
     except PackageNotFoundError:
-        from sparsetune import __version__
-
         return __version__
 
 

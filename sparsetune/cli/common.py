@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import typer
 
 from sparsetune.errors import SparsetuneError
+from sparsetune.progress import quiet_library_bars_off_terminal
 
 
 @contextlib.contextmanager
@@ -31,8 +32,6 @@ def setup_logging(verbose: bool = False) -> None:
     libraries = ("transformers", "datasets", "accelerate", "huggingface_hub", "filelock")
     for noisy in (*libraries, "urllib3", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from sparsetune.progress import quiet_library_bars_off_terminal
-
     quiet_library_bars_off_terminal()
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from sparsetune.cli.common import setup_logging, user_errors
+from sparsetune.errors import SparsetuneError
 
 SET_HELP = "Set a recipe variable: --set model=path/to/model (repeatable)"
 
@@ -63,8 +64,7 @@ def run_command(
     """Run a recipe's stages in order; finished stages (same settings, same input) are skipped on re-run."""
     setup_logging(verbose)
     with user_errors():
-        from sparsetune.errors import SparsetuneError
-        from sparsetune.pipeline import plan_recipe, run_plan
+        from sparsetune.pipeline import plan_recipe, run_plan  # the library (torch): not for --help
 
         recipes, overrides = _split_args(args)
         if len(recipes) != 1:
@@ -97,8 +97,7 @@ def validate_command(
 ) -> None:
     """Check recipes without loading any model: unknown keys, bad values, stage order, variables and gates."""
     with user_errors():
-        from sparsetune.errors import SparsetuneError
-        from sparsetune.pipeline import plan_recipe
+        from sparsetune.pipeline import plan_recipe  # imports the library (torch): not for --help
 
         recipes, overrides = _split_args(args)
         if not recipes:

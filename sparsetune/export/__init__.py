@@ -1,7 +1,7 @@
 """`sparsetune export`: compressed sparse checkpoints and loading them back.
 
 This module stays light (json + pathlib only at import time): `sparsetune.models` asks `loader_for(path)`
-on every dir it loads. The codecs, writer and loader live in submodules imported on use.
+on every dir it loads. The codecs, writer and loader live in submodules; `loader_for` imports the loader on use.
 """
 
 from __future__ import annotations
@@ -11,38 +11,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sparsetune.errors import SparsetuneError
+from sparsetune.export.formats import COMPRESSED_FORMATS, FORMATS, read_export_format
+from sparsetune.export.formats import read_json as _read_json
 
-FORMATS = ("sparse-bitmask", "sparse-24-bitmask", "semi-structured-2:4", "dense")
-COMPRESSED_FORMATS = FORMATS[:3]
-
-
-def read_export_format(path: str | Path) -> str | None:
-    """The compressed format of an export dir (sparsetune or compressed-tensors sparse), else None."""
-    path = Path(path)
-    meta = path / "sparsetune_config.json"
-    if meta.is_file():
-        data = _read_json(meta)
-        fmt = data.get("format") if isinstance(data, dict) else None
-        if fmt in COMPRESSED_FORMATS:
-            return str(fmt)
-    config = path / "config.json"
-    if not config.is_file():
-        return None
-    qc = _read_json(config).get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors" or qc.get("config_groups"):
-        return None  # not compressed-tensors, or quantized (not a sparse-only checkpoint we decompress)
-    sparsity = qc.get("sparsity_config") or {}
-    fmt = sparsity.get("format") if isinstance(sparsity, dict) else None
-    return str(fmt) if fmt in ("sparse-bitmask", "sparse-24-bitmask") else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise SparsetuneError(f"{path} is not valid JSON ({err}); re-export the model") from err
-    return data if isinstance(data, dict) else {}
+__all__ = [
+    "COMPRESSED_FORMATS",
+    "FORMATS",
+    "disk_bytes",
+    "loader_for",
+    "module_bytes",
+    "print_size_comparison",
+    "read_export_format",
+    "size_comparison",
+    "tensor_bytes",
+]
 
 
 def loader_for(path: str | Path) -> Callable[..., Any] | None:
@@ -52,16 +34,9 @@ def loader_for(path: str | Path) -> Callable[..., Any] | None:
     """
     if read_export_format(path) is None:
         return None
-    from sparsetune.export.loader import load_exported
+    from sparsetune.export.loader import load_exported  # torch: the CLI's --help imports this package
 
     return load_exported
-
-
-def export(cfg: Any, overwrite: bool = False) -> dict[str, Any]:
-    """Run one export (`cfg` is an ExportConfig); see `sparsetune.export.writer.run_export`."""
-    from sparsetune.export.writer import run_export
-
-    return run_export(cfg, overwrite=overwrite)
 
 
 # ----- bytes on disk -------------------------------------------------------------------------------------------
@@ -119,19 +94,3 @@ def print_size_comparison(dense_dir: str | Path, sparse_dir: str | Path) -> dict
         flush=True,
     )
     return s
-
-
-def demo_export(pruned_dir: str | Path, out_dir: str | Path, fmt: str = "sparse-bitmask") -> dict[str, Any]:
-    """Export a pruned dir, load it back, check the weights match, and print the sizes on disk."""
-    import torch
-
-    from sparsetune.export.config import ExportConfig
-    from sparsetune.models import load_model
-
-    export(ExportConfig(model=str(pruned_dir), output=str(out_dir), format=fmt), overwrite=True)
-    sparse, _ = load_model(str(out_dir), dtype="float32", device="cpu", need_tokenizer=False)
-    dense, _ = load_model(str(pruned_dir), dtype="float32", device="cpu", need_tokenizer=False)
-    ref = dense.state_dict()
-    same = all(torch.equal(t, ref[k]) for k, t in sparse.state_dict().items())
-    print(f"[export] {fmt} loaded back from {out_dir}: weights {'identical' if same else 'DIFFER'}", flush=True)
-    return {**print_size_comparison(pruned_dir, out_dir), "identical": same}

@@ -18,9 +18,9 @@ from safetensors.torch import load_file as safetensors_load_file
 from torch import nn
 
 from sparsetune.errors import SparsetuneError
-from sparsetune.export import _read_json, read_export_format
 from sparsetune.export.codecs import CODECS, TWO_FOUR, nm_group_violations
-from sparsetune.export.writer import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256
+from sparsetune.export.formats import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256, read_export_format
+from sparsetune.export.formats import read_json as _read_json
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,14 @@ def decompress_state(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, to
     return state
 
 
-def _stored_dtype(config: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.dtype:
-    from sparsetune.models import DTYPES
+# The dtypes an export stores (sparsetune.models.DTYPES; not imported from there: models imports this loader).
+STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+def _stored_dtype(config: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.dtype:
     name = str(config.get("dtype") or config.get("torch_dtype") or "").removeprefix("torch.")
-    if name in DTYPES:
-        return DTYPES[name]
+    if name in STORED_DTYPES:
+        return STORED_DTYPES[name]
     floats = [t.dtype for t in state.values() if t.dtype.is_floating_point]
     return floats[0] if floats else torch.float32
 

@@ -7,10 +7,8 @@ dtype and a sha256 per shard, so the loader can refuse a truncated or corrupted 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import mmap
 import re
 import shutil
 import time
@@ -24,15 +22,14 @@ from torch import nn
 
 from sparsetune import __version__, models
 from sparsetune.errors import SparsetuneError
+from sparsetune.export import print_size_comparison
 from sparsetune.export.codecs import CODECS, force_24, mask_stats
 from sparsetune.export.config import ExportConfig, shard_size_bytes
+from sparsetune.export.formats import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, write_json
 
 log = logging.getLogger(__name__)
 
-SPARSETUNE_CONFIG = "sparsetune_config.json"
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 COMPRESSED_TENSORS_FORMATS = ("sparse-bitmask", "sparse-24-bitmask")
 TWO_FOUR_FORMATS = ("sparse-24-bitmask", "semi-structured-2:4")
 # The compressed-tensors release whose sparse layouts (keys, dtypes, config fields) these files follow.
@@ -171,15 +168,6 @@ def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_bytes: int
         weight_map = {k: name for name, keys in zip(names, shards, strict=True) for k in keys}
         write_json(out_dir / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return files
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, hashed straight from a read-only memory map (no copy into Python bytes)."""
-    with open(path, "rb") as f:
-        if f.seek(0, 2) == 0:
-            return hashlib.sha256(b"").hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return hashlib.sha256(data).hexdigest()
 
 
 def compressed_tensors_config(fmt: str, plan: ModulePlan) -> dict[str, Any]:
@@ -321,3 +309,27 @@ def _tokenizer_or_none(spec: str, trust_remote_code: bool) -> Any:
 def checkpoint_bytes(path: str | Path) -> int:
     """Bytes of the weight files (*.safetensors) in a model dir."""
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """One line: the format, the bytes on disk and how much of dense they are, what was compressed."""
+    mb = report["disk_bytes"] / 1e6
+    line = f"exported {report['model']} as {report['format']} to {report['output']}: {mb:.1f} MB"
+    if "bytes_dense" in report:
+        line += (
+            f" ({report['bytes_written'] / max(1, report['bytes_dense']):.2f}x of dense); "
+            f"{report['modules_compressed']} Linears compressed, {report['modules_dense']} kept dense, "
+            f"sparsity {report['global_sparsity']:.4f}"
+        )
+    print(line)
+
+
+def demo_export(pruned_dir: str | Path, out_dir: str | Path, fmt: str = "sparse-bitmask") -> dict[str, Any]:
+    """Export a pruned dir, load it back, check the weights match, and print the sizes on disk."""
+    run_export(ExportConfig(model=str(pruned_dir), output=str(out_dir), format=fmt), overwrite=True)
+    sparse, _ = models.load_model(str(out_dir), dtype="float32", device="cpu", need_tokenizer=False)
+    dense, _ = models.load_model(str(pruned_dir), dtype="float32", device="cpu", need_tokenizer=False)
+    ref = dense.state_dict()
+    same = all(torch.equal(t, ref[k]) for k, t in sparse.state_dict().items())
+    print(f"[export] {fmt} loaded back from {out_dir}: weights {'identical' if same else 'DIFFER'}", flush=True)
+    return {**print_size_comparison(pruned_dir, out_dir), "identical": same}

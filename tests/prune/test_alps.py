@@ -279,7 +279,7 @@ def test_rho_growth_scales_the_schedule():
 
 def test_sweep_accepts_alps():
     from sparsetune.evaluate.config import SweepConfig
-    from sparsetune.evaluate.sweep import grid, prune_config
+    from sparsetune.sweep import grid, prune_config
 
     cfg = SweepConfig(model="m", output="o", methods=["alps", "wanda"], sparsities=[0.7], patterns=["2:4"])
     points = [p for p in grid(cfg) if p.method == "alps"]

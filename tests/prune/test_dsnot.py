@@ -379,8 +379,8 @@ def test_checkpoints_and_sweeps_from_before_refinement_stay_resumable():
     import hashlib
 
     from sparsetune.evaluate.config import SweepConfig
-    from sparsetune.evaluate.sweep import sweep_identity
     from sparsetune.prune.api import settings_hash
+    from sparsetune.sweep import sweep_identity
 
     def old_hash(data, skip):
         relevant = {k: v for k, v in data.items() if k not in skip and not k.startswith("refine")}

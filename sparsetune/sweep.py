@@ -1,5 +1,8 @@
 """`sparsetune sweep`: prune + evaluate every (method, sparsity or N:M pattern) point of a grid.
 
+It drives pruning and evaluation, so it sits with the other orchestration (sparsetune/pipeline.py), not under
+evaluate/.
+
 One base model is loaded and one calibration set is drawn; a CPU copy of the dense weights restores the model
 between points. Finished points are saved one JSON file each in `OUTPUT.partial/`, so `--resume` skips them;
 when the last point is done, sweep.json, sweep.md and sweep.png are written and the whole dir is renamed to
@@ -22,7 +25,7 @@ import torch
 from sparsetune import models
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate import harness
-from sparsetune.evaluate.compare import check_model_spec, check_sources, evaluate_model, ppl_row_name
+from sparsetune.evaluate.compare import check_model_spec, check_sources, evaluate_model, markdown_table, ppl_row_name
 from sparsetune.evaluate.config import SweepConfig
 from sparsetune.outputs import (
     check_output_dir,
@@ -33,6 +36,8 @@ from sparsetune.outputs import (
     write_json,
 )
 from sparsetune.outputs import write_json_atomic as _write_json_atomic  # module-level: tests inject crashes
+from sparsetune.prune import api as prune_api  # through the module: tests replace prune_model
+from sparsetune.prune.config import PruneConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +78,7 @@ def grid(cfg: SweepConfig) -> list[Point]:
     return points
 
 
-def prune_config(cfg: SweepConfig, point: Point) -> Any:
-    from sparsetune.prune.config import PruneConfig
-
+def prune_config(cfg: SweepConfig, point: Point) -> PruneConfig:
     return PruneConfig(
         model=cfg.model,
         method=point.method if point.method != "dense" else "wanda",
@@ -130,8 +133,6 @@ def prepare_workdir(cfg: SweepConfig, overwrite: bool) -> tuple[Path, Path]:
 
 def run_sweep(cfg: SweepConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """The whole sweep: validate, load once, calibrate once, then prune/evaluate/restore per point."""
-    from sparsetune.prune.api import make_calibration, needs_calibration, prune_model
-
     if not cfg.ppl and not cfg.tasks:
         raise SparsetuneError("nothing to evaluate; pass --ppl wikitext2 and/or --tasks arc_easy,...")
     check_model_spec(cfg.model, cfg.seqlen)
@@ -144,7 +145,7 @@ def run_sweep(cfg: SweepConfig, overwrite: bool = False, show_progress: bool = T
         if done:
             log.info("resuming: %d of %d points already finished", len(done), len(points))
         if todo:
-            _run_points(cfg, todo, tasks, work, show_progress, make_calibration, prune_model, needs_calibration)
+            _run_points(cfg, todo, tasks, work, show_progress)
         results = [json.loads((work / "points" / f"{p.key}.json").read_text()) for p in points]
     report = {
         "model": cfg.model,
@@ -163,14 +164,14 @@ def run_sweep(cfg: SweepConfig, overwrite: bool = False, show_progress: bool = T
     return report
 
 
-def _run_points(cfg, todo, tasks, work, show_progress, make_calibration, prune_model, needs_calibration) -> None:
+def _run_points(cfg, todo, tasks, work, show_progress) -> None:
     """Load the base model once, draw one calibration set, and evaluate every point still to do."""
     t0 = time.perf_counter()
     model, tokenizer = models.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     log.info("loaded %s in %.1f s", cfg.model, time.perf_counter() - t0)
-    calibrated = {p.key for p in todo if p.method != "dense" and needs_calibration(prune_config(cfg, p))}
+    calibrated = {p.key for p in todo if p.method != "dense" and prune_api.needs_calibration(prune_config(cfg, p))}
     needs_calib = [p for p in todo if p.key in calibrated]
-    calib = make_calibration(model, tokenizer, prune_config(cfg, needs_calib[0])) if needs_calib else None
+    calib = prune_api.make_calibration(model, tokenizer, prune_config(cfg, needs_calib[0])) if needs_calib else None
     dense = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
     token_ids: dict[str, tuple[torch.Tensor, str]] = {}
     for i, point in enumerate(todo):
@@ -178,7 +179,7 @@ def _run_points(cfg, todo, tasks, work, show_progress, make_calibration, prune_m
         t0 = time.perf_counter()
         prune_report = None
         if point.method != "dense":
-            prune_report = prune_model(model, tokenizer, prune_config(cfg, point), calib, show_progress=False)
+            prune_report = prune_api.prune_model(model, tokenizer, prune_config(cfg, point), calib, show_progress=False)
         prune_s = time.perf_counter() - t0
         measured = evaluate_model(model, tokenizer, cfg, tasks, token_ids, show_progress=show_progress)
         result = {
@@ -221,8 +222,6 @@ def _value(point: dict[str, Any], kind: str, name: str | None) -> float | None:
 
 
 def markdown_sweep(report: dict[str, Any]) -> str:
-    from sparsetune.evaluate.compare import markdown_table
-
     points = report["points"]
     columns = _metric_columns(points)
     header = ["method", "pattern", "refine", "target", "sparsity"] + [c[0] for c in columns]
@@ -241,6 +240,16 @@ def markdown_sweep(report: dict[str, Any]) -> str:
         + f"\nCalibration: {s['calib']}, {s['calib_samples']} samples x {s['calib_seqlen']} tokens, seed {s['seed']}"
         " (one set shared by every point).\n\n![perplexity vs sparsity](sweep.png)\n"
     )
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """The sweep table (sweep.md without the plot) on the terminal."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    console = Console()
+    console.print(Markdown(markdown_sweep(report).split("![")[0]))
+    console.print(f"wrote {report['output']}/sweep.json, sweep.md, sweep.png")
 
 
 PATTERN_MARKERS = ("s", "^", "D", "v", "P", "X")
