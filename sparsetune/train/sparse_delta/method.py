@@ -82,7 +82,7 @@ class SparseDelta:
         s = self.settings
         if not self.windows and selection.in_window(step, s.reselect_every, s.select_window, self.total_steps):
             for name, layer in self.layers.items():
-                stats = selection.WindowStats(layer.k, layer.shape, layer.device)
+                stats = selection.WindowStats(layer.k, layer.shape, layer.device, self.plans[name].pattern)
                 stats.reduce = self.reduce
                 self.windows[name] = stats
                 layer.observer = stats

@@ -2,7 +2,8 @@
 
 Schedule (steps count completed optimizer steps, 1-based): a reselection follows step s when s is a multiple of
 `reselect_every` and s < total steps; its window is the `select_window` steps s - window + 1 .. s. On the window's
-first backward each module takes its top-k positions by |dense gradient| as growth candidates; over the window it
+first backward each module takes its top-k positions by |dense gradient| as growth candidates (under N:M at most
+N per group of M, so a full replacement can take them all); over the window it
 sums g and g^2 for those candidates only, plus the row and column sums of g^2 (out + in floats) that the re-prune
 uses to score weights that are not candidates.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsetune.masks import nm_mask
 from sparsetune.patterns import NMPattern
 
 
@@ -44,8 +46,8 @@ def replace_fraction_at(step: int, every: int, total: int, fraction: float, sche
 class WindowStats:
     """Growth statistics of one module over one window (the observer a DeltaLinear calls in backward)."""
 
-    def __init__(self, k: int, shape: tuple[int, int], device: torch.device) -> None:
-        self.k = k
+    def __init__(self, k: int, shape: tuple[int, int], device: torch.device, pattern: NMPattern | None = None) -> None:
+        self.k, self.pattern = k, pattern
         self.candidates: torch.Tensor | None = None  # flat positions, int64
         self.sum_g = torch.zeros(k, device=device)
         self.sum_g2 = torch.zeros(k, device=device)
@@ -62,6 +64,8 @@ class WindowStats:
             if self.reduce is not None:  # every rank must pick the same candidates
                 self.reduce(scored := flat.clone())
                 scored = scored.abs()
+            if self.pattern is not None:  # at most N candidates per group, so a full replacement fits N:M
+                scored = scored.view(g.shape).masked_fill(~nm_mask(scored.view(g.shape), self.pattern), -1).view(-1)
             self.candidates = torch.topk(scored, self.k, sorted=False).indices
         picked = flat.index_select(0, self.candidates)
         self.sum_g.add_(picked)
