@@ -62,11 +62,10 @@ def check_base(model: nn.Module, config: dict[str, Any], source: str) -> dict[st
         identity = weight_identity(module.weight)
         for key, what in (("shape", "shape"), ("mask_blake2b", "zero pattern"), ("bf16_blake2b", "weights")):
             if identity[key] != meta[key]:
+                ours, theirs = (identity[key], meta[key]) if key == "shape" else (identity[key][:12], meta[key][:12])
                 raise SparsetuneError(
-                    f"adapter {source} was trained on a different base: {name} has another {what} "
-                    f"({identity['shape'] if key == 'shape' else identity[key][:12]}, adapter: "
-                    f"{meta[key] if key == 'shape' else meta[key][:12]}); apply it to the pruned model it was "
-                    "trained on"
+                    f"adapter {source} was trained on a different base: {name} differs in its {what} "
+                    f"(this model {ours}, adapter {theirs}); apply it to the pruned model it was trained on"
                 )
         modules[name] = module
     return modules
