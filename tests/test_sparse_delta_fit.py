@@ -116,3 +116,36 @@ def test_nf4_without_working_bitsandbytes_is_refused(monkeypatch, one_thread):
     with pytest.raises(SparsetuneError, match="--base-dtype nf4 needs a working bitsandbytes") as err:
         fit(pruned_tiny(0.5), token_batches(1), DeltaSettings(delta_rank=2, base_dtype="nf4"), 2)
     assert "\n" not in str(err.value)
+
+
+def _run(method, model, batches, steps, start=1):
+    for step in range(start, steps + 1):
+        method.before_step(step)
+        model(**batches[(step - 1) % len(batches)]).loss.backward()
+        method.optimizer.step()
+        method.after_step(step)
+        method.optimizer.zero_grad()
+
+
+def test_resume_mid_window_is_bit_identical(one_thread):
+    from sparsetune.train.sparse_delta.method import SparseDelta
+
+    batches = token_batches()
+    straight_model = pruned_tiny(0.5)
+    straight = SparseDelta(straight_model, SETTINGS, 25, lr=1e-2)
+    _run(straight, straight_model, batches, 25)
+
+    first_model = pruned_tiny(0.5)
+    first = SparseDelta(first_model, SETTINGS, 25, lr=1e-2)
+    _run(first, first_model, batches, 18)  # stop inside the window of steps 18-20
+    saved = first.state_dict()
+    assert saved["windows"] and saved["window_steps"] == 1
+    resumed_model = pruned_tiny(0.5)
+    resumed = SparseDelta(resumed_model, SETTINGS, 25, lr=1e-2, seed=7)  # another start: the state overrides it
+    resumed.load_state_dict(saved)
+    _run(resumed, resumed_model, batches, 25, start=19)
+    for name, layer in straight.layers.items():
+        assert torch.equal(layer.indices, resumed.layers[name].indices)
+        assert torch.equal(layer.delta, resumed.layers[name].delta)
+        assert torch.equal(layer.repruned, resumed.layers[name].repruned)
+    assert straight.totals == resumed.totals

@@ -117,6 +117,7 @@ class DeltaLinear(nn.Module):
         else:
             self.input_support = None
         self.observer: Observer | None = None
+        self.identity: dict[str, str] = {}  # the input weight's shape and hashes, for the adapter
 
     @property
     def numel(self) -> int:

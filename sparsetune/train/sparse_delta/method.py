@@ -193,6 +193,30 @@ class SparseDelta:
             layer.delta.copy_(state[f"{name}.deltas"])
             layer.repruned = state[f"{name}.repruned"].to(device=layer.device, dtype=torch.int64)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything resume needs besides the frozen base: entries, optimizer, an open window, the totals."""
+        return {
+            "trainable": {key: t.clone() for key, t in self.trainable_state().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "windows": {name: stats.state_dict() for name, stats in self.windows.items()},
+            "window_steps": self.window_steps,
+            "totals": dict(self.totals),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_trainable_state(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.windows = {}
+        for name, saved in state["windows"].items():
+            layer = self.layers[name]
+            stats = selection.WindowStats(layer.k, layer.shape, layer.device, self.plans[name].pattern)
+            stats.load_state_dict(saved)
+            stats.reduce = self.reduce
+            self.windows[name] = stats
+            layer.observer = stats
+        self.window_steps = int(state["window_steps"])
+        self.totals = dict(state["totals"])
+
     def adapter_config(self) -> dict[str, Any]:
         return {
             "budget": {"total": sum(self.budgets.values()), "per_module": dict(self.budgets)},

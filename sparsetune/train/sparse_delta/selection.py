@@ -75,6 +75,14 @@ class WindowStats:
         self.col_g2.add_(squared.sum(dim=0))
         self.backwards += 1
 
+    def state_dict(self) -> dict[str, object]:
+        names = ("candidates", "sum_g", "sum_g2", "row_g2", "col_g2", "backwards")
+        return {name: getattr(self, name) for name in names}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
     def nbytes(self) -> int:
         tensors = [self.sum_g, self.sum_g2, self.row_g2, self.col_g2]
         tensors += [self.candidates] if self.candidates is not None else []
