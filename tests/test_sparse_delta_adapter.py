@@ -104,7 +104,7 @@ def test_load_with_adapter_from_a_model_dir(tmp_path, one_thread):
 def test_nf4_base_trains_keeps_sparsity_and_merges_dequantized(tmp_path, one_thread):
     pytest.importorskip("bitsandbytes")
     base, model, method = _trained("nf4", target=0.5)
-    for name, layer in method.layers.items():
+    for layer in method.layers.values():
         assert type(layer.base.weight).__name__ == "Params4bit"
     assert method.nonzero_counts() == method.targets()
     batch = token_batches(1, seed=5)[0]

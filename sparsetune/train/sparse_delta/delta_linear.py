@@ -13,6 +13,7 @@ the adapter's base identity is that of the input model.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -203,9 +204,48 @@ class DeltaLinearFunction(torch.autograd.Function):
         grad_x = grad_out @ layer.effective_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
         if not ctx.needs_input_grad[1] and layer.observer is None:
             return grad_x, None, None
-        dense = grad_out.reshape(-1, layer.out_features).t() @ x.reshape(-1, layer.in_features)  # (out, in)
+        go2, x2 = grad_out.reshape(-1, layer.out_features), x.reshape(-1, layer.in_features)  # (T, out), (T, in)
+        if layer.observer is None and use_sampled_gradient(go2):
+            return grad_x, sampled_weight_grad(go2, x2, layer.indices, layer.shape), None
+        dense = go2.t() @ x2  # (out, in)
         grad_delta = dense.view(-1).index_select(0, layer.indices).float()
         if layer.observer is not None:
             layer.observer(dense)
         del dense  # the module's dense weight gradient ends here
         return grad_x, grad_delta, None
+
+
+def use_sampled_gradient(grad_out: torch.Tensor) -> bool:
+    """SDDMM instead of the dense weight gradient outside selection windows: on CPU in float32, where it measured
+    about 3x faster for a LoRA-r16-sized budget of a 576x1536 weight. CUDA keeps the dense GEMM (cuBLAS; the
+    cuSPARSE SDDMM was not measured here)."""
+    return grad_out.device.type == "cpu" and grad_out.dtype == torch.float32
+
+
+def sampled_weight_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """(grad_out^T @ x) at the flat `indices` only (SDDMM), without forming the dense (out, in) gradient.
+
+    grad_out: (T, out), x: (T, in). torch's sampled_addmm wants a CSR pattern, so the entries are visited in
+    sorted order and the values put back in slot order.
+    """
+    out_f, in_f = shape
+    flat = indices.long()
+    order = torch.argsort(flat)
+    ordered = flat[order]
+    crow = torch.zeros(out_f + 1, dtype=torch.int64, device=flat.device)
+    crow[1:] = torch.bincount(ordered // in_f, minlength=out_f).cumsum(0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": true, and not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            crow,
+            ordered % in_f,
+            torch.zeros(flat.numel(), dtype=x.dtype, device=x.device),
+            shape,
+            check_invariants=False,
+        )
+    values = torch.sparse.sampled_addmm(pattern, grad_out.t(), x, beta=0.0).values()
+    grad = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
+    grad[order] = values.float()
+    return grad
