@@ -62,6 +62,10 @@ def test_fit_keeps_sparsity_exact_and_learns(target, one_thread):
             counts = support_counts(layer.input_nonzero(), layer.repruned, layer.indices, pattern)
             assert torch.equal(counts, input_nz[name].reshape(-1, size).sum(1)), (row["step"], name)
             literal = layer.effective_weight(torch.float32)
+            # every position without an entry (including all just dropped) holds its base value bit for bit
+            free = torch.ones(layer.numel, dtype=torch.bool)
+            free[layer.indices.long()] = False
+            assert torch.equal(literal.view(-1)[free], layer.base_weight(torch.float32).view(-1)[free])
             assert int((literal != 0).sum()) <= int(input_nz[name].sum())
             if pattern:
                 assert masks.is_nm(literal, pattern)
@@ -149,3 +153,17 @@ def test_resume_mid_window_is_bit_identical(one_thread):
         assert torch.equal(layer.delta, resumed.layers[name].delta)
         assert torch.equal(layer.repruned, resumed.layers[name].repruned)
     assert straight.totals == resumed.totals
+
+
+def test_targets_and_eight_bit_state(one_thread):
+    pytest.importorskip("bitsandbytes")
+    settings = DeltaSettings(delta_rank=2, reselect_every=5, select_window=2, targets=["self_attn"], ignore=["o_proj"])
+    method, result = fit(pruned_tiny(0.5), token_batches(), settings, 8, lr=1e-2, eight_bit=True)
+    assert sorted(method.layers) == [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "kqv"]
+    total = 2 * 2 * (128 + 96 + 96)  # rank 2 * layers * (in + out) of q, k, v
+    assert sum(method.budgets.values()) == total
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    # 8-bit m and v (1 byte each) plus an int32 step per entry, and one fp32 absmax per 256-entry block of m and v
+    blocks = sum(-(-k // 256) for k in method.budgets.values())
+    assert result.memory["optimizer_state_bytes"] == total * 6 + blocks * 2 * 4
+    assert result.memory["grad_bytes"] == total * 4
