@@ -6,6 +6,9 @@ first backward each module takes its top-k positions by |dense gradient| as grow
 N per group of M, so a full replacement can take them all); over the window it
 sums g and g^2 for those candidates only, plus the row and column sums of g^2 (out + in floats) that the re-prune
 uses to score weights that are not candidates.
+
+With gradient accumulation every micro-batch backward adds to the sums: sum g over a window is the sum of the
+step gradients (when the loop scales each micro-batch loss by 1/accum), sum g^2 is over micro-batches.
 """
 
 from __future__ import annotations
