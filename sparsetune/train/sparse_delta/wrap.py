@@ -1,0 +1,151 @@
+"""Module surgery: choose the targeted Linears, swap them for DeltaLinear, and swap merged Linears back.
+
+Targets resolve exactly as `sparsetune prune` resolves them (`prune.api.plan_targets`): by default every Linear
+inside the decoder blocks, `targets` regexes to choose others, `ignore` regexes to leave some out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparsetune.errors import SparsetuneError
+from sparsetune.patterns import NMPattern
+from sparsetune.train.sparse_delta.delta_linear import DeltaLinear, pack_bits, quantize_nf4, require_bitsandbytes
+
+DENSE_BELOW = 0.01  # a module with under 1% zeros was not pruned
+NM_CANDIDATES = (4, 8, 16)  # group sizes M tried when reading an N:M pattern off a weight
+BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """What one targeted Linear must keep: its non-zero count in the input and its N:M pattern (or None)."""
+
+    name: str
+    shape: tuple[int, int]
+    target: int
+    pattern: NMPattern | None
+
+
+def select_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:
+    """The Linears to train, by full name, resolved like prune's --targets/--ignore."""
+    from sparsetune.prune.api import plan_targets
+    from sparsetune.prune.config import PruneConfig
+
+    blocks, head = plan_targets(model, PruneConfig(model="(in memory)", targets=targets, ignore=ignore))
+    chosen = [item for block in blocks for item in block.modules()] + ([head] if head else [])
+    return dict(chosen)
+
+
+def detect_pattern(weight: torch.Tensor) -> NMPattern | None:
+    """The N:M pattern a weight follows (smallest M first), or None: every group of M input columns holds at
+    most N non-zeros and the weight holds (almost) N/M of its entries, N < M."""
+    rows, cols = weight.shape
+    nonzero = weight != 0
+    total = int(nonzero.sum())
+    for m in NM_CANDIDATES:
+        if cols % m:
+            continue
+        n = int(nonzero.view(rows, cols // m, m).sum(dim=2).max())
+        if n < m and total >= 0.99 * weight.numel() * n / m:
+            return NMPattern(n, m)
+    return None
+
+
+def plan_modules(modules: dict[str, nn.Linear]) -> dict[str, ModulePlan]:
+    """Targets and patterns read off the input weights; refuse a dense input model."""
+    plans = {}
+    for name, mod in modules.items():
+        w = mod.weight.detach()
+        plans[name] = ModulePlan(name, tuple(w.shape), int((w != 0).sum()), detect_pattern(w))
+    if not any(p.target <= (1 - DENSE_BELOW) * p.shape[0] * p.shape[1] for p in plans.values()):
+        raise SparsetuneError(
+            "the targeted Linears are dense (under 1% zeros): seft repairs a pruned model; "
+            "run `sparsetune prune MODEL -o PRUNED` first and fine-tune PRUNED"
+        )
+    return plans
+
+
+def weight_identity(weight: torch.Tensor) -> dict[str, str]:
+    """Identity of an input weight: shape, a hash of its zero pattern, and a hash of its values rounded to bf16
+    (so the same model loaded in fp32 or bf16 matches)."""
+    w = weight.detach()
+    mask_hash = hashlib.blake2b(pack_bits(w != 0).cpu().numpy().tobytes(), digest_size=16).hexdigest()
+    value_bytes = w.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+    return {
+        "shape": "x".join(map(str, w.shape)),
+        "mask_blake2b": mask_hash,
+        "bf16_blake2b": hashlib.blake2b(value_bytes, digest_size=16).hexdigest(),
+    }
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def make_base(linear: nn.Linear, base_dtype: str) -> tuple[nn.Module, torch.Tensor | None]:
+    """The frozen base module in `base_dtype` (auto keeps the input's), and the input's non-zero bitmap when the
+    base is NF4 (whose 4-bit values may round small non-zeros to 0)."""
+    if base_dtype == "nf4":
+        return quantize_nf4(linear), pack_bits(linear.weight.detach() != 0)
+    if base_dtype != "auto" and linear.weight.dtype != BASE_DTYPES[base_dtype]:
+        linear = linear.to(BASE_DTYPES[base_dtype])  # a copy in the new dtype; the caller swaps it in
+    return linear, None
+
+
+def random_entries(nonzero: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k distinct flat positions drawn uniformly among the non-zeros (so the start adds no non-zero)."""
+    positions = nonzero.reshape(-1).nonzero().squeeze(1)
+    pick = torch.randperm(positions.numel(), generator=generator)[:k].to(positions.device)
+    return positions[pick]
+
+
+def wrap_model(
+    model: nn.Module,
+    modules: dict[str, nn.Linear],
+    budgets: dict[str, int],
+    base_dtype: str = "auto",
+    seed: int = 0,
+) -> dict[str, DeltaLinear]:
+    """Replace each named Linear by a DeltaLinear with `budgets[name]` entries at random non-zero positions.
+    Every other parameter of the model is frozen."""
+    if base_dtype == "nf4":
+        require_bitsandbytes(next(iter(modules.values())).weight.device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, linear in modules.items():
+        input_dtype = linear.weight.dtype
+        identity = weight_identity(linear.weight)
+        base, support = make_base(linear, base_dtype)
+        layer = DeltaLinear(base, budgets[name], input_dtype, support)
+        layer.identity = identity
+        with torch.no_grad():
+            layer.indices.copy_(random_entries(linear.weight.detach() != 0, budgets[name], generator))
+        parent, child = _parent(model, name)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return layers
+
+
+@torch.no_grad()
+def merge_model(model: nn.Module, layers: dict[str, DeltaLinear]) -> nn.Module:
+    """In place: replace every DeltaLinear by a plain nn.Linear holding its effective weight in the input's dtype
+    (an NF4 base is merged into a dequantized copy, never re-quantized). Returns the model."""
+    for name, layer in layers.items():
+        weight = layer.effective_weight(torch.float32).to(layer.input_dtype)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.base.bias is not None)
+        linear = linear.to(device=weight.device, dtype=layer.input_dtype)
+        linear.weight.copy_(weight)
+        if layer.base.bias is not None:
+            linear.bias.copy_(layer.base.bias.detach().to(layer.input_dtype))
+        linear.requires_grad_(False)
+        parent, child = _parent(model, name)
+        setattr(parent, child, linear)
+    return model

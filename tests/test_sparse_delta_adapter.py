@@ -1,0 +1,121 @@
+"""Merge and seft_adapter.safetensors: merged logits equal training-time logits, round trip, wrong base, NF4."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_sparse_delta_fit import pruned_tiny, token_batches
+from torch import nn
+
+from sparsetune.errors import SparsetuneError
+from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE, apply_adapter, load_with_adapter
+from sparsetune.train.sparse_delta.config import DeltaSettings
+from sparsetune.train.sparse_delta.fit import fit
+
+SETTINGS = DeltaSettings(delta_rank=2, reselect_every=5, select_window=2)
+
+
+def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"]).logits
+
+
+def _trained(base_dtype: str = "auto", target=0.5, steps: int = 12):
+    model = pruned_tiny(target)
+    base = copy.deepcopy(model)
+    settings = SETTINGS.model_copy(update={"base_dtype": base_dtype})
+    method, _ = fit(model, token_batches(), settings, steps, lr=1e-2)
+    return base, model, method
+
+
+@pytest.mark.parametrize("base_dtype", ["auto", "bf16"])
+def test_merged_and_applied_logits_equal_training_time(tmp_path, base_dtype, one_thread):
+    base, model, method = _trained(base_dtype)
+    batch = token_batches(1, seed=5)[0]
+    training_time = logits(model, batch)
+    path = tmp_path / ADAPTER_FILE
+    method.save_adapter(str(path))
+    merged = method.merge()
+    # the merged Linear holds the very weight the training-time forward built: the logits are identical
+    assert torch.equal(logits(merged, batch), training_time)
+    for name in method.layers:
+        assert merged.get_submodule(name).weight.dtype == torch.float32  # the input's dtype
+
+    applied = copy.deepcopy(base)
+    apply_adapter(applied, path)
+    assert torch.equal(logits(applied, batch), training_time)
+    for name in method.layers:
+        assert torch.equal(applied.get_submodule(name).weight, merged.get_submodule(name).weight)
+
+
+def test_adapter_file_contents(tmp_path, one_thread):
+    _, _, method = _trained(target=0.5)
+    path = tmp_path / ADAPTER_FILE
+    method.save_adapter(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+        name = "model.layers.1.mlp.down_proj"
+        layer = method.layers[name]
+        assert torch.equal(f.get_tensor(f"{name}.indices"), layer.indices)
+        assert torch.equal(f.get_tensor(f"{name}.deltas"), layer.delta.detach())
+        assert torch.equal(f.get_tensor(f"{name}.repruned"), layer.repruned)
+    assert keys == {f"{n}.{part}" for n in method.layers for part in ("indices", "deltas", "repruned")}
+    import json
+
+    config = json.loads(meta["config"])
+    assert meta["format"] == "sparsetune-seft-adapter/1"
+    assert config["budget"]["total"] == sum(method.budgets.values())
+    assert config["settings"]["delta_rank"] == 2 and config["base_dtype"] == "auto"
+    assert config["modules"][name]["shape"] == "64x128" and len(config["modules"][name]["mask_blake2b"]) == 32
+
+
+def test_adapter_on_a_different_base_is_refused(tmp_path, one_thread):
+    _, _, method = _trained()
+    path = tmp_path / ADAPTER_FILE
+    method.save_adapter(str(path))
+    with pytest.raises(SparsetuneError, match="different base: .* differs in its zero pattern"):
+        apply_adapter(pruned_tiny(0.5, seed=1), path)
+    with pytest.raises(SparsetuneError, match="different base: .* differs in its zero pattern"):
+        apply_adapter(pruned_tiny(0.6), path)  # same weights, more pruned
+    same_mask = pruned_tiny(0.5)
+    with torch.no_grad():
+        same_mask.model.layers[0].self_attn.q_proj.weight.mul_(1.5)
+    with pytest.raises(SparsetuneError, match="different base: .* differs in its weights"):
+        apply_adapter(same_mask, path)
+    from conftest import make_tiny_model
+
+    with pytest.raises(SparsetuneError, match="different base: .* differs in its shape"):
+        apply_adapter(make_tiny_model("llama", hidden_size=32, intermediate_size=64), path)
+
+
+def test_load_with_adapter_from_a_model_dir(tmp_path, one_thread):
+    base, model, method = _trained()
+    base.save_pretrained(tmp_path / "base")
+    method.save_adapter(str(tmp_path / ADAPTER_FILE))
+    batch = token_batches(1, seed=5)[0]
+    loaded = load_with_adapter(tmp_path / "base", tmp_path)
+    assert torch.equal(logits(loaded, batch), logits(model, batch))
+
+
+def test_nf4_base_trains_keeps_sparsity_and_merges_dequantized(tmp_path, one_thread):
+    pytest.importorskip("bitsandbytes")
+    base, model, method = _trained("nf4", target=0.5)
+    for layer in method.layers.values():
+        assert type(layer.base.weight).__name__ == "Params4bit"
+    assert method.nonzero_counts() == method.targets()
+    batch = token_batches(1, seed=5)[0]
+    training_time = logits(model, batch)
+    path = tmp_path / ADAPTER_FILE
+    method.save_adapter(str(path))
+    merged = method.merge()
+    for name in method.layers:
+        w = merged.get_submodule(name).weight
+        assert type(w).__name__ == "Parameter" and w.dtype == torch.float32  # dequantized, never re-quantized
+    torch.testing.assert_close(logits(merged, batch), training_time)
+    applied = copy.deepcopy(base)
+    apply_adapter(applied, path)  # re-quantizes the input the same way: the same model
+    assert torch.equal(logits(applied, batch), logits(merged, batch))
