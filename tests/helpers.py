@@ -183,3 +183,26 @@ def make_pruned_dir(
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a tensor: compares -0.0 and NaN payloads exactly."""
     return t.contiguous().view(torch.uint8)
+
+
+def pruned_tiny(target, seed: int = 0) -> nn.Module:
+    """The tiny Llama with its decoder Linears magnitude-pruned to `target` (a sparsity or an NMPattern)."""
+    from sparsetune import masks
+    from sparsetune.patterns import NMPattern
+
+    model = make_tiny_model("llama", seed=seed)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and ".layers." in name:
+                score = mod.weight.abs()
+                keep = (
+                    masks.nm_mask(score, target) if isinstance(target, NMPattern) else masks.matrix_mask(score, target)
+                )
+                mod.weight.mul_(keep)
+    return model
+
+
+def token_batches(n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 256, (n, 4, 32), generator=g)
+    return [{"input_ids": x, "labels": x} for x in ids]

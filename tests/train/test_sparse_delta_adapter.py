@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
+from helpers import pruned_tiny, token_batches
 from safetensors import safe_open
-from test_sparse_delta_fit import pruned_tiny, token_batches
 from torch import nn
 
 from sparsetune.errors import SparsetuneError
@@ -86,7 +86,7 @@ def test_adapter_on_a_different_base_is_refused(tmp_path, one_thread):
         same_mask.model.layers[0].self_attn.q_proj.weight.mul_(1.5)
     with pytest.raises(SparsetuneError, match="different base: .* differs in its weights"):
         apply_adapter(same_mask, path)
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
     with pytest.raises(SparsetuneError, match="different base: .* differs in its shape"):
         apply_adapter(make_tiny_model("llama", hidden_size=32, intermediate_size=64), path)
