@@ -680,7 +680,7 @@ def _run_stage(kind: str, cfg: Any, show_progress: bool) -> dict[str, Any]:
 
         return run_prune(cfg, overwrite=True, show_progress=show_progress)
     if kind == "seft":
-        from sparsetune.train.seft import run_seft
+        from sparsetune.train.finetune import run_seft
 
         return run_seft(cfg, overwrite=True, show_progress=show_progress)
     if kind == "smet-pretrain":
@@ -716,7 +716,7 @@ def print_stage(stage: Stage, report: dict[str, Any]) -> None:
 
         print_summary(report)
     elif stage.kind == "seft":
-        from sparsetune.train.seft import print_summary as print_seft
+        from sparsetune.train.finetune import print_summary as print_seft
 
         print_seft(report)
     elif stage.kind == "smet-pretrain":

@@ -108,7 +108,7 @@ def test_refuses_existing_output_dense_model_and_missing_data(tmp_path, tiny_mod
 
 def test_instruction_examples_train_on_the_response_only(tiny_tokenizer):
     from sparsetune.data import alpaca_prompt
-    from sparsetune.train.seft import IGNORE, collate, instruction_examples
+    from sparsetune.train.common import IGNORE, collate, instruction_examples
 
     records = [{"instruction": "make a list", "input": "", "output": "one two three"}]
     ex = instruction_examples(tiny_tokenizer, records, seqlen=64)
@@ -123,7 +123,7 @@ def test_instruction_examples_train_on_the_response_only(tiny_tokenizer):
 
 
 def test_packed_windows_skip_leading_tokens(tiny_tokenizer):
-    from sparsetune.train.seft import packed_windows
+    from sparsetune.train.common import packed_windows
 
     records = [{"text": random_text(200, seed=1)}, {"text": random_text(200, seed=2)}]
     full = packed_windows(tiny_tokenizer, records, 16, 0, "x")
@@ -133,7 +133,7 @@ def test_packed_windows_skip_leading_tokens(tiny_tokenizer):
 
 
 def test_data_order_is_a_function_of_the_step():
-    from sparsetune.train.seft import DataOrder
+    from sparsetune.train.common import DataOrder
 
     a, b = DataOrder(10, 4, seed=3), DataOrder(10, 4, seed=3)
     seen = [a.batch(s) for s in range(5)]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_seft_cli import ONE_THREAD_ENV, make_pruned, write_text
 
 from sparsetune.errors import SparsetuneError
-from sparsetune.train.seft import run_seft
+from sparsetune.train.finetune import run_seft
 from sparsetune.train.seft_config import SeftConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

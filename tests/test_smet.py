@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
 from sparsetune.errors import SparsetuneError
-from sparsetune.train.smet import SmetRecipe, run_smet, spike_ratio
+from sparsetune.train.smet import PretrainRun, run_smet, spike_ratio
 from sparsetune.train.smet_config import SmetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +55,7 @@ def settings(tok_dir: Path, text: Path, out: Path, **extra) -> dict:
     return {**base, **extra}
 
 
-class Watched(SmetRecipe):
+class Watched(PretrainRun):
     """Checks after every step that each sparse layer keeps its exact active count and no stray non-zeros."""
 
     def sparsity(self) -> float:
@@ -114,7 +114,7 @@ def test_smet_keeps_density_and_evolves_topology(corpus, tmp_path):
 
 def test_static_sparse_never_changes_and_dense_trains(corpus, tmp_path):
     tok_dir, text = corpus
-    recipe = SmetRecipe(
+    recipe = PretrainRun(
         SmetConfig(**settings(tok_dir, text, tmp_path / "static", update_interval=0, init="uniform")),
         show_progress=False,
     )
@@ -162,7 +162,7 @@ def test_cli_runs_and_refuses_bad_input(corpus, tmp_path):
 def test_nan_loss_stops_with_a_clear_error(corpus, tmp_path):
     tok_dir, text = corpus
 
-    class Diverging(SmetRecipe):
+    class Diverging(PretrainRun):
         def nll(self, batch):
             loss = super().nll(batch)
             return loss * float("nan") if self.state.step == 5 else loss
@@ -183,7 +183,7 @@ def test_spike_ratio_reads_the_windows_around_updates():
     assert spike_ratio(losses, [20]) is None  # not enough steps after
 
 
-class Recording(SmetRecipe):
+class Recording(PretrainRun):
     """Records every sparse layer's mask at setup and after each topology update, and the sparse weights before and
     after every optimizer step: the brute-force references for the ITOP rate and the update magnitudes."""
 
@@ -290,12 +290,12 @@ def test_resume_after_a_crash_restores_the_itop_bitmap(corpus, tmp_path):
     """A run that fails at step 8 resumes from its step-6 checkpoint (right after the update at step 6) and ends
     exactly like an uninterrupted run: weights, ITOP bitmaps and the logged update fields."""
     tok_dir, text = corpus
-    reference = SmetRecipe(SmetConfig(**settings(tok_dir, text, tmp_path / "ref")), show_progress=False)
+    reference = PretrainRun(SmetConfig(**settings(tok_dir, text, tmp_path / "ref")), show_progress=False)
     reference.setup()
     reference.train()
     reference.finish()
 
-    class Crashing(SmetRecipe):
+    class Crashing(PretrainRun):
         def nll(self, batch):
             if self.state.step == 7:
                 raise RuntimeError("simulated crash")
@@ -306,7 +306,7 @@ def test_resume_after_a_crash_restores_the_itop_bitmap(corpus, tmp_path):
     crashed.setup()
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.train()
-    resumed = SmetRecipe(SmetConfig(**cfg, resume=True), show_progress=False)
+    resumed = PretrainRun(SmetConfig(**cfg, resume=True), show_progress=False)
     resumed.setup()
     assert resumed.state.step == 6
     for name, bitmap in crashed.itop.items():  # no update between the checkpoint and the crash

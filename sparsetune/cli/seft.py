@@ -72,7 +72,7 @@ def seft_command(
     flags = {k: v for k, v in locals().items() if k in SeftConfig.model_fields}
     with user_errors():
         from sparsetune.errors import SparsetuneError
-        from sparsetune.train.seft import print_summary, run_seft
+        from sparsetune.train.finetune import print_summary, run_seft
 
         base = recipe_settings(recipe, "seft")
         settings = merge_settings(base, flags)
