@@ -124,3 +124,21 @@ def bundled_model_dir() -> Path:
         return _dir()
     except SparsetuneError as err:
         pytest.skip(f"bundled model not installed: {err}")
+
+
+def kill_after_logged_step(proc, live_log: Path, step: int, timeout_s: float = 300.0) -> None:
+    """SIGKILL a training subprocess once its live train_log.jsonl (in the checkpoint dir) holds the row of `step`
+    or a later one: the kill lands after a known point of the run, decided by the run's own output, not a timer."""
+    import json
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        text = live_log.read_text() if live_log.exists() else ""
+        complete = text[: text.rfind("\n") + 1].splitlines()  # a row being written is not read yet
+        if any(json.loads(line)["step"] >= step for line in complete):
+            break
+        time.sleep(0.01)  # polling interval of the file, not the moment of the kill
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -9,12 +9,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, random_text
+from conftest import kill_after_logged_step, make_tokenizer, random_text
 from safetensors.torch import load_file
 from test_seft_cli import ONE_THREAD_ENV
 from typer.testing import CliRunner
@@ -55,6 +54,13 @@ def settings(tok_dir: Path, text: Path, out: Path, **extra) -> dict:
     return {**base, **extra}
 
 
+def peak_rss() -> int:
+    """This process's peak resident set so far, in bytes (Linux reports kilobytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class Watched(PretrainRun):
     """Checks after every step that each sparse layer keeps its exact active count and no stray non-zeros."""
 
@@ -67,6 +73,7 @@ class Watched(PretrainRun):
 
 def test_smet_keeps_density_and_evolves_topology(corpus, tmp_path):
     tok_dir, text = corpus
+    rss_before = peak_rss()
     recipe = Watched(SmetConfig(**settings(tok_dir, text, tmp_path / "out")), show_progress=False)
     recipe.setup()
     start = {n: set(w.active.tolist()) for n, w in recipe.sparse.items()}
@@ -104,7 +111,15 @@ def test_smet_keeps_density_and_evolves_topology(corpus, tmp_path):
         step_mem["optimizer_state_bytes"] + step_mem["gradient_bytes"]
         <= 0.52 * (step_mem["dense_adamw_state_and_grad_bytes"])
     )
-    assert step_mem["peak_rss_bytes"] > 0
+    # Exact bytes: an fp32 gradient and fp32 m, v per active entry, 16 bytes per cohort (birth step and size), and,
+    # for dense AdamW, m, v and a gradient for every weight of the sparse layers.
+    active = sum(start_counts.values())
+    cohorts = sum(len(s.cohort_sizes) for s in recipe.optimizer.sparse_state.values())
+    assert step_mem["gradient_bytes"] == 4 * active
+    assert step_mem["optimizer_state_bytes"] == 8 * active + 16 * cohorts
+    assert step_mem["dense_adamw_state_and_grad_bytes"] == 12 * total
+    # The peak RSS logged during the run lies between this process's peak before the run and its peak after it.
+    assert rss_before <= step_mem["peak_rss_bytes"] <= peak_rss()
     mem = saved["summary"]
     assert mem["state_and_grad_vs_dense"] <= 0.5 + 0.02
     densities = [layer["density"] for layer in saved["layers"].values()]
@@ -341,15 +356,12 @@ def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path):
     env = {**os.environ, **ONE_THREAD_ENV}
     proc = subprocess.Popen(cli_args(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     state = tmp_path / "out.ckpt" / "checkpoint" / "state.pt"
-    deadline = time.time() + 120
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # The checkpoint of step 5 is written during step 6, so once step 7 is logged it is on disk and the kill lands
+    # between checkpoints: the steps after it are lost and the resume must redo them.
+    kill_after_logged_step(proc, tmp_path / "out.ckpt" / "train_log.jsonl", 7)
     assert proc.returncode == -signal.SIGKILL and not (tmp_path / "out").exists(), "the run finished before the kill"
     step = torch.load(state, weights_only=True)["state"]["step"]
-    assert 0 < step < 40
+    assert 0 < step < 40 and step % 5 == 0
 
     done = subprocess.run([*cli_args(killed), "--resume"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
