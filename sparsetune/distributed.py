@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from sparsetune.models import resolve_device
+
 T = TypeVar("T")
 
 
@@ -53,8 +55,6 @@ def launched_distributed() -> bool:
 def dist_context(device: str = "auto") -> DistContext:
     """Single process unless started by a launcher; then join the process group through accelerate."""
     if not launched_distributed():
-        from sparsetune.models import resolve_device
-
         return DistContext(0, 1, resolve_device(device))
     from accelerate import PartialState
 

@@ -286,3 +286,17 @@ def untrained_zeros(optimizer: Any, weight: Any) -> int:
     _, v = optimizer.sparse_state[weight.name].moments.load()  # per slot, in the order of weight.active
     values = weight.param.detach().view(-1)[weight.active]
     return int(((values == 0) & (v == 0)).sum())
+
+
+def dense_adamw(params: Any, cfg: Any) -> Any:
+    """torch's AdamW over `params` (tensors or groups), or bitsandbytes' AdamW8bit with --optim adamw8bit."""
+    kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    if cfg.optim == "adamw8bit":
+        import bitsandbytes as bnb  # slow to import: only for the 8-bit state
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+# Settings that change where a run writes or how often it reports, not its result: a resume may differ in them.
+NOT_IDENTITY = {"output", "device", "checkpoint_dir", "checkpoint_every", "resume", "log_every", "data_dir"}

@@ -23,7 +23,7 @@ from sparsetune import data, masks, models
 from sparsetune.distributed import sum_in_place
 from sparsetune.outputs import package_versions, peak_memory
 from sparsetune.prune import wanda
-from sparsetune.train.common import DataOrder, Examples, instruction_examples, packed_windows
+from sparsetune.train.common import NOT_IDENTITY, DataOrder, Examples, instruction_examples, packed_windows
 from sparsetune.train.dst import DropAndGrow
 from sparsetune.train.loop import Trainer, TrainingMethod, mean_step_s
 from sparsetune.train.loop import print_summary as print_table
@@ -180,8 +180,7 @@ def grow_batches(order: DataOrder, step: int, count: int) -> list[list[int]]:
 
 def run_identity(cfg: SeftConfig, start: SparseStart) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the settings that change the result and the starting masks."""
-    skip = {"output", "device", "checkpoint_dir", "checkpoint_every", "resume", "log_every", "data_dir"}
-    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
     mask_hash = data.token_hash(torch.cat([m.view(-1) for m in start.masks.values()]).to(torch.int64))
     return {**settings, "start_mask": mask_hash}
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsetune import models
 from sparsetune.distributed import DistContext, dist_context, reduce_sum
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory, write_json
@@ -486,8 +487,6 @@ class Trainer:
         """Rank 0 writes the HF model dir, the log, the report and the recipe that reproduces the run."""
         if self.ctx.is_main:
             with atomic_output_dir(self.out, overwrite=self.overwrite) as tmp:
-                from sparsetune import models
-
                 models.save_model(self.model, self.tokenizer, tmp)
                 (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
                 write_json(tmp / REPORT_FILE, report)

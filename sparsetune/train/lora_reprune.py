@@ -17,7 +17,9 @@ from sparsetune import distributed
 from sparsetune.data import CalibrationSet, token_hash
 from sparsetune.distributed import DistContext
 from sparsetune.masks import NMPattern
-from sparsetune.train.common import DataOrder, Examples
+from sparsetune.prune.api import prune_model
+from sparsetune.prune.config import PruneConfig
+from sparsetune.train.common import DataOrder, Examples, dense_adamw
 from sparsetune.train.loop import TrainingMethod
 from sparsetune.train.seft_config import LORA_TARGETS
 
@@ -31,14 +33,7 @@ class LoraReprune(TrainingMethod):
         run.model = attach_lora(run.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         run.model.train()
         self.trainable = dict(lora_parameters(run.model))
-        params = list(self.trainable.values())
-        kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
-        if cfg.optim == "adamw8bit":
-            import bitsandbytes as bnb
-
-            self.optimizer = bnb.optim.AdamW8bit(params, **kwargs)
-        else:
-            self.optimizer = torch.optim.AdamW(params, **kwargs)
+        self.optimizer = dense_adamw(list(self.trainable.values()), cfg)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return self.trainable
@@ -135,8 +130,6 @@ def reprune_config(
     seqlen: int,
 ) -> Any:
     """The Wanda PruneConfig that re-prunes exactly `module_names` to the starting sparsity or pattern."""
-    from sparsetune.prune.config import PruneConfig
-
     target: dict[str, Any] = {"pattern": str(pattern)} if pattern is not None else {"sparsity": sparsity}
     if pattern is None and block_sparsity is not None:
         target["block_sparsity"] = block_sparsity
@@ -160,7 +153,5 @@ def reprune(
     ctx: DistContext,
 ) -> dict[str, Any]:
     """Wanda re-prune in place (each rank calibrates on its share; statistics are all-reduced)."""
-    from sparsetune.prune.api import prune_model
-
     cfg = cfg.model_copy(update={"device": str(ctx.device)})
     return prune_model(model, tokenizer, cfg, calib=calib, show_progress=False, ctx=ctx)

@@ -40,7 +40,9 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import package_versions
 from sparsetune.train import topology
 from sparsetune.train.common import (
+    NOT_IDENTITY,
     Examples,
+    dense_adamw,
     drop_fraction_at,
     packed_windows,
     random_batch,
@@ -171,8 +173,6 @@ class PretrainMethod(TrainingMethod):
 
     def __init__(self, run: Any) -> None:
         self.run = run
-        cfg = run.cfg
-        self.kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.run.model.named_parameters())
@@ -211,7 +211,10 @@ class SparsePretraining(PretrainMethod):
             regrow_warmup=cfg.regrow_warmup,
             eight_bit=cfg.optim == "adamw8bit",
             measure_steps=UPDATE_WINDOW,
-            **self.kwargs,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
         )
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
@@ -326,13 +329,7 @@ class DensePretraining(PretrainMethod):
         super().__init__(run)
         decay = [p for p in run.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in run.model.parameters() if p.dim() < 2]
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if run.cfg.optim == "adamw8bit":
-            import bitsandbytes as bnb
-
-            self.optimizer = bnb.optim.AdamW8bit(groups, **self.kwargs)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, **self.kwargs)
+        self.optimizer = dense_adamw([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], run.cfg)
 
     def reduce_grads(self) -> None:
         mean_in_place([p.grad for p in self.run.model.parameters() if p.grad is not None])
@@ -380,8 +377,7 @@ class PretrainRun(Trainer):
         return getattr(torch, self.cfg.dtype)
 
     def identity(self) -> dict[str, Any]:
-        skip = {"output", "device", "checkpoint_dir", "checkpoint_every", "resume", "log_every", "data_dir"}
-        return {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in skip}
+        return {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
 
     @property
     def itop(self) -> dict[str, torch.Tensor]:
