@@ -250,3 +250,17 @@ def test_sensitivity_reprune_restores_a_drifted_mask(tmp_path, pattern):
     original = json.loads((pruned / "sparsity_report.json").read_text())["modules"]
     for module, stats in report["modules"].items():
         assert stats["zeros"] == original[module]["zeros"], module
+
+
+def test_dst_is_the_drop_and_grow_that_seft_still_selects(tmp_path):
+    """`--method dst` names the whole-weight drop-and-grow; `seft` runs the same strategy until the sparse-delta
+    method replaces it, so both end with the same weights and the same topology history."""
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+    runs = {}
+    for method in ("dst", "seft"):
+        recipe, report = run(tmp_path, pruned, data, steps=3, method=method)
+        assert recipe.problems == [] and report["summary"]["method"] == method
+        runs[method] = (recipe.state.topology, {n: m.weight.detach().clone() for n, m in recipe.start.modules.items()})
+    assert runs["dst"][0] == runs["seft"][0] and len(runs["dst"][0]) == 1
+    assert all(torch.equal(runs["dst"][1][n], runs["seft"][1][n]) for n in runs["dst"][1])

@@ -193,7 +193,8 @@ def build_report(
     stats = masks.sparsity_stats(start.modules)
     before = start.global_sparsity()
     losses = [r["loss"] for r in state.log]
-    totals = {k: sum(t[k] for t in state.topology) for k in ("dropped", "grown", "regrown_previously_pruned")}
+    totals = {k: sum(t.get(k, 0) for t in state.topology) for k in ("dropped", "grown", "regrown_previously_pruned")}
+    fields = recipe.method.report_fields()
     entry = {
         "method": cfg.method,
         "data": cfg.data,
@@ -207,6 +208,7 @@ def build_report(
         "sparsity_after": stats["global_sparsity"],
         "topology_updates": len(state.topology),
         "topology_totals": totals,
+        **fields,
         "memory": memory,
         "mean_step_s": mean_step_s(state),
         "finish_s": round(finish_s, 3),
@@ -235,6 +237,7 @@ def build_report(
         "optimizer_state_bytes": memory.get("optimizer_state_bytes"),
         "gradient_bytes": memory.get("gradient_bytes"),
         "peak_rss_bytes": memory.get("peak_rss_bytes"),
+        **fields,
         "mean_step_s": entry["mean_step_s"],
         "output": str(recipe.out),
     }

@@ -106,6 +106,10 @@ class TrainingMethod:
         `gradient_bytes`, ...)."""
         return {}
 
+    def report_fields(self) -> dict[str, Any]:
+        """Extra fields of the run's report summary (and of its history entry), measured at the end of the run."""
+        return {}
+
     def after_resume(self) -> None:
         """After a checkpoint was loaded into the tensors and the optimizer."""
 
@@ -135,7 +139,6 @@ class Trainer:
     """
 
     RESUME_HINT = "resume with the same settings"
-    SUMMARY_TITLE = "sparsetune"
     ctx: DistContext
     model: nn.Module
     tokenizer: Any
@@ -236,7 +239,7 @@ class Trainer:
         return {k: v.to(self.ctx.device) for k, v in collate(examples, self.ctx.share(idx), self.pad_id).items()}
 
     def nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed token NLL of one micro-batch (a method so tests can inject a failure)."""
+        """Summed token NLL of one micro-batch: what every training step minimises."""
         return token_nll_sum(self.model, batch)
 
     def train(self) -> None:

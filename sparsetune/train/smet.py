@@ -432,6 +432,7 @@ class PretrainRun(Trainer):
             "peak_rss_bytes": memory.get("peak_rss_bytes"),
             "mean_step_s": mean_step_s(state),
             "median_step_s": statistics.median(r["step_s"] for r in state.log) if state.log else None,
+            **self.method.report_fields(),
             "output": str(self.out),
         }
         layers = {
