@@ -3,10 +3,8 @@ the token loss, the divergence guard's bounds, the resumable state and checkpoin
 
 from __future__ import annotations
 
-import functools
 import math
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -135,32 +133,27 @@ def random_batch(n: int, batch_size: int, seed: int, step: int, j: int) -> list[
 # Schedules: pure functions of the step.
 
 
-@functools.lru_cache(maxsize=16)
-def _cosine(warmup: int, steps: int, floor: float) -> Callable[[int], float]:
-    """transformers' cosine schedule with linear warm-up and a floor, as a factor of the peak per step.
-
-    The scheduler needs an optimizer to wrap; this one is a placeholder (the factor is all that is read), because the
-    sparse optimizer is no torch Optimizer and the schedules must stay pure functions of the step for resume."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    return get_cosine_with_min_lr_schedule_with_warmup(placeholder, warmup, steps, min_lr_rate=floor).lr_lambdas[0]
+# Hand-written rather than transformers' get_cosine_with_min_lr_schedule_with_warmup, which gives the same values
+# (tests/test_train_schedule.py compares them; its warm-up reads one step later, see lr_at): importing it pulls in
+# transformers.trainer_utils, peft and bitsandbytes, about 1 s more per run and a bitsandbytes warning on every
+# seft and smet-pretrain run that does not already load them.
 
 
 def lr_at(step: int, cfg: Schedule) -> float:
-    """Linear warmup to --lr, then cosine decay to lr * min_lr_ratio (step is 0-based).
-
-    transformers' warm-up gives step 0 a factor of 0 (a step that trains nothing); here the first step already
-    trains at lr / warmup, so warm-up steps read the factor one step later (the two meet at the warm-up's end)."""
-    factor = _cosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-    return cfg.lr * factor(step + 1 if step < cfg.warmup else step)
+    """Linear warmup to --lr, then cosine decay to lr * min_lr_ratio (step is 0-based; the first step already trains
+    at lr / warmup, where transformers' warm-up starts at 0)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def drop_fraction_at(step: int, cfg: Schedule) -> float:
-    """Cosine decay of the drop fraction from --drop-fraction to --drop-fraction-end over the run (no warm-up)."""
-    if cfg.drop_fraction == 0:
-        return 0.0  # then the end is 0 too (it may not exceed the start)
-    return cfg.drop_fraction * _cosine(0, cfg.steps, cfg.drop_fraction_end / cfg.drop_fraction)(step)
+    """Cosine decay of the drop fraction from --drop-fraction to --drop-fraction-end over the run."""
+    return cfg.drop_fraction_end + 0.5 * (cfg.drop_fraction - cfg.drop_fraction_end) * (
+        1 + math.cos(math.pi * step / cfg.steps)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,7 +204,7 @@ class TrainingState:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loss over a rank's share of a global batch.
+# The training loss.
 
 
 LOSS_CHUNK_TOKENS = 256  # tokens whose vocabulary logits exist at once in the training loss
