@@ -206,3 +206,21 @@ def token_batches(n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, 256, (n, 4, 32), generator=g)
     return [{"input_ids": x, "labels": x} for x in ids]
+
+
+def kill_after_logged_step(proc, live_log: Path, step: int, timeout_s: float = 300.0) -> None:
+    """SIGKILL a training subprocess once its live train_log.jsonl (in the checkpoint dir) holds the row of `step`
+    or a later one: the kill lands after a known point of the run, decided by the run's own output, not a timer."""
+    import json
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        text = live_log.read_text() if live_log.exists() else ""
+        complete = text[: text.rfind("\n") + 1].splitlines()  # a row being written is not read yet
+        if any(json.loads(line)["step"] >= step for line in complete):
+            break
+        time.sleep(0.01)  # polling interval of the file, not the moment of the kill
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

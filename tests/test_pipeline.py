@@ -349,7 +349,7 @@ def test_refuses_a_foreign_output_dir_and_an_input_overlap(tmp_path, tiny_inputs
 def test_a_crash_mid_stage_resumes_from_the_stage_checkpoint_exactly(tmp_path, tiny_inputs, monkeypatch, caplog):
     """Kill the seft stage after its step-2 checkpoint; the re-run skips prune, resumes seft from step 2, and
     ends with weights bit-identical to an uninterrupted run."""
-    from sparsetune.train import seft
+    from sparsetune.train import finetune
 
     def plan(out: Path) -> pipeline.Plan:
         args = tiny_pse_args(tiny_inputs, out)[4:]
@@ -361,17 +361,17 @@ def test_a_crash_mid_stage_resumes_from_the_stage_checkpoint_exactly(tmp_path, t
     pipeline.run_plan(plan(clean), verbose_output=False)
 
     crashed = tmp_path / "crashed"
-    original = seft.SeftRecipe.save_checkpoint
+    original = finetune.FinetuneRun.save_checkpoint
 
     def save_then_crash(self):
         original(self)
         if self.state.step == 2:
             raise RuntimeError("simulated crash after the step-2 checkpoint")
 
-    monkeypatch.setattr(seft.SeftRecipe, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(finetune.FinetuneRun, "save_checkpoint", save_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pipeline.run_plan(plan(crashed), verbose_output=False)
-    monkeypatch.setattr(seft.SeftRecipe, "save_checkpoint", original)
+    monkeypatch.setattr(finetune.FinetuneRun, "save_checkpoint", original)
     assert json.loads((crashed / ".stages" / "02-seft.json").read_text())["status"] == "running"
     assert not (crashed / "02-seft").exists()  # no half-written stage output
 

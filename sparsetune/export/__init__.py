@@ -6,7 +6,6 @@ on every dir it loads. The codecs, writer and loader live in submodules; `loader
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

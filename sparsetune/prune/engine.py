@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsetune.distributed import sum_in_place
 from sparsetune.masks import NMPattern
 from sparsetune.prune.activations import ActivationStore, DiskTensor
 from sparsetune.prune.checkpoint import Checkpointer
@@ -171,12 +172,7 @@ def _accumulate_over(stats: Any, n: int, opts: EngineOptions, make_input: Callab
 
 def reduce_stats(stats: Any) -> Any:
     """Sum statistics over processes when calibration is sharded across ranks (no-op in one process)."""
-    if isinstance(stats, (tuple, list)):
-        for part in stats:
-            reduce_stats(part)
-    elif isinstance(stats, torch.Tensor) and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(stats)
-    return stats
+    return sum_in_place(stats)
 
 
 @torch.no_grad()

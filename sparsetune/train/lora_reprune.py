@@ -1,4 +1,5 @@
-"""The LoRA* baseline: dense LoRA (peft) on the attention and MLP projections, merge, re-prune with Wanda.
+"""`seft --method lora-reprune`, the LoRA* baseline: dense LoRA (peft) on the attention and MLP projections,
+merge, re-prune with Wanda.
 
 The re-prune restores the starting model's sparsity (or N:M pattern) on exactly the modules that were sparse,
 with calibration windows taken from the training data, through the prune library (`prune_model`).
@@ -12,10 +13,87 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsetune import distributed
 from sparsetune.data import CalibrationSet, token_hash
 from sparsetune.distributed import DistContext
 from sparsetune.masks import NMPattern
+from sparsetune.prune.api import prune_model
+from sparsetune.prune.config import PruneConfig
+from sparsetune.train.common import DataOrder, Examples, dense_adamw
+from sparsetune.train.loop import TrainingMethod
 from sparsetune.train.seft_config import LORA_TARGETS
+
+
+class LoraReprune(TrainingMethod):
+    """LoRA adapters on `run.model` (the `seft` task, finetune.FinetuneRun), merged and re-pruned at the end."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        cfg = run.cfg
+        run.model = attach_lora(run.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        run.model.train()
+        self.trainable = dict(lora_parameters(run.model))
+        self.optimizer = dense_adamw(list(self.trainable.values()), cfg)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return self.trainable
+
+    def reduce_grads(self) -> None:
+        distributed.mean_in_place([p.grad for p in self.trainable.values() if p.grad is not None])
+
+    def sparsity(self) -> float:
+        start = self.run.start
+        return start.sparsity_of(start.nonzeros())
+
+    def memory_report(self) -> dict[str, Any]:
+        state_bytes = sum(
+            t.numel() * t.element_size()
+            for s in self.optimizer.state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
+        )
+        grad_bytes = sum(p.numel() * p.element_size() for p in self.trainable.values())
+        return {"optimizer_state_bytes": state_bytes, "gradient_bytes": grad_bytes}
+
+    def zero_tolerance(self, name: str, weight: torch.Tensor) -> int:
+        """Wanda's re-prune picks int(in_features * s) per row, so it may differ by up to one weight per row from a
+        start that was pruned per matrix."""
+        return weight.shape[0] if self.run.start.pattern is None else 0
+
+    def finish(self) -> dict[str, Any]:
+        """Merge the adapters, then re-prune the merged Linears to the start's sparsity or pattern."""
+        run, cfg, start = self.run, self.run.cfg, self.run.start
+        run.model = merge_lora(run.model)
+        run.model.eval()
+        n = min(cfg.reprune_samples, len(run.train_data))
+        order = DataOrder(len(run.train_data), n, cfg.seed + 1)
+        windows = calibration_windows(run.train_data, order.batch(0), cfg.seqlen, run.pad_id)
+        calib = calibration_from_windows(windows, cfg.data, cfg.seed)
+        layerwise = (start.report or {}).get("layerwise")
+        block_sparsity = [b["sparsity"] for b in start.report["blocks"]] if layerwise and start.report else None
+        prune_cfg = reprune_config(
+            cfg.model,
+            list(start.modules),
+            start.pattern,
+            start.global_sparsity(),
+            block_sparsity,
+            windows.shape[0],
+            windows.shape[1],
+        )
+        report = reprune(run.model, run.tokenizer, prune_cfg, calib, run.ctx)
+        named = dict(run.model.named_modules())
+        start.modules = {name: named[name] for name in start.modules}  # the merged model's Linears
+        return report
+
+
+def calibration_windows(examples: Examples, idx: list[int], seqlen: int, pad_id: int) -> torch.Tensor:
+    """Equal-length (N, T) windows for Wanda calibration: text windows as they are; instruction examples padded."""
+    rows = [examples.inputs[i][:seqlen] for i in idx]
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    for j, r in enumerate(rows):
+        out[j, : len(r)] = r
+    return out
 
 
 def attach_lora(model: nn.Module, r: int, alpha: float, dropout: float) -> nn.Module:
@@ -52,8 +130,6 @@ def reprune_config(
     seqlen: int,
 ) -> Any:
     """The Wanda PruneConfig that re-prunes exactly `module_names` to the starting sparsity or pattern."""
-    from sparsetune.prune.config import PruneConfig
-
     target: dict[str, Any] = {"pattern": str(pattern)} if pattern is not None else {"sparsity": sparsity}
     if pattern is None and block_sparsity is not None:
         target["block_sparsity"] = block_sparsity
@@ -77,7 +153,5 @@ def reprune(
     ctx: DistContext,
 ) -> dict[str, Any]:
     """Wanda re-prune in place (each rank calibrates on its share; statistics are all-reduced)."""
-    from sparsetune.prune.api import prune_model
-
     cfg = cfg.model_copy(update={"device": str(ctx.device)})
     return prune_model(model, tokenizer, cfg, calib=calib, show_progress=False, ctx=ctx)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-METHODS = ("seft", "masked-ft", "lora-reprune")
+METHODS = ("seft", "dst", "masked-ft", "lora-reprune")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -15,9 +15,9 @@ class SeftConfig(BaseModel):
 
     model: str = Field(description="Pruned HF model dir (e.g. `sparsetune prune` output); its zeros are the mask")
     output: str | None = Field(None, description="Output dir for the fine-tuned sparse model")
-    method: Literal["seft", "masked-ft", "lora-reprune"] = Field(
+    method: Literal["seft", "dst", "masked-ft", "lora-reprune"] = Field(
         "seft",
-        description="seft: drop/grow sparsity evolution; masked-ft: fixed mask; "
+        description="dst (and seft, for now): whole-weight drop/grow sparsity evolution; masked-ft: fixed mask; "
         "lora-reprune: LoRA, merge, re-prune with Wanda (LoRA*)",
     )
     data: str = Field(

@@ -25,10 +25,9 @@ seeded generators and all-reduced scores, so every rank makes the same one, veri
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,35 +35,27 @@ import torch
 from torch import nn
 
 from sparsetune import data, masks, models
-from sparsetune.distributed import dist_context
+from sparsetune.distributed import mean_in_place, reduce_sum
 from sparsetune.errors import SparsetuneError
-from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
-from sparsetune.recipes import dump_yaml
+from sparsetune.outputs import package_versions
 from sparsetune.train import topology
 from sparsetune.train.common import (
-    LOG_FILE,
-    CheckpointedTraining,
-    DataOrder,
+    NOT_IDENTITY,
     Examples,
-    TrainingState,
-    all_reduce_sum,
-    check_checkpoint_dir,
-    collate,
+    dense_adamw,
     drop_fraction_at,
-    lr_at,
     packed_windows,
-    progress_bar,
     random_batch,
-    rank_share,
     token_nll_sum,
     untrained_zeros,
 )
+from sparsetune.train.loop import Trainer, TrainingMethod, mean_step_s
+from sparsetune.train.loop import print_summary as print_table
 from sparsetune.train.smet_config import PRESETS, SmetConfig
 from sparsetune.train.sparse_optim import SparseAdamW, SparseWeight
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "sparsity_report.json"
 UPDATE_WINDOW = 10  # steps before and after a topology update whose loss and update magnitudes are logged
 ITOP_PREFIX = "itop_bitmap."  # checkpoint tensor names of the ITOP bitmaps
 
@@ -176,68 +167,29 @@ def spike_ratio(losses: list[float], update_steps: list[int], window: int = UPDA
     return max(complete) if complete else None
 
 
-class SmetRecipe(CheckpointedTraining):
-    """setup -> train -> finish, with save_checkpoint every `checkpoint_every` steps."""
+class PretrainMethod(TrainingMethod):
+    """What the `smet-pretrain` methods share: every logged row carries the memory report (less its per-layer part),
+    and every parameter of the model is trained and checkpointed."""
 
-    def __init__(self, cfg: SmetConfig, overwrite: bool = False, show_progress: bool = True) -> None:
-        self.cfg, self.overwrite, self.show_progress = cfg, overwrite, show_progress
-        self.state = TrainingState()
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.run.model.named_parameters())
+
+    def logged_fields(self) -> dict[str, Any]:
+        return {"memory": {k: v for k, v in self.run.memory_report().items() if k != "layers"}}
+
+
+class SparsePretraining(PretrainMethod):
+    """Density < 1: SMET, naive DST (--regrow-warmup 0), static sparse (--update-interval 0); SET or RigL growth."""
+
+    def __init__(self, run: Any) -> None:
+        super().__init__(run)
+        cfg, model = run.cfg, run.model
         self.itop: dict[str, torch.Tensor] = {}
         self._itop_rate: float | None = None
-
-    # -- setup ------------------------------------------------------------------------------------------------
-
-    def setup(self) -> None:
-        cfg = self.cfg
-        if cfg.output is None:
-            raise SparsetuneError("missing --output; pass -o OUT_DIR")
-        self.out = check_output_dir(cfg.output, self.overwrite)
-        ckpt = cfg.checkpoint_path()
-        self.ckpt_dir = Path(ckpt).expanduser().resolve() if ckpt else None
-        if self.ckpt_dir is not None:
-            check_checkpoint_dir(self.ckpt_dir, cfg.resume)
-        self.ctx = dist_context(cfg.device)
-        micro = cfg.batch_size // cfg.grad_accum
-        if micro < self.ctx.world:
-            raise SparsetuneError(
-                f"each micro-batch holds {micro} sequences but {self.ctx.world} processes share it; "
-                "raise --batch-size or lower --grad-accum"
-            )
-        self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        config = llama_config(cfg.model_config_name, self.tokenizer, cfg.seqlen)
-        self.train_data, self.val_data = train_val_split(self.tokenizer, cfg)
-        self.order = DataOrder(len(self.train_data), cfg.batch_size, cfg.seed)
-
-        from transformers import LlamaForCausalLM
-
-        torch.manual_seed(cfg.seed)
-        dtype = self.dtype()
-        model = LlamaForCausalLM(config).to(device=self.ctx.device, dtype=dtype)
-        model.train()
-        self.model = model
-        self.sparse: dict[str, SparseWeight] = {}
-        self.densities: dict[str, float] = {}
-        if cfg.sparse:
-            self._setup_sparse()
-        else:
-            self._setup_dense()
-        self.init_guard()
-        if cfg.resume:
-            self.load_checkpoint()
-
-    def dtype(self) -> torch.dtype:
-        if self.cfg.dtype == "auto":
-            return torch.bfloat16 if self.ctx.device.type == "cuda" else torch.float32
-        return getattr(torch, self.cfg.dtype)
-
-    def _optimizer_kwargs(self) -> dict[str, Any]:
-        cfg = self.cfg
-        return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
-
-    def _setup_sparse(self) -> None:
-        cfg = self.cfg
-        linears = sparse_linears(self.model)
+        linears = sparse_linears(model)
         shapes = {n: (m.weight.shape[0], m.weight.shape[1]) for n, m in linears.items()}
         self.densities = layer_densities(shapes, cfg.density, cfg.init)
         generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -252,143 +204,51 @@ class SmetRecipe(CheckpointedTraining):
             self.itop[w.name] = topology.empty_bitmap(w.param.numel(), w.param.device)
             topology.mark_bits(self.itop[w.name], w.active)
         sparse_ids = {id(m.weight) for m in linears.values()}
-        dense = [p for p in self.model.parameters() if id(p) not in sparse_ids]
-        kwargs = self._optimizer_kwargs()
+        dense = [p for p in model.parameters() if id(p) not in sparse_ids]
         self.optimizer = SparseAdamW(
             weights,
             dense_params=dense,
             regrow_warmup=cfg.regrow_warmup,
             eight_bit=cfg.optim == "adamw8bit",
             measure_steps=UPDATE_WINDOW,
-            **kwargs,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
         )
 
-    def _setup_dense(self) -> None:
-        """Density 1.0: the dense baseline, on torch's AdamW (or bitsandbytes' AdamW8bit)."""
-        cfg = self.cfg
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        kwargs = self._optimizer_kwargs()
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if cfg.optim == "adamw8bit":
-            import bitsandbytes as bnb
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The parameters and the ITOP bitmaps (restored in place on resume)."""
+        return {**super().checkpoint_tensors(), **{ITOP_PREFIX + n: b for n, b in self.itop.items()}}
 
-            self.optimizer = bnb.optim.AdamW8bit(groups, **kwargs)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, **kwargs)
+    def after_resume(self) -> None:
+        self._itop_rate = None  # the bitmaps were overwritten
 
-    # -- train ------------------------------------------------------------------------------------------------
-
-    def train(self) -> None:
-        cfg = self.cfg
-        with progress_bar(cfg.steps, self.state.step, self.show_progress and self.ctx.is_main) as advance:
-            while self.state.step < cfg.steps:
-                step = self.state.step
-                t0 = time.perf_counter()
-                loss, tokens = self.train_step(step)
-                self.state.step = step + 1
-                self.state.tokens += tokens
-                row: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": lr_at(step, cfg)}
-                if self.topology_due(self.state.step):
-                    row["topology"] = self.topology_update(self.state.step)
-                step_s = time.perf_counter() - t0  # topology updates count towards the step they follow
-                row.update(
-                    sparsity=self.sparsity(), tokens=self.state.tokens, step_s=step_s, tokens_per_s=tokens / step_s
-                )
-                row.update(self.update_fields(self.state.step))
-                if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.val_data is not None:
-                    row["val_loss"] = self.validation_loss()
-                if (
-                    self.state.step % cfg.log_every == 0
-                    or "topology" in row
-                    or self.near_update(self.state.step)
-                    or self.state.step == cfg.steps
-                ):
-                    row["memory"] = {k: v for k, v in self.memory_report().items() if k != "layers"}
-                    self.log_row(row)
-                advance(self.state.step, row)
-                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
-                    self.request_checkpoint()
+    # -- topology ---------------------------------------------------------------------------------------------
 
     def topology_due(self, step: int) -> bool:
-        interval = self.cfg.update_interval
-        return bool(self.sparse) and interval > 0 and step % interval == 0 and step < self.cfg.steps
+        interval = self.run.cfg.update_interval
+        return interval > 0 and step % interval == 0 and step < self.run.cfg.steps
 
-    def near_update(self, step: int) -> bool:
+    def always_log(self, step: int) -> bool:
         """Whether `step` lies within UPDATE_WINDOW steps before (up to and including) or after a topology update."""
-        interval = self.cfg.update_interval
-        if not self.sparse or interval <= 0:
+        interval = self.run.cfg.update_interval
+        if interval <= 0:
             return False
         previous, upcoming = step // interval * interval, -(-step // interval) * interval
         return (self.topology_due(upcoming) and upcoming - step < UPDATE_WINDOW) or (
             previous > 0 and self.topology_due(previous) and step - previous <= UPDATE_WINDOW
         )
 
-    def update_fields(self, step: int) -> dict[str, Any]:
-        """The log fields about topology updates: steps since the last one, the regrown/established update
-        magnitudes the optimizer measured in this step, and the ITOP rate."""
-        if not self.sparse:
-            return {}
-        fields: dict[str, Any] = {}
-        if self.state.topology:
-            since = step - self.state.topology[-1]["step"]
-            fields["steps_since_update"] = since
-            measured = self.optimizer.update_magnitudes
-            if measured is not None and measured["steps_since_update"] == since:
-                fields.update({k: v for k, v in measured.items() if k != "steps_since_update"})
-        fields["itop_rate"] = self.itop_rate()
-        return fields
-
-    def train_step(self, step: int) -> tuple[float, int]:
-        cfg, ctx = self.cfg, self.ctx
-        idx = self.order.batch(step)
-        total = sum(len(self.train_data.inputs[i]) - 1 for i in idx)
-        micro = cfg.batch_size // cfg.grad_accum
-        nll = torch.zeros((), dtype=torch.float64)
-        for start in range(0, cfg.batch_size, micro):
-            local = rank_share(idx[start : start + micro], ctx)
-            batch = {k: v.to(ctx.device) for k, v in collate(self.train_data, local, self.pad_id).items()}
-            loss_sum = self.nll(batch)
-            # The optimizer (or reduce_grads) averages gradients over ranks: scale so the average is the global mean.
-            (loss_sum * ctx.world / total).backward()
-            nll += loss_sum.detach().double().cpu()
-        loss = float(all_reduce_sum(nll, ctx)) / total
-        self.check_loss(step, loss)
-        lr = lr_at(step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if not self.sparse:
-            self.reduce_grads([p for p in self.model.parameters() if p.grad is not None])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.check_weights(step)
-        return loss, sum(len(self.train_data.inputs[i]) for i in idx)
-
-    def reduce_grads(self, params: list[torch.Tensor]) -> None:
-        if self.ctx.world == 1 or not params:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat.div_(self.ctx.world)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-
-    # -- topology ---------------------------------------------------------------------------------------------
-
     def growth_grads(self, step: int) -> dict[str, torch.Tensor]:
         """RigL scores: the dense gradient of every sparse weight on one seeded batch, averaged over ranks."""
-        cfg, ctx = self.cfg, self.ctx
-        idx = random_batch(len(self.train_data), cfg.batch_size, cfg.seed, step, 0)
-        total = sum(len(self.train_data.inputs[i]) - 1 for i in idx)
+        run, cfg = self.run, self.run.cfg
+        idx = random_batch(len(run.train_data), cfg.batch_size, cfg.seed, step, 0)
+        total = sum(len(run.train_data.inputs[i]) - 1 for i in idx)
         with self.optimizer.dense_grads():
-            batch = {
-                k: v.to(ctx.device) for k, v in collate(self.train_data, rank_share(idx, ctx), self.pad_id).items()
-            }
-            (token_nll_sum(self.model, batch) / total).backward()
-            grads = {name: all_reduce_sum(w.param.grad.detach().clone(), ctx) for name, w in self.sparse.items()}
-        for p in self.model.parameters():
+            (token_nll_sum(run.model, run.batch(run.train_data, idx)) / total).backward()
+            grads = {name: reduce_sum(w.param.grad.detach()) for name, w in self.sparse.items()}
+        for p in run.model.parameters():
             p.grad = None
         return grads
 
@@ -404,7 +264,7 @@ class SmetRecipe(CheckpointedTraining):
             if grads is not None:
                 grow_pos = topology.grow(grads[name].abs(), k, exclude=active)
             else:
-                generator = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step * 7_919 + i) % 2**63)
+                generator = torch.Generator().manual_seed((self.run.cfg.seed * 1_000_003 + step * 7_919 + i) % 2**63)
                 grow_pos = topology.grow_random(w.param.numel(), k, active, generator)
             self.optimizer.swap_entries(name, drop_slots, grow_pos)
             topology.mark_bits(self.itop[name], grow_pos)
@@ -414,19 +274,29 @@ class SmetRecipe(CheckpointedTraining):
         return stats
 
     def topology_update(self, step: int) -> dict[str, Any]:
-        fraction = drop_fraction_at(step, self.cfg)
-        grads = self.growth_grads(step) if self.cfg.growth == "gradient" else None
+        fraction = drop_fraction_at(step, self.run.cfg)
+        grads = self.growth_grads(step) if self.run.cfg.growth == "gradient" else None
         stats = self._swap(step, fraction, grads)
         topology.verify_same_across_ranks({n: w.index for n, w in self.sparse.items()})
-        self.state.topology.append(stats)
         return stats
 
-    # -- invariants, validation, logging ----------------------------------------------------------------------
+    # -- invariants and logging -------------------------------------------------------------------------------
+
+    def step_fields(self, step: int) -> dict[str, Any]:
+        """The log fields about topology updates: steps since the last one, the regrown/established update
+        magnitudes the optimizer measured in this step, and the ITOP rate."""
+        fields: dict[str, Any] = {}
+        if self.run.state.topology:
+            since = step - self.run.state.topology[-1]["step"]
+            fields["steps_since_update"] = since
+            measured = self.optimizer.update_magnitudes
+            if measured is not None and measured["steps_since_update"] == since:
+                fields.update({k: v for k, v in measured.items() if k != "steps_since_update"})
+        fields["itop_rate"] = self.itop_rate()
+        return fields
 
     def itop_rate(self) -> float | None:
-        """In-time over-parameterization: the fraction of sparse-weight positions ever active (None when dense)."""
-        if not self.itop:
-            return None
+        """In-time over-parameterization: the fraction of sparse-weight positions ever active."""
         if self._itop_rate is None:
             ever = sum(topology.count_bits(b) for b in self.itop.values())
             self._itop_rate = ever / sum(w.param.numel() for w in self.sparse.values())
@@ -434,8 +304,6 @@ class SmetRecipe(CheckpointedTraining):
 
     def sparsity(self) -> float:
         """Sparsity of the sparse layers; verifies that no weight is non-zero outside its active set."""
-        if not self.sparse:
-            return 0.0
         zeros = numel = 0
         for name, w in self.sparse.items():
             nonzero = int((w.param.detach() != 0).sum())
@@ -445,63 +313,90 @@ class SmetRecipe(CheckpointedTraining):
             numel += w.param.numel()
         return zeros / numel
 
-    # -- checkpoints (the mechanics live in CheckpointedTraining) ---------------------------------------------
-
-    def identity(self) -> dict[str, Any]:
-        skip = {"output", "device", "checkpoint_dir", "checkpoint_every", "resume", "log_every", "data_dir"}
-        return {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in skip}
-
-    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """The parameters and the ITOP bitmaps (restored in place on resume)."""
-        return {**dict(self.model.named_parameters()), **{ITOP_PREFIX + n: b for n, b in self.itop.items()}}
-
-    def load_checkpoint(self) -> None:
-        super().load_checkpoint()
-        self._itop_rate = None  # the bitmaps were overwritten
-
-    # -- output -----------------------------------------------------------------------------------------------
+    def untrained_zeros(self, name: str) -> int:
+        return untrained_zeros(self.optimizer, self.sparse[name])
 
     def memory_report(self) -> dict[str, Any]:
-        if self.sparse:
-            mem = dict(self.optimizer.memory_report())
-        else:
-            linears = sparse_linears(self.model)
-            numel = sum(m.weight.numel() for m in linears.values())
-            per_entry = 2 if self.cfg.optim == "adamw8bit" else 8
-            element = next(iter(linears.values())).weight.element_size()
-            mem = {
-                "optimizer_state_bytes": numel * per_entry,
-                "gradient_bytes": numel * element,
-                "dense_adamw_state_and_grad_bytes": numel * (per_entry + element),
-                "state_and_grad_vs_dense": 1.0,
-            }
+        mem = dict(self.optimizer.memory_report())
         mem["itop_bitmap_bytes"] = sum(b.numel() * b.element_size() for b in self.itop.values())
-        mem.update(peak_memory())
         return mem
 
-    def finish(self) -> dict[str, Any]:
+
+class DensePretraining(PretrainMethod):
+    """Density 1.0: the dense baseline, on torch's AdamW (or bitsandbytes' AdamW8bit)."""
+
+    def __init__(self, run: Any) -> None:
+        super().__init__(run)
+        decay = [p for p in run.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in run.model.parameters() if p.dim() < 2]
+        self.optimizer = dense_adamw([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], run.cfg)
+
+    def reduce_grads(self) -> None:
+        mean_in_place([p.grad for p in self.run.model.parameters() if p.grad is not None])
+
+    def memory_report(self) -> dict[str, Any]:
+        linears = sparse_linears(self.run.model)
+        numel = sum(m.weight.numel() for m in linears.values())
+        per_entry = 2 if self.run.cfg.optim == "adamw8bit" else 8
+        element = next(iter(linears.values())).weight.element_size()
+        return {
+            "optimizer_state_bytes": numel * per_entry,
+            "gradient_bytes": numel * element,
+            "dense_adamw_state_and_grad_bytes": numel * (per_entry + element),
+            "state_and_grad_vs_dense": 1.0,
+            "itop_bitmap_bytes": 0,
+        }
+
+
+# density < 1 or = 1 -> the strategy that trains it, built as METHOD(run) once the model and data exist.
+METHODS: dict[str, Callable[[Any], TrainingMethod]] = {"sparse": SparsePretraining, "dense": DensePretraining}
+
+
+class PretrainRun(Trainer):
+    """The `smet-pretrain` task: a Llama model from scratch on packed text, sparse or dense."""
+
+    def load(self) -> None:
         cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        config = llama_config(cfg.model_config_name, self.tokenizer, cfg.seqlen)
+        self.train_data, self.val_data = train_val_split(self.tokenizer, cfg)
+
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(cfg.seed)
+        self.model = LlamaForCausalLM(config).to(device=self.ctx.device, dtype=self.dtype())
+        self.model.train()
+
+    def build_method(self) -> TrainingMethod:
+        return METHODS["sparse" if self.cfg.sparse else "dense"](self)
+
+    def dtype(self) -> torch.dtype:
+        if self.cfg.dtype == "auto":
+            return torch.bfloat16 if self.ctx.device.type == "cuda" else torch.float32
+        return getattr(torch, self.cfg.dtype)
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
+
+    @property
+    def itop(self) -> dict[str, torch.Tensor]:
+        """The ITOP bitmaps by sparse weight (empty when dense)."""
+        return getattr(self.method, "itop", {})
+
+    def itop_rate(self) -> float | None:
+        """The fraction of sparse-weight positions ever active (None when dense)."""
+        return self.method.itop_rate() if self.itop else None
+
+    def finish(self) -> dict[str, Any]:
         # Each sparse layer ends with exactly its active count of non-zeros (its zeros are what it started with).
-        counts = {}
-        for name, w in self.sparse.items():
-            zeros = w.param.numel() - int(w.param.detach().count_nonzero()) - untrained_zeros(self.optimizer, w)
-            counts[name] = (w.param.numel(), w.param.numel() - w.nnz, zeros)
-        self.check_sparsity_kept(counts)
+        weights = {name: w.param for name, w in self.sparse.items()}
+        self.check_final_sparsity(weights, {n: w.param.numel() - w.nnz for n, w in self.sparse.items()})
         val_loss = self.validation_loss() if self.val_data is not None else None
-        memory = self.memory_report()
-        report = self.build_report(memory, val_loss)
-        if self.ctx.is_main:
-            if isinstance(self.optimizer, SparseAdamW):
-                self.optimizer.remove_hooks()
-            with atomic_output_dir(self.out, overwrite=self.overwrite) as tmp:
-                models.save_model(self.model, self.tokenizer, tmp)
-                (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
-                write_json(tmp / REPORT_FILE, report)
-                dump_yaml(
-                    cfg, tmp / "recipe.yaml", header="sparsetune smet-pretrain --recipe recipe.yaml reproduces this"
-                )
-        self.ctx.barrier()
-        report["rank"] = self.ctx.rank
+        report = self.build_report(self.memory_report(), val_loss)
+        if self.ctx.is_main and isinstance(self.optimizer, SparseAdamW):
+            self.optimizer.remove_hooks()
+        self.write_output(report, "smet-pretrain")
         return report
 
     def build_report(self, memory: dict[str, Any], val_loss: float | None) -> dict[str, Any]:
@@ -535,8 +430,9 @@ class SmetRecipe(CheckpointedTraining):
             "gradient_bytes": memory.get("gradient_bytes"),
             "state_and_grad_vs_dense": memory.get("state_and_grad_vs_dense"),
             "peak_rss_bytes": memory.get("peak_rss_bytes"),
-            "mean_step_s": sum(r["step_s"] for r in state.log) / max(1, len(state.log)),
+            "mean_step_s": mean_step_s(state),
             "median_step_s": statistics.median(r["step_s"] for r in state.log) if state.log else None,
+            **self.method.report_fields(),
             "output": str(self.out),
         }
         layers = {
@@ -559,45 +455,30 @@ class SmetRecipe(CheckpointedTraining):
 
 
 def run_smet(cfg: SmetConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
-    """The whole `sparsetune smet-pretrain` flow: setup, train (checkpointing), finish (save)."""
-    recipe = SmetRecipe(cfg, overwrite, show_progress)
-    try:
-        recipe.setup()
-        recipe.train()
-        return recipe.finish()
-    finally:
-        if hasattr(recipe, "ctx"):
-            recipe.cleanup()
+    """The whole `sparsetune smet-pretrain` flow: setup, train (checkpointing), finish (save), cleanup."""
+    return PretrainRun(cfg, overwrite, show_progress).run()
 
 
 def print_summary(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     s = report["summary"]
-    table = Table(title=f"sparsetune smet-pretrain: {s['method']} {s['model_config']} density {s['density']}")
-    table.add_column("")
-    table.add_column("value", justify="right")
-    table.add_row("parameters", f"{s['parameters']:,}")
-    table.add_row("steps / tokens", f"{s['steps']} / {s['tokens']:,}")
-    table.add_row("loss first -> last", f"{s['first_loss']:.4f} -> {s['final_loss']:.4f}")
-    if s["final_val_loss"] is not None:
-        table.add_row("validation loss", f"{s['final_val_loss']:.4f}")
+    rows = []
     if s["spike_ratio"] is not None:
-        table.add_row("largest loss spike after an update", f"{s['spike_ratio']:.3f}")
+        rows.append(("largest loss spike after an update", f"{s['spike_ratio']:.3f}"))
     if s["mean_first_step_update_ratio"] is not None:
-        table.add_row("regrown / established |update|, 1st step", f"{s['mean_first_step_update_ratio']:.3f}")
-    table.add_row("topology updates", str(s["topology_updates"]))
+        rows.append(("regrown / established |update|, 1st step", f"{s['mean_first_step_update_ratio']:.3f}"))
+    rows.append(("topology updates", str(s["topology_updates"])))
     if s["itop_rate"] is not None:
-        itop = f"{s['itop_rate']:.4f} ({s['itop_bitmap_bytes']:,} B bitmap)"
-        table.add_row("ITOP rate (positions ever active)", itop)
-    table.add_row(
-        "sparse-weight optimizer + grad",
-        f"{(s['optimizer_state_bytes'] + s['gradient_bytes']) / 2**20:.1f} MiB "
-        f"({s['state_and_grad_vs_dense']:.3f}x dense AdamW)",
+        rows.append(
+            ("ITOP rate (positions ever active)", f"{s['itop_rate']:.4f} ({s['itop_bitmap_bytes']:,} B bitmap)")
+        )
+    state_and_grad = (s["optimizer_state_bytes"] + s["gradient_bytes"]) / 2**20
+    rows.append(
+        (
+            "sparse-weight optimizer + grad",
+            f"{state_and_grad:.1f} MiB ({s['state_and_grad_vs_dense']:.3f}x dense AdamW)",
+        )
     )
     if s.get("peak_rss_bytes") is not None:
-        table.add_row("peak RSS", f"{s['peak_rss_bytes'] / 2**20:.0f} MiB")
-    table.add_row("mean step", f"{s['mean_step_s']:.3f} s")
-    Console().print(table)
-    Console().print(f"wrote {s['output']}")
+        rows.append(("peak RSS", f"{s['peak_rss_bytes'] / 2**20:.0f} MiB"))
+    title = f"sparsetune smet-pretrain: {s['method']} {s['model_config']} density {s['density']}"
+    print_table(title, s, rows, lead=[("parameters", f"{s['parameters']:,}")])

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsetune import distributed
+
 BLOCKSIZE_8BIT = 256  # bitsandbytes' block size for 8-bit optimizer state
 
 
@@ -234,10 +236,8 @@ class SparseAdamW:
             p.grad = None
 
     def _all_reduce_grads(self) -> None:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        world = torch.distributed.get_world_size()
-        if world == 1:
+        """Average the compact and dense gradients over processes (every rank holds one for every tensor)."""
+        if distributed.world_size() == 1:
             return
         grads = []
         for name, w in self.weights.items():
@@ -249,15 +249,7 @@ class SparseAdamW:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat.div_(world)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        distributed.mean_in_place(grads)
 
     # -- the update -------------------------------------------------------------------------------------------
 

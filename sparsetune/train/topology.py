@@ -1,4 +1,4 @@
-"""Sparse topology: initial layouts (uniform, ERK), drop and grow choices, N:M-preserving swaps, schedules.
+"""Sparse topology: initial layouts (uniform, ERK), drop and grow choices, N:M-preserving swaps.
 
 Every function is deterministic given its inputs (random choices take an explicit generator), so all ranks that
 see the same scores make the same choice; `verify_same_across_ranks` checks that they did.
@@ -11,13 +11,8 @@ import math
 
 import torch
 
+from sparsetune import distributed
 from sparsetune.masks import NMPattern
-
-
-def cosine_decay(step: int, total: int, start: float, end: float) -> float:
-    """`start` at step 0, `end` at `total`, cosine in between."""
-    progress = min(max(step / max(1, total), 0.0), 1.0)
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
 
 
 def erk_densities(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, float]:
@@ -152,12 +147,5 @@ def index_digest(indices: dict[str, torch.Tensor]) -> bytes:
 
 def verify_same_across_ranks(indices: dict[str, torch.Tensor]) -> None:
     """Raise if any rank holds a different topology (compares a SHA-256 digest of the index sets)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_world_size() == 1:
-        return
-    digest = index_digest(indices)
-    gathered: list[bytes | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, digest)
-    if any(d != digest for d in gathered):
+    if distributed.world_size() > 1 and not distributed.same_on_every_process(index_digest(indices)):
         raise RuntimeError("sparse topologies differ across ranks after a topology update; please report this bug")

@@ -69,7 +69,7 @@ def test_refuses_existing_output_dense_model_and_missing_data(tmp_path, tiny_mod
 
 def test_instruction_examples_train_on_the_response_only(tiny_tokenizer):
     from sparsetune.data import alpaca_prompt
-    from sparsetune.train.seft import IGNORE, collate, instruction_examples
+    from sparsetune.train.common import IGNORE, collate, instruction_examples
 
     records = [{"instruction": "make a list", "input": "", "output": "one two three"}]
     ex = instruction_examples(tiny_tokenizer, records, seqlen=64)
@@ -84,7 +84,7 @@ def test_instruction_examples_train_on_the_response_only(tiny_tokenizer):
 
 
 def test_packed_windows_skip_leading_tokens(tiny_tokenizer):
-    from sparsetune.train.seft import packed_windows
+    from sparsetune.train.common import packed_windows
 
     records = [{"text": random_text(200, seed=1)}, {"text": random_text(200, seed=2)}]
     full = packed_windows(tiny_tokenizer, records, 16, 0, "x")
@@ -94,7 +94,7 @@ def test_packed_windows_skip_leading_tokens(tiny_tokenizer):
 
 
 def test_data_order_is_a_function_of_the_step():
-    from sparsetune.train.seft import DataOrder
+    from sparsetune.train.common import DataOrder
 
     a, b = DataOrder(10, 4, seed=3), DataOrder(10, 4, seed=3)
     seen = [a.batch(s) for s in range(5)]
@@ -124,6 +124,13 @@ def test_lora_reprune_restores_the_sparsity(tmp_path, pattern):
     report = json.loads((out / "sparsity_report.json").read_text())
     history = report["finetune_history"][-1]
     assert history["method"] == "lora-reprune" and history["reprune"]["method"] == "wanda"
-    assert history["memory"]["optimizer_state_bytes"] > 0
+    # LoRA r 16 on q, k, v, o (64 -> 64, 32, 32, 64), gate, up (64 -> 128) and down (128 -> 64) in 2 layers: each
+    # adapter holds A (16 x in) and B (out x 16); torch's AdamW keeps fp32 m and v per entry and a 4-byte step per
+    # tensor, and every entry has an fp32 gradient.
+    shapes = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    entries = 2 * sum(16 * n_in + n_out * 16 for n_in, n_out in shapes)
+    assert entries == 32768
+    assert history["memory"]["optimizer_state_bytes"] == 2 * 4 * entries + 4 * 2 * 2 * len(shapes)
+    assert history["memory"]["gradient_bytes"] == 4 * entries
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

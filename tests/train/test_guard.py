@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
 from sparsetune.errors import SparsetuneError
-from sparsetune.train import seft as seft_module
+from sparsetune.train import loop
 from sparsetune.train.common import DIVERGENCE_STEPS, loss_bound
-from sparsetune.train.seft import SeftRecipe, run_seft
+from sparsetune.train.finetune import FinetuneRun, run_seft
 from sparsetune.train.seft_config import SeftConfig
-from sparsetune.train.smet import SmetRecipe
+from sparsetune.train.smet import PretrainRun
 from sparsetune.train.smet_config import SmetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,8 +64,8 @@ def test_a_divergence_after_a_checkpoint_keeps_the_sane_one_which_resumes(tmp_pa
     reference = run_seft(guard_settings(tmp_path, pruned, data, "ref"), show_progress=False)
     assert reference["summary"]["steps"] == 8
 
-    sane_lr = seft_module.lr_at
-    monkeypatch.setattr(seft_module, "lr_at", lambda step, cfg: 1e30 if step >= 4 else sane_lr(step, cfg))
+    sane_lr = loop.lr_at
+    monkeypatch.setattr(loop, "lr_at", lambda step, cfg: 1e30 if step >= 4 else sane_lr(step, cfg))
     cfg = guard_settings(tmp_path, pruned, data, "out")
     with pytest.raises(SparsetuneError, match=r"after step 5, .* \(step 4\) is intact"):
         run_seft(cfg, show_progress=False)
@@ -74,7 +74,7 @@ def test_a_divergence_after_a_checkpoint_keeps_the_sane_one_which_resumes(tmp_pa
     weights = load_file(str(ckpt / "weights.safetensors"))
     assert max(float(w.abs().max()) for w in weights.values()) < 1.0  # taken before the 1e30 step
 
-    monkeypatch.setattr(seft_module, "lr_at", sane_lr)
+    monkeypatch.setattr(loop, "lr_at", sane_lr)
     run_seft(cfg.model_copy(update={"resume": True}), show_progress=False)
     ref, got = (
         load_file(str(tmp_path / "ref" / "model.safetensors")),
@@ -83,7 +83,7 @@ def test_a_divergence_after_a_checkpoint_keeps_the_sane_one_which_resumes(tmp_pa
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-class LossTimesTenFromStep13(SeftRecipe):
+class LossTimesTenFromStep13(FinetuneRun):
     def nll(self, batch):
         loss = super().nll(batch)
         return loss * 10 if self.state.step >= 12 else loss
@@ -110,7 +110,7 @@ def test_a_loss_that_stays_high_stops_the_run(tmp_path):
     assert saved["state"]["step"] == 10
 
 
-class DestroyedAfterStep1(SeftRecipe):
+class DestroyedAfterStep1(FinetuneRun):
     """Step 1's loss is half the real one (a model well below uniform guessing); from step 2 on, 1.2x the real one
     (the tiny random model sits at ln(256), so that is above uniform guessing, as a destroyed model is)."""
 
@@ -137,7 +137,7 @@ def test_a_model_destroyed_in_its_first_steps_stops_at_uniform_guessing(tmp_path
     assert not (tmp_path / "out.ckpt" / "checkpoint").exists()
 
 
-class ZeroesActiveWeightsAtTheEnd(SeftRecipe):
+class ZeroesActiveWeightsAtTheEnd(FinetuneRun):
     """Simulates weights that overflowed or cancelled to exactly 0: 1000 active weights of q_proj become 0."""
 
     def train(self):
@@ -184,11 +184,11 @@ def test_smet_with_an_absurd_lr_stops_and_its_sparsity_is_checked_at_the_end(cor
     tok_dir, text = corpus
     cfg = SmetConfig(**settings(tok_dir, text, tmp_path / "out", lr=1e9, steps=4))
     with pytest.raises(SparsetuneError, match=r"training diverged: after step 1,"):
-        recipe = SmetRecipe(cfg, show_progress=False)
+        recipe = PretrainRun(cfg, show_progress=False)
         recipe.setup()
         recipe.train()
 
-    class ZeroesActive(SmetRecipe):
+    class ZeroesActive(PretrainRun):
         def train(self):
             super().train()
             w = next(iter(self.sparse.values()))

@@ -10,22 +10,22 @@ from helpers import make_pruned, write_alpaca, write_text
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import nm_violations
-from sparsetune.train.seft import SeftRecipe
+from sparsetune.train.finetune import FinetuneRun
 from sparsetune.train.seft_config import SeftConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class WatchedRecipe(SeftRecipe):
-    """Records the masks and checks every invariant after every step (check_sparsity runs once per step)."""
+class WatchedRecipe(FinetuneRun):
+    """Records the masks and checks every invariant after every step (sparsity runs once per step)."""
 
     def setup(self) -> None:
         super().setup()
         self.history: list[dict[str, torch.Tensor]] = []
         self.problems: list[str] = []
 
-    def check_sparsity(self) -> float:
-        sparsity = super().check_sparsity()
+    def sparsity(self) -> float:
+        sparsity = super().sparsity()
         masks = {}
         for name, module in self.start.modules.items():
             w = module.weight.detach()
@@ -88,29 +88,46 @@ def test_seft_keeps_exact_sparsity_and_evolves_the_mask(tmp_path, pattern):
     assert all({"loss", "lr", "sparsity", "tokens_per_s"} <= set(r) for r in rows)
 
 
+def test_drop_scores_of_a_hand_computed_weight():
+    """W = [[0.5, 0, -2, 1], [0, 3, -0.25, 0]]: active flat positions 0, 2, 3, 5, 6 (columns 0, 2, 3, 1, 2)."""
+    from sparsetune.train.dst import drop_score
+    from sparsetune.train.sparse_optim import SparseWeight
+
+    w = torch.nn.Parameter(torch.tensor([[0.5, 0.0, -2.0, 1.0], [0.0, 3.0, -0.25, 0.0]]))
+    weight = SparseWeight.from_mask("w", w, w.detach() != 0)
+    grad = torch.tensor([0.1, 9.0, -0.5, 2.0, 7.0, -1.0, 4.0, 5.0])
+    norms = torch.tensor([4.0, 1.0, 9.0, 16.0])  # summed x_j**2 per input column: ||x|| = 2, 1, 3, 4
+
+    class Tracked:
+        def tracked_update(self, name):
+            assert name == "w"
+            return torch.tensor([0.3, -0.1, 0.0, -2.0, 0.5])
+
+    def score(criterion):
+        return drop_score(criterion, weight, grad, Tracked(), norms).tolist()
+
+    assert score("magnitude") == [0.5, 2.0, 1.0, 3.0, 0.25]
+    assert score("sensitivity") == [0.05000000074505806, 1.0, 2.0, 3.0, 1.0]  # |w * g|; 0.5 * 0.1 in float32
+    assert score("wanda") == [1.0, 6.0, 4.0, 3.0, 0.75]  # |w| * ||x_column||
+    assert score("update") == [0.30000001192092896, 0.10000000149011612, 0.0, 2.0, 0.5]
+
+
 @pytest.mark.parametrize("criterion", ["sensitivity", "wanda", "magnitude", "update"])
 def test_drop_removes_the_smallest_scores_of_the_criterion(tmp_path, monkeypatch, criterion):
-    """Each update drops exactly the k active weights with the smallest score, and the score is the formula."""
-    from sparsetune.train import seft
+    """Each update drops exactly the k active weights with the smallest score (the scores themselves are checked
+    on a hand-computed weight above)."""
+    from sparsetune.train import dst
 
     seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-    real = seft.drop_score
+    real = dst.drop_score
 
     def recording(crit, weight, grad, optimizer, input_norms=None):
+        assert crit == criterion
         score = real(crit, weight, grad, optimizer, input_norms)
-        values = weight.param.detach().view(-1)[weight.active]
-        if crit == "sensitivity":
-            want = (values * grad[weight.active]).abs()
-        elif crit == "wanda":
-            dense = weight.param.detach().abs() * input_norms.sqrt().unsqueeze(0)
-            want = dense.view(-1)[weight.active]
-        else:
-            want = values.abs() if crit == "magnitude" else optimizer.tracked_update(weight.name).abs()
-        assert crit == criterion and torch.allclose(score, want), weight.name
         seen.append((weight.name, weight.active.clone(), score.clone()))
         return score
 
-    monkeypatch.setattr(seft, "drop_score", recording)
+    monkeypatch.setattr(dst, "drop_score", recording)
 
     class Checked(WatchedRecipe):
         def topology_update(self, step):
@@ -198,7 +215,7 @@ def test_adamw8bit_keeps_sparsity_with_a_smaller_state(tmp_path):
     assert eight.memory_report()["optimizer_state_bytes"] < fp32.memory_report()["optimizer_state_bytes"]
 
 
-class NanAtStep5(SeftRecipe):
+class NanAtStep5(FinetuneRun):
     def nll(self, batch):
         loss = super().nll(batch)
         return loss * float("nan") if self.state.step == 4 else loss
@@ -233,3 +250,17 @@ def test_sensitivity_reprune_restores_a_drifted_mask(tmp_path, pattern):
     original = json.loads((pruned / "sparsity_report.json").read_text())["modules"]
     for module, stats in report["modules"].items():
         assert stats["zeros"] == original[module]["zeros"], module
+
+
+def test_dst_is_the_drop_and_grow_that_seft_still_selects(tmp_path):
+    """`--method dst` names the whole-weight drop-and-grow; `seft` runs the same strategy until the sparse-delta
+    method replaces it, so both end with the same weights and the same topology history."""
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+    runs = {}
+    for method in ("dst", "seft"):
+        recipe, report = run(tmp_path, pruned, data, steps=3, method=method)
+        assert recipe.problems == [] and report["summary"]["method"] == method
+        runs[method] = (recipe.state.topology, {n: m.weight.detach().clone() for n, m in recipe.start.modules.items()})
+    assert runs["dst"][0] == runs["seft"][0] and len(runs["dst"][0]) == 1
+    assert all(torch.equal(runs["dst"][1][n], runs["seft"][1][n]) for n in runs["dst"][1])

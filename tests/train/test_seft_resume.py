@@ -6,15 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from helpers import ONE_THREAD_ENV, make_pruned, write_text
+from helpers import ONE_THREAD_ENV, kill_after_logged_step, make_pruned, write_text
 from safetensors.torch import load_file
 
 from sparsetune.errors import SparsetuneError
-from sparsetune.train.seft import run_seft
+from sparsetune.train.finetune import run_seft
 from sparsetune.train.seft_config import SeftConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,15 +53,12 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     env = {**os.environ, **ONE_THREAD_ENV}
     proc = subprocess.Popen(cli_args(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     state = tmp_path / "out.ckpt" / "checkpoint" / "state.pt"
-    deadline = time.time() + 120
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)  # land somewhere between checkpoints
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # The checkpoint of step 5 is written during step 6, so once step 7 is logged it is on disk and the kill lands
+    # between checkpoints: the steps after it are lost and the resume must redo them.
+    kill_after_logged_step(proc, tmp_path / "out.ckpt" / "train_log.jsonl", 7)
     assert proc.returncode == -signal.SIGKILL and not (tmp_path / "out").exists(), "the run finished before the kill"
     step = torch.load(state, weights_only=True)["state"]["step"]
-    assert 0 < step < 60
+    assert 0 < step < 60 and step % 5 == 0
 
     done = subprocess.run([*cli_args(killed), "--resume"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

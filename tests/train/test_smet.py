@@ -9,18 +9,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from helpers import ONE_THREAD_ENV
+from helpers import ONE_THREAD_ENV, kill_after_logged_step
 from helpers import smet_settings as settings
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
 from sparsetune.errors import SparsetuneError
-from sparsetune.train.smet import SmetRecipe, run_smet, spike_ratio
+from sparsetune.train.smet import PretrainRun, run_smet, spike_ratio
 from sparsetune.train.smet_config import SmetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +27,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
 
 
-class Watched(SmetRecipe):
+def peak_rss() -> int:
+    """This process's peak resident set so far, in bytes (Linux reports kilobytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Watched(PretrainRun):
     """Checks after every step that each sparse layer keeps its exact active count and no stray non-zeros."""
 
     def sparsity(self) -> float:
@@ -40,6 +46,7 @@ class Watched(SmetRecipe):
 
 def test_smet_keeps_density_and_evolves_topology(corpus, tmp_path):
     tok_dir, text = corpus
+    rss_before = peak_rss()
     recipe = Watched(SmetConfig(**settings(tok_dir, text, tmp_path / "out")), show_progress=False)
     recipe.setup()
     start = {n: set(w.active.tolist()) for n, w in recipe.sparse.items()}
@@ -77,7 +84,15 @@ def test_smet_keeps_density_and_evolves_topology(corpus, tmp_path):
         step_mem["optimizer_state_bytes"] + step_mem["gradient_bytes"]
         <= 0.52 * (step_mem["dense_adamw_state_and_grad_bytes"])
     )
-    assert step_mem["peak_rss_bytes"] > 0
+    # Exact bytes: an fp32 gradient and fp32 m, v per active entry, 16 bytes per cohort (birth step and size), and,
+    # for dense AdamW, m, v and a gradient for every weight of the sparse layers.
+    active = sum(start_counts.values())
+    cohorts = sum(len(s.cohort_sizes) for s in recipe.optimizer.sparse_state.values())
+    assert step_mem["gradient_bytes"] == 4 * active
+    assert step_mem["optimizer_state_bytes"] == 8 * active + 16 * cohorts
+    assert step_mem["dense_adamw_state_and_grad_bytes"] == 12 * total
+    # The peak RSS logged during the run lies between this process's peak before the run and its peak after it.
+    assert rss_before <= step_mem["peak_rss_bytes"] <= peak_rss()
     mem = saved["summary"]
     assert mem["state_and_grad_vs_dense"] <= 0.5 + 0.02
     densities = [layer["density"] for layer in saved["layers"].values()]
@@ -87,7 +102,7 @@ def test_smet_keeps_density_and_evolves_topology(corpus, tmp_path):
 
 def test_static_sparse_never_changes_and_dense_trains(corpus, tmp_path):
     tok_dir, text = corpus
-    recipe = SmetRecipe(
+    recipe = PretrainRun(
         SmetConfig(**settings(tok_dir, text, tmp_path / "static", update_interval=0, init="uniform")),
         show_progress=False,
     )
@@ -135,7 +150,7 @@ def test_cli_runs_and_refuses_bad_input(corpus, tmp_path):
 def test_nan_loss_stops_with_a_clear_error(corpus, tmp_path):
     tok_dir, text = corpus
 
-    class Diverging(SmetRecipe):
+    class Diverging(PretrainRun):
         def nll(self, batch):
             loss = super().nll(batch)
             return loss * float("nan") if self.state.step == 5 else loss
@@ -156,7 +171,7 @@ def test_spike_ratio_reads_the_windows_around_updates():
     assert spike_ratio(losses, [20]) is None  # not enough steps after
 
 
-class Recording(SmetRecipe):
+class Recording(PretrainRun):
     """Records every sparse layer's mask at setup and after each topology update, and the sparse weights before and
     after every optimizer step: the brute-force references for the ITOP rate and the update magnitudes."""
 
@@ -263,12 +278,12 @@ def test_resume_after_a_crash_restores_the_itop_bitmap(corpus, tmp_path):
     """A run that fails at step 8 resumes from its step-6 checkpoint (right after the update at step 6) and ends
     exactly like an uninterrupted run: weights, ITOP bitmaps and the logged update fields."""
     tok_dir, text = corpus
-    reference = SmetRecipe(SmetConfig(**settings(tok_dir, text, tmp_path / "ref")), show_progress=False)
+    reference = PretrainRun(SmetConfig(**settings(tok_dir, text, tmp_path / "ref")), show_progress=False)
     reference.setup()
     reference.train()
     reference.finish()
 
-    class Crashing(SmetRecipe):
+    class Crashing(PretrainRun):
         def nll(self, batch):
             if self.state.step == 7:
                 raise RuntimeError("simulated crash")
@@ -279,7 +294,7 @@ def test_resume_after_a_crash_restores_the_itop_bitmap(corpus, tmp_path):
     crashed.setup()
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.train()
-    resumed = SmetRecipe(SmetConfig(**cfg, resume=True), show_progress=False)
+    resumed = PretrainRun(SmetConfig(**cfg, resume=True), show_progress=False)
     resumed.setup()
     assert resumed.state.step == 6
     for name, bitmap in crashed.itop.items():  # no update between the checkpoint and the crash
@@ -314,15 +329,12 @@ def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path):
     env = {**os.environ, **ONE_THREAD_ENV}
     proc = subprocess.Popen(cli_args(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     state = tmp_path / "out.ckpt" / "checkpoint" / "state.pt"
-    deadline = time.time() + 120
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # The checkpoint of step 5 is written during step 6, so once step 7 is logged it is on disk and the kill lands
+    # between checkpoints: the steps after it are lost and the resume must redo them.
+    kill_after_logged_step(proc, tmp_path / "out.ckpt" / "train_log.jsonl", 7)
     assert proc.returncode == -signal.SIGKILL and not (tmp_path / "out").exists(), "the run finished before the kill"
     step = torch.load(state, weights_only=True)["state"]["step"]
-    assert 0 < step < 40
+    assert 0 < step < 40 and step % 5 == 0
 
     done = subprocess.run([*cli_args(killed), "--resume"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

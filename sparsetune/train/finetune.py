@@ -1,0 +1,262 @@
+"""`sparsetune seft`: fine-tune a pruned model and keep its sparsity exact, on the one training loop (`loop.py`).
+
+Methods (the strategy objects in METHODS; adding one is a class and a table entry):
+- `dst` (also `seft`, for now): whole-weight drop-and-grow (`dst.py`);
+- `masked-ft`: the active weights under a fixed mask (`masked_ft.py`);
+- `lora-reprune` (LoRA*): dense LoRA, merge, Wanda re-prune to the starting sparsity/pattern (`lora_reprune.py`).
+
+A start whose mask drifted from its target counts (a dense edit after pruning) is first restored by a
+sensitivity re-prune. Multi-process runs (torchrun / accelerate launch) join the process group through accelerate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsetune import data, masks, models
+from sparsetune.distributed import sum_in_place
+from sparsetune.outputs import package_versions, peak_memory
+from sparsetune.prune import wanda
+from sparsetune.train.common import NOT_IDENTITY, DataOrder, Examples, instruction_examples, packed_windows
+from sparsetune.train.dst import DropAndGrow
+from sparsetune.train.loop import Trainer, TrainingMethod, mean_step_s
+from sparsetune.train.loop import print_summary as print_table
+from sparsetune.train.lora_reprune import LoraReprune
+from sparsetune.train.masked_ft import MaskedFineTuning
+from sparsetune.train.seft_config import SeftConfig
+from sparsetune.train.sparse_start import SparseStart, find_sparse_start, read_input_report, sensitivity_mask
+
+log = logging.getLogger(__name__)
+
+# --method -> the strategy that trains it, built as METHOD(run) once the model and data are loaded.
+METHODS: dict[str, Callable[[Any], TrainingMethod]] = {
+    "dst": DropAndGrow,
+    "seft": DropAndGrow,  # until the sparse-delta seft lands
+    "masked-ft": MaskedFineTuning,
+    "lora-reprune": LoraReprune,
+}
+
+
+def load_examples(tokenizer: Any, source: str, cfg: SeftConfig, skip_tokens: int = 0) -> Examples:
+    """Packed LM windows for text, Alpaca examples with the loss on the response only."""
+    records = data.load_records(source, "train", cfg.data_dir)
+    if all(data.is_instruction_record(r) for r in records):
+        return instruction_examples(tokenizer, records, cfg.seqlen)
+    return packed_windows(tokenizer, records, cfg.seqlen, skip_tokens, source)
+
+
+class FinetuneRun(Trainer):
+    """The `seft` task: a pruned model, its start masks (`start`), text or instruction data, and the method."""
+
+    RESUME_HINT = "resume with the same model and settings"
+
+    def setup(self, inputs: tuple[str, ...] = ()) -> None:
+        super().setup(inputs=(self.cfg.model,))
+
+    def load(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = models.load_model(
+            cfg.model, dtype=cfg.dtype, device=str(self.ctx.device), trust_remote_code=cfg.trust_remote_code
+        )
+        self.model, self.tokenizer = model, tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.start = find_sparse_start(model, read_input_report(cfg.model))
+        self.train_data = load_examples(tokenizer, cfg.data, cfg, cfg.skip_tokens)
+        self.val_data = load_examples(tokenizer, cfg.val_data, cfg) if cfg.val_data else None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.train()
+
+    def build_method(self) -> TrainingMethod:
+        if self.start.drifted():
+            self.restore_target_counts()
+        method = METHODS[self.cfg.method](self)
+        self._identity = run_identity(self.cfg, self.start)  # the start masks are final here; a resume must match
+        return method
+
+    def identity(self) -> dict[str, Any]:
+        return self._identity
+
+    def restore_target_counts(self) -> None:
+        """Sensitivity re-prune of the modules whose mask drifted from the target count or pattern."""
+        names = self.start.drifted()
+        new_masks: dict[str, torch.Tensor] = {}
+
+        def choose(name: str, grad: torch.Tensor, _norms: torch.Tensor | None) -> None:
+            w = self.start.modules[name].weight.detach()
+            new_masks[name] = sensitivity_mask(w, grad, self.start.targets[name], self.start.pattern)
+
+        self.growth_gradients(0, {n: self.start.modules[n].weight for n in names}, choose)
+        event: dict[str, Any] = {"step": 0, "modules": len(names), "before": 0, "after": 0}
+        with torch.no_grad():
+            for name in names:
+                mask = new_masks[name]
+                event["before"] += int(self.start.masks[name].sum())
+                event["after"] += int(mask.sum())
+                self.start.modules[name].weight.masked_fill_(~mask, 0.0)
+                self.start.set_mask(name, mask)
+                self.start.modules[name].weight.requires_grad_(False)
+        log.info("sensitivity re-prune restored the target count of %d modules", len(names))
+        self.state.reprunes.append(event)
+
+    def growth_gradients(
+        self,
+        step: int,
+        weights: dict[str, torch.Tensor],
+        consume: Callable[[str, torch.Tensor, torch.Tensor | None], None],
+        input_norms: bool = False,
+    ) -> None:
+        """Hand `consume(name, dense gradient, input norms)` each weight's dense gradient summed over the last
+        --grow-batches training batches (all-reduced over ranks), module by module during the last backward pass.
+
+        Each gradient is consumed and freed as soon as backward has finished it, so at most one module's dense
+        gradient exists at a time (plus, with more than one grow batch, the running sum of the earlier batches).
+        With `input_norms`, the sum of squared inputs per input column (the Wanda statistic) comes along."""
+        cfg, ctx = self.cfg, self.ctx
+        batches = grow_batches(self.order, step, cfg.grow_batches)
+        total = sum(self.example_labels[i] for idx in batches for i in idx)
+        norms: dict[str, torch.Tensor] = {}
+        hooks = []
+        if input_norms:
+            for name in weights:
+                norms[name] = wanda.init_stats(self.start.modules[name].in_features, ctx.device)
+
+                def record(_mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                    wanda.accumulate(norms[name], args[0].detach())
+
+                hooks.append(self.start.modules[name].register_forward_pre_hook(record))
+
+        def consume_hook(name: str) -> Callable[[torch.Tensor], None]:
+            def hook(param: torch.Tensor) -> None:
+                assert param.grad is not None
+                grad = sum_in_place(param.grad.detach())
+                param.grad = None
+                consume(name, grad, sum_in_place(norms[name]) if input_norms else None)
+
+            return hook
+
+        for w in weights.values():
+            w.requires_grad_(True)
+        try:
+            for j, idx in enumerate(batches):
+                if j == len(batches) - 1:
+                    hooks += [w.register_post_accumulate_grad_hook(consume_hook(n)) for n, w in weights.items()]
+                (self.nll(self.batch(self.train_data, idx)) / total).backward()
+        finally:
+            for h in hooks:
+                h.remove()
+            for w in weights.values():
+                w.grad = None
+
+    # -- output -----------------------------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        """The method's end (LoRA*: merge and re-prune), the end-of-run sparsity check, then rank 0 writes the HF
+        dir, the updated report and the log."""
+        t0 = time.perf_counter()
+        reprune_report = self.method.finish()
+        finish_s = time.perf_counter() - t0
+        start = self.start
+        weights = {name: m.weight for name, m in start.modules.items()}
+        self.check_final_sparsity(weights, {n: w.numel() - start.active_counts[n] for n, w in weights.items()})
+        report = build_report(self, self.memory_report(), reprune_report, finish_s)
+        self.write_output(report, "seft")
+        return report
+
+
+def grow_batches(order: DataOrder, step: int, count: int) -> list[list[int]]:
+    """The batches that score growth at topology step `step`: the last `count` training batches (the first ones
+    before training), so the growth pass holds activations of exactly the shapes a training step holds."""
+    first = max(0, step - count)
+    return [order.batch(first + j) for j in range(count)]
+
+
+def run_identity(cfg: SeftConfig, start: SparseStart) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the settings that change the result and the starting masks."""
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
+    mask_hash = data.token_hash(torch.cat([m.view(-1) for m in start.masks.values()]).to(torch.int64))
+    return {**settings, "start_mask": mask_hash}
+
+
+def build_report(
+    recipe: FinetuneRun, memory: dict[str, Any], reprune: dict[str, Any] | None, finish_s: float
+) -> dict[str, Any]:
+    """The input's sparsity report, with this run's module stats and one more entry in `finetune_history`."""
+    cfg, start, state = recipe.cfg, recipe.start, recipe.state
+    stats = masks.sparsity_stats(start.modules)
+    before = start.global_sparsity()
+    losses = [r["loss"] for r in state.log]
+    totals = {k: sum(t.get(k, 0) for t in state.topology) for k in ("dropped", "grown", "regrown_previously_pruned")}
+    fields = recipe.method.report_fields()
+    entry = {
+        "method": cfg.method,
+        "data": cfg.data,
+        "steps": state.step,
+        "tokens": state.tokens,
+        "processes": recipe.ctx.world,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "final_val_loss": next((r["val_loss"] for r in reversed(state.log) if "val_loss" in r), None),
+        "sparsity_before": before,
+        "sparsity_after": stats["global_sparsity"],
+        "topology_updates": len(state.topology),
+        "topology_totals": totals,
+        **fields,
+        "memory": memory,
+        "mean_step_s": mean_step_s(state),
+        "finish_s": round(finish_s, 3),
+        "reprune": reprune["summary"] if reprune else None,
+        "settings": cfg.model_dump(mode="json"),
+        "versions": package_versions(),
+    }
+    report = dict(start.report or {"method": "unknown", "pattern": str(start.pattern or "unstructured")})
+    report.pop("summary", None)
+    report.update(
+        global_sparsity=stats["global_sparsity"],
+        modules=stats["modules"],
+        memory=peak_memory(),
+        finetune_history=[*report.get("finetune_history", []), entry],
+    )
+    summary = {
+        "method": cfg.method,
+        "steps": state.step,
+        "tokens": state.tokens,
+        "first_loss": entry["first_loss"],
+        "final_loss": entry["final_loss"],
+        "final_val_loss": entry["final_val_loss"],
+        "sparsity_before": before,
+        "sparsity_after": stats["global_sparsity"],
+        "topology_totals": totals,
+        "optimizer_state_bytes": memory.get("optimizer_state_bytes"),
+        "gradient_bytes": memory.get("gradient_bytes"),
+        "peak_rss_bytes": memory.get("peak_rss_bytes"),
+        **fields,
+        "mean_step_s": entry["mean_step_s"],
+        "output": str(recipe.out),
+    }
+    return {"summary": summary, **report}
+
+
+def run_seft(cfg: SeftConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """The whole `sparsetune seft` flow: setup, train (checkpointing), finish (save), cleanup."""
+    return FinetuneRun(cfg, overwrite, show_progress).run()
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    s = report["summary"]
+    rows = [("sparsity before -> after", f"{s['sparsity_before']:.4f} -> {s['sparsity_after']:.4f}")]
+    t = s["topology_totals"]
+    if t["dropped"]:
+        totals = f"{t['dropped']:,} / {t['grown']:,} / {t['regrown_previously_pruned']:,}"
+        rows.append(("dropped / grown / regrown pruned", totals))
+    for key in ("optimizer_state_bytes", "gradient_bytes", "peak_rss_bytes"):
+        if s.get(key) is not None:
+            rows.append((key.removesuffix("_bytes").replace("_", " "), f"{s[key] / 2**20:.1f} MiB"))
+    print_table(f"sparsetune seft: {s['method']}", s, rows)

@@ -1,0 +1,533 @@
+"""The one training loop of `seft` and `smet-pretrain`, with the method-specific parts as strategy objects.
+
+`Trainer.run()`: setup -> for each step: the rank's share of the batch, forward/backward through the shared token
+NLL, the loss guard, gradient averaging over processes, the optimizer step, the weight guard, the scheduled
+topology (or reselection) update, logging, checkpoint -> finish (write the output and the report).
+
+A task (`finetune.FinetuneRun` for `seft`, `smet.PretrainRun` for `smet-pretrain`) subclasses `Trainer` for what
+differs between them: what it loads (`load`), which strategy it trains with (`build_method`), which settings a
+checkpoint must match (`identity`) and what it writes (`finish`). A training method subclasses `TrainingMethod`
+and is one entry in its task's method table (`finetune.METHODS`, `smet.METHODS`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsetune import models
+from sparsetune.distributed import DistContext, dist_context, reduce_sum
+from sparsetune.errors import SparsetuneError
+from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory, write_json
+from sparsetune.progress import Progress
+from sparsetune.recipes import dump_yaml
+from sparsetune.train.common import (
+    CKPT_NAME,
+    DIVERGENCE_FACTOR,
+    DIVERGENCE_MARGIN,
+    DIVERGENCE_STEPS,
+    IGNORE,
+    LOG_FILE,
+    WEIGHT_LIMIT_FACTOR,
+    DataOrder,
+    Examples,
+    TrainingState,
+    check_checkpoint_dir,
+    collate,
+    label_count,
+    loss_bound,
+    lr_at,
+    replace_dir,
+    token_nll_sum,
+)
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "sparsity_report.json"
+
+
+class TrainingMethod:
+    """The method-specific parts of a run. A method builds its trainable state and `optimizer` in `__init__(run)`
+    (`run` is the task's Trainer, set up up to its data and model) and overrides what it needs of the rest.
+
+    The optimizer needs `param_groups` (a list of dicts whose "lr" the loop sets every step), `step()`,
+    `zero_grad(set_to_none=True)`, `state_dict()` and `load_state_dict()`.
+    """
+
+    optimizer: Any
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds besides the optimizer state, restored in place on resume. Their floating
+        ones are the trained weights the divergence guard watches."""
+        raise NotImplementedError
+
+    def before_step(self, step: int) -> None:
+        """Before the forward/backward passes of `step` (0-based): e.g. arm statistics for a reselection window."""
+
+    def reduce_grads(self) -> None:
+        """After backward, before the optimizer step: average gradients over processes (the loss was scaled by the
+        number of processes), unless the optimizer does so itself (SparseAdamW)."""
+
+    def topology_due(self, step: int) -> bool:
+        """Whether a topology update (or reselection) follows optimizer step `step` (1-based: steps done)."""
+        return False
+
+    def topology_update(self, step: int) -> dict[str, Any]:
+        """Change the trainable topology after step `step`; return its statistics (logged in the row and kept in
+        `state.topology`, so they must be plain data)."""
+        raise NotImplementedError
+
+    def sparsity(self) -> float:
+        """The sparsity of the trained modules after a step (and the place to verify per-step invariants)."""
+        return 0.0
+
+    def step_fields(self, step: int) -> dict[str, Any]:
+        """Extra fields of the log row of step `step`."""
+        return {}
+
+    def always_log(self, step: int) -> bool:
+        """Whether step `step` is logged whatever --log-every says."""
+        return False
+
+    def logged_fields(self) -> dict[str, Any]:
+        """Extra fields of the rows that are written to the log (computed only for those)."""
+        return {}
+
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes of gradient and optimizer state held for the trainable state (`optimizer_state_bytes`,
+        `gradient_bytes`, ...)."""
+        return {}
+
+    def report_fields(self) -> dict[str, Any]:
+        """Extra fields of the run's report summary (and of its history entry), measured at the end of the run."""
+        return {}
+
+    def after_resume(self) -> None:
+        """After a checkpoint was loaded into the tensors and the optimizer."""
+
+    def finish(self) -> dict[str, Any] | None:
+        """After the last step, before the end-of-run checks and the output: e.g. merge adapters into the model
+        (replacing `run.model`). May return a report of what it did."""
+        return None
+
+    def untrained_zeros(self, name: str) -> int:
+        """Zeros of module `name` the end-of-run sparsity check does not count (no sign of divergence)."""
+        return 0
+
+    def zero_tolerance(self, name: str, weight: torch.Tensor) -> int:
+        """How far module `name`'s zero count may end from its start (0: exactly)."""
+        return 0
+
+    def write_files(self, out_dir: Path) -> None:
+        """Write extra files into the output dir (a temp dir, renamed into place after)."""
+
+
+class Trainer:
+    """The loop, the divergence guard, validation, the JSONL log and resumable checkpoints.
+
+    A checkpoint is only written once its weights have proven sane: the one due after step s is written during
+    step s + 1, when those weights have given a finite loss that is not diverging (and before they change). So
+    the checkpoint a stop calls intact always predates the divergence.
+    """
+
+    RESUME_HINT = "resume with the same settings"
+    ctx: DistContext
+    model: nn.Module
+    tokenizer: Any
+    method: TrainingMethod
+    ckpt_dir: Path | None
+    train_data: Examples
+    val_data: Examples | None
+    pad_id: int
+    _last_ckpt_step = 0
+    _pending_rng: torch.Tensor | None = None  # a checkpoint is due: the RNG state at the end of its step
+    _weight_limits: dict[str, float] | None = None
+    _uniform_loss: float | None = None  # ln(vocab): the loss of uniform guessing
+
+    def __init__(self, cfg: Any, overwrite: bool = False, show_progress: bool = True) -> None:
+        self.cfg, self.overwrite, self.show_progress = cfg, overwrite, show_progress
+        self.state = TrainingState()
+
+    # -- what a task provides ---------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Set model, tokenizer, pad_id, train_data and val_data (the process group is joined: `self.ctx`)."""
+        raise NotImplementedError
+
+    def build_method(self) -> TrainingMethod:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed."""
+        raise NotImplementedError
+
+    def finish(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- the run ----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """setup -> train (checkpointing) -> finish (save), then cleanup."""
+        try:
+            self.setup()
+            self.train()
+            return self.finish()
+        finally:
+            if hasattr(self, "ctx"):
+                self.cleanup()
+
+    def setup(self, inputs: tuple[str, ...] = ()) -> None:
+        cfg = self.cfg
+        if cfg.output is None:
+            raise SparsetuneError("missing --output; pass -o OUT_DIR")
+        self.out = check_output_dir(cfg.output, self.overwrite, inputs=inputs)
+        ckpt = cfg.checkpoint_path()
+        self.ckpt_dir = Path(ckpt).expanduser().resolve() if ckpt else None
+        if self.ckpt_dir is not None:
+            check_checkpoint_dir(self.ckpt_dir, cfg.resume)
+        self.ctx = dist_context(cfg.device)
+        micro = cfg.batch_size // cfg.grad_accum
+        if micro < self.ctx.world:
+            raise SparsetuneError(
+                f"each micro-batch holds {micro} sequences but {self.ctx.world} processes share it; "
+                "raise --batch-size or lower --grad-accum"
+            )
+        self.load()
+        self.order = DataOrder(len(self.train_data), cfg.batch_size, cfg.seed)
+        self.example_labels = [
+            int((lab[1:] != IGNORE).sum()) if self.train_data.labels is not None else len(lab) - 1
+            for lab in (self.train_data.labels or self.train_data.inputs)
+        ]
+        self.method = self.build_method()
+        self.init_guard()
+        if cfg.resume:
+            self.load_checkpoint()
+
+    @property
+    def optimizer(self) -> Any:
+        return self.method.optimizer
+
+    @property
+    def sparse(self) -> dict[str, Any]:
+        """The method's sparse weights (SparseWeight by name; empty for dense and LoRA methods)."""
+        return getattr(self.method, "sparse", {})
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return self.method.checkpoint_tensors()
+
+    def memory_report(self) -> dict[str, Any]:
+        return {**self.method.memory_report(), **peak_memory()}
+
+    def sparsity(self) -> float:
+        return self.method.sparsity()
+
+    def topology_update(self, step: int) -> dict[str, Any]:
+        stats = self.method.topology_update(step)
+        self.state.topology.append(stats)
+        return stats
+
+    def batch(self, examples: Examples, idx: list[int]) -> dict[str, torch.Tensor]:
+        """This rank's share of the examples `idx` as a batch on the device."""
+        return {k: v.to(self.ctx.device) for k, v in collate(examples, self.ctx.share(idx), self.pad_id).items()}
+
+    def nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed token NLL of one micro-batch: what every training step minimises."""
+        return token_nll_sum(self.model, batch)
+
+    def train(self) -> None:
+        cfg, method = self.cfg, self.method
+        with Progress(
+            cfg.steps, "step", completed=self.state.step, enabled=self.show_progress and self.ctx.is_main
+        ) as bar:
+            while self.state.step < cfg.steps:
+                step = self.state.step
+                t0 = time.perf_counter()
+                loss, tokens = self.train_step(step)
+                self.state.step = done = step + 1
+                self.state.tokens += tokens
+                row: dict[str, Any] = {"step": done, "loss": loss, "lr": lr_at(step, cfg)}
+                if done < cfg.steps and method.topology_due(done):
+                    row["topology"] = self.topology_update(done)
+                sparsity = self.sparsity()
+                step_s = time.perf_counter() - t0  # a topology update counts towards the step it follows
+                row.update(sparsity=sparsity, tokens=self.state.tokens, step_s=step_s)
+                row["tokens_per_s"] = tokens / max(step_s, 1e-9)
+                row.update(method.step_fields(done))
+                if cfg.eval_every and done % cfg.eval_every == 0 and self.val_data is not None:
+                    row["val_loss"] = self.validation_loss()
+                if done % cfg.log_every == 0 or "topology" in row or done == cfg.steps or method.always_log(done):
+                    row.update(method.logged_fields())
+                    self.log_row(row)
+                info = f"loss {loss:.4f} lr {row['lr']:.2e} sparsity {sparsity:.4f} {row['tokens_per_s']:.0f} tok/s"
+                bar.update(completed=done, info=info)
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                    self.request_checkpoint()
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        """Forward/backward over the micro-batches of global batch `step`, then one optimizer step."""
+        cfg = self.cfg
+        self.method.before_step(step)
+        idx = self.order.batch(step)
+        total = sum(self.example_labels[i] for i in idx)
+        micro = cfg.batch_size // cfg.grad_accum
+        nll = torch.zeros((), dtype=torch.float64)
+        for start in range(0, cfg.batch_size, micro):
+            loss_sum = self.nll(self.batch(self.train_data, idx[start : start + micro]))
+            # Gradients are averaged over processes: scale the loss so the average is the global mean.
+            (loss_sum * self.ctx.world / total).backward()
+            nll += loss_sum.detach().double().cpu()
+        loss = float(reduce_sum(nll)) / total
+        self.check_loss(step, loss)
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.method.reduce_grads()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.check_weights(step)
+        return loss, sum(len(self.train_data.inputs[i]) for i in idx)
+
+    # -- checks, checkpoints, validation, logging -------------------------------------------------------------
+
+    def intact_checkpoint(self) -> str:
+        if self.ckpt_dir is not None and (self.ckpt_dir / CKPT_NAME / "state.pt").exists():
+            return f"the last checkpoint in {self.ckpt_dir} (step {self._last_ckpt_step}) is intact"
+        return "no checkpoint was written"
+
+    def raise_nonfinite(self, step: int, loss: float) -> None:
+        raise SparsetuneError(
+            f"the training loss became {loss} at step {step + 1}, so training stopped before the optimizer step; "
+            f"{self.intact_checkpoint()}; lower --lr or check the data"
+        )
+
+    # -- the divergence guard ---------------------------------------------------------------------------------
+
+    def guarded_tensors(self) -> dict[str, torch.Tensor]:
+        """The trained weights among the checkpoint's tensors (not bookkeeping such as SMET's uint8 ITOP bitmaps)."""
+        return {n: t for n, t in self.checkpoint_tensors().items() if t.is_floating_point()}
+
+    def init_guard(self) -> None:
+        """Each trained tensor's weight limit, from its values at the start (call before loading a checkpoint)."""
+        tensors = self.guarded_tensors()
+        peaks = _abs_max(list(tensors.values()))
+        self._weight_limits = {n: WEIGHT_LIMIT_FACTOR * max(1.0, p) for n, p in zip(tensors, peaks, strict=True)}
+        vocab = getattr(self.model.config, "vocab_size", None)
+        self._uniform_loss = math.log(vocab) if isinstance(vocab, int) and vocab > 1 else None
+
+    def check_loss(self, step: int, loss: float) -> None:
+        """Before the optimizer step of `step` (0-based): stop on a non-finite loss, or when the loss has stayed
+        too high for DIVERGENCE_STEPS steps; otherwise write the checkpoint that waited for this loss."""
+        if not math.isfinite(loss):
+            self.raise_nonfinite(step, loss)
+        guard = self.state.guard
+        bound = loss_bound(guard["reference"], guard["lowest"], self._uniform_loss)
+        high = loss >= bound
+        if self._pending_rng is not None:
+            if high:
+                log.log(
+                    logging.INFO if guard["strikes"] else logging.WARNING,  # warn once per run of high losses
+                    "the checkpoint of step %d was not written: the next loss, %.4g, is above %.4g",
+                    step,
+                    loss,
+                    bound,
+                )
+                self._pending_rng = None
+            else:
+                self.save_checkpoint()  # the state as of the end of `step` (its RNG included), before this loss
+        guard["strikes"] = guard["strikes"] + 1 if high else 0
+        guard["lowest"] = min(guard["lowest"], loss)
+        guard["recent"] = [*guard["recent"], loss][-DIVERGENCE_STEPS:]
+        if len(guard["recent"]) == DIVERGENCE_STEPS:
+            mean = sum(guard["recent"]) / DIVERGENCE_STEPS
+            guard["reference"] = mean if guard["reference"] is None else min(guard["reference"], mean)
+        if guard["strikes"] >= DIVERGENCE_STEPS:
+            if bound == self._uniform_loss:
+                why = f"ln(vocab), no better than uniform guessing, where it had reached {guard['lowest']:.4g}"
+            else:
+                why = f"{DIVERGENCE_FACTOR:g}x its best {DIVERGENCE_STEPS}-step mean, "
+                why += f"at least {DIVERGENCE_MARGIN:g} above it"
+            raise SparsetuneError(
+                f"training diverged: the loss stayed at or above {bound:.4g} ({why}) for {DIVERGENCE_STEPS} steps, "
+                f"up to step {step + 1} (loss {loss:.4g}), so training stopped before the optimizer step; "
+                f"{self.intact_checkpoint()}; lower --lr or check the data"
+            )
+
+    def check_weights(self, step: int) -> None:
+        """After the optimizer step of `step`: stop when a trained tensor holds a non-finite or absurd value."""
+        if self._weight_limits is None:
+            return
+        tensors = self.guarded_tensors()
+        for (name, _), peak in zip(tensors.items(), _abs_max(list(tensors.values())), strict=True):
+            limit = self._weight_limits[name]
+            if not peak <= limit:  # also true for nan
+                raise SparsetuneError(
+                    f"training diverged: after step {step + 1}, {name} holds a weight of magnitude {peak:.3g}, over "
+                    f"its limit {limit:.3g} ({WEIGHT_LIMIT_FACTOR:g} x the larger of 1 and its largest at the start), "
+                    f"so training stopped; {self.intact_checkpoint()}; lower --lr"
+                )
+
+    def request_checkpoint(self) -> None:
+        """A checkpoint is due now. The last step's is written at once (there is no next loss to wait for; its
+        weights passed `check_weights`); any other waits for the next step's loss (see `check_loss`)."""
+        if self.state.step >= self.cfg.steps:
+            self._pending_rng = None
+            self.save_checkpoint()
+        else:
+            self._pending_rng = torch.get_rng_state()
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        assert self.val_data is not None
+        n = min(len(self.val_data), self.cfg.val_batches * self.cfg.batch_size)
+        micro = self.cfg.batch_size // self.cfg.grad_accum
+        self.model.eval()
+        nll = torch.zeros(2, dtype=torch.float64)
+        for start in range(0, n, micro):
+            batch = self.batch(self.val_data, list(range(start, min(n, start + micro))))
+            nll[0] += float(token_nll_sum(self.model, batch))
+            nll[1] += label_count(batch)
+        self.model.train()
+        nll = reduce_sum(nll)
+        return float(nll[0] / nll[1])
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        self.state.log.append(row)
+        if self.ckpt_dir is not None and self.ctx.is_main:
+            with open(self.ckpt_dir / LOG_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save_checkpoint(self) -> None:
+        """Trained tensors, optimizer state (masks included), TrainingState and RNG (of the end of the step a
+        checkpoint waited since, else the current one): temp dir, then renamed."""
+        assert self.ckpt_dir is not None
+        rng = self._pending_rng if self._pending_rng is not None else torch.get_rng_state()
+        self.state.rng = {"torch": rng}
+        self._pending_rng = None
+        if self.ctx.is_main:
+            from safetensors.torch import save_file
+
+            tmp = self.ckpt_dir / f".{CKPT_NAME}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            weights = {n: t.detach().contiguous().cpu() for n, t in self.checkpoint_tensors().items()}
+            save_file(weights, str(tmp / "weights.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save({"identity": self.identity(), "state": self.state.state_dict()}, tmp / "state.pt")
+            replace_dir(tmp, self.ckpt_dir / CKPT_NAME)
+        self._last_ckpt_step = self.state.step
+        self.ctx.barrier()
+
+    def load_checkpoint(self) -> None:
+        from safetensors.torch import load_file
+
+        assert self.ckpt_dir is not None
+        path = self.ckpt_dir / CKPT_NAME
+        saved = torch.load(path / "state.pt", weights_only=True)
+        identity = self.identity()
+        if saved["identity"] != identity:
+            diff = sorted(k for k in identity if saved["identity"].get(k) != identity[k])
+            raise SparsetuneError(
+                f"the checkpoint in {self.ckpt_dir} belongs to another run ({', '.join(diff)} differ); "
+                f"{self.RESUME_HINT}, or use another --checkpoint-dir"
+            )
+        weights = load_file(str(path / "weights.safetensors"))
+        with torch.no_grad():
+            for name, tensor in self.checkpoint_tensors().items():
+                tensor.copy_(weights[name].to(tensor.device))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.state.load_state_dict(saved["state"])
+        torch.set_rng_state(self.state.rng["torch"])
+        self._last_ckpt_step = self.state.step
+        self.method.after_resume()
+        if self.ctx.is_main:  # the live log loses any lines written after the checkpoint
+            (self.ckpt_dir / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
+        log.info("resumed from step %d in %s", self.state.step, path)
+
+    def check_sparsity_kept(
+        self, counts: dict[str, tuple[int, int, int]], tolerance: dict[str, int] | None = None
+    ) -> None:
+        """The end-of-run invariant: every sparse module holds as many zeros as it held at the start, counted the
+        same way (weights == 0). `counts` maps a module to (numel, zeros at the start, zeros now, less any
+        `untrained_zeros`); `tolerance` allows a module a difference (LoRA*'s re-prune rounds per row). Weights
+        that overflowed or cancelled to exactly 0 in a diverging run break it, and nothing is written then."""
+        tolerance = tolerance or {}
+        off = {n: c for n, c in counts.items() if abs(c[2] - c[1]) > tolerance.get(n, 0)}
+        if not off:
+            return
+        numel = sum(c[0] for c in counts.values())
+        before = sum(c[1] for c in counts.values()) / numel
+        after = sum(c[2] for c in counts.values()) / numel
+        name, (_, start, now) = next(iter(off.items()))
+        raise SparsetuneError(
+            f"the sparsity changed from {before:.4f} to {after:.4f} during training ({len(off)} modules, e.g. {name} "
+            f"with {now} zeros instead of {start}): weights overflowed or cancelled to exactly 0, so the run "
+            f"diverged; nothing was written; lower --lr"
+        )
+
+    def check_final_sparsity(self, weights: dict[str, torch.Tensor], start_zeros: dict[str, int]) -> None:
+        """`check_sparsity_kept` over `weights` (name -> weight), less the method's untrained zeros, within the
+        method's tolerance."""
+        counts, tolerance = {}, {}
+        for name, weight in weights.items():
+            w = weight.detach()
+            zeros = w.numel() - int(w.count_nonzero()) - self.method.untrained_zeros(name)
+            counts[name] = (w.numel(), start_zeros[name], zeros)
+            tolerance[name] = self.method.zero_tolerance(name, w)
+        self.check_sparsity_kept(counts, tolerance)
+
+    def cleanup(self) -> None:
+        self.ctx.barrier()
+
+    def write_output(self, report: dict[str, Any], command: str) -> None:
+        """Rank 0 writes the HF model dir, the log, the report and the recipe that reproduces the run."""
+        if self.ctx.is_main:
+            with atomic_output_dir(self.out, overwrite=self.overwrite) as tmp:
+                models.save_model(self.model, self.tokenizer, tmp)
+                (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
+                write_json(tmp / REPORT_FILE, report)
+                header = f"sparsetune {command} --recipe recipe.yaml reproduces this run"
+                dump_yaml(self.cfg, tmp / "recipe.yaml", header=header)
+                self.method.write_files(tmp)
+        self.ctx.barrier()
+        report["rank"] = self.ctx.rank
+
+
+def _abs_max(tensors: list[torch.Tensor]) -> list[float]:
+    """Largest |value| of each tensor (nan when it holds one), with one device sync for all of them."""
+    if not tensors:
+        return []
+    with torch.no_grad():
+        peaks = torch.stack([torch.linalg.vector_norm(t.detach(), math.inf).float() for t in tensors])
+    return [float(p) for p in peaks.cpu()]
+
+
+def mean_step_s(state: TrainingState) -> float:
+    return sum(r["step_s"] for r in state.log) / max(1, len(state.log))
+
+
+def print_summary(
+    title: str, s: dict[str, Any], rows: list[tuple[str, str]], lead: list[tuple[str, str]] | None = None
+) -> None:
+    """The run's summary table: the task's `lead` rows, steps, losses, the task's `rows`, the mean step time."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    head = [*(lead or []), ("steps / tokens", f"{s['steps']} / {s['tokens']:,}")]
+    head.append(("loss first -> last", f"{s['first_loss']:.4f} -> {s['final_loss']:.4f}"))
+    if s["final_val_loss"] is not None:
+        head.append(("validation loss", f"{s['final_val_loss']:.4f}"))
+    for name, value in [*head, *rows, ("mean step", f"{s['mean_step_s']:.3f} s")]:
+        table.add_row(name, value)
+    Console().print(table)
+    Console().print(f"wrote {s['output']}")
