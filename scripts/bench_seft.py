@@ -1,19 +1,25 @@
-"""Benchmark `sparsetune seft`: SEFT vs masked fine-tuning vs LoRA* on the same tokens, from Wanda 50% SmolLM2.
+"""Benchmark `sparsetune seft` (sparse deltas over a frozen pruned base) against LoRA* and masked fine-tuning.
 
-Testbed (the prune benchmark's): the bundled SmolLM2-135M (fp32) pruned by Wanda to 50% with calibration on the
-first 32 windows of 512 tokens of c4/c4_sample.jsonl (consecutive), through the `sparsetune prune` CLI.
-Settings:
-  lm           train on c4/c4_sample.jsonl text, skipping the 32x512 calibration tokens (packed windows);
-  instruction  train on alpaca/alpaca_small.json (Alpaca template, loss on the response only).
-Each method runs as its own `sparsetune seft` process on the same tokens (steps x batch x seqlen), so peak RSS
-is per run. Evaluation (in this process): WikiText-2 raw test text tokenized once, first 32 non-overlapping
-1024-token windows, ppl = exp(mean loss); ARC-Easy accuracy through the offline lm-eval task when available.
-One JSON line per measurement, then one summary line per setting with the targets:
-SEFT ppl < masked-ft ppl and < the untrained pruned ppl, SEFT ppl <= LoRA* ppl, SEFT peak RSS <= LoRA*'s,
-SEFT sparsity exact.
+Two suites, each method a `sparsetune seft` process of its own (so peak RSS is per run), one JSON line per
+measurement appended to bench/results/seft.jsonl, then one summary line per suite with the issue's targets.
 
-    .venv/bin/python scripts/bench_seft.py                # 300 steps x 8 x 256 per run (hours on 2 CPU cores)
-    .venv/bin/python scripts/bench_seft.py --quick        # 3 steps x 2 x 64, 2 eval windows (checks it runs)
+quality (default)
+    Testbed: the bundled SmolLM2-135M (fp32) pruned by Wanda to 50% and to 70% (calibration: the first 32 x 512
+    tokens of the C4 sample, consecutive). Every method trains on the same C4 tokens (skipping the calibration
+    tokens): seft (`--delta-rank 16`), seft with `--base-dtype nf4`, lora-reprune (LoRA r 16, merged, re-pruned by
+    Wanda) and masked-ft. Evaluation: WikiText-2 raw test, first 32 non-overlapping 1024-token windows, and
+    ARC-Easy through the offline lm-eval task. Targets: seft ppl < LoRA* ppl at both starts; seft
+    grad+optimizer bytes <= 1.1x LoRA*'s; seft peak RSS <= LoRA*'s; seft mean step time <= 1.3x LoRA*'s; the
+    distance to masked-ft is reported, not a target.
+memory
+    Random-initialised Llama configs of about 135M, 400M and 1B parameters, pruned by magnitude to 50%; 5 steps of
+    each method. Records trainable_params, grad_bytes, optimizer_state_bytes and peak RSS, as measured by the run.
+    Targets: seft grad+optimizer bytes <= 1.1x LoRA*'s on every config and <= 1/20 of masked-ft's at 1B; seft peak
+    RSS <= LoRA*'s on every config.
+
+    .venv/bin/python scripts/bench_seft.py                      # quality suite (about an hour alone on 2 cores)
+    .venv/bin/python scripts/bench_seft.py --suite memory       # memory scaling (about 20 min, 16 GB RAM)
+    .venv/bin/python scripts/bench_seft.py --quick              # tiny settings: checks the plumbing
 """
 
 from __future__ import annotations
@@ -32,11 +38,23 @@ from bench_common import CALIB_SEQLEN, CALIB_WINDOWS, EVAL_SEQLEN, perplexity  #
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "seft.jsonl"
 SHARED = ROOT.parent / "shared" / "data"
-METHODS = ("seft", "masked-ft", "lora-reprune")
-SETTINGS = {  # skip_tokens of the lm setting: the calibration tokens (set in main)
-    "lm": {"data": "c4", "update_interval": 60},
-    "instruction": {"data": "alpaca", "update_interval": 10},
+
+# name -> extra `sparsetune seft` flags; every run also gets the shared schedule flags.
+QUALITY_RUNS = {
+    "seft": ["--method", "seft", "--delta-rank", "16"],
+    "seft-nf4": ["--method", "seft", "--delta-rank", "16", "--base-dtype", "nf4"],
+    "lora-reprune": ["--method", "lora-reprune", "--lora-r", "16"],
+    "masked-ft": ["--method", "masked-ft"],
 }
+MEMORY_RUNS = {k: v for k, v in QUALITY_RUNS.items() if k != "seft-nf4"}
+# Llama shapes of about 135M (SmolLM2-135M), 400M (SmolLM2-360M) and 1B (Llama-3.2-1B's blocks) parameters, all
+# with SmolLM2's 49,152-token vocabulary (tied embeddings) so the bundled tokenizer serves every one.
+MEMORY_CONFIGS = {
+    "135M": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "heads": 9, "kv_heads": 3},
+    "400M": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "heads": 15, "kv_heads": 5},
+    "1B": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "heads": 32, "kv_heads": 8},
+}
+LEARNING_RATES = {"seft": 1e-4, "seft-nf4": 1e-4, "lora-reprune": 3e-4, "masked-ft": 1e-4}
 
 
 def sparsetune(*args: str) -> tuple[dict[str, object], float]:
@@ -62,140 +80,190 @@ def emit(row: dict[str, object]) -> None:
 
 
 def prune_testbed(work: Path, calib_windows: int, sparsity: float) -> Path:
-    # Strict true-sequential Wanda (53.89 ppl at 50%): the start every recorded SEFT figure used.
     out = work / f"smollm2-wanda{round(sparsity * 100)}-calib{calib_windows}x{CALIB_SEQLEN}"
     if not (out / "sparsity_report.json").exists():
         sparsetune(
             "prune", "smollm2", "-o", str(out), "--method", "wanda", "--sparsity", str(sparsity),
             "--calib", "c4", "--calib-samples", str(calib_windows), "--seqlen", str(CALIB_SEQLEN),
-            "--calib-sampling", "consecutive", "--down-stats", "pruned", "--overwrite", "--json",
+            "--calib-sampling", "consecutive", "--overwrite", "--json",
         )  # fmt: skip
     return out
 
 
-def evaluate(model_dir: Path, eval_ids, arc: dict[str, object]) -> dict[str, object]:
-    """Testbed perplexity and (when the offline task is available) ARC-Easy accuracy of a saved model."""
+def decoder_sparsity(model) -> float:
+    import torch
+
+    lin = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    return sum(int((w == 0).sum()) for w in lin) / sum(w.numel() for w in lin)
+
+
+def evaluate(model_dir: Path, eval_ids, arc_limit: float | None) -> dict[str, object]:
+    """Testbed perplexity and ARC-Easy accuracy (offline lm-eval task) of a saved model."""
+    from sparsetune import models
+    from sparsetune.evaluate import harness
+
+    model, tok = models.load_model(str(model_dir), dtype="float32", device="cpu")
+    result: dict[str, object] = {
+        "wikitext2_ppl": round(perplexity(model, eval_ids), 4),
+        "decoder_sparsity": decoder_sparsity(model),
+    }
+    if arc_limit != 0:
+        with harness.prepared_tasks(["arc_easy"]) as setup:
+            tasks = harness.run_tasks(model, tok, setup, limit=arc_limit)
+        result["arc_easy_acc"] = tasks["arc_easy"].get("acc")
+    return result
+
+
+def memory_fields(summary: dict[str, object]) -> dict[str, object]:
+    """The run report's measured memory fields, and the sum the targets compare."""
+    grad, optim = summary.get("grad_bytes"), summary.get("optimizer_state_bytes")
+    return {
+        "trainable_params": summary.get("trainable_params"),
+        "grad_bytes": grad,
+        "optimizer_state_bytes": optim,
+        "grad_plus_optimizer_bytes": (grad or 0) + (optim or 0),
+        "peak_rss_bytes": summary.get("peak_rss_bytes"),
+        "reactivated": summary.get("reactivated"),
+        "repruned": summary.get("repruned"),
+        "sparsity": summary.get("sparsity"),
+        "mean_step_s": summary.get("mean_step_s"),
+    }
+
+
+def seft_run(model: Path, out: Path, name: str, schedule: list[str]) -> tuple[dict[str, object], float]:
+    return sparsetune(
+        "seft", str(model), "-o", str(out), *QUALITY_RUNS[name], *schedule,
+        "--lr", str(LEARNING_RATES[name]), "--overwrite", "--json",
+    )  # fmt: skip
+
+
+def quality_suite(args: argparse.Namespace, work: Path) -> None:
     import torch
 
     from sparsetune import models
 
-    model, tok = models.load_model(str(model_dir), dtype="float32", device="cpu")
-    lin = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    result: dict[str, object] = {
-        "wikitext2_ppl": round(perplexity(model, eval_ids), 4),
-        "decoder_sparsity": sum(int((w == 0).sum()) for w in lin) / sum(w.numel() for w in lin),
-    }
-    if arc["run"]:
-        try:
-            from sparsetune.evaluate import harness
+    calib_windows = 4 if args.quick else CALIB_WINDOWS
+    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+        pruned = prune_testbed(work, calib_windows, sparsity)
+        _, tok = models.load_model(str(pruned), dtype="float32", device="cpu")
+        wiki = (Path(os.environ["SPARSETUNE_DATA_DIR"]) / "wikitext-2-raw" / "wiki.test.raw").read_text()
+        ids = tok(wiki, verbose=False)["input_ids"][: args.eval_windows * EVAL_SEQLEN]
+        eval_ids = torch.tensor(ids, dtype=torch.int64).view(args.eval_windows, EVAL_SEQLEN)
+        base = {"suite": "quality", "start": f"wanda{round(sparsity * 100)}", "steps": args.steps}
+        base |= {"batch_size": args.batch_size, "seqlen": args.seqlen, "eval_windows": args.eval_windows}
+        start = {**base, "run": "untrained", **evaluate(pruned, eval_ids, args.arc_limit)}
+        emit(start)
+        schedule = [
+            "--data", "c4", "--skip-tokens", str(calib_windows * CALIB_SEQLEN), "--seqlen", str(args.seqlen),
+            "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+            "--warmup-steps", str(min(10, args.steps // 10)),
+        ]  # fmt: skip
+        rows: dict[str, dict[str, object]] = {}
+        for name in args.methods.split(","):
+            out = work / f"quality-wanda{round(sparsity * 100)}-{name}"
+            summary, wall = seft_run(pruned, out, name, schedule)
+            row = {**base, "run": name, **memory_fields(summary), "wall_s": round(wall, 1)}
+            row |= evaluate(out, eval_ids, args.arc_limit)
+            rows[name] = row
+            emit(row)
+        if {"seft", "lora-reprune"} <= rows.keys():
+            s, lora = rows["seft"], rows["lora-reprune"]
+            checks: dict[str, object] = {
+                "seft_ppl_below_lora_reprune": s["wikitext2_ppl"] < lora["wikitext2_ppl"],
+                "seft_memory_within_1_1x_lora": s["grad_plus_optimizer_bytes"]
+                <= 1.1 * lora["grad_plus_optimizer_bytes"],
+                "seft_peak_rss_not_above_lora": (s["peak_rss_bytes"] or 0) <= (lora["peak_rss_bytes"] or 0),
+                "seft_step_time_ratio_vs_lora": round((s["mean_step_s"] or 0) / (lora["mean_step_s"] or 1), 3),
+                "seft_sparsity_exact": s["decoder_sparsity"] == start["decoder_sparsity"],
+            }
+            checks["seft_step_time_within_1_3x_lora"] = checks["seft_step_time_ratio_vs_lora"] <= 1.3
+            if "masked-ft" in rows:
+                checks["masked_ft_ppl"] = rows["masked-ft"]["wikitext2_ppl"]
+                checks["seft_over_masked_ft_ppl"] = round(s["wikitext2_ppl"] / rows["masked-ft"]["wikitext2_ppl"], 3)
+            emit({**base, "summary": True, **checks})
 
-            with harness.prepared_tasks(["arc_easy"]) as setup:
-                tasks = harness.run_tasks(model, tok, setup, limit=arc["limit"])
-            result["arc_easy_acc"] = tasks["arc_easy"].get("acc")
-        except ImportError as err:  # the eval issue has not landed
-            result["arc_easy_acc"] = f"unavailable: {err}"
-    return result
+
+def random_llama(work: Path, size: str, quick: bool) -> Path:
+    """A random-initialised Llama of the named size with the bundled tokenizer, pruned by magnitude to 50%."""
+    pruned = work / f"random-llama-{size}-magnitude50"
+    if (pruned / "sparsity_report.json").exists():
+        return pruned
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsetune import models
+
+    shape = dict(MEMORY_CONFIGS[size])
+    if quick:
+        shape |= {"num_hidden_layers": 2}
+    _, tok = models.load_model("smollm2", dtype="float32", device="cpu")
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], tie_word_embeddings=True, max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    dense = work / f"random-llama-{size}"
+    model = LlamaForCausalLM(config)
+    emit({"suite": "memory", "config": size, "params": sum(p.numel() for p in model.parameters())})
+    model.save_pretrained(dense)
+    tok.save_pretrained(dense)
+    del model
+    sparsetune("prune", str(dense), "-o", str(pruned), "--method", "magnitude", "--sparsity", "0.5", "--overwrite")
+    return pruned
+
+
+def memory_suite(args: argparse.Namespace, work: Path) -> None:
+    steps, seqlen, batch = (2, 32, 1) if args.quick else (5, args.memory_seqlen, 1)
+    for size in args.configs.split(","):
+        pruned = random_llama(work, size, args.quick)
+        schedule = ["--data", "c4", "--seqlen", str(seqlen), "--batch-size", str(batch), "--steps", str(steps)]
+        schedule += ["--warmup-steps", "0", "--reselect-every", "2", "--select-window", "1"]
+        rows: dict[str, dict[str, object]] = {}
+        for name in args.methods.split(","):
+            if name not in MEMORY_RUNS:
+                continue
+            run_schedule = schedule if name.startswith("seft") else schedule[:-4]
+            summary, wall = seft_run(pruned, work / f"memory-{size}-{name}", name, run_schedule)
+            row = {"suite": "memory", "config": size, "run": name, "steps": steps, "seqlen": seqlen}
+            rows[name] = row | memory_fields(summary) | {"wall_s": round(wall, 1)}
+            emit(rows[name])
+        if {"seft", "lora-reprune", "masked-ft"} <= rows.keys():
+            s, lora, masked = rows["seft"], rows["lora-reprune"], rows["masked-ft"]
+            state = "grad_plus_optimizer_bytes"
+            emit({
+                "suite": "memory", "config": size, "summary": True,
+                "seft_over_lora_grad_optimizer": round(s[state] / lora[state], 4),
+                "seft_over_masked_ft_grad_optimizer": round(s[state] / masked[state], 4),
+                "seft_over_lora_peak_rss": round((s["peak_rss_bytes"] or 0) / (lora["peak_rss_bytes"] or 1), 4),
+                "same_trainable_count": s["trainable_params"] == lora["trainable_params"],
+            })  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny setting: check the script runs")
+    parser.add_argument("--suite", choices=["quality", "memory"], default="quality")
+    parser.add_argument("--quick", action="store_true", help="tiny settings: check the script runs")
     parser.add_argument("--work", default=str(ROOT / "bench" / "cache" / "seft"), help="where models are written")
-    parser.add_argument("--settings", default="lm,instruction")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--methods", default=",".join(QUALITY_RUNS))
+    parser.add_argument("--sparsities", default="0.5,0.7", help="quality: Wanda sparsities of the start models")
+    parser.add_argument("--steps", type=int, default=120, help="quality: steps (6 reselections at the default 20)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-4, help="seft and masked-ft learning rate")
-    parser.add_argument("--lora-lr", type=float, default=3e-4)
-    parser.add_argument("--optim", default="adamw")
-    parser.add_argument("--drop-fraction", type=float, default=0.1, help="seft: first drop fraction (cosine-decayed)")
-    parser.add_argument("--grow-batches", type=int, default=1, help="seft: batches summed to score growth")
-    parser.add_argument("--regrow-lr-scale", type=float, default=1.0, help="seft: lr multiplier of regrown weights")
-    parser.add_argument("--drop-criterion", default="wanda", help="seft: wanda, sensitivity, magnitude or update")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="testbed: Wanda sparsity of the start model")
     parser.add_argument("--eval-windows", type=int, default=32)
-    parser.add_argument("--arc-limit", type=float, default=None, help="ARC-Easy documents (default: all)")
-    parser.add_argument("--no-arc", action="store_true")
+    parser.add_argument("--arc-limit", type=float, default=None, help="ARC-Easy documents (default: all; 0: skip)")
+    parser.add_argument("--configs", default=",".join(MEMORY_CONFIGS), help="memory: config sizes")
+    parser.add_argument("--memory-seqlen", type=int, default=256, help="memory: tokens per step")
     args = parser.parse_args()
-    calib_windows = CALIB_WINDOWS
-    if args.quick:  # a smaller calibration set too, so the check does not spend minutes pruning
-        args.steps, args.batch_size, args.seqlen, args.eval_windows, calib_windows = 3, 2, 64, 2, 4
-        args.arc_limit = args.arc_limit or 8
+    if args.quick:
+        args.steps, args.batch_size, args.seqlen, args.eval_windows = 4, 2, 64, 2
+        args.arc_limit = 8 if args.arc_limit is None else args.arc_limit
+        args.configs = "135M"
     os.environ.setdefault("SPARSETUNE_DATA_DIR", str(SHARED))
-    work = Path(args.work)
+    work = Path(args.work) / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
-
-    import torch
-
-    from sparsetune import models
-
-    pruned = prune_testbed(work, calib_windows, args.sparsity)
-    _, tok = models.load_model(str(pruned), dtype="float32", device="cpu")
-    wiki = (Path(os.environ["SPARSETUNE_DATA_DIR"]) / "wikitext-2-raw" / "wiki.test.raw").read_text()
-    ids = tok(wiki, verbose=False)["input_ids"][: args.eval_windows * EVAL_SEQLEN]
-    eval_ids = torch.tensor(ids, dtype=torch.int64).view(args.eval_windows, EVAL_SEQLEN)
-    arc = {"run": not args.no_arc, "limit": args.arc_limit}
-    base = {
-        "start_sparsity": args.sparsity,
-        "lr": args.lr,
-        "drop_fraction": args.drop_fraction,
-        "drop_criterion": args.drop_criterion,
-        "grow_batches": args.grow_batches,
-        "regrow_lr_scale": args.regrow_lr_scale,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "seqlen": args.seqlen,
-        "eval_windows": args.eval_windows,
-    }
-    start = {"run": f"wanda{round(args.sparsity * 100)}-untrained", **evaluate(pruned, eval_ids, arc)}
-    emit(start)
-
-    for setting in args.settings.split(","):
-        spec = SETTINGS[setting]
-        rows = {}
-        skip = calib_windows * CALIB_SEQLEN
-        for method in args.methods.split(","):
-            out = work / f"{setting}-{method}"
-            interval = min(spec["update_interval"], max(1, args.steps // 2))
-            summary, wall = sparsetune(
-                "seft", str(pruned), "-o", str(out), "--method", method, "--data", spec["data"],
-                "--skip-tokens", str(skip if setting == "lm" else 0), "--seqlen", str(args.seqlen),
-                "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-                "--lr", str(args.lora_lr if method == "lora-reprune" else args.lr),
-                "--warmup-steps", str(min(10, args.steps // 10)), "--update-interval", str(interval),
-                "--optim", args.optim, "--drop-fraction", str(args.drop_fraction),
-                "--drop-criterion", args.drop_criterion, "--grow-batches", str(args.grow_batches),
-                "--regrow-lr-scale", str(args.regrow_lr_scale), "--overwrite", "--json",
-            )  # fmt: skip
-            row = {
-                "setting": setting,
-                "method": method,
-                **base,
-                "tokens": summary.get("tokens"),
-                "first_loss": summary.get("first_loss"),
-                "final_loss": summary.get("final_loss"),
-                "sparsity_after": summary.get("sparsity_after"),
-                "topology_totals": summary.get("topology_totals"),
-                "optimizer_state_bytes": summary.get("optimizer_state_bytes"),
-                "gradient_bytes": summary.get("gradient_bytes"),
-                "peak_rss_gb": round((summary.get("peak_rss_bytes") or 0) / 2**30, 3),
-                "mean_step_s": round(summary.get("mean_step_s") or 0.0, 4),
-                "wall_s": round(wall, 1),
-                **evaluate(out, eval_ids, arc),
-            }
-            rows[method] = row
-            emit(row)
-        if all(m in rows for m in METHODS):
-            s, m, lora = rows["seft"], rows["masked-ft"], rows["lora-reprune"]
-            checks = {
-                "seft_ppl_below_masked_ft": s["wikitext2_ppl"] < m["wikitext2_ppl"],
-                "seft_ppl_below_untrained": s["wikitext2_ppl"] < start["wikitext2_ppl"],
-                "seft_ppl_not_above_lora_reprune": s["wikitext2_ppl"] <= lora["wikitext2_ppl"],
-                "seft_peak_rss_not_above_lora_reprune": s["peak_rss_gb"] <= lora["peak_rss_gb"],
-                "seft_sparsity_exact": s["decoder_sparsity"] == start["decoder_sparsity"],
-            }
-            emit({"setting": setting, "summary": True, **base, **checks})
+    (quality_suite if args.suite == "quality" else memory_suite)(args, work)
 
 
 if __name__ == "__main__":
