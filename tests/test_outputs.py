@@ -253,12 +253,44 @@ def test_an_output_where_nothing_can_be_made_is_refused_for_root_too(command, ti
     assert len(errors) == 1 and "/proc is not writable" in errors[0], result.output
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0555 dir anyway")
-def test_a_read_only_parent_is_refused(tmp_path):
-    parent = tmp_path / "ro"
-    parent.mkdir(mode=0o555)
+# Root writes into a 0555 dir anyway, so as root the check runs in a child that has dropped to `nobody`.
+READ_ONLY_CHECK = """
+import os, sys
+from sparsetune.errors import SparsetuneError
+from sparsetune.outputs import check_output_dir
+if os.geteuid() == 0:  # after the imports: nobody may not read root's Python install
+    os.setgid(65534)
+    os.setuid(65534)
+try:
+    check_output_dir(sys.argv[1], overwrite=False)
+except SparsetuneError as err:
+    print(err)
+    sys.exit(2)
+"""
+
+
+def test_a_read_only_parent_is_refused():
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="sparsetune-ro-", dir="/tmp"))  # not under root's 0700 pytest dir
+    parent = root / "ro"
     try:
-        with pytest.raises(SparsetuneError, match="is not writable"):
-            check_output_dir(parent / "out", overwrite=False)
+        root.chmod(0o755)
+        parent.mkdir(mode=0o555)
+        if os.geteuid() == 0:
+            os.chown(parent, 65534, 65534)  # nobody's own dir, read-only: only the mode stops the write
+        parent.chmod(0o555)  # mkdir's mode is masked by the umask
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        done = subprocess.run(
+            [sys.executable, "-c", READ_ONLY_CHECK, str(parent / "out")], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "is not writable" in done.stdout, done.stdout
+        assert list(parent.iterdir()) == []  # the probe left nothing behind
     finally:
         parent.chmod(0o755)
+        import shutil
+
+        shutil.rmtree(root)
