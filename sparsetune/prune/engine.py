@@ -727,6 +727,26 @@ class _Plans:
         return self.cache[key]
 
 
+def prune_block(
+    layer: nn.Module,
+    X: torch.Tensor | DiskTensor,
+    call: BlockCall,
+    block: BlockTargets,
+    opts: EngineOptions,
+    plans: _Plans | None = None,
+) -> None:
+    """Prune one block on `opts.device` (the fast path for a Llama-layout block, else the derived stages); X
+    becomes the pruned block's output in place."""
+    if block.fast and opts.sequential and not opts.force_generic:
+        prune_block_sequential(layer, X, call, block, opts)
+    elif block.targets:
+        plan = (plans or _Plans(opts)).get(layer, X, call, block, opts.device)
+        prune_block_generic(layer, X, call, block, plan, opts)
+    else:  # nothing targeted here: the block output is still the next block's input
+        for sl in batches(X.shape[0], opts.batch_size):
+            X[sl] = _layer_output(layer(X[sl].to(opts.device), *call.args, **call.kwargs)).to(X.device)
+
+
 def prune_uncalibrated(
     blocks: list[BlockTargets],
     head: tuple[str, models.Target] | None,
@@ -788,15 +808,7 @@ def run_blocks(
         t_block = time.perf_counter()
         with _block_on_device(layers[i], opts) as dev:
             block_opts = replace(opts, target=targets[i], device=dev)
-            call = _on_device(calls[i], dev)
-            if blocks[i].fast and opts.sequential and not opts.force_generic:
-                prune_block_sequential(layers[i], X, call, blocks[i], block_opts)
-            elif blocks[i].targets:
-                plan = plans.get(layers[i], X, call, blocks[i], dev)
-                prune_block_generic(layers[i], X, call, blocks[i], plan, block_opts)
-            else:  # nothing targeted here: the block output is still the next block's input
-                for sl in batches(X.shape[0], opts.batch_size):
-                    X[sl] = _layer_output(layers[i](X[sl].to(dev), *call.args, **call.kwargs)).to(X.device)
+            prune_block(layers[i], X, _on_device(calls[i], dev), blocks[i], block_opts, plans)
         if opts.checkpoint is not None:
             opts.checkpoint.save(i, layers[i], X, targets, opts.module_info)
             _test_kill_hook(i)
