@@ -199,13 +199,22 @@ def _round_trip(model, fmt, tmp_path):
     return report, json.loads((out / "sparsetune_config.json").read_text())
 
 
+def _sparse_on_disk(model, tmp_path) -> set[str]:
+    """Keys of the tensors `save_pretrained` writes (the family's checkpoint layout) that are half zeros."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(tmp_path / "plain")
+    saved = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    return {k for k, t in saved.items() if t.dim() >= 2 and int((t == 0).sum()) * 2 >= t.numel()}
+
+
 def test_export_sparse_bitmask_round_trips_bit_for_bit(family, wanda_50, tmp_path):
     model, _ = wanda_50
     report, meta = _round_trip(model, "sparse-bitmask", tmp_path)
     stored = {m["key"] for m in meta["modules"].values()}
-    assert _target_params(model) <= stored  # every pruned matrix is stored compressed, expert params included
-    if family in MOE_FAMILIES:
-        assert meta["expert_layout"] == "stacked"
+    assert _sparse_on_disk(model, tmp_path) == stored  # every pruned matrix is stored compressed, experts included
+    if family in MOE_FAMILIES:  # as the family's checkpoints store experts: one 2-D Linear weight per expert
+        assert any(".experts.0." in key for key in stored) and meta["expert_layout"] is None
 
 
 def test_export_sparse_24_bitmask_round_trips_bit_for_bit(family, sgpt_24, tmp_path):
@@ -215,7 +224,31 @@ def test_export_sparse_24_bitmask_round_trips_bit_for_bit(family, sgpt_24, tmp_p
             _round_trip(model, "sparse-24-bitmask", tmp_path)
         return
     _, meta = _round_trip(model, "sparse-24-bitmask", tmp_path)
-    assert _target_params(model) <= {m["key"] for m in meta["modules"].values()}
+    assert _sparse_on_disk(model, tmp_path) == {m["key"] for m in meta["modules"].values()}
+
+
+def test_a_fused_3d_expert_parameter_is_stored_stacked_and_restored():
+    """Where a checkpoint layout keeps fused experts whole, the [E, R, C] tensor is one [E * R, C] matrix whose
+    `shape` holds the three dims; decompressing gives the exact tensor back."""
+    from sparsetune.export.codecs import bitmask_decompress
+    from sparsetune.export.loader import decompress_state
+    from sparsetune.export.writer import encode_tensors, plan_modules
+
+    model = make_family_model("mixtral")
+    param = model.model.layers[0].mlp.experts.gate_up_proj
+    with torch.no_grad():
+        param.mul_(torch.rand(param.shape, generator=torch.Generator().manual_seed(0)) > 0.5)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # in-memory (fused) layout
+    plan = plan_modules(model, state, "sparse-bitmask", [], 0.9, False)
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    assert plan.keys[key] == key
+    tensors = encode_tensors(state, plan, "sparse-bitmask")
+    assert tensors[f"{key}.shape"].tolist() == [4, 256, 64]
+    flat = {p: tensors[f"{key}.{p}"] for p in ("compressed", "bitmask", "row_offsets")}
+    stacked = bitmask_decompress({**flat, "shape": torch.tensor([4 * 256, 64])})
+    assert torch.equal(stacked, param.detach().reshape(4 * 256, 64))  # the expert slices, stacked row-major
+    back = decompress_state(tensors, "sparse-bitmask", {key: key})
+    assert torch.equal(back[key], param.detach())
 
 
 MASKED_FT_XFAIL = {
@@ -449,3 +482,27 @@ def test_a_weight_the_engine_does_not_know_is_refused_before_anything_is_pruned(
     report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     assert "model.layers.1.mlp.up_proj" not in report["modules"] and report["modules_pruned"] == 13
     assert torch.equal(mlp.up_proj.kernel, before["model.layers.1.mlp.up_proj.kernel"])
+
+
+def test_cli_prunes_a_moe_dir_with_moe_calibrate_all_and_reports_it(tmp_path, tiny_tokenizer, text_file):
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from sparsetune.cli.app import app
+
+    src = tmp_path / "mixtral"
+    make_family_model("mixtral").save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    calib = ["--calib", str(text_file), "--calib-samples", "4", "--seqlen", "32"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["prune", str(src), *calib, "--moe-calibrate", "all", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "sparsity_report.json").read_text())
+    assert report["settings"]["moe_calibrate"] == "all" and report["moe"]["calibrate"] == "all"
+    assert report["moe"]["tokens_per_expert"]["model.layers.1.mlp.experts.down_proj"] == [4 * 32] * 4
+    saved = load_file(str(out / "model.safetensors"))  # Mixtral's checkpoint layout: w1 / w3 / w2 per expert
+    for w in ("w1", "w2", "w3"):
+        weight = saved[f"model.layers.0.block_sparse_moe.experts.2.{w}.weight"]
+        assert int((weight == 0).sum()) == weight.numel() // 2
+    bad = CliRunner().invoke(app, ["prune", str(src), *calib, "--moe-calibrate", "some", "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "moe_calibrate" in bad.output and not (tmp_path / "x").exists()

@@ -54,6 +54,7 @@ def prune_command(
     alps_rho_growth: float | None = typer.Option(None, help=_h("alps_rho_growth"), show_default=False),
     alps_max_iter: int | None = typer.Option(None, help=_h("alps_max_iter"), show_default=False),
     alps_cg_iter: int | None = typer.Option(None, help=_h("alps_cg_iter"), show_default=False),
+    moe_calibrate: str | None = typer.Option(None, help=_h("moe_calibrate"), show_default=False),
     refine: str | None = typer.Option(None, help=_h("refine"), show_default=False),
     refine_targets: str | None = typer.Option(
         None, help=_h("refine_targets") + " (comma-separated)", show_default=False
@@ -108,6 +109,7 @@ def prune_command(
             "alps_rho_growth": alps_rho_growth,
             "alps_max_iter": alps_max_iter,
             "alps_cg_iter": alps_cg_iter,
+            "moe_calibrate": moe_calibrate,
             "refine": refine,
             "refine_targets": split_list(refine_targets),
             "refine_max_cycles": refine_max_cycles,

@@ -54,19 +54,29 @@ class ModulePlan:
     keys: dict[str, str] = field(default_factory=dict)  # compressed name -> its dense state-dict key
 
 
-def _candidates(model: nn.Module) -> list[tuple[str, str, str, bool]]:
-    """(name, dense key, kind, rows are [out, in]) of every weight the sparse formats can store: Linears,
-    transformers' Conv1D (stored [in, out]) and fused 3-D expert parameters ([E, out, in] unless transposed)."""
+def _candidates(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[str, str, str, bool]]:
+    """(name, dense key, kind, rows are [out, in]) of every weight of the checkpoint layout `state` that the sparse
+    formats can store: Linears, transformers' Conv1D (stored [in, out]), each expert's 2-D weight where the
+    checkpoint layout splits fused experts (Mixtral's `experts.0.w1`, Qwen3-MoE's `experts.0.gate_proj`: Linear
+    weights [out, in]), and fused 3-D expert parameters the layout keeps whole ([E, out, in] unless transposed)."""
+    modules = dict(model.named_modules())
+    in_memory = model.state_dict()
+    fused = {}
+    for name, module in modules.items():
+        for param in models.expert_params(module):
+            fused[f"{name}.{param}" if name else param] = not getattr(module, "is_transposed", False)
     out = []
-    for name, module in model.named_modules():
+    for key, tensor in state.items():
+        name = key.removesuffix(".weight")
+        module = modules.get(name) if key.endswith(".weight") else None
         if isinstance(module, nn.Linear):
-            out.append((name, f"{name}.weight", "linear", True))
-        elif models.is_conv1d(module):
-            out.append((name, f"{name}.weight", "conv1d", False))
-        else:
-            for param in models.expert_params(module):
-                full = f"{name}.{param}" if name else param
-                out.append((full, full, "experts", not getattr(module, "is_transposed", False)))
+            out.append((name, key, "linear", True))
+        elif module is not None and models.is_conv1d(module):
+            out.append((name, key, "conv1d", False))
+        elif key in fused and tensor.dim() == 3:
+            out.append((key, key, "experts", fused[key]))
+        elif key.endswith(".weight") and ".experts." in key and tensor.dim() == 2 and key not in in_memory:
+            out.append((name, key, "expert", True))  # a fused expert parameter's slice, as the checkpoint stores it
     return out
 
 
@@ -77,7 +87,11 @@ def as_rows(weight: torch.Tensor) -> torch.Tensor:
 
 
 def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors as a checkpoint stores them: on CPU, each shared tensor once (tied lm_head dropped)."""
+    """The model's tensors as a checkpoint stores them: on CPU, each shared tensor once (tied lm_head dropped), in
+    the layout `save_pretrained` writes (transformers' weight conversions reverted, so fused MoE experts are the
+    per-expert Linear weights of the family's checkpoints, e.g. Mixtral's `block_sparse_moe.experts.0.w1`)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     seen: set[tuple[int, int]] = set()
     out = {}
     for key, tensor in model.state_dict().items():
@@ -86,7 +100,10 @@ def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         seen.add(ident)
         out[key] = tensor.detach().cpu()
-    return out
+    reverted = revert_weight_conversion(model, dict(out))
+    if reverted.keys() == out.keys():  # nothing converted: keep the model's own order
+        return out
+    return {k: v.contiguous() for k, v in reverted.items()}
 
 
 def plan_modules(
@@ -97,11 +114,11 @@ def plan_modules(
     exclude = [re.compile(p) for p in ignore]
     plan = ModulePlan()
     offenders = []
-    for name, key, kind, out_in in _candidates(model):
-        weight = state.get(key)
-        if weight is None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and f"{name}.weight" not in state:
             plan.dense[name] = "shares its weight with the embeddings"
-            continue
+    for name, key, kind, out_in in _candidates(model, state):
+        weight = state[key]
         if any(p.search(name) for p in exclude):
             plan.dense[name] = "matched --ignore"
             continue
@@ -113,7 +130,7 @@ def plan_modules(
         if fmt in TWO_FOUR_FORMATS and not out_in:
             plan.dense[name] = f"{kind} weight stored [in, out]: {fmt} groups run along stored rows"
             continue
-        if fmt == "semi-structured-2:4" and kind != "linear":
+        if fmt == "semi-structured-2:4" and kind not in ("linear", "expert"):
             plan.dense[name] = f"{fmt} holds 2-D Linear weights only"
             continue
         if fmt in TWO_FOUR_FORMATS and violations:
@@ -272,8 +289,9 @@ def export_model(model: nn.Module, tokenizer: Any, out_dir: Path, cfg: ExportCon
             n: {"shape": list(state[plan.keys[n]].shape), "sparsity": s, "key": plan.keys[n]}
             for n, s in plan.compress.items()
         },
-        # 3-D expert parameters [E, R, C] are stored as one [E * R, C] matrix (expert slices stacked), their
-        # `shape` holding the three dims ([3] for sparse-bitmask, [3, 1] for sparse-24-bitmask).
+        # Fused experts are stored as the checkpoint layout has them: per-expert 2-D Linear weights (Mixtral,
+        # Qwen3-MoE, DeepSeek-V3), each compressed like any Linear; a 3-D parameter the layout keeps whole
+        # [E, R, C] is one [E * R, C] matrix (expert slices stacked) whose `shape` holds the three dims.
         "expert_layout": "stacked" if any(state[k].dim() == 3 for k in plan.keys.values()) else None,
         "ignore": plan.dense,
         "forced_24": plan.forced,
