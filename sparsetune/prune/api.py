@@ -99,7 +99,17 @@ def plan_targets(model: nn.Module, cfg: PruneConfig) -> tuple[list[BlockTargets]
     return blocks, head
 
 
-def architecture_report(model: nn.Module, blocks: list[BlockTargets]) -> dict[str, Any]:
+def engine_path(blocks: list[BlockTargets], cfg: PruneConfig) -> str:
+    if not needs_calibration(cfg):
+        return "no calibration: each matrix on its own"
+    if not cfg.sequential:
+        return "two-pass: statistics from the dense block"
+    if all(b.fast for b in blocks if b.targets):
+        return "llama-layout one-pass"
+    return "derived order"
+
+
+def architecture_report(model: nn.Module, blocks: list[BlockTargets], cfg: PruneConfig) -> dict[str, Any]:
     """What the engine found: the family (tested or tried generically), where the blocks are, target kinds."""
     kinds: dict[str, int] = {}
     for b in blocks:
@@ -111,7 +121,7 @@ def architecture_report(model: nn.Module, blocks: list[BlockTargets]) -> dict[st
         "family": "tested" if known else "untested: tried generically",
         "decoder_path": models.find_decoder(model)[0],
         "blocks": len(blocks),
-        "engine": "llama-layout one-pass" if blocks and all(b.fast for b in blocks) else "generic (derived order)",
+        "engine": engine_path(blocks, cfg),
         "target_kinds": kinds,
     }
 
@@ -283,7 +293,7 @@ def prune_model(
         if "warning" in info and ctx.is_main:  # e.g. a method's documented fallback: never silent
             log.warning("%s: %s", name, info["warning"])
     report["summary"]["refine"] = cfg.refine
-    report["architecture"] = architecture_report(model, blocks)
+    report["architecture"] = architecture_report(model, blocks, cfg)
     if engine.get("plans"):
         report["architecture"]["derived_stages"] = engine["plans"]
     moe = moe_report(cfg, blocks, module_info)
