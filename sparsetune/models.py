@@ -34,7 +34,7 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 KNOWN_FAMILIES = (
     *SUPPORTED_FAMILIES,
     *("gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "opt", "gpt2", "mixtral", "qwen3_moe"),
-    "deepseek_v3",
+    *("gpt_oss", "deepseek_v3"),
 )
 # Where causal LMs keep their decoder block list, tried in order before a generic search.
 DECODER_PATHS = (
@@ -451,8 +451,8 @@ def unknown_weights(layer: nn.Module, prefix: str) -> list[tuple[str, str]]:
     for _, module in layer.named_modules():
         if isinstance(module, nn.Linear) or is_conv1d(module):
             known.add(id(module.weight))
-        for param in expert_params(module):
-            known.add(id(getattr(module, param)))
+        if expert_params(module):  # its fused weights, and their per-expert biases [E, out]
+            known.update(id(p) for p in module.parameters(recurse=False))
         experts = getattr(module, "experts", None)
         if isinstance(experts, nn.Module) and expert_params(experts):
             for child_name in ("gate", "router"):

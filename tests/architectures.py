@@ -33,6 +33,14 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256, "n_inner": 128},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": 4, **MOE, "head_dim": 16, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "gpt_oss": {
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "head_dim": 16,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
     "deepseek_v3": {
         "n_routed_experts": 4,
         **MOE,
@@ -48,7 +56,9 @@ FAMILY_CONFIGS: dict[str, dict] = {
         "num_key_value_heads": 4,
     },
 }
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3")
+# Expert weights the checkpoint layout keeps fused and transposed ([E, in, out]): stored stacked, no 2:4 export.
+FUSED_ON_DISK = ("gpt_oss",)
 
 
 def make_family_model(family: str, seed: int = 0):

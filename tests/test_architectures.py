@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from architectures import FAMILY_CONFIGS, MOE_FAMILIES, make_family_model
+from architectures import FAMILY_CONFIGS, FUSED_ON_DISK, MOE_FAMILIES, make_family_model
 from conftest import make_tiny_model, random_text
 from test_prune_methods import _calib
 from torch.nn import functional as F
@@ -104,7 +104,9 @@ def _matrices(model) -> dict[str, torch.Tensor]:
         for param in ("gate_up_proj", "down_proj"):
             p = module._parameters.get(param)
             if p is not None and p.dim() == 3:
-                out.update({f"{name}.{param}[{e}]": p.detach()[e] for e in range(p.shape[0])})
+                flip = getattr(module, "is_transposed", False)  # GPT-OSS stores [E, in, out]
+                slices = [w.t() if flip else w for w in p.detach()]
+                out.update({f"{name}.{param}[{e}]": w for e, w in enumerate(slices)})
     return out
 
 
@@ -205,7 +207,8 @@ def _sparse_on_disk(model, tmp_path) -> set[str]:
 
     model.save_pretrained(tmp_path / "plain")
     saved = load_file(str(tmp_path / "plain" / "model.safetensors"))
-    return {k for k, t in saved.items() if t.dim() >= 2 and int((t == 0).sum()) * 2 >= t.numel()}
+    weights = {k: t for k, t in saved.items() if t.dim() >= 2 and not k.endswith("bias")}  # GPT-OSS: [E, out] biases
+    return {k for k, t in weights.items() if int((t == 0).sum()) * 2 >= t.numel()}
 
 
 def test_export_sparse_bitmask_round_trips_bit_for_bit(family, wanda_50, tmp_path):
@@ -213,7 +216,9 @@ def test_export_sparse_bitmask_round_trips_bit_for_bit(family, wanda_50, tmp_pat
     report, meta = _round_trip(model, "sparse-bitmask", tmp_path)
     stored = {m["key"] for m in meta["modules"].values()}
     assert _sparse_on_disk(model, tmp_path) == stored  # every pruned matrix is stored compressed, experts included
-    if family in MOE_FAMILIES:  # as the family's checkpoints store experts: one 2-D Linear weight per expert
+    if family in FUSED_ON_DISK:  # the checkpoint keeps experts fused: one stacked tensor per parameter
+        assert meta["expert_layout"] == "stacked"
+    elif family in MOE_FAMILIES:  # as the family's checkpoints store experts: one 2-D Linear weight per expert
         assert any(".experts.0." in key for key in stored) and meta["expert_layout"] is None
 
 
@@ -224,7 +229,11 @@ def test_export_sparse_24_bitmask_round_trips_bit_for_bit(family, sgpt_24, tmp_p
             _round_trip(model, "sparse-24-bitmask", tmp_path)
         return
     _, meta = _round_trip(model, "sparse-24-bitmask", tmp_path)
-    assert _sparse_on_disk(model, tmp_path) == {m["key"] for m in meta["modules"].values()}
+    stored = {m["key"] for m in meta["modules"].values()}
+    if family in FUSED_ON_DISK:  # [E, in, out]: 2:4 groups do not run along stored rows, so experts stay dense
+        assert all("stored [in, out]" in meta["ignore"][k] for k in _sparse_on_disk(model, tmp_path) - stored)
+        stored |= {k for k in meta["ignore"] if "experts" in k}
+    assert _sparse_on_disk(model, tmp_path) == stored
 
 
 def test_a_fused_3d_expert_parameter_is_stored_stacked_and_restored():
@@ -348,8 +357,9 @@ def _experts_inputs(model, layer: int = 0):
 
 
 @pytest.mark.parametrize("mode", ["routed", "all"])
-def test_expert_statistics_come_from_routed_tokens_weighted_by_the_router(mode, tiny_tokenizer):
-    dense = make_family_model("mixtral")
+@pytest.mark.parametrize("fam", ["mixtral", "gpt_oss"])  # gpt_oss: [E, in, out] experts with biases, own gating
+def test_expert_statistics_come_from_routed_tokens_weighted_by_the_router(fam, mode, tiny_tokenizer):
+    dense = make_family_model(fam)
     hidden, index, weights = _experts_inputs(dense)
     experts = dense.model.layers[0].mlp.experts
     model = copy.deepcopy(dense)
@@ -365,12 +375,22 @@ def test_expert_statistics_come_from_routed_tokens_weighted_by_the_router(mode, 
             x, w = hidden[rows], weights[rows, k]
         counts.append(x.shape[0])
         xw = x * w[:, None]
-        gate, up = (x @ experts.gate_up_proj[e].detach().t()).chunk(2, dim=-1)
-        z = (F.silu(gate) * up) * w[:, None]  # down reads the dense gate/up output (Wanda's dense_down_stats)
+        flip = getattr(experts, "is_transposed", False)
+        gate_up = experts.gate_up_proj.detach()[e]
+        with torch.no_grad():
+            h = x @ gate_up if flip else x @ gate_up.t()
+            if fam == "gpt_oss":
+                h = experts._apply_gate(h + experts.gate_up_proj_bias.detach()[e])  # interleaved, clamped GLU
+            else:
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+        z = h * w[:, None]  # down reads the dense gate/up output (Wanda's dense_down_stats)
         for param, inputs in (("gate_up_proj", xw), ("down_proj", z)):
             dense_w = getattr(experts, param).detach()[e]
+            dense_w = dense_w.t() if flip else dense_w  # as [out, in]
             want = wanda.prune_group([dense_w], inputs.pow(2).sum(dim=0), 0.5)[0]
-            assert torch.equal(getattr(got, param).detach()[e], want), (param, e)
+            got_w = getattr(got, param).detach()[e]
+            assert torch.equal(got_w.t() if flip else got_w, want), (param, e)
     tokens = report["moe"]["tokens_per_expert"]["model.layers.0.mlp.experts.gate_up_proj"]
     assert tokens == counts
     assert sum(tokens) == (8 * 32 * (2 if mode == "routed" else 4))  # top-2 routing; "all": 4 experts each
