@@ -526,3 +526,35 @@ def test_cli_prunes_a_moe_dir_with_moe_calibrate_all_and_reports_it(tmp_path, ti
         assert int((weight == 0).sum()) == weight.numel() // 2
     bad = CliRunner().invoke(app, ["prune", str(src), *calib, "--moe-calibrate", "some", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "moe_calibrate" in bad.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "mixtral"])
+def test_an_interrupted_generic_run_resumes_to_the_same_weights(fam, tiny_tokenizer, tmp_path, monkeypatch):
+    from sparsetune.prune.checkpoint import Checkpointer
+
+    settings = {"method": "sparsegpt", "pattern": "2:4"}
+    straight = make_family_model(fam)
+    prune_model(straight, tiny_tokenizer, PruneConfig(model="x", **settings), _calib(), show_progress=False)
+
+    class Stop(Exception):
+        pass
+
+    save = Checkpointer.save
+
+    def save_then_stop(self, block, *args, **kwargs):
+        save(self, block, *args, **kwargs)
+        if block == 0:
+            raise Stop
+
+    cfg = PruneConfig(model="x", checkpoint_dir=str(tmp_path / "ck"), **settings)
+    monkeypatch.setattr(Checkpointer, "save", save_then_stop)
+    with pytest.raises(Stop):
+        prune_model(make_family_model(fam), tiny_tokenizer, cfg, _calib(), show_progress=False)
+    monkeypatch.setattr(Checkpointer, "save", save)
+    resumed = make_family_model(fam)
+    cfg = PruneConfig(model="x", checkpoint_dir=str(tmp_path / "ck"), resume=True, **settings)
+    report = prune_model(resumed, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    assert report["resumed_from_block"] == 1
+    want = straight.state_dict()
+    for key, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, want[key]), key
