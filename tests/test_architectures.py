@@ -558,3 +558,17 @@ def test_an_interrupted_generic_run_resumes_to_the_same_weights(fam, tiny_tokeni
     want = straight.state_dict()
     for key, tensor in resumed.state_dict().items():
         assert torch.equal(tensor, want[key]), key
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "mixtral", "gpt_oss"])
+def test_prunable_targets_give_writable_out_in_views_of_the_stored_weights(fam):
+    model = make_family_model(fam)
+    targets = models.prunable_targets(model)
+    assert set(targets) == set(_matrices(model))
+    for name, view in _matrices(model).items():
+        got = targets[name]()
+        assert got.shape == view.shape and torch.equal(got, view), name
+    name = next(n for n in targets if "[1]" in n) if fam != "gpt2" else "transformer.h.0.mlp.c_fc"
+    targets[name]()[0, 2] = 0.0  # [out, in] index: output row 0, input column 2
+    assert _matrices(model)[name][0, 2] == 0.0
+    assert int((_matrices(model)[name] == 0).sum()) == 1

@@ -403,17 +403,15 @@ def derive_plan(
         else:
             by_module.setdefault(id(t.module), []).append(local[t.name])
     events: list[tuple[str, Any, Any]] = []  # ("read", names, input) or ("experts", owner, param)
-    seen: set[int] = set()
-    handles = []
+    seen: set[int] = set()  # modules already read: only a module's first call places it in the order
 
     def reader(module: nn.Module, args: tuple[Any, ...]) -> None:
         if id(module) not in seen:
             seen.add(id(module))
             events.append(("read", by_module[id(module)], args[0]))
 
-    for t in targets.targets:
-        if t.kind != "expert" and id(t.module) not in seen and id(t.module) in by_module:
-            handles.append(t.module.register_forward_pre_hook(reader))
+    readers = {id(t.module): t.module for t in targets.targets if t.kind != "expert"}
+    handles = [module.register_forward_pre_hook(reader) for module in readers.values()]
     wrapped = []
     for owner, module in experts_modules.items():
         original = module.forward
