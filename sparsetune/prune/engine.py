@@ -33,7 +33,6 @@ element by element).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import time
@@ -50,8 +49,6 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern
 from sparsetune.prune.activations import ActivationStore, DiskTensor
 from sparsetune.prune.checkpoint import Checkpointer
-
-log = logging.getLogger(__name__)
 
 KILL_AFTER_BLOCK_ENV = "SPARSETUNE_TEST_KILL_AFTER_BLOCK"  # test hook: SIGKILL self after this block's checkpoint
 
@@ -369,8 +366,13 @@ class BlockPlan:
     stages: list[Stage]
 
     def describe(self) -> list[list[str]]:
+        """Per stage, its groups (comma-joined targets); `+` marks a stage collected in the previous one's pass."""
         return [
-            [",".join(g) for g in s.groups] if s.experts is None else [f"{s.experts}.{s.param}[*]"] for s in self.stages
+            [
+                ("+" if s.with_previous else "") + (",".join(g) if s.experts is None else f"{s.experts}.{s.param}[*]")
+                for g in (s.groups if s.experts is None else s.groups[:1])
+            ]
+            for s in self.stages
         ]
 
 
