@@ -77,12 +77,12 @@ def tensor_sparsity(weight: torch.Tensor) -> float:
     return float((weight == 0).sum()) / max(1, weight.numel())
 
 
-def sparsity_stats(modules: dict[str, nn.Module]) -> dict[str, object]:
-    """Per-module and parameter-weighted global sparsity of the given modules' weights."""
+def sparsity_stats(modules: dict[str, nn.Module | torch.Tensor]) -> dict[str, object]:
+    """Per-module and parameter-weighted global sparsity of the given modules' weights (or weight tensors)."""
     per_module = {}
     zeros = total = 0
     for name, mod in modules.items():
-        w = mod.weight.detach()
+        w = (mod if isinstance(mod, torch.Tensor) else mod.weight).detach()
         z = int((w == 0).sum())
         per_module[name] = {"shape": list(w.shape), "zeros": z, "numel": w.numel(), "sparsity": z / w.numel()}
         zeros += z

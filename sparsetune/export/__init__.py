@@ -54,9 +54,10 @@ def tensor_bytes(path: str | Path) -> dict[str, int]:
 
 
 def module_bytes(sizes: dict[str, int], modules: list[str]) -> int:
-    """Bytes stored for the given modules' weights, dense (`<m>.weight`) or compressed (`<m>.<part>`)."""
+    """Bytes stored for the given modules' weights, dense (`<m>.weight`, or `<m>` itself for a fused expert
+    parameter) or compressed (`<m>.<part>`)."""
     wanted = set(modules)
-    return sum(n for key, n in sizes.items() if key.rpartition(".")[0] in wanted)
+    return sum(n for key, n in sizes.items() if key.rpartition(".")[0] in wanted or key in wanted)
 
 
 def disk_bytes(path: str | Path) -> int:

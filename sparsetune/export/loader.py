@@ -18,7 +18,7 @@ from safetensors.torch import load_file as safetensors_load_file
 from torch import nn
 
 from sparsetune.errors import SparsetuneError
-from sparsetune.export.codecs import CODECS, TWO_FOUR, nm_group_violations
+from sparsetune.export.codecs import CODECS, TWO_FOUR, CorruptTensorError, nm_group_violations
 from sparsetune.export.formats import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256, read_export_format
 from sparsetune.export.formats import read_json as _read_json
 
@@ -102,8 +102,17 @@ def read_tensors(path: Path, digests: dict[str, Any] | None = None) -> dict[str,
     return tensors
 
 
-def decompress_state(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
-    """Replace every compressed module's parts by its dense `<m>.weight`; other tensors pass through."""
+def decompress_state(
+    tensors: dict[str, torch.Tensor], fmt: str, keys: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Replace every compressed module's parts by its dense `<m>.weight` (or the dense key `keys` names, for a
+    fused 3-D expert parameter); other tensors pass through.
+
+    A fused 3-D expert parameter [E, R, C] (its dense key, from sparsetune_config.json, is not `<m>.weight`) is
+    stored as one [E * R, C] matrix whose `shape` holds the three dims: it is decompressed as that matrix and
+    given its expert axis back.
+    """
+    keys = keys or {}
     params, _, decompress = CODECS[fmt]
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     state: dict[str, torch.Tensor] = {}
@@ -117,9 +126,18 @@ def decompress_state(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, to
         missing = [p for p in params if p not in parts]
         if missing:
             raise SparsetuneError(f"{module} lacks {module}.{missing[0]} in its {fmt} tensors; re-export the model")
-        if f"{module}.weight" in state:
+        dense_key = keys.get(module, f"{module}.weight")
+        if dense_key in state:
             raise SparsetuneError(f"{module} is stored both dense and compressed; re-export the model")
-        state[f"{module}.weight"] = decompress(parts, module)
+        shape = parts["shape"]
+        if dense_key != f"{module}.weight":  # a fused expert parameter (named so by sparsetune_config.json)
+            if shape.dtype != torch.int64 or shape.numel() != 3:
+                raise CorruptTensorError(f"{module}.shape should hold 3 int64 values (experts, rows, columns)")
+            experts, rows, cols = (int(v) for v in shape.reshape(-1))
+            flat = torch.tensor([experts * rows, cols], dtype=torch.int64).reshape(-1, *shape.shape[1:])
+            state[dense_key] = decompress({**parts, "shape": flat}, module).reshape(experts, rows, cols)
+        else:
+            state[dense_key] = decompress(parts, module)
     return state
 
 
@@ -153,7 +171,11 @@ def load_exported(
     fmt = read_export_format(path)
     if fmt is None:
         raise SparsetuneError(f"{path} is not a compressed sparsetune export; load it as a plain HF dir")
-    state = decompress_state(read_tensors(path, integrity_record(path)), fmt)
+    meta_file = path / SPARSETUNE_CONFIG
+    meta = _read_json(meta_file) if meta_file.is_file() else {}
+    modules = meta.get("modules") if isinstance(meta.get("modules"), dict) else {}
+    keys = {n: str(m["key"]) for n, m in modules.items() if isinstance(m, dict) and isinstance(m.get("key"), str)}
+    state = decompress_state(read_tensors(path, integrity_record(path)), fmt, keys)
 
     raw_config = json.loads((path / "config.json").read_text())
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)

@@ -40,15 +40,55 @@ CARRIED_FILES = ("sparsity_report.json",)
 
 @dataclass
 class ModulePlan:
-    """Which Linears get compressed (name -> sparsity) and why the others stay dense (name -> reason)."""
+    """Which weights get compressed (name -> sparsity) and why the others stay dense (name -> reason).
+
+    A name is the prefix of the stored parts (`<name>.shape`, ...): a Linear's or Conv1D's module name (its dense
+    key `<name>.weight`), or a fused 3-D expert parameter's own name (its dense key is the name itself)."""
 
     compress: dict[str, float] = field(default_factory=dict)
     dense: dict[str, str] = field(default_factory=dict)
     forced: dict[str, int] = field(default_factory=dict)  # name -> 2:4 violations re-pruned by --force-24
+    keys: dict[str, str] = field(default_factory=dict)  # compressed name -> its dense state-dict key
+
+
+def _candidates(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[str, str, str, bool]]:
+    """(name, dense key, kind, rows are [out, in]) of every weight of the checkpoint layout `state` that the sparse
+    formats can store: Linears, transformers' Conv1D (stored [in, out]), each expert's 2-D weight where the
+    checkpoint layout splits fused experts (Mixtral's `experts.0.w1`, Qwen3-MoE's `experts.0.gate_proj`: Linear
+    weights [out, in]), and fused 3-D expert parameters the layout keeps whole ([E, out, in] unless transposed)."""
+    modules = dict(model.named_modules())
+    in_memory = model.state_dict()
+    fused = {}
+    for name, module in modules.items():
+        for param in models.expert_params(module):
+            fused[f"{name}.{param}" if name else param] = not getattr(module, "is_transposed", False)
+    out = []
+    for key, tensor in state.items():
+        name = key.removesuffix(".weight")
+        module = modules.get(name) if key.endswith(".weight") else None
+        if isinstance(module, nn.Linear):
+            out.append((name, key, "linear", True))
+        elif module is not None and models.is_conv1d(module):
+            out.append((name, key, "conv1d", False))
+        elif key in fused and tensor.dim() == 3:
+            out.append((key, key, "experts", fused[key]))
+        elif key.endswith(".weight") and ".experts." in key and tensor.dim() == 2 and key not in in_memory:
+            out.append((name, key, "expert", True))  # a fused expert parameter's slice, as the checkpoint stores it
+    return out
+
+
+def as_rows(weight: torch.Tensor) -> torch.Tensor:
+    """A stored weight as the 2-D matrix the codecs see: 3-D expert parameters [E, R, C] as [E * R, C] (the
+    expert slices stacked, row-major)."""
+    return weight.reshape(-1, weight.shape[-1]) if weight.dim() == 3 else weight
 
 
 def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors as a checkpoint stores them: on CPU, each shared tensor once (tied lm_head dropped)."""
+    """The model's tensors as a checkpoint stores them: on CPU, each shared tensor once (tied lm_head dropped), in
+    the layout `save_pretrained` writes (transformers' weight conversions reverted, so fused MoE experts are the
+    per-expert Linear weights of the family's checkpoints, e.g. Mixtral's `block_sparse_moe.experts.0.w1`)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     seen: set[tuple[int, int]] = set()
     out = {}
     for key, tensor in model.state_dict().items():
@@ -57,37 +97,46 @@ def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         seen.add(ident)
         out[key] = tensor.detach().cpu()
-    return out
+    reverted = revert_weight_conversion(model, dict(out))
+    if reverted.keys() == out.keys():  # nothing converted: keep the model's own order
+        return out
+    return {k: v.contiguous() for k, v in reverted.items()}
 
 
 def plan_modules(
     model: nn.Module, state: dict[str, torch.Tensor], fmt: str, ignore: list[str], max_density: float, force: bool
 ) -> ModulePlan:
-    """Pick the Linears to compress; for 2:4 formats refuse (or, with force, re-prune) any non-2:4 sparse one."""
+    """Pick the weights to compress (Linears, Conv1Ds, fused expert parameters); for 2:4 formats refuse (or, with
+    force, re-prune) any non-2:4 sparse one."""
     exclude = [re.compile(p) for p in ignore]
     plan = ModulePlan()
     offenders = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        weight = state.get(f"{name}.weight")
-        if weight is None:
+        if isinstance(module, nn.Linear) and f"{name}.weight" not in state:
             plan.dense[name] = "shares its weight with the embeddings"
-            continue
+    for name, key, kind, out_in in _candidates(model, state):
+        weight = state[key]
         if any(p.search(name) for p in exclude):
             plan.dense[name] = "matched --ignore"
             continue
-        nonzero, violations = mask_stats(weight)
+        nonzero, violations = mask_stats(as_rows(weight))
         density = nonzero / weight.numel()
         if density > max_density:
             plan.dense[name] = f"density {density:.3f} > --max-density {max_density}"
             continue
+        if fmt in TWO_FOUR_FORMATS and not out_in:
+            plan.dense[name] = f"{kind} weight stored [in, out]: {fmt} groups run along stored rows"
+            continue
+        if fmt == "semi-structured-2:4" and kind not in ("linear", "expert"):
+            plan.dense[name] = f"{fmt} holds 2-D Linear weights only"
+            continue
         if fmt in TWO_FOUR_FORMATS and violations:
-            offenders.append((name, violations, weight.shape))
+            offenders.append((name, violations, as_rows(weight).shape))
             if not force:
                 continue
             plan.forced[name] = violations
         plan.compress[name] = 1.0 - density
+        plan.keys[name] = key
     if offenders and not force:
         name, violations, shape = offenders[0]
         groups = shape[0] * -(-shape[1] // 4)
@@ -102,8 +151,10 @@ def plan_modules(
             "pass --force-24 to re-prune by magnitude (quality may drop), --ignore it, or use --format sparse-bitmask"
         )
     if not plan.compress:
+        example = next(iter(plan.dense.items()), None)
+        why = f" ({example[0]}: {example[1]})" if example else ""
         raise SparsetuneError(
-            f"no Linear is sparse enough to compress (density <= --max-density {max_density}); "
+            f"no Linear is sparse enough to compress (density <= --max-density {max_density}){why}; "
             "prune the model first, raise --max-density, or use --format dense"
         )
     if plan.forced:
@@ -119,15 +170,18 @@ def plan_modules(
 def encode_tensors(state: dict[str, torch.Tensor], plan: ModulePlan, fmt: str) -> dict[str, torch.Tensor]:
     """Replace each planned `<m>.weight` by its format's `<m>.<part>` tensors, keeping checkpoint order."""
     _, compress, _ = CODECS[fmt]
+    by_key = {key: name for name, key in plan.keys.items()}
     out = {}
     for key, tensor in state.items():
-        module = key.removesuffix(".weight")
-        if key.endswith(".weight") and module in plan.compress:
-            weight = tensor
+        module = by_key.get(key)
+        if module is not None:
+            weight = as_rows(tensor)
             if module in plan.forced:
-                weight = force_24(tensor)
+                weight = force_24(weight)
                 plan.compress[module] = float((weight == 0).sum()) / weight.numel()
             for part, value in compress(weight).items():
+                if part == "shape" and tensor.dim() == 3:  # the 3-D shape: the loader restores the expert axis
+                    value = torch.tensor(list(tensor.shape), dtype=torch.int64).reshape(-1, *value.shape[1:])
                 out[f"{module}.{part}"] = value
         else:
             out[key] = tensor.contiguous()
@@ -202,7 +256,7 @@ def export_model(model: nn.Module, tokenizer: Any, out_dir: Path, cfg: ExportCon
     files = write_shards(tensors, out_dir, shard_size_bytes(cfg.max_shard_size))
 
     model.config.save_pretrained(str(out_dir))
-    numel = {name: state[f"{name}.weight"].numel() for name in plan.compress}
+    numel = {name: state[plan.keys[name]].numel() for name in plan.compress}
     zeros = sum(round(plan.compress[n] * numel[n]) for n in plan.compress)
     global_sparsity = zeros / max(1, sum(numel.values()))
     if cfg.format in COMPRESSED_TENSORS_FORMATS:
@@ -217,12 +271,19 @@ def export_model(model: nn.Module, tokenizer: Any, out_dir: Path, cfg: ExportCon
         tokenizer.save_pretrained(str(out_dir))
     models.drop_dangling_auto_map(out_dir)
 
-    dtype = str(next(iter(state[f"{n}.weight"] for n in plan.compress)).dtype).removeprefix("torch.")
+    dtype = str(next(iter(state[plan.keys[n]] for n in plan.compress)).dtype).removeprefix("torch.")
     meta: dict[str, Any] = {
         "format": cfg.format,
         "dtype": dtype,
         "global_sparsity": global_sparsity,
-        "modules": {n: {"shape": list(state[f"{n}.weight"].shape), "sparsity": s} for n, s in plan.compress.items()},
+        "modules": {
+            n: {"shape": list(state[plan.keys[n]].shape), "sparsity": s, "key": plan.keys[n]}
+            for n, s in plan.compress.items()
+        },
+        # Fused experts are stored as the checkpoint layout has them: per-expert 2-D Linear weights (Mixtral,
+        # Qwen3-MoE, DeepSeek-V3), each compressed like any Linear; a 3-D parameter the layout keeps whole
+        # [E, R, C] is one [E * R, C] matrix (expert slices stacked) whose `shape` holds the three dims.
+        "expert_layout": "stacked" if any(state[k].dim() == 3 for k in plan.keys.values()) else None,
         "ignore": plan.dense,
         "forced_24": plan.forced,
         "files": files,

@@ -21,7 +21,7 @@ from sparsetune.progress import Progress
 from sparsetune.prune import alps, dsnot, magnitude, sparsegpt, wanda
 from sparsetune.prune.activations import ActivationStore
 from sparsetune.prune.config import PruneConfig
-from sparsetune.prune.engine import GROUP_OF, BlockTargets, EngineOptions, run_blocks
+from sparsetune.prune.engine import GROUP_OF, BlockTargets, EngineOptions, llama_layout, run_blocks
 from sparsetune.recipes import dump_yaml
 
 log = logging.getLogger(__name__)
@@ -30,9 +30,17 @@ METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "alps
 REPORT_FILE = "sparsity_report.json"
 
 
-def plan_targets(model: nn.Module, cfg: PruneConfig) -> tuple[list[BlockTargets], tuple[str, nn.Linear] | None]:
-    """Resolve --targets/--ignore to the Linears to prune, per block; refuse anything unsafe or impossible."""
-    layers = models.decoder_layers(model)
+Item = tuple[str, models.Target]
+
+
+def plan_targets(model: nn.Module, cfg: PruneConfig) -> tuple[list[BlockTargets], Item | None]:
+    """Resolve --targets/--ignore to the matrices to prune, per block; refuse anything unsafe or impossible.
+
+    Targets are the decoder blocks' Linears, Conv1Ds and fused expert slices (`...experts.gate_up_proj[3]`).
+    A block weight of any other kind (not an MoE router) is refused unless --ignore matches it: the engine would
+    not know how the block uses it, and skipping it silently would leave the model partly pruned.
+    """
+    path, layers = models.find_decoder(model)
     include = [re.compile(p) for p in cfg.targets]
     exclude = [re.compile(p) for p in cfg.ignore]
 
@@ -43,16 +51,24 @@ def plan_targets(model: nn.Module, cfg: PruneConfig) -> tuple[list[BlockTargets]
 
     blocks = []
     for i, layer in enumerate(layers):
-        block = BlockTargets(i, {})
-        for local, module in layer.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            name = f"model.layers.{i}.{local}"
-            if not chosen(name, in_block=True):
-                continue
-            if local not in GROUP_OF:
-                raise SparsetuneError(f"target {name} is not a Linear the engine knows; narrow --targets")
-            block.groups.setdefault(GROUP_OF[local], []).append((name, module))
+        prefix = f"{path}.{i}"
+        unknown = [
+            (n, what) for n, what in models.unknown_weights(layer, prefix) if not any(p.search(n) for p in exclude)
+        ]
+        if unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise SparsetuneError(
+                f"model type {models.model_type(model)!r}: {unknown[0][0]} ({unknown[0][1]}){more} is a weight the "
+                "prune engine does not know (it prunes Linear, Conv1D and fused MoE expert parameters); nothing was "
+                "pruned. --ignore it to leave it dense"
+            )
+        block = BlockTargets(i, [t for t in models.block_targets(layer, prefix) if chosen(t.name, in_block=True)])
+        block.prefix = prefix
+        locals_ = [t.name.removeprefix(prefix + ".") for t in block.targets]
+        if block.targets and llama_layout(model, layer) and all(local in GROUP_OF for local in locals_):
+            block.groups = {}
+            for local, target in zip(locals_, block.targets, strict=True):
+                block.groups.setdefault(GROUP_OF[local], []).append((target.name, target))
         blocks.append(block)
 
     head = None
@@ -63,25 +79,52 @@ def plan_targets(model: nn.Module, cfg: PruneConfig) -> tuple[list[BlockTargets]
                 "lm_head shares its weight with the embedding table, so pruning it would prune the embeddings; "
                 "pass --untie-embeddings to prune a separate copy, or --ignore lm_head"
             )
-        head = ("lm_head", lm_head)
+        head = ("lm_head", models.Target("lm_head", lm_head, "linear"))
 
     chosen_all = [item for b in blocks for item in b.modules()] + ([head] if head else [])
     if not chosen_all:
         raise SparsetuneError(
-            f"--targets {','.join(cfg.targets) or '(default)'} matched no Linear modules; "
-            "use regexes such as 'q_proj|k_proj' or drop --targets"
+            f"--targets {','.join(cfg.targets) or '(default)'} matched no Linear, Conv1D or expert weight "
+            f"(model type {models.model_type(model)!r}); use regexes such as 'q_proj|k_proj' or drop --targets"
         )
     nm = cfg.nm
     if nm is not None:
-        for name, module in chosen_all:
-            if module.in_features % nm.m:
+        for name, target in chosen_all:
+            if target.in_features % nm.m:
                 raise SparsetuneError(
-                    f"{name} has {module.in_features} input features, not divisible by M={nm.m} of pattern {nm}; "
+                    f"{name} has {target.in_features} input features, not divisible by M={nm.m} of pattern {nm}; "
                     "--ignore it or choose another pattern"
                 )
     if cfg.refine != "none":
         dsnot.refine_selection(chosen_all, cfg.refine_targets)  # refuse --refine-targets that match nothing
     return blocks, head
+
+
+def engine_path(blocks: list[BlockTargets], cfg: PruneConfig) -> str:
+    if not needs_calibration(cfg):
+        return "no calibration: each matrix on its own"
+    if not cfg.sequential:
+        return "two-pass: statistics from the dense block"
+    if all(b.fast for b in blocks if b.targets):
+        return "llama-layout one-pass"
+    return "derived order"
+
+
+def architecture_report(model: nn.Module, blocks: list[BlockTargets], cfg: PruneConfig) -> dict[str, Any]:
+    """What the engine found: the family (tested or tried generically), where the blocks are, target kinds."""
+    kinds: dict[str, int] = {}
+    for b in blocks:
+        for t in b.targets:
+            kinds[t.kind] = kinds.get(t.kind, 0) + 1
+    known = models.is_known_family(model)
+    return {
+        "model_type": models.model_type(model),
+        "family": "tested" if known else "untested: tried generically",
+        "decoder_path": models.find_decoder(model)[0],
+        "blocks": len(blocks),
+        "engine": engine_path(blocks, cfg),
+        "target_kinds": kinds,
+    }
 
 
 def needs_calibration(cfg: PruneConfig) -> bool:
@@ -125,6 +168,8 @@ def settings_hash(cfg: PruneConfig) -> str:
     skip = {"output", "device", "data_dir", "checkpoint_dir", "resume", "device_map", "trust_remote_code", "model"}
     if cfg.refine == "none":  # unused refine settings: checkpoints from before they existed stay valid
         skip |= {k for k in PruneConfig.model_fields if k.startswith("refine")}
+    if cfg.moe_calibrate == "routed":  # the default: checkpoints from before the setting existed stay valid
+        skip.add("moe_calibrate")
     relevant = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -172,18 +217,18 @@ def prune_model(
             "give one sparsity per decoder block"
         )
     method = METHODS[cfg.method]
-    before = masks.sparsity_stats(dict(item for b in blocks for item in b.modules()))["global_sparsity"]
+    before = masks.sparsity_stats({n: t.weight() for b in blocks for n, t in b.modules()})["global_sparsity"]
     if head is not None and models.embeddings_tied(model):
         models.untie_embeddings(model)
-        head = ("lm_head", model.get_output_embeddings())
-    refined: list[tuple[str, nn.Linear]] = []
+        head = ("lm_head", models.Target("lm_head", model.get_output_embeddings(), "linear"))
+    refined: list[Item] = []
     if cfg.refine == "dsnot":  # the base method wrapped: same pass, two more statistics, masks refined
         refined = dsnot.refine_selection(
             [item for b in blocks for item in b.modules()] + ([head] if head else []), cfg.refine_targets
         )
         method = dsnot.DSnoT(
             method,
-            [m for _, m in refined] if cfg.refine_targets else None,
+            [t for _, t in refined] if cfg.refine_targets else None,
             cfg.refine_max_cycles,
             cfg.refine_threshold,
             cfg.refine_values,
@@ -205,9 +250,10 @@ def prune_model(
         "alps_cg_iter": cfg.alps_cg_iter,
     }
     t0 = time.perf_counter()
-    engine: dict[str, Any] = {}
     module_info: dict[str, dict[str, Any]] = {}  # per-module method details (e.g. solver iterations)
-    if needs_calibration(cfg):
+    calibrated = needs_calibration(cfg)
+    checkpoint = store = None
+    if calibrated:
         assert calib is not None
         checkpoint = _checkpointer(model, cfg, calib, ctx)
         store = ActivationStore(
@@ -215,32 +261,28 @@ def prune_model(
             torch.device("cpu"),
             _scratch_dir(cfg),
         )
-        opts = EngineOptions(
-            method=method,
-            target=target,
-            method_options=method_options,
-            sequential=cfg.sequential,
-            dense_down_stats=cfg.dense_down_stats,
-            batch_size=cfg.calib_batch_size,
-            device=ctx.device,
-            block_targets=block_targets,
-            owl_m=cfg.owl_m if cfg.owl else None,
-            owl_lambda=cfg.owl_lambda,
-            store=store if cfg.offload_activations == "disk" or ctx.device.type == "cpu" else None,
-            checkpoint=checkpoint,
-            resume=cfg.resume,
-            keep_placement=cfg.device_map is not None,
-            module_info=module_info,
-        )
-        with Progress(len(blocks), "pruning block", enabled=show_progress and ctx.is_main) as bar:
-            on_block_done = lambda i, _seconds: bar.update(completed=i + 1)  # noqa: E731
-            engine = run_blocks(model, ctx.shard(calib.input_ids), blocks, head, opts, on_block_done=on_block_done)
-    else:
-        for i, block in enumerate(blocks):
-            block_target = block_targets[i] if block_targets else target
-            for _, module in block.modules() + ([head] if head and i == len(blocks) - 1 else []):
-                pruned = method.prune_group([module.weight.data], None, block_target, **method_options)[0]
-                module.weight.data.copy_(pruned.to(module.weight.dtype))
+    opts = EngineOptions(
+        method=method,
+        target=target,
+        method_options=method_options,
+        sequential=cfg.sequential,
+        dense_down_stats=cfg.dense_down_stats,
+        batch_size=cfg.calib_batch_size,
+        device=ctx.device,
+        block_targets=block_targets,
+        owl_m=cfg.owl_m if cfg.owl else None,
+        owl_lambda=cfg.owl_lambda,
+        store=store if cfg.offload_activations == "disk" or ctx.device.type == "cpu" else None,
+        checkpoint=checkpoint,
+        resume=cfg.resume,
+        keep_placement=cfg.device_map is not None,
+        module_info=module_info,
+        moe_calibrate=cfg.moe_calibrate,
+    )
+    input_ids = ctx.shard(calib.input_ids) if calibrated and calib is not None else None
+    with Progress(len(blocks), "pruning block", enabled=show_progress and ctx.is_main) as bar:
+        on_block_done = lambda i, _seconds: bar.update(completed=i + 1)  # noqa: E731
+        engine = run_blocks(model, input_ids, blocks, head, opts, on_block_done=on_block_done)
     timings.update({k: v for k, v in engine.items() if k.endswith("_s")})
     timings["prune_s"] = time.perf_counter() - t0
     report = build_report(model, cfg, blocks, head, calib, timings, before)
@@ -253,6 +295,12 @@ def prune_model(
         if "warning" in info and ctx.is_main:  # e.g. a method's documented fallback: never silent
             log.warning("%s: %s", name, info["warning"])
     report["summary"]["refine"] = cfg.refine
+    report["architecture"] = architecture_report(model, blocks, cfg)
+    if engine.get("plans"):
+        report["architecture"]["derived_stages"] = engine["plans"]
+    moe = moe_report(cfg, blocks, module_info)
+    if moe is not None:
+        report["moe"] = moe
     if cfg.refine == "dsnot":
         report["refine"] = dsnot.report_section(cfg, method, [name for name, _ in refined], module_info)
     report["processes"] = ctx.world
@@ -270,10 +318,25 @@ def prune_model(
     return report
 
 
+def moe_report(cfg: PruneConfig, blocks: list[BlockTargets], module_info: dict[str, Any]) -> dict[str, Any] | None:
+    """Tokens each expert was calibrated on, per fused expert parameter (None for a model without experts)."""
+    tokens: dict[str, list[int | None]] = {}
+    for b in blocks:
+        for t in b.targets:
+            if t.kind == "expert":
+                base = t.name.rpartition("[")[0]
+                counts = tokens.setdefault(base, [None] * int(t.param.shape[0]))
+                counts[int(t.expert or 0)] = module_info.get(t.name, {}).get("calibration_tokens")
+    if not tokens:
+        return None
+    fallback = sorted(n for n, info in module_info.items() if "[" in n and info.get("fallback") == "magnitude")
+    return {"calibrate": cfg.moe_calibrate, "tokens_per_expert": tokens, "magnitude_fallback": fallback}
+
+
 def sparsity_shortfall(
     cfg: PruneConfig,
     blocks: list[BlockTargets],
-    head: tuple[str, nn.Linear] | None,
+    head: Item | None,
     report: dict[str, Any],
     exact_total: bool,
 ) -> str | None:
@@ -320,18 +383,18 @@ def build_report(
     model: nn.Module,
     cfg: PruneConfig,
     blocks: list[BlockTargets],
-    head: tuple[str, nn.Linear] | None,
+    head: Item | None,
     calib: data.CalibrationSet | None,
     timings: dict[str, float],
     sparsity_before: float = 0.0,
 ) -> dict[str, Any]:
-    pruned = {name: module for b in blocks for name, module in b.modules()}
+    pruned = {name: target.weight() for b in blocks for name, target in b.modules()}
     if head is not None:
-        pruned[head[0]] = head[1]
+        pruned[head[0]] = head[1].weight()
     stats = masks.sparsity_stats(pruned)
     per_block = []
     for b in blocks:
-        s = masks.sparsity_stats(dict(b.modules()))
+        s = masks.sparsity_stats({name: target.weight() for name, target in b.modules()})
         per_block.append({"block": b.index, "sparsity": s["global_sparsity"], "numel": s["numel"]})
     nm = cfg.nm
     emb = model.get_input_embeddings().weight

@@ -133,7 +133,9 @@ class Checkpointer:
         state = self.load_state()
         if list(X.shape) != state["x_shape"] or str(X.dtype) != state["x_dtype"]:
             raise SparsetuneError(f"checkpoint {self.folder} holds activations of another shape; use a fresh dir")
-        layers = model.model.layers
+        from sparsetune.models import decoder_layers
+
+        layers = decoder_layers(model)
         try:
             for i in range(state["next_block"]):
                 weights = load_file(str(self.folder / f"block-{i:04d}.safetensors"))

@@ -97,6 +97,13 @@ class PruneConfig(BaseModel):
     alps_cg_iter: int = Field(
         10, ge=0, description="ALPS: conjugate-gradient steps refining the kept weights on the final support (0: none)"
     )
+    moe_calibrate: Literal["routed", "all"] = Field(
+        "routed",
+        description="Mixture-of-Experts statistics: routed = each expert is calibrated on the tokens the router sends "
+        "it, each weighted by its routing weight; all = every calibration token goes through every expert, for "
+        "statistics only (the model's output still uses the router), so rarely routed experts get calibrated too. "
+        "An expert no token reaches is pruned by magnitude, with a warning naming it",
+    )
     refine: Literal["none", "dsnot"] = Field(
         "none",
         description="Mask refinement after the method: dsnot swaps weights within each row (N:M: within groups) "

@@ -37,7 +37,6 @@ import re
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern
@@ -230,14 +229,15 @@ def refine_weight(
 
 
 class DSnoT:
-    """A prune method: run `base`, then refine the masks of the Linears in `refine` (None: every Linear)."""
+    """A prune method: run `base`, then refine the masks of the targets in `refine` (`models.Target`s; None:
+    every target)."""
 
     NEEDS_CALIBRATION = True
 
     def __init__(
         self,
         base: Any,
-        refine: list[nn.Linear] | None = None,
+        refine: list[Any] | None = None,
         max_cycles: int = DEFAULT_MAX_CYCLES,
         threshold: float = DEFAULT_THRESHOLD,
         values: Values = "updated",
@@ -256,8 +256,8 @@ class DSnoT:
     def _selected(self, weights: list[torch.Tensor]) -> list[bool]:
         if self.refine is None:
             return [True] * len(weights)
-        # The engine passes each module's own weight tensor; its storage identifies the module.
-        chosen = {module.weight.data_ptr() for module in self.refine}
+        # The engine passes each target's own weight view; its storage address identifies the target.
+        chosen = {target.weight().data_ptr() for target in self.refine}
         return [w.data_ptr() in chosen for w in weights]
 
     def prune_group(
@@ -287,7 +287,7 @@ class DSnoT:
         return out, out_infos
 
 
-def refine_selection(targets: list[tuple[str, nn.Linear]], patterns: list[str]) -> list[tuple[str, nn.Linear]]:
+def refine_selection(targets: list[tuple[str, Any]], patterns: list[str]) -> list[tuple[str, Any]]:
     """The targeted Linears that `--refine-targets` selects (all of them without patterns); refuses no match."""
     if not patterns:
         return list(targets)

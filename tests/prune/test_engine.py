@@ -37,7 +37,7 @@ def test_capture_matches_model_embeddings_and_block_output_matches_pruned_forwar
     X_in = X.clone()
     prune_block_sequential(layer, X, kwargs[0], blocks[0], opts)
     with torch.no_grad():
-        expected = layer(X_in, **kwargs[0])
+        expected = layer(X_in, **kwargs[0].kwargs)
     assert torch.allclose(X, expected, atol=1e-5)  # the engine's one pass equals the pruned block's forward
 
 
@@ -48,7 +48,7 @@ def test_dense_down_stats_score_down_proj_on_the_unpruned_gate_and_up():
     layer = model.model.layers[0]
     mlp = layer.mlp
     with torch.no_grad():  # attention is not targeted, so the MLP input is the dense block's
-        h1 = X + layer.self_attn(hidden_states=layer.input_layernorm(X), **kwargs[0])[0]
+        h1 = X + layer.self_attn(hidden_states=layer.input_layernorm(X), **kwargs[0].kwargs)[0]
         hn = layer.post_attention_layernorm(h1)
         z_dense = mlp.act_fn(mlp.gate_proj(hn)) * mlp.up_proj(hn)
     down_dense = mlp.down_proj.weight.detach().clone()
@@ -148,9 +148,17 @@ def test_untie_embeddings_prunes_a_copy_of_lm_head(tiny_tokenizer):
     assert model.config.tie_word_embeddings is False
 
 
-def test_unsupported_family_is_refused():
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_a_model_whose_blocks_cannot_be_found_is_refused_naming_its_type():
+    from transformers import LlamaConfig, PreTrainedModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(SparsetuneError, match="supported decoder families: llama, mistral, qwen2"):
-        plan_targets(model, PruneConfig(model="x"))
+    class Flat(PreTrainedModel):  # a "causal LM" with no block list anywhere
+        config_class = LlamaConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.body = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=8, intermediate_size=8, num_attention_heads=2)
+    config.model_type = "mystery"
+    with pytest.raises(SparsetuneError, match=r"decoder blocks of model type 'mystery' \(Flat\).*no ModuleList"):
+        plan_targets(Flat(config), PruneConfig(model="x"))
