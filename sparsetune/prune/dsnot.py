@@ -193,17 +193,11 @@ def expected_error(dense: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor
 
 @torch.no_grad()
 def refine_weight(
-    dense: torch.Tensor,
-    pruned: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    norm: torch.Tensor,
-    pattern: NMPattern | None = None,
-    max_cycles: int = DEFAULT_MAX_CYCLES,
-    threshold: float = DEFAULT_THRESHOLD,
-    values: Values = "updated",
-) -> tuple[torch.Tensor, dict[str, Any]]:
+    dense: torch.Tensor, pruned: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: torch.Tensor,
+    pattern: NMPattern | None = None, values: Values = "updated", **limits: Any,
+) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
     """Refine a base method's output `pruned` (fp32); returns the refined fp32 weight and what was done.
+    `limits` (max_cycles, threshold) go to `refine_mask`.
 
     Kept weights keep `pruned`'s values, a revived weight takes its dense value. `values` matters only when the base
     method changed kept values (SparseGPT, ALPS):
@@ -214,7 +208,7 @@ def refine_weight(
     """
     keep0 = pruned != 0
     reasoned = pruned if values == "updated" else dense.float().masked_fill(~keep0, 0.0)
-    keep, swaps, cycles = refine_mask(dense, reasoned, mean, var, norm, pattern, max_cycles, threshold)
+    keep, swaps, cycles = refine_mask(dense, reasoned, mean, var, norm, pattern, **limits)
     refined = torch.where(keep, torch.where(keep0, pruned.float(), dense.float()), 0.0)  # +0.0, never -0.0
     info = {
         "dsnot_swaps": int(swaps.sum()),
@@ -279,9 +273,8 @@ class DSnoT:
             if not self.base_updated_values:
                 kept = new != 0
                 self.base_updated_values = not torch.equal(new[kept], dense.float()[kept])
-            refined, details = refine_weight(
-                dense, new, mean, var, norm, pattern, self.max_cycles, self.threshold, self.values
-            )
+            limits = {"max_cycles": self.max_cycles, "threshold": self.threshold}
+            refined, details = refine_weight(dense, new, mean, var, norm, pattern, self.values, **limits)
             out.append(refined)
             out_infos.append({**(info or {}), **details})
         return out, out_infos

@@ -60,7 +60,7 @@ def test_unstructured_rows_keep_their_count_and_error_never_grows(values):
     pruned = W * keep0
     if values == "updated":  # as if the base method had updated the kept weights (SparseGPT)
         pruned = pruned + 0.1 * torch.randn(W.shape, generator=g) * keep0
-    refined, info = dsnot.refine_weight(W, pruned, mean, var, norm, None, 50, 0.0, values)
+    refined, info = dsnot.refine_weight(W, pruned, mean, var, norm, None, values, max_cycles=50, threshold=0.0)
     assert torch.equal((refined != 0).sum(1), (pruned != 0).sum(1))
     assert info["dsnot_swaps"] > 0 and 1 <= info["dsnot_cycles"] <= 50
     if values == "updated":  # the error DSnoT measures is the real one, and no row's |e| grows
