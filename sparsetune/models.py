@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsetune import hub
 from sparsetune.errors import SparsetuneError
+from sparsetune.export import loader_for
+from sparsetune.outputs import OutputExistsError, atomic_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,6 @@ def bundled_model_dir() -> Path:
     target = cache_dir() / f"smollm2-135m-instruct-f32-{key}"
     if (target / "config.json").exists():
         return target
-    from sparsetune.outputs import OutputExistsError, atomic_output_dir
 
     log.info("converting the bundled GGUF to a cached HF dir at %s (once)", target)
     model, tokenizer = _load_gguf(gguf, torch.float32)
@@ -180,7 +182,6 @@ def resolve_model_path(spec: str) -> tuple[str, str]:
 def _probe_hub() -> None:
     """Before anything asks the hub: one short probe per process; no hub -> offline mode, so the HF cache answers
     at once and nothing retries."""
-    from sparsetune import hub
 
     hub.hub_reachable()
 
@@ -204,7 +205,7 @@ def load_model(
         model, tokenizer = _load_gguf(Path(location), torch_dtype)
     else:
         if kind == "dir":
-            exported = _exported_loader(Path(location))
+            exported = loader_for(Path(location))
             if exported is not None:
                 tokenizer = load_tokenizer(location, trust_remote_code) if need_tokenizer else None
                 model = exported(Path(location), dtype=torch_dtype, **load_kwargs)
@@ -217,15 +218,6 @@ def load_model(
         if need_tokenizer and tokenizer is None:
             tokenizer = load_tokenizer(location, trust_remote_code)
     return _place(model, dev, device_map), tokenizer
-
-
-def _exported_loader(path: Path) -> Any:
-    """The loader for dirs written by `sparsetune export` in a compressed format, else None."""
-    try:
-        from sparsetune.export import loader_for
-    except ImportError:
-        return None
-    return loader_for(path)
 
 
 def _place(model: nn.Module, dev: torch.device, device_map: Any) -> nn.Module:

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from sparsetune import data
+from sparsetune import data, hub
 from sparsetune.errors import SparsetuneError
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,6 @@ def prepared_tasks(
     mirror = data.mirror_dir(data_dir)
     offline_names = [t for t in tasks if t in OFFLINE_TASKS] if mirror is not None else []
     if len(offline_names) < len(tasks):
-        from sparsetune import hub
-
         hub.hub_reachable()  # lm-eval loads the other tasks' data with datasets: no hub -> its cache, no retries
     scratch = Path(tempfile.mkdtemp(prefix="sparsetune-tasks-"))
     try:

@@ -20,8 +20,10 @@ from sparsetune.outputs import atomic_output_dir, check_output_dir, package_vers
 from sparsetune.progress import Progress
 from sparsetune.prune import alps, dsnot, magnitude, sparsegpt, wanda
 from sparsetune.prune.activations import ActivationStore
+from sparsetune.prune.checkpoint import Checkpointer
 from sparsetune.prune.config import PruneConfig
 from sparsetune.prune.engine import GROUP_OF, BlockTargets, EngineOptions, llama_layout, run_blocks
+from sparsetune.prune.self_calibration import self_calibration_set
 from sparsetune.recipes import dump_yaml
 
 log = logging.getLogger(__name__)
@@ -147,8 +149,6 @@ def make_calibration(
         log.info("seqlen %d is above the model's max positions; using %d", seqlen, limit)
         seqlen = limit
     if cfg.calib == "self":
-        from sparsetune.prune.self_calibration import self_calibration_set
-
         ctx = ctx or DistContext(0, 1, models.resolve_device(cfg.device))
         args = (model, tokenizer, cfg.calib_samples, seqlen, cfg.seed, cfg.self_temperature)
         if not ctx.is_main:  # rank 0 generates and caches; the others read its cache
@@ -175,7 +175,6 @@ def settings_hash(cfg: PruneConfig) -> str:
 
 
 def _checkpointer(model: nn.Module, cfg: PruneConfig, calib: data.CalibrationSet, ctx: DistContext):
-    from sparsetune.prune.checkpoint import Checkpointer
 
     if cfg.checkpoint_dir is None:
         return None

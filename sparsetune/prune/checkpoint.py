@@ -20,6 +20,7 @@ from torch import nn
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern
+from sparsetune.models import decoder_layers
 from sparsetune.prune.activations import DiskTensor, read_rows, write_rows
 
 FORMAT_VERSION = 1
@@ -133,7 +134,6 @@ class Checkpointer:
         state = self.load_state()
         if list(X.shape) != state["x_shape"] or str(X.dtype) != state["x_dtype"]:
             raise SparsetuneError(f"checkpoint {self.folder} holds activations of another shape; use a fresh dir")
-        from sparsetune.models import decoder_layers
 
         layers = decoder_layers(model)
         try:

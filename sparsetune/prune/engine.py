@@ -46,6 +46,7 @@ from sparsetune import models
 from sparsetune.distributed import sum_in_place
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern
+from sparsetune.prune import magnitude, owl, wanda
 from sparsetune.prune.activations import ActivationStore, DiskTensor
 from sparsetune.prune.checkpoint import Checkpointer
 
@@ -605,7 +606,6 @@ def _expert_hidden(experts: nn.Module, in_param: str, e: int, x: torch.Tensor) -
 
 def _prune_by_magnitude(items: list[Item], opts: EngineOptions) -> None:
     """The fallback for a group no calibration token reached: its statistic is empty, so |W| decides."""
-    from sparsetune.prune import magnitude
 
     warning = "no calibration token reached it, so it was pruned by magnitude"
     if opts.moe_calibrate == "routed":
@@ -843,7 +843,6 @@ def owl_targets(
     plans: _Plans | None = None,
 ) -> tuple[list[float | NMPattern], list[float]]:
     """OWL pre-pass through the dense model: each block's Wanda outlier ratio, then per-block targets."""
-    from sparsetune.prune import owl, wanda
 
     assert opts.store is not None and opts.owl_m is not None
     plans = plans or _Plans(opts)
