@@ -124,6 +124,7 @@ def main() -> None:
         help="table suite: plain, owl, dsnot, owl+dsnot, dsnot-dense (--refine-values dense)",
     )
     p.add_argument("--runs", default=",".join(RUNS), help="comma list of METHOD-SPARSITY%% or METHOD-N:M")
+    p.add_argument("--redo", action="store_true", help="table suite: re-measure rows already in --out")
     p.add_argument("--no-llmc", action="store_true", help="skip llm-compressor (no .venv-bench)")
     p.add_argument("--no-two-pass", action="store_true", help="skip the --no-sequential parity runs")
     p.add_argument("--quick", action="store_true", help="4 calibration and 2 eval windows: checks the plumbing")
@@ -253,6 +254,7 @@ def table_suite(args: argparse.Namespace, me: list[str], emit) -> None:
     """Every method x target x variant, one process each; prune time also as a ratio to plain Wanda's at the
     same target in this invocation (the `--method auto` rule compares against 3x that)."""
     wanda_s: dict[str, float] = {}
+    done = {} if args.redo else _table_rows_done(args.out)
     for target in [t for t in args.targets.split(",") if t]:
         shape = ["--pattern", target] if ":" in target else ["--sparsity", target]
         methods = [m for m in args.methods.split(",") if m]
@@ -267,12 +269,28 @@ def table_suite(args: argparse.Namespace, me: list[str], emit) -> None:
                     extra["refine"] = "dsnot"
                 if variant.endswith("dsnot-dense"):  # DSnoT's mask refined on the dense values
                     extra["refine_values"] = "dense"
+                if (f"{method}-{target}", variant) in done:  # measured by an earlier invocation (same machine)
+                    result = done[f"{method}-{target}", variant]
+                    if method == "wanda" and variant == "plain" and "prune_s" in result:
+                        wanda_s[target] = float(result["prune_s"])
+                    continue
                 result = _subprocess_json([*me, "--method", method, *shape, "--extra", json.dumps(extra)])
                 if method == "wanda" and variant == "plain" and "prune_s" in result:
                     wanda_s[target] = float(result["prune_s"])  # type: ignore[arg-type]
                 if target in wanda_s and "prune_s" in result:
                     result["time_vs_wanda"] = float(result["prune_s"]) / wanda_s[target]  # type: ignore[arg-type]
                 emit({"tool": "sparsetune", "run": f"{method}-{target}", "variant": variant, **result})
+
+
+def _table_rows_done(out: str) -> dict[tuple[str, str], dict[str, object]]:
+    """Full-size table rows already in the results file, so the table can be filled over several sessions."""
+    rows: dict[tuple[str, str], dict[str, object]] = {}
+    if Path(out).exists():
+        for line in Path(out).read_text().splitlines():
+            row = json.loads(line)
+            if row.get("suite") == "table" and not row.get("quick") and "ppl" in row:
+                rows[str(row["run"]), str(row["variant"])] = row
+    return rows
 
 
 if __name__ == "__main__":
