@@ -90,7 +90,7 @@ def test_a_bad_literal_value_exits_2_with_one_error_line(tmp_path):
     result = runner.invoke(app, ["prune", "some-model", "--method", "bogus", "-o", str(out)])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert lines == ["error: prune: method: Input should be 'magnitude', 'wanda', 'sparsegpt' or 'alps'"]
+    assert lines == ["error: prune: method: Input should be 'auto', 'magnitude', 'wanda', 'sparsegpt' or 'alps'"]
     assert not out.exists()
     assert "[magnitude|wanda|sparsegpt|alps]" in runner.invoke(app, ["prune", "--help"]).output
 

@@ -180,7 +180,7 @@ def test_recipe_yaml_reproduces_the_run_from_another_directory(tiny_model_dir, t
     (mirror / "c4" / "c4_sample.jsonl").write_text("".join(records))
     monkeypatch.setenv("SPARSETUNE_DATA_DIR", str(mirror))
     monkeypatch.chdir(tmp_path)
-    args = ["--calib", "c4", "--calib-samples", "2", "--seqlen", "16", "--sparsity", "0.6"]
+    args = ["--calib", "c4", "--calib-samples", "2", "--seqlen", "16", "--sparsity", "0.6", "--method", "wanda"]
     result = runner.invoke(app, ["prune", tiny_model_dir.name, *args, "-o", "out"])
     assert result.exit_code == 0, result.output
     recipe = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())

@@ -18,7 +18,7 @@ from sparsetune.distributed import DistContext, dist_context
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
 from sparsetune.progress import Progress
-from sparsetune.prune import alps, dsnot, magnitude, sparsegpt, wanda
+from sparsetune.prune import alps, auto, dsnot, magnitude, sparsegpt, wanda
 from sparsetune.prune.activations import ActivationStore
 from sparsetune.prune.checkpoint import Checkpointer
 from sparsetune.prune.config import PruneConfig
@@ -202,13 +202,19 @@ def prune_model(
     calib: data.CalibrationSet | None = None,
     show_progress: bool = True,
     ctx: DistContext | None = None,
+    method_choice: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prune `model` in place as `cfg` says; returns the sparsity report (without saving anything).
+    `method_choice`: what `--method auto` chose, when the caller resolved it already (reported).
 
     In a multi-process run (`ctx.world > 1`) every rank passes the full calibration set; each accumulates
     statistics on its shard, the statistics are all-reduced, and every rank applies the identical masks.
     """
     ctx = ctx or DistContext(0, 1, models.resolve_device(cfg.device))
+    if cfg.method == "auto":
+        cfg, method_choice = auto.resolve(cfg)
+    if method_choice is not None and ctx.is_main:
+        log.info("method auto -> %s", method_choice["why"])
     blocks, head = plan_targets(model, cfg)
     if cfg.block_sparsity is not None and len(cfg.block_sparsity) != len(blocks):
         raise SparsetuneError(
@@ -294,6 +300,8 @@ def prune_model(
         if "warning" in info and ctx.is_main:  # e.g. a method's documented fallback: never silent
             log.warning("%s: %s", name, info["warning"])
     report["summary"]["refine"] = cfg.refine
+    if method_choice is not None:
+        report["method_choice"] = report["summary"]["method_choice"] = method_choice
     report["architecture"] = architecture_report(model, blocks, cfg)
     if engine.get("plans"):
         report["architecture"]["derived_stages"] = engine["plans"]
@@ -436,6 +444,7 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
     if cfg.output is None:
         raise SparsetuneError("missing --output; pass -o OUT_DIR")
     out = check_output_dir(cfg.output, overwrite, inputs=(cfg.model,))
+    cfg, method_choice = auto.resolve(cfg)  # the output's recipe.yaml records the method that ran
     ctx = dist_context(cfg.device)
     records = None
     if needs_calibration(cfg) and cfg.calib != "self" and cfg.calib not in data.NAMED_DATASETS:
@@ -457,7 +466,7 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
     t0 = time.perf_counter()
     calib = make_calibration(model, tokenizer, cfg, ctx, records)
     calib_s = time.perf_counter() - t0
-    report = prune_model(model, tokenizer, cfg, calib, show_progress=show_progress, ctx=ctx)
+    report = prune_model(model, tokenizer, cfg, calib, show_progress, ctx, method_choice)
     report["timings"].update({"load_s": round(load_s, 3), "calibration_data_s": round(calib_s, 3)})
     if ctx.is_main:  # every rank holds identical weights; one writes them
         save_pruned(model, tokenizer, cfg, report, out, overwrite)

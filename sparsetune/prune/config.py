@@ -21,8 +21,10 @@ class PruneConfig(BaseModel):
 
     model: str = Field(description="HF model dir, hub id, .gguf file, or bundled alias (smollm2, llama)")
     output: str | None = Field(None, description="Output dir for the pruned model")
-    method: Literal["magnitude", "wanda", "sparsegpt", "alps"] = Field(
-        "wanda", description="Pruning method: magnitude, wanda, sparsegpt or alps"
+    method: Literal["auto", "magnitude", "wanda", "sparsegpt", "alps"] = Field(
+        "auto",
+        description="Pruning method: magnitude, wanda, sparsegpt or alps; auto = the one (with OWL and DSnoT "
+        "settings) that measured best at this sparsity within 3x Wanda's prune time (prints its choice)",
     )
     sparsity: float | None = Field(
         None, description="Unstructured sparsity in [0, 1), the fraction of weights set to zero (default: 0.5)"

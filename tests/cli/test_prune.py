@@ -100,7 +100,7 @@ def test_help_lists_every_flag_with_defaults():
         "--data-dir",
     ):
         assert flag in result.output, flag
-    assert "default: wanda" in result.output and "default: 128" in result.output
+    assert "default: auto" in result.output and "default: 128" in result.output
 
 
 def _corrupt_model(tiny_model_dir):

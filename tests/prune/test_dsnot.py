@@ -272,7 +272,8 @@ def test_two_processes_match_one_with_refine(tiny_model_dir, text_file, tmp_path
     import subprocess
     import sys
 
-    common = ["-m", "sparsetune", "prune", str(tiny_model_dir), "--refine", "dsnot", "--calib", str(text_file),
+    common = ["-m", "sparsetune", "prune", str(tiny_model_dir), "--method", "wanda", "--refine", "dsnot",
+              "--calib", str(text_file),
               "--calib-samples", "6", "--seqlen", "32", "--device", "cpu"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     dist = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]

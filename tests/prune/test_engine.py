@@ -70,7 +70,7 @@ def test_dense_down_stats_score_down_proj_on_the_unpruned_gate_and_up():
 
 
 def test_down_stats_default_is_dense_for_wanda_and_pruned_for_sparsegpt():
-    assert PruneConfig(model="x").dense_down_stats
+    assert PruneConfig(model="x", method="wanda").dense_down_stats
     assert not PruneConfig(model="x", method="sparsegpt").dense_down_stats
     assert not PruneConfig(model="x", down_stats="pruned").dense_down_stats
     assert PruneConfig(model="x", method="sparsegpt", down_stats="dense").dense_down_stats
