@@ -135,3 +135,15 @@ def test_lora_reprune_wraps_gpt2_conv1d_and_restores_its_pattern(tmp_path):
         assert _two_of_four(matrix), key
     assert report["summary"]["frozen_sparse_matrices"] == 0
     assert report["summary"]["lora_modules"] == len(convs)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_smet_sparse_linears_are_named_as_the_model_names_them(family):
+    from sparsetune.train.smet import sparse_linears
+
+    model = make_family_model(family)
+    named = dict(model.named_modules())
+    want = {n for n, m in named.items() if isinstance(m, torch.nn.Linear) and ".layers." in n}  # not lm_head
+    found = sparse_linears(model)
+    assert set(found) == want and len(want) == 2 * (4 + (2 if family == "opt" else 3))
+    assert all(found[n] is named[n] for n in want)
