@@ -285,6 +285,37 @@ def test_masked_ft_two_steps_keep_the_sparsity(family, wanda_50, tiny_tokenizer,
     assert changed > 0  # it trained
 
 
+def test_lora_reprune_two_steps_restores_the_sparsity(family, wanda_50, tiny_tokenizer, tmp_path):
+    """LoRA* on every family: LoRA on the blocks' Linears / Conv1Ds, merged and re-pruned per row (so each matrix
+    ends within one zero per row of its start); fused expert slices stay exactly as pruned."""
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from sparsetune.cli.app import app
+    from sparsetune.prune.api import save_pruned
+
+    model, report = wanda_50
+    pruned = tmp_path / "pruned"
+    save_pruned(copy.deepcopy(model), tiny_tokenizer, PruneConfig(model="x", **WANDA), dict(report), pruned, False)
+    data = tmp_path / "t.txt"
+    data.write_text("\n\n".join(random_text(300, seed=i) for i in range(8)))
+    out = tmp_path / "lora"
+    args = ["seft", str(pruned), "-o", str(out), "--data", str(data), "--seqlen", "32", "--batch-size", "4"]
+    result = CliRunner().invoke(app, [*args, "--method", "lora-reprune", "--steps", "2", "--lr", "1e-2"])
+    assert result.exit_code == 0, result.output
+    before = _matrices(AutoModelForCausalLM.from_pretrained(pruned))
+    after = _matrices(AutoModelForCausalLM.from_pretrained(out))
+    changed = 0
+    for name, w in after.items():
+        if name.endswith("]"):  # a fused expert slice: frozen
+            assert torch.equal(w, before[name]), name
+            continue
+        zeros_before, zeros_after = int((before[name] == 0).sum()), int((w == 0).sum())
+        assert abs(zeros_after - zeros_before) <= w.shape[0], name
+        changed += int((w != before[name]).sum())
+    assert changed > 0
+
+
 # ----- Llama: today's results, and the derived order reproduces the fast path ----------------------------------
 
 

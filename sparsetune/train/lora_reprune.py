@@ -9,8 +9,10 @@ are not re-pruned, and the report counts them (`frozen_sparse_matrices`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -142,8 +144,8 @@ def lora_target_names(model: nn.Module) -> list[str]:
 
 
 def attach_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: list[str]) -> nn.Module:
-    """Wrap `model` with peft LoRA adapters on the modules named `targets` (full names); only adapter weights stay
-    trainable."""
+    """Wrap `model` with peft LoRA adapters on exactly the modules named `targets` (full names); only adapter weights
+    stay trainable."""
     from peft import LoraConfig, get_peft_model
 
     named = dict(model.named_modules())
@@ -151,7 +153,38 @@ def attach_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets:
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", fan_in_fan_out=conv1d
     )
-    return get_peft_model(model, config)
+    with _no_v4_moe_conversion():
+        peft_model = get_peft_model(model, config)
+    wrapped = set(getattr(peft_model.base_model, "targeted_module_names", targets))
+    if wrapped != set(targets) or getattr(peft_model.peft_config["default"], "target_parameters", None):
+        raise RuntimeError(
+            f"internal error: peft wrapped {sorted(wrapped ^ set(targets))[:3]} besides or instead of the asked "
+            "modules; please report this bug"
+        )
+    return peft_model
+
+
+@contextlib.contextmanager
+def _no_v4_moe_conversion() -> Iterator[None]:
+    """Switch off peft's conversion of transformers-4 MoE targets while attaching adapters. With transformers 5, peft
+    reads LoRA targets of some MoE families (Mixtral, Qwen2/3-MoE, DeepSeek) as transformers-4 names and rewrites
+    any module named `...gate_proj` / `up_proj` / `down_proj` into the fused expert parameters, so DeepSeek's dense
+    and shared-expert MLP Linears would become `experts.gate_up_proj` targets. Ours are exact transformers-5 module
+    names of the loaded model, which need no conversion."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:  # a peft without the conversion
+        yield
+        return
+    original = getattr(conversion, "convert_peft_config_for_transformers", None)
+    if original is None:
+        yield
+        return
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
