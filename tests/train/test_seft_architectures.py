@@ -147,3 +147,34 @@ def test_smet_sparse_linears_are_named_as_the_model_names_them(family):
     found = sparse_linears(model)
     assert set(found) == want and len(want) == 2 * (4 + (2 if family == "opt" else 3))
     assert all(found[n] is named[n] for n in want)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_masked_ft_on_fused_experts_resumes_bit_identically(tmp_path):
+    from safetensors.torch import load_file
+
+    from sparsetune.train.finetune import FinetuneRun
+
+    class StopsAtStep4(FinetuneRun):
+        def train_step(self, step: int):
+            if step == 3:  # the checkpoint of step 2 was written when step 3's loss proved it sane
+                raise _Interrupted
+            return super().train_step(step)
+
+    pruned_dir, _ = _hand_pruned_dir(tmp_path, "mixtral")
+    data = write_text(tmp_path / "t.txt")
+    base = {"model": str(pruned_dir), "data": str(data), "method": "masked-ft", **TINY, "steps": 5}
+    run_seft(SeftConfig(**base, output=str(tmp_path / "ref")), show_progress=False)
+    ckpt = {"checkpoint_every": 2, "checkpoint_dir": str(tmp_path / "ckpt")}
+    with pytest.raises(_Interrupted):
+        StopsAtStep4(SeftConfig(**base, output=str(tmp_path / "out"), **ckpt), show_progress=False).run()
+    saved = tmp_path / "ckpt" / "checkpoint"
+    assert torch.load(saved / "state.pt", weights_only=True)["state"]["step"] == 2
+    assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(str(saved / "weights.safetensors"))
+    run_seft(SeftConfig(**base, output=str(tmp_path / "out"), resume=True, **ckpt), show_progress=False)
+    ref, resumed = _load(tmp_path / "ref"), _load(tmp_path / "out")
+    assert set(ref) == set(resumed) and all(torch.equal(ref[k], resumed[k]) for k in ref)
+    assert any(not torch.equal(ref[k], v) for k, v in _load(pruned_dir).items())  # it trained
