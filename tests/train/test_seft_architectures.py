@@ -178,3 +178,41 @@ def test_masked_ft_on_fused_experts_resumes_bit_identically(tmp_path):
     ref, resumed = _load(tmp_path / "ref"), _load(tmp_path / "out")
     assert set(ref) == set(resumed) and all(torch.equal(ref[k], resumed[k]) for k in ref)
     assert any(not torch.equal(ref[k], v) for k, v in _load(pruned_dir).items())  # it trained
+
+
+def test_the_end_of_run_check_counts_the_zeros_of_each_expert_slice(tmp_path):
+    from sparsetune.errors import SparsetuneError
+    from sparsetune.train.finetune import FinetuneRun
+
+    class ZeroesOneKeptExpertWeight(FinetuneRun):
+        def finish(self):
+            with torch.no_grad():  # what an overflow to exactly 0 would look like, in expert 2 of layer 1
+                kept = self.model.model.layers[1].mlp.experts.down_proj[2]
+                kept.view(-1)[int((kept.reshape(-1) != 0).nonzero()[0])] = 0.0
+            return super().finish()
+
+    pruned_dir, _ = _hand_pruned_dir(tmp_path, "mixtral")
+    data = write_text(tmp_path / "t.txt")
+    cfg = SeftConfig(model=str(pruned_dir), output=str(tmp_path / "o"), data=str(data), method="masked-ft", **TINY)
+    with pytest.raises(SparsetuneError, match=r"model\.layers\.1\.mlp\.experts\.down_proj\[2\] with \d+ zeros"):
+        ZeroesOneKeptExpertWeight(cfg, show_progress=False).run()
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_conv1d_or_expert_slice_off_its_reported_count_is_refused():
+    from sparsetune.errors import SparsetuneError
+    from sparsetune.train.sparse_start import find_sparse_start
+
+    model = make_family_model("gpt2")
+    weight = model.transformer.h[0].attn.c_proj.weight
+    with torch.no_grad():
+        weight[:, ::2] = 0.0  # every other column of the stored [in, out] weight: 2048 zeros
+    report = {"pattern": "unstructured", "modules": {"transformer.h.0.attn.c_proj": {"zeros": 2047}}}
+    start = find_sparse_start(model, report)
+    assert start.kind("transformer.h.0.attn.c_proj") == "conv1d" and start.active_counts == {
+        "transformer.h.0.attn.c_proj": 64 * 64 - 2048
+    }
+    with pytest.raises(SparsetuneError, match=r"transformer\.h\.0\.attn\.c_proj \(conv1d\) holds 2048 non-zeros"):
+        start.drifted()
+    with pytest.raises(SparsetuneError, match=r"names transformer\.h\.0\.attn\.c_attnx, which is not a prunable"):
+        find_sparse_start(model, {"modules": {"transformer.h.0.attn.c_attnx": {"zeros": 0}}})
