@@ -2,8 +2,9 @@
 
 Per family, one model pruned with Wanda 50% and one with SparseGPT 2:4 (module-scoped fixtures) are checked for
 exact sparsity over every targeted matrix (Linears, Conv1D, expert slices), untouched embeddings / lm_head / other
-weights, perplexity, export round trips and a 2-step masked-ft. The engine's block outputs are checked against the
-pruned block's own forward, block by block. Then MoE statistics, fallbacks and refusals on hand-built cases.
+weights, perplexity, export round trips and 2-step masked-ft and LoRA* runs. The engine's block outputs are checked
+against the pruned block's own forward, block by block. Then MoE statistics, fallbacks and refusals on hand-built
+cases.
 """
 
 from __future__ import annotations
