@@ -401,12 +401,15 @@ class Target:
 
     def weight(self) -> torch.Tensor:
         """The [out, in] view of the stored weight (shares its memory: writing into it changes the model)."""
-        data = self.param.data
+        return self.view_of(self.param.data)
+
+    def view_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This target's [out, in] view of any tensor shaped like the stored parameter (a mask, a gradient)."""
         if self.kind == "conv1d":
-            return data.t()
+            return tensor.t()
         if self.kind == "expert":
-            return data[self.expert].t() if getattr(self.module, "is_transposed", False) else data[self.expert]
-        return data
+            return tensor[self.expert].t() if getattr(self.module, "is_transposed", False) else tensor[self.expert]
+        return tensor
 
     @property
     def in_features(self) -> int:
@@ -459,11 +462,16 @@ def unknown_weights(layer: nn.Module, prefix: str) -> list[tuple[str, str]]:
     return out
 
 
+def named_targets(model: nn.Module) -> dict[str, Target]:
+    """name -> Target of every prunable matrix inside the decoder blocks, in block and module order."""
+    path, layers = find_decoder(model)
+    return {t.name: t for i, layer in enumerate(layers) for t in block_targets(layer, f"{path}.{i}")}
+
+
 def prunable_targets(model: nn.Module) -> dict[str, Any]:
     """name -> accessor returning the [out, in] weight view of every prunable matrix inside the decoder blocks
     (Linears, Conv1D transposed, expert slices `...experts.gate_up_proj[3]`); for training and reports."""
-    path, layers = find_decoder(model)
-    return {t.name: t.weight for i, layer in enumerate(layers) for t in block_targets(layer, f"{path}.{i}")}
+    return {name: t.weight for name, t in named_targets(model).items()}
 
 
 def max_positions(model: nn.Module) -> int:

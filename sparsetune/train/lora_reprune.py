@@ -1,27 +1,34 @@
-"""`seft --method lora-reprune`, the LoRA* baseline: dense LoRA (peft) on the attention and MLP projections,
-merge, re-prune with Wanda.
+"""`seft --method lora-reprune`, the LoRA* baseline: dense LoRA (peft) on the decoder blocks' Linear and Conv1D
+weights (q/k/v/o/gate/up/down in Llama), merge, re-prune with Wanda.
 
-The re-prune restores the starting model's sparsity (or N:M pattern) on exactly the modules that were sparse,
-with calibration windows taken from the training data, through the prune library (`prune_model`).
+The re-prune restores the starting model's sparsity (or N:M pattern) on exactly the Linear / Conv1D matrices that
+were sparse, with calibration windows taken from the training data, through the prune library (`prune_model`).
+peft's LoRA wraps modules, not the fused 3-D expert parameters of MoE models: those stay frozen, exactly as pruned,
+are not re-pruned, and the report counts them (`frozen_sparse_matrices`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsetune import distributed
+from sparsetune import distributed, models
 from sparsetune.data import CalibrationSet, token_hash
 from sparsetune.distributed import DistContext
+from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern
 from sparsetune.prune.api import prune_model
 from sparsetune.prune.config import PruneConfig
 from sparsetune.train.common import DataOrder, Examples, dense_adamw
 from sparsetune.train.loop import TrainingMethod
-from sparsetune.train.seft_config import LORA_TARGETS
+
+log = logging.getLogger(__name__)
 
 
 class LoraReprune(TrainingMethod):
@@ -29,8 +36,23 @@ class LoraReprune(TrainingMethod):
 
     def __init__(self, run: Any) -> None:
         self.run = run
-        cfg = run.cfg
-        run.model = attach_lora(run.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        cfg, start = run.cfg, run.start
+        self.lora_modules = lora_target_names(run.model)
+        # The sparse matrices LoRA trains and the re-prune restores; fused expert slices stay as they are.
+        self.repruned = [n for n in start.masks if start.kind(n) != "expert"]
+        self.frozen = [n for n in start.masks if start.kind(n) == "expert"]
+        if self.frozen:
+            log.warning(
+                "lora-reprune: peft LoRA cannot wrap fused 3-D expert parameters; %d sparse expert slices stay "
+                "frozen as pruned (use --method masked-ft to train them)",
+                len(self.frozen),
+            )
+        if not self.lora_modules:
+            raise SparsetuneError(
+                f"lora-reprune: model type {models.model_type(run.model)!r} has no Linear or Conv1D weight in its "
+                "decoder blocks for LoRA to wrap; use --method masked-ft"
+            )
+        run.model = attach_lora(run.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, self.lora_modules)
         run.model.train()
         self.trainable = dict(lora_parameters(run.model))
         self.optimizer = dense_adamw(list(self.trainable.values()), cfg)
@@ -55,35 +77,55 @@ class LoraReprune(TrainingMethod):
         grad_bytes = sum(p.numel() * p.element_size() for p in self.trainable.values())
         return {"optimizer_state_bytes": state_bytes, "gradient_bytes": grad_bytes}
 
+    def report_fields(self) -> dict[str, Any]:
+        return {"lora_modules": len(self.lora_modules), "frozen_sparse_matrices": len(self.frozen)}
+
     def zero_tolerance(self, name: str, weight: torch.Tensor) -> int:
         """Wanda's re-prune picks int(in_features * s) per row, so it may differ by up to one weight per row from a
         start that was pruned per matrix."""
         return weight.shape[0] if self.run.start.pattern is None else 0
 
-    def finish(self) -> dict[str, Any]:
-        """Merge the adapters, then re-prune the merged Linears to the start's sparsity or pattern."""
+    def finish(self) -> dict[str, Any] | None:
+        """Merge the adapters, then re-prune the merged Linears / Conv1Ds to the start's sparsity or pattern."""
         run, cfg, start = self.run, self.run.cfg, self.run.start
         run.model = merge_lora(run.model)
         run.model.eval()
+        if not self.repruned:  # only expert slices were sparse: LoRA trained dense weights, nothing to re-prune
+            start.rebind(run.model)
+            return None
         n = min(cfg.reprune_samples, len(run.train_data))
         order = DataOrder(len(run.train_data), n, cfg.seed + 1)
         windows = calibration_windows(run.train_data, order.batch(0), cfg.seqlen, run.pad_id)
         calib = calibration_from_windows(windows, cfg.data, cfg.seed)
         layerwise = (start.report or {}).get("layerwise")
-        block_sparsity = [b["sparsity"] for b in start.report["blocks"]] if layerwise and start.report else None
+        block_sparsity = None
+        if layerwise and start.report:
+            block_sparsity = [b["sparsity"] for b in start.report["blocks"]]
+            if self.frozen:  # the blocks' sparsity over the re-pruned matrices alone
+                block_sparsity = subset_block_sparsity(run.model, start, self.repruned, block_sparsity)
         prune_cfg = reprune_config(
             cfg.model,
-            list(start.modules),
+            self.repruned,
             start.pattern,
-            start.global_sparsity(),
+            start.global_sparsity(self.repruned),
             block_sparsity,
             windows.shape[0],
             windows.shape[1],
         )
         report = reprune(run.model, run.tokenizer, prune_cfg, calib, run.ctx)
-        named = dict(run.model.named_modules())
-        start.modules = {name: named[name] for name in start.modules}  # the merged model's Linears
+        start.rebind(run.model)  # the merged model's weights
         return report
+
+
+def subset_block_sparsity(model: nn.Module, start: Any, names: list[str], fallback: list[float]) -> list[float]:
+    """Per decoder block, the start sparsity of the matrices `names` inside it (a block without any keeps its
+    `fallback` entry)."""
+    path = models.find_decoder(model)[0]
+    out = []
+    for i, default in enumerate(fallback):
+        inside = [n for n in names if n.startswith(f"{path}.{i}.")]
+        out.append(start.global_sparsity(inside) if inside else default)
+    return out
 
 
 def calibration_windows(examples: Examples, idx: list[int], seqlen: int, pad_id: int) -> torch.Tensor:
@@ -96,14 +138,53 @@ def calibration_windows(examples: Examples, idx: list[int], seqlen: int, pad_id:
     return out
 
 
-def attach_lora(model: nn.Module, r: int, alpha: float, dropout: float) -> nn.Module:
-    """Wrap `model` with peft LoRA adapters on q/k/v/o/gate/up/down; only adapter weights stay trainable."""
+def lora_target_names(model: nn.Module) -> list[str]:
+    """The modules LoRA wraps: every Linear and Conv1D of the decoder blocks (peft cannot wrap fused experts)."""
+    return [name for name, t in models.named_targets(model).items() if t.kind in ("linear", "conv1d")]
+
+
+def attach_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: list[str]) -> nn.Module:
+    """Wrap `model` with peft LoRA adapters on exactly the modules named `targets` (full names); only adapter weights
+    stay trainable."""
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    targets = [t for t in LORA_TARGETS if t in present]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
-    return get_peft_model(model, config)
+    named = dict(model.named_modules())
+    conv1d = all(models.is_conv1d(named[n]) for n in targets)  # GPT-2: Conv1D stores [in, out]
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", fan_in_fan_out=conv1d
+    )
+    with _no_v4_moe_conversion():
+        peft_model = get_peft_model(model, config)
+    wrapped = set(getattr(peft_model.base_model, "targeted_module_names", targets))
+    if wrapped != set(targets) or getattr(peft_model.peft_config["default"], "target_parameters", None):
+        raise RuntimeError(
+            f"internal error: peft wrapped {sorted(wrapped ^ set(targets))[:3]} besides or instead of the asked "
+            "modules; please report this bug"
+        )
+    return peft_model
+
+
+@contextlib.contextmanager
+def _no_v4_moe_conversion() -> Iterator[None]:
+    """Switch off peft's conversion of transformers-4 MoE targets while attaching adapters. With transformers 5, peft
+    reads LoRA targets of some MoE families (Mixtral, Qwen2/3-MoE, DeepSeek) as transformers-4 names and rewrites
+    any module named `...gate_proj` / `up_proj` / `down_proj` into the fused expert parameters, so DeepSeek's dense
+    and shared-expert MLP Linears would become `experts.gate_up_proj` targets. Ours are exact transformers-5 module
+    names of the loaded model, which need no conversion."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:  # a peft without the conversion
+        yield
+        return
+    original = getattr(conversion, "convert_peft_config_for_transformers", None)
+    if original is None:
+        yield
+        return
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -1,8 +1,11 @@
-"""`seft --method masked-ft`: train the active weights of the pruned model's sparse Linears under a fixed mask.
+"""`seft --method masked-ft`: train the active weights of the pruned model's sparse matrices under a fixed mask.
 
 Each sparse weight stays a dense parameter with zeros at inactive positions, plus a compact index set; its gradient
 and AdamW state exist only for the active entries (`sparse_optim.SparseAdamW`), which also averages the compact
-gradients over processes at every step.
+gradients over processes at every step. The sparse matrices are Linears, Conv1D weights (masked in their stored
+[in, out] layout) and expert slices: a fused 3-D expert parameter is one sparse weight whose mask is the stack of
+its slices' masks, so every slice keeps its own zeros and active count (a slice left dense by `--ignore` trains
+densely with its parameter).
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ class MaskedFineTuning(TrainingMethod):
     def __init__(self, run: Any) -> None:
         self.run = run
         cfg, start = run.cfg, run.start
+        # One sparse weight per stored parameter: a Linear or Conv1D weight, or a whole fused expert parameter.
+        self.groups = {g.name: g for g in start.parameter_groups()}
         weights = []
-        for name, module in start.modules.items():
-            module.weight.requires_grad_(True)
-            weights.append(SparseWeight.from_mask(name, module.weight, start.masks[name]))
+        for name, group in self.groups.items():
+            group.param.requires_grad_(True)
+            weights.append(SparseWeight.from_mask(name, group.param, start.parameter_mask(group)))
         self.optimizer = SparseAdamW(
             weights,
             dense_params=[],
@@ -41,27 +46,59 @@ class MaskedFineTuning(TrainingMethod):
             track_updates=self.track_updates,
         )
         self.sparse = {w.name: w for w in weights}
-        self.trainable = {name: m.weight for name, m in start.modules.items()}
+        self.trainable = {name: g.param for name, g in self.groups.items()}
+        self.group_of = {member: name for name, g in self.groups.items() for member in g.members}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return self.trainable
 
     def sparsity(self) -> float:
-        """The sparsity of the sparse modules now; also verify that every sparse weight keeps exactly its starting
-        number of active slots and has no non-zero outside them."""
+        """The sparsity of the sparse matrices now; also verify that every matrix keeps exactly its starting number
+        of active slots and has no more non-zeros than that."""
         start = self.run.start
         nonzeros = start.nonzeros()
-        for name, weight in self.sparse.items():
-            expected, slots = start.active_counts[name], weight.active.numel()
-            if slots != expected or nonzeros[name] > expected:
-                raise RuntimeError(
-                    f"internal error: {name} has {slots} active slots and {nonzeros[name]} non-zeros, "
-                    f"expected {expected}; please report this bug"
-                )
+        for name in self.sparse:
+            for member, slots in self.member_slots(name).items():
+                expected = start.active_counts[member]
+                if slots != expected or nonzeros[member] > expected:
+                    raise RuntimeError(
+                        f"internal error: {member} has {slots} active slots and {nonzeros[member]} non-zeros, "
+                        f"expected {expected}; please report this bug"
+                    )
         return start.sparsity_of(nonzeros)
+
+    def slot_owner(self, name: str) -> torch.Tensor | None:
+        """For a fused expert parameter, the expert (slice) each active slot of sparse weight `name` lies in: slice
+        e is the contiguous flat range [e * numel / E, (e + 1) * numel / E) of the stored tensor, transposed
+        layout or not. None for a Linear or Conv1D weight."""
+        group, weight = self.groups[name], self.sparse[name]
+        if group.param.dim() != 3:
+            return None
+        return weight.active // group.param[0].numel()
+
+    def member_slots(self, name: str) -> dict[str, int]:
+        """Active slots of each matrix of sparse weight `name` (one matrix, or the sparse slices of a fused one)."""
+        group, weight = self.groups[name], self.sparse[name]
+        owner = self.slot_owner(name)
+        if owner is None:
+            return {group.members[0]: weight.active.numel()}
+        per_expert = torch.bincount(owner, minlength=group.param.shape[0]).tolist()
+        return {m: per_expert[self.run.start.matrices[m].expert] for m in group.members}
 
     def memory_report(self) -> dict[str, Any]:
         return dict(self.optimizer.memory_report())
 
+    def report_fields(self) -> dict[str, Any]:
+        return {"sparse_matrices": self.run.start.kind_counts()}
+
     def untrained_zeros(self, name: str) -> int:
-        return untrained_zeros(self.optimizer, self.sparse[name])
+        """Zeros among matrix `name`'s active entries that never had a gradient."""
+        group_name = self.group_of[name]
+        weight = self.sparse[group_name]
+        owner = self.slot_owner(group_name)
+        if owner is None:
+            return untrained_zeros(self.optimizer, weight)
+        _, v = self.optimizer.sparse_state[group_name].moments.load()
+        values = weight.param.detach().view(-1)[weight.active]
+        inside = owner == self.run.start.matrices[name].expert
+        return int(((values == 0) & (v == 0) & inside).sum())

@@ -114,10 +114,12 @@ def load_tokenizer(spec: str, trust_remote_code: bool) -> Any:
 
 
 def sparse_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every decoder Linear (the 2-D weights besides embeddings and lm_head)."""
+    """Every decoder Linear (the 2-D weights besides embeddings and lm_head), named as in `model.named_modules()`
+    wherever the family keeps its blocks (`models.find_decoder`)."""
+    path, layers = models.find_decoder(model)
     return {
-        f"model.layers.{i}.{local}": mod
-        for i, layer in enumerate(models.decoder_layers(model))
+        f"{path}.{i}.{local}": mod
+        for i, layer in enumerate(layers)
         for local, mod in layer.named_modules()
         if isinstance(mod, nn.Linear)
     }

@@ -1,10 +1,11 @@
-"""What `sparsetune seft` starts from and must preserve: the pruned model's sparse Linears, their masks and target
-counts, and the N:M pattern, read from its zeros and its sparsity report."""
+"""What `sparsetune seft` starts from and must preserve: the pruned model's sparse matrices (Linears, Conv1D weights
+and the expert slices of fused 3-D expert parameters, see `models.named_targets`), their masks and target counts,
+and the N:M pattern, read from its zeros and its sparsity report."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,49 @@ from sparsetune.errors import SparsetuneError
 REPORT_FILE = "sparsity_report.json"
 
 
+class TargetView:
+    """A sparse matrix that is not an nn.Linear (a Conv1D, or one expert's slice of a fused 3-D expert parameter),
+    with what the seft code reads of a Linear: `.weight` is its [out, in] view of the stored weight. The view shares
+    memory (writing into it changes the model) but is no autograd leaf: methods that train such a matrix do it
+    through its stored parameter (`SparseStart.parameter_groups`)."""
+
+    def __init__(self, target: models.Target) -> None:
+        self.target = target
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.target.weight()
+
+    @property
+    def in_features(self) -> int:
+        return self.target.in_features
+
+    def __repr__(self) -> str:
+        return f"TargetView({self.target.name!r}, {self.target.kind})"
+
+
+@dataclass
+class ParameterGroup:
+    """One stored parameter and the sparse matrices it holds: a Linear or Conv1D weight holds one, a fused 3-D
+    expert parameter one per expert (those of its slices that are sparse)."""
+
+    name: str  # the matrix name for a Linear or Conv1D, `...experts.gate_up_proj` for a fused parameter
+    param: nn.Parameter
+    members: list[str]  # the sparse matrices' names
+
+
 @dataclass
 class SparseStart:
-    """What the run must preserve: which Linears are sparse, their masks and active counts, the N:M pattern."""
+    """What the run must preserve: which matrices are sparse, their masks and active counts, the N:M pattern.
 
-    modules: dict[str, nn.Linear]
-    masks: dict[str, torch.Tensor]  # name -> bool (True = active), the mask the run starts from
+    `modules[name]` is the nn.Linear itself for a Linear, else a `TargetView` (same `.weight` / `.in_features`)."""
+
+    modules: dict[str, nn.Linear | TargetView]
+    masks: dict[str, torch.Tensor]  # name -> bool [out, in] (True = active), the mask the run starts from
     targets: dict[str, int]  # name -> the active count to keep (from the report; else the non-zeros)
     pattern: masks.NMPattern | None
     report: dict[str, Any] | None  # the input dir's sparsity_report.json
+    matrices: dict[str, models.Target] = field(default_factory=dict)  # name -> where the matrix is stored
 
     def __post_init__(self) -> None:
         self.active_counts = {name: int(m.sum()) for name, m in self.masks.items()}
@@ -34,9 +69,11 @@ class SparseStart:
         self.masks[name] = mask
         self.active_counts[name] = int(mask.sum())
 
-    def global_sparsity(self) -> float:
-        total = sum(m.numel() for m in self.masks.values())
-        return 1.0 - sum(self.active_counts.values()) / max(1, total)
+    def global_sparsity(self, names: list[str] | None = None) -> float:
+        """The sparsity of the start masks (of `names`, else of all)."""
+        names = list(self.masks) if names is None else names
+        total = sum(self.masks[n].numel() for n in names)
+        return 1.0 - sum(self.active_counts[n] for n in names) / max(1, total)
 
     def nonzeros(self) -> dict[str, int]:
         """Each sparse module's non-zero weights now."""
@@ -46,14 +83,83 @@ class SparseStart:
         numel = sum(m.weight.numel() for m in self.modules.values())
         return (numel - sum(nonzeros.values())) / max(1, numel)
 
+    def kind(self, name: str) -> str:
+        """linear, conv1d or expert."""
+        return self.matrices[name].kind if name in self.matrices else "linear"
+
+    def kind_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name in self.masks:
+            counts[self.kind(name)] = counts.get(self.kind(name), 0) + 1
+        return counts
+
     def drifted(self) -> list[str]:
-        """Modules whose mask is off target: a wrong count, or a broken N:M pattern."""
+        """Modules whose mask is off target: a wrong count, or a broken N:M pattern. The sensitivity re-prune that
+        restores them scores Linears only, so a drifted Conv1D or expert slice is refused here."""
         bad = []
         for name, m in self.masks.items():
             broken_nm = self.pattern is not None and masks.nm_violations(m.float(), self.pattern) > 0
             if self.active_counts[name] != self.targets[name] or broken_nm:
                 bad.append(name)
+        other = [n for n in bad if self.kind(n) != "linear"]
+        if other:
+            name = other[0]
+            raise SparsetuneError(
+                f"{name} ({self.kind(name)}) holds {self.active_counts[name]} non-zeros, off its target "
+                f"{self.targets[name]} or N:M pattern, and seft restores the target count of Linear weights only; "
+                "re-prune the model (sparsetune prune) and pass that"
+            )
         return bad
+
+    def parameter_groups(self) -> list[ParameterGroup]:
+        """The stored parameters holding the sparse matrices, in first-appearance order."""
+        groups: dict[int, ParameterGroup] = {}
+        for name in self.masks:
+            target = self.matrices.get(name)
+            param = target.param if target is not None else self.modules[name].weight
+            group = groups.get(id(param))
+            if group is None:
+                group_name = name.rpartition("[")[0] if target is not None and target.kind == "expert" else name
+                groups[id(param)] = group = ParameterGroup(group_name, param, [])
+            group.members.append(name)
+        return list(groups.values())
+
+    def parameter_mask(self, group: ParameterGroup) -> torch.Tensor:
+        """The group's start mask in the stored parameter's layout (a fused parameter's is the stack of its slices'
+        masks). Slices that are not sparse (left dense by `--ignore`) are all active: a fused parameter is one
+        trainable tensor, so they train with it."""
+        if len(group.members) == 1 and self.kind(group.members[0]) == "linear":
+            return self.masks[group.members[0]]
+        mask = torch.ones(group.param.shape, dtype=torch.bool, device=group.param.device)
+        for name in group.members:
+            self.matrices[name].view_of(mask).copy_(self.masks[name])
+        return mask
+
+    def rebind(self, model: nn.Module) -> None:
+        """Point `modules` and `matrices` at `model`'s weights again (after LoRA* merged its adapters)."""
+        found = _resolve(model, list(self.masks))
+        self.matrices = found
+        self.modules = {n: _entry(t) for n, t in found.items()}
+
+
+def _entry(target: models.Target) -> nn.Linear | TargetView:
+    return target.module if target.kind == "linear" else TargetView(target)
+
+
+def _resolve(model: nn.Module, names: list[str]) -> dict[str, models.Target]:
+    """The Target of each name: a decoder matrix (`models.named_targets`), or a Linear / Conv1D elsewhere (a pruned
+    lm_head). Names that are neither are left out."""
+    found = models.named_targets(model)
+    missing = [n for n in names if n not in found]
+    if missing:
+        named = dict(model.named_modules())
+        for n in missing:
+            module = named.get(n)
+            if isinstance(module, nn.Linear):
+                found[n] = models.Target(n, module, "linear")
+            elif module is not None and models.is_conv1d(module):
+                found[n] = models.Target(n, module, "conv1d")
+    return {n: found[n] for n in names if n in found}
 
 
 def read_input_report(model_spec: str) -> dict[str, Any] | None:
@@ -69,30 +175,25 @@ def read_input_report(model_spec: str) -> dict[str, Any] | None:
 
 
 def find_sparse_start(model: nn.Module, report: dict[str, Any] | None) -> SparseStart:
-    """The sparse Linears (those the report lists, else decoder Linears holding zeros) and their masks."""
-    named = dict(model.named_modules())
+    """The sparse matrices (those the report lists, else every decoder matrix holding zeros: Linears, Conv1D
+    weights, expert slices) and their masks."""
     if report and report.get("modules"):
         names = list(report["modules"])
-        missing = [n for n in names if not isinstance(named.get(n), nn.Linear)]
+        matrices = _resolve(model, names)
+        missing = [n for n in names if n not in matrices]
         if missing:
             raise SparsetuneError(
-                f"{REPORT_FILE} names {missing[0]}, which is not a Linear of this model; "
-                "pass the model dir the report was written with"
+                f"{REPORT_FILE} names {missing[0]}, which is not a prunable weight (Linear, Conv1D or expert slice) "
+                "of this model; pass the model dir the report was written with"
             )
     else:
-        layers = models.decoder_layers(model)
-        names = [
-            f"model.layers.{i}.{local}"
-            for i, layer in enumerate(layers)
-            for local, mod in layer.named_modules()
-            if isinstance(mod, nn.Linear) and bool((mod.weight == 0).any())
-        ]
-    modules = {n: named[n] for n in names}
-    start_masks = {n: (m.weight.detach() != 0) for n, m in modules.items()}
+        matrices = {n: t for n, t in models.named_targets(model).items() if bool((t.weight() == 0).any())}
+    modules = {n: _entry(t) for n, t in matrices.items()}
+    start_masks = {n: (t.weight() != 0).contiguous() for n, t in matrices.items()}
     if report is None and all(bool(m.all()) for m in start_masks.values()):
         raise SparsetuneError(
-            "the model has no zero weights in its decoder Linears, so there is no sparsity to keep; "
-            "prune it first (sparsetune prune MODEL -o PRUNED) and pass PRUNED"
+            "the model has no zero weights in its decoder matrices (Linears, Conv1D, experts), so there is no "
+            "sparsity to keep; prune it first (sparsetune prune MODEL -o PRUNED) and pass PRUNED"
         )
     pattern = None
     if report and report.get("pattern") not in (None, "unstructured"):
@@ -105,7 +206,7 @@ def find_sparse_start(model: nn.Module, report: dict[str, Any] | None) -> Sparse
             targets[n] = m.numel() - int(report["modules"][n]["zeros"])
         else:
             targets[n] = int(m.sum())
-    return SparseStart(modules, start_masks, targets, pattern, report)
+    return SparseStart(modules, start_masks, targets, pattern, report, matrices)
 
 
 def sensitivity_mask(
