@@ -13,11 +13,11 @@ def load(path: str, semi_structured: bool = False, **kwargs: Any) -> Any:
     With `semi_structured=True`, exact 2:4 fp16/bf16 Linears run on sparse tensor cores (CUDA, compute
     capability >= 8.0); elsewhere the weights stay decompressed and one info line says so.
     """
-    from sparsetune.models import load_model
+    from sparsetune.models import load_model  # torch: on use, so `import sparsetune` (the CLI's --help) stays light
 
     model, _ = load_model(path, **kwargs)
     if semi_structured:
-        from sparsetune.export.loader import to_semi_structured
+        from sparsetune.export.loader import to_semi_structured  # as above
 
         to_semi_structured(model)
     return model
