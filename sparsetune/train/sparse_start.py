@@ -91,8 +91,8 @@ def find_sparse_start(model: nn.Module, report: dict[str, Any] | None) -> Sparse
     start_masks = {n: (m.weight.detach() != 0) for n, m in modules.items()}
     if report is None and all(bool(m.all()) for m in start_masks.values()):
         raise SparsetuneError(
-            "the model has no zero weights in its decoder Linears, so there is no sparsity to keep; "
-            "prune it first (sparsetune prune MODEL -o PRUNED) and pass PRUNED"
+            "the model has no zero weights in its decoder Linears: seft repairs a pruned model; "
+            "run `sparsetune prune MODEL -o PRUNED` first and fine-tune PRUNED"
         )
     pattern = None
     if report and report.get("pattern") not in (None, "unstructured"):

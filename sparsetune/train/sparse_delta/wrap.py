@@ -1,7 +1,7 @@
-"""Module surgery: choose the targeted Linears, swap them for DeltaLinear, and swap merged Linears back.
+"""Module surgery: plan the targeted Linears, swap them for DeltaLinear, and swap merged Linears back.
 
-Targets resolve exactly as `sparsetune prune` resolves them (`prune.api.plan_targets`): by default every Linear
-inside the decoder blocks, `targets` regexes to choose others, `ignore` regexes to leave some out.
+(Which Linears are targeted is `method.select_targets`; this module imports nothing of the prune library, so the
+model loader can apply an adapter without an import cycle.)
 """
 
 from __future__ import annotations
@@ -29,16 +29,6 @@ class ModulePlan:
     shape: tuple[int, int]
     target: int
     pattern: NMPattern | None
-
-
-def select_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:
-    """The Linears to train, by full name, resolved like prune's --targets/--ignore."""
-    from sparsetune.prune.api import plan_targets
-    from sparsetune.prune.config import PruneConfig
-
-    blocks, head = plan_targets(model, PruneConfig(model="(in memory)", targets=targets, ignore=ignore))
-    chosen = [item for block in blocks for item in block.modules()] + ([head] if head else [])
-    return dict(chosen)
 
 
 def detect_pattern(weight: torch.Tensor) -> NMPattern | None:

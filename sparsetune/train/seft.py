@@ -1,0 +1,184 @@
+"""`seft --method seft` (the default): sparse-delta fine-tuning on the one training loop.
+
+The pruned model's targeted Linears become a frozen base plus a budget of trainable (index, delta) entries
+(`sparse_delta.SparseDelta`, which holds the method: budget, windows, reselection, re-prune, optimizer, merge). This
+strategy adapts it to `loop.Trainer`: the loop's 0-based steps, the gradient average over processes, checkpoints,
+the per-step invariant checks, the measured memory and the output (merged model and/or adapter).
+
+Checkpoints: the loop writes the checkpoint due after step s during step s + 1, after that step's backward. The
+optimizer state is still that of step s then, but an open selection window has already seen step s + 1's
+gradients, so the window statistics are copied at the step boundary when a checkpoint is pending and saved instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsetune import distributed
+from sparsetune.train.loop import TrainingMethod
+from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE
+from sparsetune.train.sparse_delta.config import DeltaSettings
+from sparsetune.train.sparse_delta.method import SparseDelta
+
+
+def delta_settings(cfg: Any) -> DeltaSettings:
+    """The method's settings out of a SeftConfig (which extends DeltaSettings): the fields that were set, so that
+    a density budget does not also pass the default rank."""
+    names = set(DeltaSettings.model_fields)
+    values = {name: getattr(cfg, name) for name in names & cfg.model_fields_set}
+    return DeltaSettings(**values)
+
+
+class DeltaOptimizer:
+    """The loop's view of the method's optimizer: AdamW over the entries, and a state dict that holds everything a
+    resume needs besides the checkpoint tensors (re-pruned positions, the open window, the totals)."""
+
+    def __init__(self, method: SeftFineTuning) -> None:
+        self.method = method
+        self.param_groups = method.delta.optimizer.param_groups
+
+    def step(self) -> None:
+        self.method.delta.optimizer.step()
+        self.method.delta.count_window_step()
+        self.method.saved_window = None  # a pending checkpoint was written (or dropped) before this step
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.method.delta.optimizer.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.method.delta.state_dict(window=self.method.saved_window)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.delta.load_state_dict(state)
+
+
+class SeftFineTuning(TrainingMethod):
+    """Sparse-delta fine-tuning of `run.model` (the `seft` task, finetune.FinetuneRun, after loading)."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        cfg = run.cfg
+        self.settings = delta_settings(cfg)
+        reduce = None
+        if run.ctx.world > 1:
+
+            def reduce(t: torch.Tensor) -> None:
+                distributed.mean_in_place([t])
+
+        self.delta = SparseDelta(
+            run.model,
+            self.settings,
+            cfg.steps,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            eight_bit=cfg.optim == "adamw8bit",
+            seed=cfg.seed,
+            reduce=reduce,
+        )
+        self.optimizer = DeltaOptimizer(self)
+        self.saved_window: dict[str, Any] | None = None
+        self.peak: dict[str, int] = {"grad_bytes": 0, "window_bytes": 0}
+        self.counts_checked = False
+        self._sparsity: float | None = None
+        self.merged = False
+
+    # -- the loop's hooks -------------------------------------------------------------------------------------
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in self.delta.layers.items():
+            tensors[f"{name}.delta"] = layer.delta
+            tensors[f"{name}.indices"] = layer.indices
+        return tensors
+
+    def before_step(self, step: int) -> None:
+        if self.run.checkpoint_pending:
+            self.saved_window = self.delta.window_state()
+        self.delta.before_step(step + 1)
+
+    def reduce_grads(self) -> None:
+        grads = [layer.delta.grad for layer in self.delta.layers.values() if layer.delta.grad is not None]
+        distributed.mean_in_place(grads)
+        # measured while the gradients exist (after backward, before the optimizer step frees them)
+        self.peak["grad_bytes"] = max(self.peak["grad_bytes"], self.delta.optimizer.grad_bytes())
+        window = sum(stats.nbytes() for stats in self.delta.windows.values())
+        self.peak["window_bytes"] = max(self.peak["window_bytes"], window)
+
+    def topology_due(self, step: int) -> bool:
+        return self.delta.reselection_due(step)
+
+    def topology_update(self, step: int) -> dict[str, Any]:
+        row = self.delta.reselect(step)
+        row.pop("modules")  # the per-module counts would make every log row hundreds of lines long
+        self._sparsity = None
+        return row
+
+    def sparsity(self) -> float:
+        """The sparsity of the targeted modules (the input's, exactly); verifies after every reselection that every
+        module's non-zero count (base non-zeros plus reactivated entries) equals its count in the input."""
+        if self._sparsity is None:
+            counts, targets = self.delta.nonzero_counts(), self.delta.targets()
+            for name, count in counts.items():
+                if count != targets[name]:
+                    raise RuntimeError(
+                        f"internal error: {name} has {count} non-zeros after a reselection, expected {targets[name]}; "
+                        "please report this bug"
+                    )
+            numel = sum(layer.numel for layer in self.delta.layers.values())
+            self._sparsity = (numel - sum(counts.values())) / max(1, numel)
+        return self._sparsity
+
+    def memory_report(self) -> dict[str, Any]:
+        report = self.delta.memory_report()
+        report["grad_bytes"] = self.peak["grad_bytes"]  # the gradients are freed by now: their measured peak
+        report["window_bytes"] = self.peak["window_bytes"]
+        return report
+
+    def report_fields(self) -> dict[str, Any]:
+        memory = self.memory_report()
+        return {
+            "trainable_params": memory["trainable_params"],
+            "grad_bytes": memory["grad_bytes"],
+            "optimizer_state_bytes": memory["optimizer_state_bytes"],
+            "reactivated": self.delta.reactivated_count(),
+            "repruned": self.delta.repruned_count(),
+            "reselections": len(self.run.state.topology),
+            "reselection_totals": dict(self.delta.totals),
+            "budget": sum(self.delta.budgets.values()),
+            "base_dtype": self.settings.base_dtype,
+            "merged": self.merged,
+        }
+
+    def finish(self) -> dict[str, Any] | None:
+        """Merge the deltas into the model (unless --no-merge); the run then checks and writes the merged Linears."""
+        if not self.settings.merge:
+            return None
+        self.delta.merge()
+        self.merged = True
+        named = dict(self.run.model.named_modules())
+        start = self.run.start
+        start.modules = {name: named[name] for name in start.modules}
+        return None
+
+    def untrained_zeros(self, name: str) -> int:
+        """Entries that read exactly 0 in the merged weight although they count as non-zeros: a reactivated entry
+        whose delta never moved, a delta that cancels its base value, or (NF4 base) an input non-zero that 4-bit
+        rounding turned into 0. None is a sign of divergence."""
+        layer = self.delta.layers.get(name)
+        if layer is None:
+            return 0
+        with torch.no_grad():
+            merged = self.run.start.modules[name].weight.detach()
+            support = layer.input_nonzero().reshape(-1).clone()
+            support[layer.repruned] = False
+            support[layer.indices.long()] = True
+            return int((support & (merged.reshape(-1) == 0)).sum())
+
+    def write_files(self, out_dir: Path) -> None:
+        config_extra = {"base_model": str(Path(self.run.cfg.model).expanduser().resolve())}
+        self.delta.save_adapter(str(out_dir / ADAPTER_FILE), extra=config_extra)
