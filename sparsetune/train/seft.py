@@ -170,7 +170,7 @@ class SeftFineTuning(TrainingMethod):
         whose delta never moved, a delta that cancels its base value, or (NF4 base) an input non-zero that 4-bit
         rounding turned into 0. None is a sign of divergence."""
         layer = self.delta.layers.get(name)
-        if layer is None:
+        if layer is None or not self.merged:  # unmerged, the checked weights are the input's
             return 0
         with torch.no_grad():
             merged = self.run.start.modules[name].weight.detach()
