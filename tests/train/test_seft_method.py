@@ -49,7 +49,9 @@ class WatchedRun(FinetuneRun):
             restored += len(old_repruned - now_repruned)
         if stats["grown"] != stats["dropped"] or stats["grown"] == 0:
             self.problems.append(f"step {step}: grown {stats['grown']} dropped {stats['dropped']}")
-        if (stats["repruned"], stats["restored"]) != (repruned, restored) or stats["reactivated"] < reactivated_at_least:
+        if (stats["repruned"], stats["restored"]) != (repruned, restored) or stats[
+            "reactivated"
+        ] < reactivated_at_least:
             self.problems.append(f"step {step}: logged {stats}, counted {repruned} re-pruned, {restored} restored")
         return stats
 
@@ -158,7 +160,10 @@ def test_adamw8bit_keeps_the_counts_with_a_smaller_state(tmp_path):
 
 class MaskWatch(FinetuneRun):
     def sparsity(self) -> float:
-        self.history = [*getattr(self, "history", []), {n: m.weight.detach() != 0 for n, m in self.start.modules.items()}]
+        self.history = [
+            *getattr(self, "history", []),
+            {n: m.weight.detach() != 0 for n, m in self.start.modules.items()},
+        ]
         return super().sparsity()
 
 

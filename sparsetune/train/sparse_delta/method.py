@@ -39,7 +39,6 @@ def select_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> d
     return dict(chosen)
 
 
-
 class SparseDelta:
     """The trainable state (entries), its optimizer, the selection windows and the re-prune of one model.
 
