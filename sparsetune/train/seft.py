@@ -86,6 +86,7 @@ class SeftFineTuning(TrainingMethod):
         self.counts_checked = False
         self._sparsity: float | None = None
         self.merged = False
+        self.nf4_zeroed: int | None = None
 
     # -- the loop's hooks -------------------------------------------------------------------------------------
 
@@ -152,10 +153,13 @@ class SeftFineTuning(TrainingMethod):
             "budget": sum(self.delta.budgets.values()),
             "base_dtype": self.settings.base_dtype,
             "merged": self.merged,
+            **({"nf4_zeroed": self.nf4_zeroed} if self.nf4_zeroed is not None else {}),
         }
 
     def finish(self) -> dict[str, Any] | None:
         """Merge the deltas into the model (unless --no-merge); the run then checks and writes the merged Linears."""
+        if self.settings.base_dtype == "nf4":
+            self.nf4_zeroed = self.count_nf4_zeroed()
         if not self.settings.merge:
             return None
         self.delta.merge()
@@ -164,6 +168,18 @@ class SeftFineTuning(TrainingMethod):
         start = self.run.start
         start.modules = {name: named[name] for name in start.modules}
         return None
+
+    @torch.no_grad()
+    def count_nf4_zeroed(self) -> int:
+        """Input non-zeros (kept, without an entry) that the NF4 base reads as 0: 4-bit rounding of weights under
+        about 4% of their 64-weight block's largest. The trained model had 0 there, so the merged model keeps 0."""
+        total = 0
+        for layer in self.delta.layers.values():
+            kept = layer.input_nonzero().reshape(-1).clone()
+            kept[layer.repruned] = False
+            kept[layer.indices.long()] = False
+            total += int((kept & (layer.base_weight(torch.float32).reshape(-1) == 0)).sum())
+        return total
 
     def untrained_zeros(self, name: str) -> int:
         """Entries that read exactly 0 in the merged weight although they count as non-zeros: a reactivated entry

@@ -125,9 +125,33 @@ def test_merged_model_and_adapter_give_the_training_time_logits(tmp_path, base_d
     import sparsetune
     from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE, read_adapter
 
+    from safetensors.torch import save_file
+
     pruned = make_pruned(tmp_path)
+    weights = load_file(str(pruned / "model.safetensors"))
+    w = weights["model.layers.0.mlp.up_proj.weight"].view(-1)
+    small = w.nonzero().squeeze(1)[::2]  # more than the re-prune (which takes the smallest first) can remove
+    w[small] = 1e-6 * w[small].sign()  # kept weights far below their block's largest: NF4 reads them as 0
+    save_file(weights, str(pruned / "model.safetensors"), metadata={"format": "pt"})
     data = write_text(tmp_path / "t.txt")
-    recipe, _ = run(tmp_path, pruned, data, LogitsAtTheEnd, steps=4, base_dtype=base_dtype)
+    recipe, report = run(tmp_path, pruned, data, LogitsAtTheEnd, steps=4, base_dtype=base_dtype)
+    if base_dtype == "nf4":
+        # input non-zeros without an entry that NF4 rounds to 0 (bitsandbytes directly, 64-weight blocks) stay 0 in
+        # the merged model: the only zeros it gains
+        import bitsandbytes.functional as bnbf
+
+        original = load_file(str(pruned / "model.safetensors"))
+        merged_weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+        zeroed = gained = 0
+        for name, layer in recipe.method.delta.layers.items():
+            w0 = original[name + ".weight"]
+            packed, state = bnbf.quantize_4bit(w0, blocksize=64, quant_type="nf4")
+            kept = w0.reshape(-1) != 0
+            kept[layer.repruned] = False
+            kept[layer.indices.long()] = False
+            zeroed += int((kept & (bnbf.dequantize_4bit(packed, state).reshape(-1) == 0)).sum())
+            gained += int((merged_weights[name + ".weight"] == 0).sum()) - int((w0 == 0).sum())
+        assert report["summary"]["nf4_zeroed"] == zeroed == gained > 0
     merged = sparsetune.load(str(tmp_path / "out"), device="cpu")
     with torch.no_grad():
         logits = merged(input_ids=recipe.batch_ids).logits
