@@ -122,10 +122,10 @@ class LogitsAtTheEnd(WatchedRun):
 
 @pytest.mark.parametrize("base_dtype", ["auto", "nf4"])
 def test_merged_model_and_adapter_give_the_training_time_logits(tmp_path, base_dtype):
+    from safetensors.torch import save_file
+
     import sparsetune
     from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE, read_adapter
-
-    from safetensors.torch import save_file
 
     pruned = make_pruned(tmp_path)
     weights = load_file(str(pruned / "model.safetensors"))
