@@ -169,22 +169,20 @@ class SeftFineTuning(TrainingMethod):
         start.modules = {name: named[name] for name in start.modules}
         return None
 
-    @torch.no_grad()
     def count_nf4_zeroed(self) -> int:
-        """Input non-zeros (kept, without an entry) that the NF4 base reads as 0: 4-bit rounding of weights under
-        about 4% of their 64-weight block's largest. The trained model had 0 there, so the merged model keeps 0."""
+        """Input non-zeros the NF4 base read as 0 during training and the merge gives back (not re-pruned, no
+        entry); the re-prune removes such weights first (their sensitivity is 0), so usually few are left."""
         total = 0
         for layer in self.delta.layers.values():
-            kept = layer.input_nonzero().reshape(-1).clone()
-            kept[layer.repruned] = False
-            kept[layer.indices.long()] = False
-            total += int((kept & (layer.base_weight(torch.float32).reshape(-1) == 0)).sum())
+            if layer.nf4_zeroed is not None:
+                positions = layer.nf4_zeroed[0]
+                back = ~torch.isin(positions, layer.repruned) & ~torch.isin(positions, layer.indices.long())
+                total += int(back.sum())
         return total
 
     def untrained_zeros(self, name: str) -> int:
         """Entries that read exactly 0 in the merged weight although they count as non-zeros: a reactivated entry
-        whose delta never moved, a delta that cancels its base value, or (NF4 base) an input non-zero that 4-bit
-        rounding turned into 0. None is a sign of divergence."""
+        whose delta never moved, or a delta that cancels its base value. Neither is a sign of divergence."""
         layer = self.delta.layers.get(name)
         if layer is None or not self.merged:  # unmerged, the checked weights are the input's
             return 0

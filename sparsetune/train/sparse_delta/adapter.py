@@ -108,13 +108,11 @@ def base_model_of(adapter: str | Path) -> str:
     return str(base)
 
 
-def load_with_adapter(
-    adapter: str | Path, base_dir: str | Path | None = None, dtype: torch.dtype | None = None
-) -> nn.Module:
+def load_with_adapter(base_dir: str | Path | None, adapter: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Load the base model dir with transformers and apply (merge) a seft adapter to it: the fine-tuned model.
 
-    `adapter` is a seft_adapter.safetensors file or the dir holding it; `base_dir` defaults to the base the
-    adapter records. A base whose weights differ from the one trained on is refused with one error line.
+    `adapter` is a seft_adapter.safetensors file or the dir holding it; `base_dir` None means the base the adapter
+    records. A base whose weights differ from the one trained on is refused with one error line.
     """
     from transformers import AutoModelForCausalLM
 
