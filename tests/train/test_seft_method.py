@@ -84,7 +84,11 @@ def test_seft_keeps_every_count_and_pattern_and_returns_dropped_weights_to_the_b
     summary = report["summary"]
     assert summary["sparsity"] == summary["sparsity_after"] == summary["sparsity_before"]
     assert summary["trainable_params"] == k and summary["grad_bytes"] == 4 * k
-    assert summary["optimizer_state_bytes"] == 12 * k  # fp32 m and v, an int32 step count per entry
+    # fp32 m and v and a one-byte step cohort per entry (13 bytes with the gradient, a LoRA's 12 plus one), and an
+    # int64 start per cohort: the start, each reselection's grown entries (ids of emptied cohorts are reused)
+    cohorts = sum(c.starts.numel() for c in recipe.method.delta.optimizer.steps.values())
+    assert cohorts <= 3 * 14
+    assert summary["optimizer_state_bytes"] == 9 * k + 8 * cohorts
     assert summary["final_loss"] < summary["first_loss"]
     rows = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     logged = [r["topology"] for r in rows if "topology" in r]
@@ -177,9 +181,10 @@ def test_adamw8bit_keeps_the_counts_with_a_smaller_state(tmp_path):
     eight, report = run(tmp_path, pruned, data, steps=7, optim="adamw8bit")
     assert eight.problems == [] and len(eight.state.topology) == 2
     k = report["summary"]["trainable_params"]
-    # 8-bit m and v (1 byte each) plus a float32 absmax per 256-entry block of each, per module; int32 steps
+    # 8-bit m and v (1 byte each) plus a float32 absmax per 256-entry block of each, per module; step cohorts
     blocks = sum(-(-layer.k // 256) for layer in eight.method.delta.layers.values())
-    assert report["summary"]["optimizer_state_bytes"] == 2 * k + 2 * 4 * blocks + 4 * k
+    cohorts = sum(c.starts.numel() for c in eight.method.delta.optimizer.steps.values())
+    assert report["summary"]["optimizer_state_bytes"] == 2 * k + 2 * 4 * blocks + k + 8 * cohorts
     assert report["summary"]["optimizer_state_bytes"] < fp32["summary"]["optimizer_state_bytes"]
     assert report["summary"]["final_loss"] < report["summary"]["first_loss"]
 
