@@ -12,11 +12,13 @@ sensitivity re-prune. Multi-process runs (torchrun / accelerate launch) join the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -77,9 +79,8 @@ class FinetuneRun(Trainer):
     def build_method(self) -> TrainingMethod:
         if self.start.drifted():
             self.restore_target_counts()
-        method = METHODS[self.cfg.method](self)
         self._identity = run_identity(self.cfg, self.start)  # the start masks are final here; a resume must match
-        return method
+        return METHODS[self.cfg.method](self)
 
     def identity(self) -> dict[str, Any]:
         return self._identity
@@ -181,8 +182,11 @@ def grow_batches(order: DataOrder, step: int, count: int) -> list[list[int]]:
 def run_identity(cfg: SeftConfig, start: SparseStart) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the settings that change the result and the starting masks."""
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
-    mask_hash = data.token_hash(torch.cat([m.view(-1) for m in start.masks.values()]).to(torch.int64))
-    return {**settings, "start_mask": mask_hash}
+    digest = hashlib.blake2b(digest_size=8)
+    for name, mask in start.masks.items():  # one module at a time, packed to bits on the CPU: no model-sized copy
+        digest.update(name.encode())
+        digest.update(np.packbits(mask.detach().reshape(-1).cpu().numpy()).tobytes())
+    return {**settings, "start_mask": digest.hexdigest()}
 
 
 def build_report(

@@ -21,7 +21,9 @@ from sparsetune import distributed
 from sparsetune.train.loop import TrainingMethod
 from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE
 from sparsetune.train.sparse_delta.config import DeltaSettings
+from sparsetune.train.sparse_delta.delta_linear import DeltaLinear
 from sparsetune.train.sparse_delta.method import SparseDelta
+from sparsetune.train.sparse_delta.wrap import merged_weight
 
 
 def delta_settings(cfg: Any) -> DeltaSettings:
@@ -55,6 +57,17 @@ class DeltaOptimizer:
         self.method.delta.load_state_dict(state)
 
 
+class MergedView:
+    """Stands for a trained module where the run reads `.weight`: the merged weight, built on each read."""
+
+    def __init__(self, layer: DeltaLinear) -> None:
+        self.layer = layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return merged_weight(self.layer)
+
+
 class SeftFineTuning(TrainingMethod):
     """Sparse-delta fine-tuning of `run.model` (the `seft` task, finetune.FinetuneRun, after loading)."""
 
@@ -81,6 +94,15 @@ class SeftFineTuning(TrainingMethod):
             reduce=reduce,
         )
         self.optimizer = DeltaOptimizer(self)
+        # The run's view of the trained modules is their merged weight, computed when read (the end-of-run checks
+        # and the report); it must not keep the input Linears alive (an NF4 or bf16 base replaced them), and the
+        # start masks (a byte per weight) are not needed past this point (the resume identity was taken).
+        start = run.start
+        start.modules = {
+            name: MergedView(self.delta.layers[name]) if name in self.delta.layers else module
+            for name, module in start.modules.items()
+        }
+        start.release_masks()
         self.saved_window: dict[str, Any] | None = None
         self.peak: dict[str, int] = {"grad_bytes": 0, "window_bytes": 0}
         self.counts_checked = False
@@ -184,10 +206,10 @@ class SeftFineTuning(TrainingMethod):
         """Entries that read exactly 0 in the merged weight although they count as non-zeros: a reactivated entry
         whose delta never moved, or a delta that cancels its base value. Neither is a sign of divergence."""
         layer = self.delta.layers.get(name)
-        if layer is None or not self.merged:  # unmerged, the checked weights are the input's
+        if layer is None:
             return 0
         with torch.no_grad():
-            merged = self.run.start.modules[name].weight.detach()
+            merged = merged_weight(layer)
             support = layer.input_nonzero().reshape(-1).clone()
             support[layer.repruned] = False
             support[layer.indices.long()] = True

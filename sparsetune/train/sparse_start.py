@@ -29,13 +29,18 @@ class SparseStart:
 
     def __post_init__(self) -> None:
         self.active_counts = {name: int(m.sum()) for name, m in self.masks.items()}
+        self.numel = {name: m.numel() for name, m in self.masks.items()}
 
     def set_mask(self, name: str, mask: torch.Tensor) -> None:
         self.masks[name] = mask
         self.active_counts[name] = int(mask.sum())
 
+    def release_masks(self) -> None:
+        """Drop the masks (one byte per weight) once nothing needs them: counts and sizes stay."""
+        self.masks = {}
+
     def global_sparsity(self) -> float:
-        total = sum(m.numel() for m in self.masks.values())
+        total = sum(self.numel.values())
         return 1.0 - sum(self.active_counts.values()) / max(1, total)
 
     def nonzeros(self) -> dict[str, int]:

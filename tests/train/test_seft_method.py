@@ -35,11 +35,11 @@ class WatchedRun(FinetuneRun):
         for name, layer in layers.items():
             entries, now_repruned = set(layer.indices.tolist()), set(layer.repruned.tolist())
             old_entries, old_repruned = before[name]
-            input_nonzero = self.start.masks[name].reshape(-1)
+            input_nonzero = layer.input_nonzero().reshape(-1)
             support = input_nonzero.clone()
             support[list(now_repruned)] = False
             support[list(entries)] = True
-            if int(support.sum()) != self.start.active_counts[name]:
+            if int(support.sum()) != self.start.active_counts[name] or self.start.masks:  # released after the build
                 self.problems.append(f"step {step}: {name} holds {int(support.sum())} non-zeros")
             pattern = self.start.pattern
             if pattern is not None and bool((support.view(-1, pattern.m).sum(1) != pattern.n).any()):

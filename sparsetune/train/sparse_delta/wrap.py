@@ -134,19 +134,26 @@ def nf4_zeroed_weights(weight: torch.Tensor, dequantized: torch.Tensor) -> tuple
 
 
 @torch.no_grad()
+def merged_weight(layer: DeltaLinear) -> torch.Tensor:
+    """The layer's merged weight in the input's dtype: base plus deltas, re-pruned positions 0."""
+    weight = layer.effective_weight(torch.float32).to(layer.input_dtype)
+    if layer.nf4_zeroed is not None:
+        # Input non-zeros that the 4-bit base read as 0 take back their input values (when neither re-pruned nor
+        # under an entry), so the merged model keeps the input's sparsity. Each is below half an NF4 step, the
+        # rounding the training-time model already differs from the input by at every weight.
+        positions, values = layer.nf4_zeroed
+        back = ~torch.isin(positions, layer.repruned) & ~torch.isin(positions, layer.indices.long())
+        weight.view(-1)[positions[back]] = values[back].to(weight.dtype)
+    return weight
+
+
+@torch.no_grad()
 def merge_model(model: nn.Module, layers: dict[str, DeltaLinear]) -> nn.Module:
     """In place: replace every DeltaLinear by a plain nn.Linear holding its effective weight in the input's dtype
     (an NF4 base is merged into a dequantized copy, never re-quantized; see `nf4_zeroed_weights`). Returns the
     model."""
     for name, layer in layers.items():
-        weight = layer.effective_weight(torch.float32).to(layer.input_dtype)
-        if layer.nf4_zeroed is not None:
-            # Input non-zeros that the 4-bit base read as 0 take back their input values (when neither re-pruned nor
-            # under an entry), so the merged model keeps the input's sparsity. Each is below half an NF4 step, the
-            # rounding the training-time model already differs from the input by at every weight.
-            positions, values = layer.nf4_zeroed
-            back = ~torch.isin(positions, layer.repruned) & ~torch.isin(positions, layer.indices.long())
-            weight.view(-1)[positions[back]] = values[back].to(weight.dtype)
+        weight = merged_weight(layer)
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.base.bias is not None)
         linear = linear.to(device=weight.device, dtype=layer.input_dtype)
         linear.weight.copy_(weight)
