@@ -192,14 +192,13 @@ class SeftFineTuning(TrainingMethod):
         return None
 
     def count_nf4_zeroed(self) -> int:
-        """Input non-zeros the NF4 base read as 0 during training and the merge gives back (not re-pruned, no
-        entry); the re-prune removes such weights first (their sensitivity is 0), so usually few are left."""
+        """Input non-zeros the NF4 base read as 0 during training and the merge gives back (those not re-pruned);
+        the re-prune removes such weights first (their sensitivity is 0), so usually few are left."""
         total = 0
         for layer in self.delta.layers.values():
             if layer.nf4_zeroed is not None:
                 positions = layer.nf4_zeroed[0]
-                back = ~torch.isin(positions, layer.repruned) & ~torch.isin(positions, layer.indices.long())
-                total += int(back.sum())
+                total += int((~torch.isin(positions, layer.repruned)).sum())
         return total
 
     def untrained_zeros(self, name: str) -> int:

@@ -144,8 +144,8 @@ def test_merged_model_and_adapter_give_the_training_time_logits(tmp_path, base_d
     for name in recipe.method.delta.layers:  # the input's sparsity, with any base precision
         assert int((merged_weights[name + ".weight"] == 0).sum()) == int((original[name + ".weight"] == 0).sum())
     if base_dtype == "nf4":
-        # input non-zeros without an entry and not re-pruned that NF4 rounds to 0 (bitsandbytes directly, 64-weight
-        # blocks): the merge gives them back their input values
+        # input non-zeros not re-pruned that NF4 rounds to 0 (bitsandbytes directly, 64-weight blocks): the merge
+        # gives them back their input values
         import bitsandbytes.functional as bnbf
 
         zeroed = 0
@@ -154,8 +154,8 @@ def test_merged_model_and_adapter_give_the_training_time_logits(tmp_path, base_d
             packed, state = bnbf.quantize_4bit(w0.view_as(original[name + ".weight"]), blocksize=64, quant_type="nf4")
             back = (w0 != 0) & (bnbf.dequantize_4bit(packed, state).reshape(-1) == 0)
             back[layer.repruned] = False
-            back[layer.indices.long()] = False
             zeroed += int(back.sum())
+            back[layer.indices.long()] = False  # (an entry there holds the input value plus its delta)
             assert torch.equal(merged_weights[name + ".weight"].reshape(-1)[back], w0[back])
         assert report["summary"]["nf4_zeroed"] == zeroed > 0
     merged = sparsetune.load(str(tmp_path / "out"), device="cpu")

@@ -136,15 +136,15 @@ def nf4_zeroed_weights(weight: torch.Tensor, dequantized: torch.Tensor) -> tuple
 @torch.no_grad()
 def merged_weight(layer: DeltaLinear) -> torch.Tensor:
     """The layer's merged weight in the input's dtype: base plus deltas, re-pruned positions 0."""
-    weight = layer.effective_weight(torch.float32).to(layer.input_dtype)
+    weight = layer.effective_weight(torch.float32)
     if layer.nf4_zeroed is not None:
-        # Input non-zeros that the 4-bit base read as 0 take back their input values (when neither re-pruned nor
-        # under an entry), so the merged model keeps the input's sparsity. Each is below half an NF4 step, the
-        # rounding the training-time model already differs from the input by at every weight.
+        # Input non-zeros that the 4-bit base read as 0 take back their input values (under any delta) unless
+        # re-pruned, so the merged model keeps the input's sparsity. Each is below half an NF4 step, the rounding
+        # the training-time model already differs from the input by at every weight.
         positions, values = layer.nf4_zeroed
-        back = ~torch.isin(positions, layer.repruned) & ~torch.isin(positions, layer.indices.long())
-        weight.view(-1)[positions[back]] = values[back].to(weight.dtype)
-    return weight
+        back = ~torch.isin(positions, layer.repruned)
+        weight.view(-1)[positions[back]] += values[back].float()
+    return weight.to(layer.input_dtype)
 
 
 @torch.no_grad()
