@@ -103,6 +103,11 @@ class SeftFineTuning(TrainingMethod):
             for name, module in start.modules.items()
         }
         start.release_masks()
+        # What seft keeps is each module's non-zero count as loaded (a 2:4 start whose dense model held zeros has
+        # fewer than N per group in places; nothing can fill those), so the end-of-run check compares with it.
+        for name, target in self.delta.targets().items():
+            if name in start.active_counts:
+                start.active_counts[name] = target
         self.saved_window: dict[str, Any] | None = None
         self.peak: dict[str, int] = {"grad_bytes": 0, "window_bytes": 0}
         self.counts_checked = False

@@ -40,8 +40,12 @@ def test_seft_on_smollm2_keeps_the_pattern(tmp_path, bundled_model_dir):
     history = report["finetune_history"][-1]
     # rank 16 on the 7 Linears of 30 blocks (576 hidden, 192 kv, 1536 MLP): 16 * 30 * (2 * 1152 + 2 * 768 + 3 * 2112)
     assert history["trainable_params"] == 4_884_480
-    assert history["topology_totals"]["dropped"] == history["topology_totals"]["grown"] == 4_884_480
-    assert history["sparsity_after"] == history["sparsity_before"] == 0.5
+    totals = history["topology_totals"]
+    # the first reselection replaces every entry that has a place to go: under 2:4 a few groups are full
+    assert totals["dropped"] == totals["grown"] and 0.99 * 4_884_480 <= totals["grown"] <= 4_884_480
+    assert totals["reactivated"] > 0 and totals["repruned"] > 0
+    # the input's exact sparsity: 2:4, less a few weights that were already 0 in the dense model
+    assert history["sparsity_after"] == history["sparsity_before"] == pytest.approx(0.5, abs=1e-5)
     weights = load_file(str(tmp_path / "out" / "model.safetensors"))
     layers = {k: v for k, v in weights.items() if ".layers." in k and k.endswith("proj.weight")}
     assert len(layers) == 30 * 7
