@@ -110,7 +110,6 @@ class SeftFineTuning(TrainingMethod):
                 start.active_counts[name] = target
         self.saved_window: dict[str, Any] | None = None
         self.peak: dict[str, int] = {"grad_bytes": 0, "window_bytes": 0}
-        self.counts_checked = False
         self._sparsity: float | None = None
         self.merged = False
         self.nf4_zeroed: int | None = None
@@ -130,8 +129,12 @@ class SeftFineTuning(TrainingMethod):
         self.delta.before_step(step + 1)
 
     def reduce_grads(self) -> None:
-        grads = [layer.delta.grad for layer in self.delta.layers.values() if layer.delta.grad is not None]
-        distributed.mean_in_place(grads)
+        layers = list(self.delta.layers.values())
+        if self.run.ctx.world > 1:  # every rank must reduce the same tensors
+            for layer in layers:
+                if layer.delta.grad is None:
+                    layer.delta.grad = torch.zeros_like(layer.delta)
+        distributed.mean_in_place([layer.delta.grad for layer in layers if layer.delta.grad is not None])
         # measured while the gradients exist (after backward, before the optimizer step frees them)
         self.peak["grad_bytes"] = max(self.peak["grad_bytes"], self.delta.optimizer.grad_bytes())
         window = sum(stats.nbytes() for stats in self.delta.windows.values())
