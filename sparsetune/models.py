@@ -201,6 +201,8 @@ def load_model(
     kind, location = resolve_model_path(spec)
     if kind == "bundled":
         kind, location = "dir", str(bundled_model_dir())
+    if kind == "dir" and (base := seft_adapter_base(Path(location))) is not None:
+        return _load_seft_adapter(location, base, dtype, device, trust_remote_code, device_map, need_tokenizer)
     if kind == "gguf":
         model, tokenizer = _load_gguf(Path(location), torch_dtype)
     else:
@@ -218,6 +220,25 @@ def load_model(
         if need_tokenizer and tokenizer is None:
             tokenizer = load_tokenizer(location, trust_remote_code)
     return _place(model, dev, device_map), tokenizer
+
+
+def seft_adapter_base(path: Path) -> str | None:
+    """The base model dir of a `sparsetune seft --no-merge` output (seft_adapter.safetensors naming its base, no
+    model files), else None."""
+    if not (path / "seft_adapter.safetensors").is_file() or (path / "config.json").exists():
+        return None
+    from sparsetune.train.sparse_delta.adapter import base_model_of
+
+    return base_model_of(path)
+
+
+def _load_seft_adapter(location: str, base: str, dtype: str, device: str, *args: Any) -> tuple[nn.Module, Any]:
+    """Load the base model the adapter names, then merge the adapter into it (its base identity is checked)."""
+    from sparsetune.train.sparse_delta.adapter import apply_adapter
+
+    model, tokenizer = load_model(base, dtype, device, *args)
+    apply_adapter(model, location)
+    return model, tokenizer
 
 
 def _place(model: nn.Module, dev: torch.device, device_map: Any) -> nn.Module:

@@ -92,7 +92,7 @@ def test_a_bad_literal_value_exits_2_with_one_error_line(tmp_path):
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert lines == ["error: prune: method: Input should be 'auto', 'magnitude', 'wanda', 'sparsegpt' or 'alps'"]
     assert not out.exists()
-    assert "[magnitude|wanda|sparsegpt|alps]" in runner.invoke(app, ["prune", "--help"]).output
+    assert "[auto|magnitude|wanda|sparsegpt|alps]" in runner.invoke(app, ["prune", "--help"]).output
 
 
 class Toy(BaseModel):

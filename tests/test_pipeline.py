@@ -205,7 +205,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
         assert text in result.output
     assert f"inputs: smollm2, {out}/01-prune, {out}/02-seft" in result.output
     assert "    steps: 20" in result.output and "    calib_samples: 128" in result.output
-    assert "    drop_fraction_end: 0.0" in result.output  # defaults are shown too: every setting
+    assert "    replace_schedule: linear" in result.output  # defaults are shown too: every setting
     assert not out.exists()
     plan = json.loads(runner.invoke(app, [*args, "--json"]).output)
     assert [s["stage"] for s in plan["stages"]] == ["01-prune", "02-seft", "03-eval", "04-export"]
@@ -252,7 +252,9 @@ def tiny_pse_args(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
         "prune.seqlen=32",
         "seft.seqlen=96",
         "seft.batch_size=4",
-        "seft.update_interval=2",
+        "seft.reselect_every=2",
+        "seft.select_window=1",
+        "seft.delta_rank=4",
         "seft.checkpoint_every=2",
         "eval.tasks=[]",
         "eval.seqlen=32",

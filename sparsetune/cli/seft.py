@@ -14,5 +14,5 @@ MISSING = {
 
 
 def register(app: typer.Typer) -> None:
-    doc = "Fine-tune a pruned model and keep its sparsity: SEFT drop/grow, masked fine-tuning, or LoRA + re-prune."
+    doc = "Fine-tune a pruned model and keep its sparsity: SEFT sparse deltas, masked fine-tuning, or LoRA + re-prune."
     app.command("seft")(stage_command("seft", SeftConfig, doc, MISSING))

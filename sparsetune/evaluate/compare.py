@@ -49,6 +49,7 @@ def check_model_spec(spec: str, seqlen: int | None) -> None:
     if kind != "dir":
         return
     path = Path(location)
+    path = Path(models.seft_adapter_base(path) or path)  # a seft adapter is evaluated on the base it names
     if not (path / "config.json").exists():
         raise SparsetuneError(f"{path} has no config.json; pass a HF model dir (save_pretrained output)")
     if not any((path / name).exists() for name in TOKENIZER_FILES):

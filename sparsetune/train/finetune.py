@@ -1,7 +1,8 @@
 """`sparsetune seft`: fine-tune a pruned model and keep its sparsity exact, on the one training loop (`loop.py`).
 
 Methods (the strategy objects in METHODS; adding one is a class and a table entry):
-- `dst` (also `seft`, for now): whole-weight drop-and-grow (`dst.py`);
+- `seft` (the default): sparse-delta fine-tuning, a budget of trainable entries over the frozen pruned base
+  (`seft.py` on `sparse_delta/`);
 - `masked-ft`: the active weights under a fixed mask (`masked_ft.py`);
 - `lora-reprune` (LoRA*): dense LoRA, merge, Wanda re-prune to the starting sparsity/pattern (`lora_reprune.py`).
 
@@ -11,11 +12,13 @@ sensitivity re-prune. Multi-process runs (torchrun / accelerate launch) join the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,11 +27,11 @@ from sparsetune.distributed import sum_in_place
 from sparsetune.outputs import package_versions, peak_memory
 from sparsetune.prune import wanda
 from sparsetune.train.common import NOT_IDENTITY, DataOrder, Examples, instruction_examples, packed_windows
-from sparsetune.train.dst import DropAndGrow
 from sparsetune.train.loop import Trainer, TrainingMethod, mean_step_s
 from sparsetune.train.loop import print_summary as print_table
 from sparsetune.train.lora_reprune import LoraReprune
 from sparsetune.train.masked_ft import MaskedFineTuning
+from sparsetune.train.seft import SeftFineTuning
 from sparsetune.train.seft_config import SeftConfig
 from sparsetune.train.sparse_start import SparseStart, find_sparse_start, read_input_report, sensitivity_mask
 
@@ -36,8 +39,7 @@ log = logging.getLogger(__name__)
 
 # --method -> the strategy that trains it, built as METHOD(run) once the model and data are loaded.
 METHODS: dict[str, Callable[[Any], TrainingMethod]] = {
-    "dst": DropAndGrow,
-    "seft": DropAndGrow,  # until the sparse-delta seft lands
+    "seft": SeftFineTuning,
     "masked-ft": MaskedFineTuning,
     "lora-reprune": LoraReprune,
 }
@@ -77,9 +79,8 @@ class FinetuneRun(Trainer):
     def build_method(self) -> TrainingMethod:
         if self.start.drifted():
             self.restore_target_counts()
-        method = METHODS[self.cfg.method](self)
         self._identity = run_identity(self.cfg, self.start)  # the start masks are final here; a resume must match
-        return method
+        return METHODS[self.cfg.method](self)
 
     def identity(self) -> dict[str, Any]:
         return self._identity
@@ -113,14 +114,14 @@ class FinetuneRun(Trainer):
         consume: Callable[[str, torch.Tensor, torch.Tensor | None], None],
         input_norms: bool = False,
     ) -> None:
-        """Hand `consume(name, dense gradient, input norms)` each weight's dense gradient summed over the last
-        --grow-batches training batches (all-reduced over ranks), module by module during the last backward pass.
+        """Hand `consume(name, dense gradient, input norms)` each weight's dense gradient on the training batch of
+        `step` (all-reduced over ranks), module by module during the backward pass.
 
         Each gradient is consumed and freed as soon as backward has finished it, so at most one module's dense
-        gradient exists at a time (plus, with more than one grow batch, the running sum of the earlier batches).
-        With `input_norms`, the sum of squared inputs per input column (the Wanda statistic) comes along."""
-        cfg, ctx = self.cfg, self.ctx
-        batches = grow_batches(self.order, step, cfg.grow_batches)
+        gradient exists at a time. With `input_norms`, the sum of squared inputs per input column (the Wanda
+        statistic) comes along."""
+        ctx = self.ctx
+        batches = grow_batches(self.order, step, 1)
         total = sum(self.example_labels[i] for idx in batches for i in idx)
         norms: dict[str, torch.Tensor] = {}
         hooks = []
@@ -167,7 +168,7 @@ class FinetuneRun(Trainer):
         weights = {name: m.weight for name, m in start.modules.items()}
         self.check_final_sparsity(weights, {n: w.numel() - start.active_counts[n] for n, w in weights.items()})
         report = build_report(self, self.memory_report(), reprune_report, finish_s)
-        self.write_output(report, "seft")
+        self.write_output(report, "seft", model=getattr(self.method, "merged", True))
         return report
 
 
@@ -181,8 +182,11 @@ def grow_batches(order: DataOrder, step: int, count: int) -> list[list[int]]:
 def run_identity(cfg: SeftConfig, start: SparseStart) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the settings that change the result and the starting masks."""
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
-    mask_hash = data.token_hash(torch.cat([m.view(-1) for m in start.masks.values()]).to(torch.int64))
-    return {**settings, "start_mask": mask_hash}
+    digest = hashlib.blake2b(digest_size=8)
+    for name, mask in start.masks.items():  # one module at a time, packed to bits on the CPU: no model-sized copy
+        digest.update(name.encode())
+        digest.update(np.packbits(mask.detach().reshape(-1).cpu().numpy()).tobytes())
+    return {**settings, "start_mask": digest.hexdigest()}
 
 
 def build_report(
@@ -193,7 +197,7 @@ def build_report(
     stats = masks.sparsity_stats(start.modules)
     before = start.global_sparsity()
     losses = [r["loss"] for r in state.log]
-    totals = {k: sum(t.get(k, 0) for t in state.topology) for k in ("dropped", "grown", "regrown_previously_pruned")}
+    totals = topology_totals(state.topology)
     fields = recipe.method.report_fields()
     entry = {
         "method": cfg.method,
@@ -234,14 +238,27 @@ def build_report(
         "sparsity_before": before,
         "sparsity_after": stats["global_sparsity"],
         "topology_totals": totals,
+        "trainable_params": memory.get("trainable_params"),
+        "grad_bytes": memory.get("grad_bytes"),
         "optimizer_state_bytes": memory.get("optimizer_state_bytes"),
-        "gradient_bytes": memory.get("gradient_bytes"),
         "peak_rss_bytes": memory.get("peak_rss_bytes"),
+        "cuda_peak_bytes": memory.get("cuda_peak_bytes"),
+        "sparsity": stats["global_sparsity"],
         **fields,
         "mean_step_s": entry["mean_step_s"],
         "output": str(recipe.out),
     }
     return {"summary": summary, **report}
+
+
+def topology_totals(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Sums of the integer counts of every topology update (seft: grown, dropped, reactivated, repruned, restored)."""
+    totals: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, int) and not isinstance(value, bool):
+                totals[key] = totals.get(key, 0) + value
+    return totals
 
 
 def run_seft(cfg: SeftConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
@@ -253,10 +270,12 @@ def print_summary(report: dict[str, Any]) -> None:
     s = report["summary"]
     rows = [("sparsity before -> after", f"{s['sparsity_before']:.4f} -> {s['sparsity_after']:.4f}")]
     t = s["topology_totals"]
-    if t["dropped"]:
-        totals = f"{t['dropped']:,} / {t['grown']:,} / {t['regrown_previously_pruned']:,}"
-        rows.append(("dropped / grown / regrown pruned", totals))
-    for key in ("optimizer_state_bytes", "gradient_bytes", "peak_rss_bytes"):
+    if t.get("grown"):
+        counts = " / ".join(f"{t.get(k, 0):,}" for k in ("grown", "dropped", "reactivated", "repruned"))
+        rows.append(("grown / dropped / reactivated / re-pruned", counts))
+    if s.get("trainable_params") is not None:
+        rows.append(("trainable params", f"{s['trainable_params']:,}"))
+    for key in ("grad_bytes", "optimizer_state_bytes", "peak_rss_bytes"):
         if s.get(key) is not None:
             rows.append((key.removesuffix("_bytes").replace("_", " "), f"{s[key] / 2**20:.1f} MiB"))
     print_table(f"sparsetune seft: {s['method']}", s, rows)

@@ -102,8 +102,8 @@ class TrainingMethod:
         return {}
 
     def memory_report(self) -> dict[str, Any]:
-        """Bytes of gradient and optimizer state held for the trainable state (`optimizer_state_bytes`,
-        `gradient_bytes`, ...)."""
+        """Bytes of gradient and optimizer state held for the trainable state (`trainable_params`, `grad_bytes`,
+        `optimizer_state_bytes`, ...), measured from the live tensors."""
         return {}
 
     def report_fields(self) -> dict[str, Any]:
@@ -210,6 +210,12 @@ class Trainer:
         self.init_guard()
         if cfg.resume:
             self.load_checkpoint()
+
+    @property
+    def checkpoint_pending(self) -> bool:
+        """A checkpoint of the step just done waits for the next step's loss (it is written during that step, after
+        its backward pass): state that backward changes must be copied now to be saved as of this step."""
+        return self._pending_rng is not None
 
     @property
     def optimizer(self) -> Any:
@@ -486,11 +492,13 @@ class Trainer:
     def cleanup(self) -> None:
         self.ctx.barrier()
 
-    def write_output(self, report: dict[str, Any], command: str) -> None:
-        """Rank 0 writes the HF model dir, the log, the report and the recipe that reproduces the run."""
+    def write_output(self, report: dict[str, Any], command: str, model: bool = True) -> None:
+        """Rank 0 writes the HF model dir (unless not `model`: e.g. an adapter only), the log, the report and the
+        recipe that reproduces the run."""
         if self.ctx.is_main:
             with atomic_output_dir(self.out, overwrite=self.overwrite) as tmp:
-                models.save_model(self.model, self.tokenizer, tmp)
+                if model:
+                    models.save_model(self.model, self.tokenizer, tmp)
                 (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
                 write_json(tmp / REPORT_FILE, report)
                 header = f"sparsetune {command} --recipe recipe.yaml reproduces this run"

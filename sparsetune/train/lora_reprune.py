@@ -56,12 +56,16 @@ class LoraReprune(TrainingMethod):
         run.model.train()
         self.trainable = dict(lora_parameters(run.model))
         self.optimizer = dense_adamw(list(self.trainable.values()), cfg)
+        self.peak_grad_bytes = 0
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return self.trainable
 
     def reduce_grads(self) -> None:
-        distributed.mean_in_place([p.grad for p in self.trainable.values() if p.grad is not None])
+        grads = [p.grad for p in self.trainable.values() if p.grad is not None]
+        distributed.mean_in_place(grads)
+        # measured while the gradients exist (the optimizer step is next, then zero_grad frees them)
+        self.peak_grad_bytes = max(self.peak_grad_bytes, sum(g.numel() * g.element_size() for g in grads))
 
     def sparsity(self) -> float:
         start = self.run.start
@@ -74,8 +78,11 @@ class LoraReprune(TrainingMethod):
             for t in s.values()
             if torch.is_tensor(t)
         )
-        grad_bytes = sum(p.numel() * p.element_size() for p in self.trainable.values())
-        return {"optimizer_state_bytes": state_bytes, "gradient_bytes": grad_bytes}
+        return {
+            "trainable_params": sum(p.numel() for p in self.trainable.values()),
+            "grad_bytes": self.peak_grad_bytes,
+            "optimizer_state_bytes": state_bytes,
+        }
 
     def report_fields(self) -> dict[str, Any]:
         return {"lora_modules": len(self.lora_modules), "frozen_sparse_matrices": len(self.frozen)}

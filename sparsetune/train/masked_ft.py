@@ -22,8 +22,6 @@ from sparsetune.train.sparse_optim import SparseAdamW, SparseWeight
 class MaskedFineTuning(TrainingMethod):
     """The start masks stay fixed; `run` is the `seft` task (finetune.FinetuneRun) after loading."""
 
-    track_updates = False  # SparseAdamW sums each entry's updates (the `update` drop criterion of dst)
-
     def __init__(self, run: Any) -> None:
         self.run = run
         cfg, start = run.cfg, run.start
@@ -40,14 +38,17 @@ class MaskedFineTuning(TrainingMethod):
             betas=(cfg.beta1, cfg.beta2),
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
-            regrow_warmup=cfg.regrow_warmup,
-            regrow_lr_scale=cfg.regrow_lr_scale,
             eight_bit=cfg.optim == "adamw8bit",
-            track_updates=self.track_updates,
         )
         self.sparse = {w.name: w for w in weights}
         self.trainable = {name: g.param for name, g in self.groups.items()}
         self.group_of = {member: name for name, g in self.groups.items() for member in g.members}
+        self.peak_grad_bytes = 0
+
+    def reduce_grads(self) -> None:
+        """SparseAdamW averages the compact gradients itself; measure them here, while they exist."""
+        grads = [s.grad for s in self.optimizer.sparse_state.values() if s.grad is not None]
+        self.peak_grad_bytes = max(self.peak_grad_bytes, sum(g.numel() * g.element_size() for g in grads))
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return self.trainable
@@ -86,7 +87,13 @@ class MaskedFineTuning(TrainingMethod):
         return {m: per_expert[self.run.start.matrices[m].expert] for m in group.members}
 
     def memory_report(self) -> dict[str, Any]:
-        return dict(self.optimizer.memory_report())
+        report = dict(self.optimizer.memory_report())
+        report.pop("gradient_bytes", None)  # the optimizer's count; grad_bytes is the measured one
+        return {
+            "trainable_params": sum(w.nnz for w in self.sparse.values()),
+            "grad_bytes": self.peak_grad_bytes,
+            **report,
+        }
 
     def report_fields(self) -> dict[str, Any]:
         return {"sparse_matrices": self.run.start.kind_counts()}

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-METHODS = ("seft", "dst", "masked-ft", "lora-reprune")
+from sparsetune.train.sparse_delta.config import DeltaSettings
+
+METHODS = ("seft", "masked-ft", "lora-reprune")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class SeftConfig(BaseModel):
+class SeftConfig(DeltaSettings):
+    """The run's settings; the sparse-delta method's own (budget, schedule, base precision, merge, targets) come
+    from `DeltaSettings` and apply to `--method seft` only."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="Pruned HF model dir (e.g. `sparsetune prune` output); its zeros are the mask")
     output: str | None = Field(None, description="Output dir for the fine-tuned sparse model")
-    method: Literal["seft", "dst", "masked-ft", "lora-reprune"] = Field(
+    method: Literal["seft", "masked-ft", "lora-reprune"] = Field(
         "seft",
-        description="dst (and seft, for now): whole-weight drop/grow sparsity evolution; masked-ft: fixed mask; "
-        "lora-reprune: LoRA, merge, re-prune with Wanda (LoRA*)",
+        description="seft: sparse-delta fine-tuning (a budget of trainable entries over the frozen pruned base, "
+        "moved by periodic reselection, with a sensitivity re-prune); masked-ft: every active weight under a fixed "
+        "mask; lora-reprune: LoRA, merge, re-prune with Wanda (LoRA*)",
     )
     data: str = Field(
         "c4",
@@ -48,39 +54,13 @@ class SeftConfig(BaseModel):
     optim: Literal["adamw", "adamw8bit"] = Field(
         "adamw", description="Optimizer state: adamw (fp32 m, v) or adamw8bit (bitsandbytes blockwise 8-bit m, v)"
     )
-    update_interval: int | None = Field(
-        None, ge=1, description="SEFT: topology update every k steps (default: 60 for text, 10 for instruction data)"
-    )
-    drop_fraction: float = Field(
-        0.1, ge=0, lt=1, description="SEFT: fraction of active weights dropped and regrown at the first update"
-    )
-    drop_fraction_end: float = Field(0.0, ge=0, lt=1, description="SEFT: drop fraction at the end (cosine decay)")
-    drop_criterion: Literal["wanda", "sensitivity", "magnitude", "update"] = Field(
-        "wanda",
-        description="SEFT: which active weights are dropped: smallest |w| * ||x|| (wanda, input norms from the grow "
-        "batches), smallest |w * dL/dw| (sensitivity, from the growth gradient), smallest |w| (magnitude), "
-        "or smallest accumulated update since the last topology change (update)",
-    )
-    grow_batches: int = Field(
-        1,
-        ge=1,
-        description="SEFT: batches whose dense gradient is summed at a topology step to score growth; above 1, the "
-        "running sum of the earlier batches is a dense fp32 copy of every sparse weight (raises peak memory)",
-    )
-    regrow_warmup: int = Field(0, ge=0, description="SEFT: ramp a regrown weight's update over this many steps")
-    regrow_lr_scale: float = Field(
-        1.0,
-        gt=0,
-        description="SEFT: multiplier of regrown weights' AdamW update, weight decay excepted (they start at 0 while "
-        "the weights they replace were not)",
-    )
     lora_r: int = Field(16, ge=1, description="lora-reprune: LoRA rank")
     lora_alpha: float = Field(32.0, gt=0, description="lora-reprune: LoRA alpha")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="lora-reprune: LoRA dropout")
     reprune_samples: int = Field(
         32, ge=1, description="lora-reprune: training sequences used as Wanda calibration for the re-prune"
     )
-    seed: int = Field(0, description="Seed for data order and growth batches")
+    seed: int = Field(0, description="Seed for the data order and the entries' random start positions")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Weights dtype during training (the optimizer math is float32)"
     )
@@ -94,9 +74,7 @@ class SeftConfig(BaseModel):
     resume: bool = Field(False, description="Continue from the checkpoint in --checkpoint-dir")
 
     @model_validator(mode="after")
-    def _consistent(self) -> SeftConfig:
-        if self.drop_fraction_end > self.drop_fraction:
-            raise ValueError("drop_fraction_end must not exceed drop_fraction (the fraction decays)")
+    def _run_consistent(self) -> SeftConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if self.eval_every and self.val_data is None:

@@ -64,15 +64,20 @@ class SparseStart:
 
     def __post_init__(self) -> None:
         self.active_counts = {name: int(m.sum()) for name, m in self.masks.items()}
+        self.numel = {name: m.numel() for name, m in self.masks.items()}
 
     def set_mask(self, name: str, mask: torch.Tensor) -> None:
         self.masks[name] = mask
         self.active_counts[name] = int(mask.sum())
 
+    def release_masks(self) -> None:
+        """Drop the masks (one byte per weight) once nothing needs them: counts and sizes stay."""
+        self.masks = {}
+
     def global_sparsity(self, names: list[str] | None = None) -> float:
-        """The sparsity of the start masks (of `names`, else of all)."""
-        names = list(self.masks) if names is None else names
-        total = sum(self.masks[n].numel() for n in names)
+        """The sparsity of the start (of the matrices `names`, else of all)."""
+        names = list(self.numel) if names is None else names
+        total = sum(self.numel[n] for n in names)
         return 1.0 - sum(self.active_counts[n] for n in names) / max(1, total)
 
     def nonzeros(self) -> dict[str, int]:
@@ -137,7 +142,7 @@ class SparseStart:
 
     def rebind(self, model: nn.Module) -> None:
         """Point `modules` and `matrices` at `model`'s weights again (after LoRA* merged its adapters)."""
-        found = _resolve(model, list(self.masks))
+        found = _resolve(model, list(self.modules))  # names from modules: seft releases the masks
         self.matrices = found
         self.modules = {n: _entry(t) for n, t in found.items()}
 
@@ -192,8 +197,8 @@ def find_sparse_start(model: nn.Module, report: dict[str, Any] | None) -> Sparse
     start_masks = {n: (t.weight() != 0).contiguous() for n, t in matrices.items()}
     if report is None and all(bool(m.all()) for m in start_masks.values()):
         raise SparsetuneError(
-            "the model has no zero weights in its decoder matrices (Linears, Conv1D, experts), so there is no "
-            "sparsity to keep; prune it first (sparsetune prune MODEL -o PRUNED) and pass PRUNED"
+            "the model has no zero weights in its decoder matrices (Linears, Conv1D, experts): seft repairs a pruned "
+            "model; run `sparsetune prune MODEL -o PRUNED` first and fine-tune PRUNED"
         )
     pattern = None
     if report and report.get("pattern") not in (None, "unstructured"):

@@ -33,9 +33,13 @@ def last_json(output: str) -> dict:
 def test_help_comes_from_the_schema():
     result = runner.invoke(app, ["seft", "--help"], terminal_width=200)
     assert result.exit_code == 0
-    for flag in ("--drop-fraction", "--grow-batches", "--update-interval", "--optim", "--checkpoint-every", "--resume"):
-        assert flag in result.output
-    assert "accumulated" in result.output  # the grow-batches description
+    flags = ["--delta-rank", "--delta-density", "--reselect-every", "--select-window", "--replace-fraction"]
+    flags += ["--replace-schedule", "--base-dtype", "--no-merge", "--targets", "--ignore", "--optim", "--resume"]
+    for flag in flags:
+        assert flag in result.output, flag
+    for gone in ("--drop-fraction", "--grow-batches", "--update-interval", "--drop-criterion", "--regrow-warmup"):
+        assert gone not in result.output  # dst's flags left with it
+    assert "LoRA" in result.output  # the budget's description
 
 
 @pytest.mark.parametrize(
@@ -44,7 +48,10 @@ def test_help_comes_from_the_schema():
         (["--method", "dense-ft"], "method"),
         (["--eval-every", "2"], "--eval-every needs --val-data"),
         (["--batch-size", "3", "--grad-accum", "2"], "not divisible"),
-        (["--drop-fraction", "0.1", "--drop-fraction-end", "0.2"], "must not exceed"),
+        (["--method", "dst"], "method"),
+        (["--delta-rank", "8", "--delta-density", "0.01"], "not both"),
+        (["--reselect-every", "2", "--select-window", "3"], "must fit between two reselections"),
+        (["--base-dtype", "int8"], "base_dtype"),
     ],
 )
 def test_bad_settings_fail_in_one_line(tmp_path, extra, message):
@@ -60,11 +67,63 @@ def test_refuses_existing_output_dense_model_and_missing_data(tmp_path, tiny_mod
     result = runner.invoke(app, tiny_args(tiny_model_dir, tmp_path / "exists", data))
     assert result.exit_code == 2 and "--overwrite" in result.output
     result = runner.invoke(app, tiny_args(tiny_model_dir, tmp_path / "out", data, "--steps", "1"))
-    assert result.exit_code == 2 and "no zero weights" in result.output
+    assert result.exit_code == 2
+    assert "seft repairs a pruned model" in result.output and "sparsetune prune" in result.output
+    assert result.output.count("error:") == 1
     pruned = make_pruned(tmp_path)
     result = runner.invoke(app, tiny_args(pruned, tmp_path / "out", tmp_path / "missing.txt"))
     assert result.exit_code == 2 and "not found" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_larger_than_a_module_is_refused(tmp_path):
+    """At 70% sparsity q_proj (64 x 64) keeps 1229 of 4096 weights. A rank-16 budget is 16 * (in + out) summed over
+    the 14 Linears = 32768 entries, split by size over their 73728 weights: q_proj's share is 32768 * 4096 / 73728 =
+    1820.44; the 8 entries left after the floors go to the largest remainders (.89 of the six MLP Linears, then
+    .44 of layer 0's q_proj and o_proj), so 1821."""
+    pruned = make_pruned(tmp_path, sparsity=0.7)
+    data = write_text(tmp_path / "t.txt")
+    ckpt = tmp_path / "ck"
+    args = tiny_args(pruned, tmp_path / "out", data, "--steps", "2", "--checkpoint-dir", str(ckpt))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and result.output.count("error:") == 1
+    assert "--delta-rank 16 gives model.layers.0.self_attn.q_proj 1821 entries" in result.output
+    assert "only 1229 non-zero weights of 4096" in result.output and "lower --delta-rank" in result.output
+    assert not (tmp_path / "out").exists()
+    assert runner.invoke(app, [*args, "--delta-rank", "8"]).exit_code == 0  # half the budget fits
+
+
+def test_nf4_without_a_working_bitsandbytes_is_refused(tmp_path, monkeypatch):
+    import sys
+
+    pruned = make_pruned(tmp_path)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    args = tiny_args(pruned, tmp_path / "out", write_text(tmp_path / "t.txt"), "--steps", "2", "--base-dtype", "nf4")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and result.output.count("error:") == 1
+    assert "--base-dtype nf4 needs a working bitsandbytes" in result.output and "--base-dtype bf16" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_on_another_base_is_refused(tmp_path):
+    """A --no-merge output loads through its recorded base; once that dir holds another model, eval refuses."""
+    import shutil
+
+    pruned = make_pruned(tmp_path)
+    other = make_pruned(tmp_path, seed=1)
+    data = write_text(tmp_path / "t.txt")
+    out = tmp_path / "adapter"
+    result = runner.invoke(app, tiny_args(pruned, out, data, "--steps", "2", "--delta-rank", "4", "--no-merge"))
+    assert result.exit_code == 0, result.output
+    assert not (out / "model.safetensors").exists() and (out / "seft_adapter.safetensors").is_file()
+    evaluate = ["eval", str(out), "--ppl", str(data), "--seqlen", "32", "--limit-windows", "1"]
+    assert runner.invoke(app, [*evaluate, "-o", str(tmp_path / "ok")]).exit_code == 0  # the base it names
+    shutil.copytree(other, pruned, dirs_exist_ok=True)  # the base dir now holds a different pruned model
+    result = runner.invoke(app, [*evaluate, "-o", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and result.output.count("error:") == 1
+    assert "was trained on a different base" in result.output and "apply it to the pruned model" in result.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_instruction_examples_train_on_the_response_only(tiny_tokenizer):
@@ -131,6 +190,7 @@ def test_lora_reprune_restores_the_sparsity(tmp_path, pattern):
     entries = 2 * sum(16 * n_in + n_out * 16 for n_in, n_out in shapes)
     assert entries == 32768
     assert history["memory"]["optimizer_state_bytes"] == 2 * 4 * entries + 4 * 2 * 2 * len(shapes)
-    assert history["memory"]["gradient_bytes"] == 4 * entries
+    assert history["memory"]["grad_bytes"] == 4 * entries  # measured from the gradients after backward
+    assert summary["trainable_params"] == entries and summary["grad_bytes"] == 4 * entries
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -216,3 +216,32 @@ def test_a_conv1d_or_expert_slice_off_its_reported_count_is_refused():
         start.drifted()
     with pytest.raises(SparsetuneError, match=r"names transformer\.h\.0\.attn\.c_attnx, which is not a prunable"):
         find_sparse_start(model, {"modules": {"transformer.h.0.attn.c_attnx": {"zeros": 0}}})
+
+
+def test_seft_on_moe_trains_the_linears_and_leaves_the_expert_slices_as_pruned(tmp_path, caplog):
+    pruned_dir, _ = _engine_pruned_dir(tmp_path, "mixtral", pattern="2:4")
+    out = tmp_path / "seft"
+    data = write_text(tmp_path / "t.txt")
+    cfg = SeftConfig(model=str(pruned_dir), output=str(out), data=str(data), method="seft", delta_rank=2,
+                     reselect_every=2, select_window=1, **TINY)  # fmt: skip
+    with caplog.at_level("WARNING"):
+        report = run_seft(cfg, show_progress=False)
+    assert sum("16 targeted expert matrices stay frozen" in r.getMessage() for r in caplog.records) == 1
+    before, after = _load(pruned_dir), _load(out)
+    experts = [k for k, t in before.items() if ".experts." in k]
+    assert experts and all(torch.equal(after[k], before[k]) for k in experts)  # frozen, bit for bit
+    attention = [f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "qkvo"]
+    assert any(not torch.equal(after[k], before[k]) for k in attention)  # the deltas trained and merged
+    assert all(_two_of_four(after[k]) for k in attention)
+    assert report["summary"]["sparsity"] == pytest.approx(report["summary"]["sparsity_before"], abs=0)
+
+
+def test_seft_refuses_a_model_whose_targets_are_all_conv1d(tmp_path):
+    from sparsetune.errors import SparsetuneError
+
+    pruned_dir, _ = _engine_pruned_dir(tmp_path, "gpt2", sparsity=0.5)
+    data = write_text(tmp_path / "t.txt")
+    cfg = SeftConfig(model=str(pruned_dir), output=str(tmp_path / "seft"), data=str(data), method="seft", **TINY)
+    with pytest.raises(SparsetuneError, match="targets are conv1d matrices only; use --method masked-ft"):
+        run_seft(cfg, show_progress=False)
+    assert not (tmp_path / "seft").exists()

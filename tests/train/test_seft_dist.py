@@ -1,7 +1,9 @@
-"""Two gloo processes (torchrun) give the same final weights as one process with the same global batch."""
+"""Two gloo processes (torchrun) give the same final weights, entries and reselections as one process with the same
+global batch (the window statistics are all-reduced, so both choose the same entries and re-prune)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,15 +18,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("method", ["seft"])
+@pytest.mark.parametrize("method", ["seft", "masked-ft"])
 def test_two_processes_match_one(tmp_path, method):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     if torchrun is None:
         pytest.skip("torchrun is not installed next to this python")
     pruned = make_pruned(tmp_path)
     data = write_text(tmp_path / "t.txt")
-    common = ["seft", str(pruned), "--data", str(data), "--seqlen", "32", "--batch-size", "4", "--steps", "6",
-              "--lr", "5e-3", "--update-interval", "2", "--drop-fraction", "0.2", "--method", method]  # fmt: skip
+    common = ["seft", str(pruned), "--data", str(data), "--seqlen", "32", "--batch-size", "4", "--steps", "7",
+              "--lr", "5e-3", "--delta-rank", "4", "--reselect-every", "3", "--select-window", "2",
+              "--method", method]  # fmt: skip
     env = {**os.environ, **ONE_THREAD_ENV, "ACCELERATE_USE_CPU": "1"}
     one = subprocess.run(
         [sys.executable, "-m", "sparsetune", *common, "-o", str(tmp_path / "one")],
@@ -49,3 +52,13 @@ def test_two_processes_match_one(tmp_path, method):
         )
     pruned_w = load_file(str(pruned / "model.safetensors"))
     assert any(not torch.equal(pruned_w[n], a[n]) for n in a)  # training moved the weights
+    if method == "seft":
+        adapter_a = load_file(str(tmp_path / "one" / "seft_adapter.safetensors"))
+        adapter_b = load_file(str(tmp_path / "two" / "seft_adapter.safetensors"))
+        for key in adapter_a:  # the same entry positions (slot order may differ on near-ties) and re-pruned positions
+            if key.endswith((".indices", ".repruned")):
+                assert torch.equal(adapter_a[key].sort().values, adapter_b[key].sort().values), key
+        log_a = (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()
+        log_b = (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()
+        topology = [[json.loads(r).get("topology") for r in log] for log in (log_a, log_b)]
+        assert topology[0] == topology[1] and sum(t is not None for t in topology[0]) == 2

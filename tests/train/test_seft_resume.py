@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from helpers import ONE_THREAD_ENV, kill_after_logged_step, make_pruned, write_t
 from safetensors.torch import load_file
 
 from sparsetune.errors import SparsetuneError
-from sparsetune.train.finetune import run_seft
+from sparsetune.train.finetune import FinetuneRun, run_seft
 from sparsetune.train.seft_config import SeftConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,7 +30,9 @@ def settings(pruned, data, out, ckpt) -> dict:
         "grad_accum": 2,
         "steps": 60,
         "lr": 5e-3,
-        "update_interval": 4,
+        "delta_rank": 4,
+        "reselect_every": 4,
+        "select_window": 3,
         "checkpoint_every": 5,
         "checkpoint_dir": str(ckpt),
     }
@@ -54,7 +57,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     proc = subprocess.Popen(cli_args(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     state = tmp_path / "out.ckpt" / "checkpoint" / "state.pt"
     # The checkpoint of step 5 is written during step 6, so once step 7 is logged it is on disk and the kill lands
-    # between checkpoints: the steps after it are lost and the resume must redo them.
+    # between checkpoints: the steps after it are lost and the resume must redo them. Most checkpoints (10, 15, ...)
+    # are taken with a selection window open (windows are steps 2-4, 6-8, 10-12, ...), and written after the next
+    # step's backward has already added to it: the window saved is the one copied at the step boundary.
     kill_after_logged_step(proc, tmp_path / "out.ckpt" / "train_log.jsonl", 7)
     assert proc.returncode == -signal.SIGKILL and not (tmp_path / "out").exists(), "the run finished before the kill"
     step = torch.load(state, weights_only=True)["state"]["step"]
@@ -70,6 +75,42 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     ref_log = (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()
     out_log = (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
     assert len(out_log) == len(ref_log) == 60
+    assert [json.loads(r)["loss"] for r in out_log] == [json.loads(r)["loss"] for r in ref_log]
+    adapter_ref = load_file(str(tmp_path / "ref" / "seft_adapter.safetensors"))
+    adapter_out = load_file(str(tmp_path / "out" / "seft_adapter.safetensors"))
+    assert all(torch.equal(adapter_ref[k], adapter_out[k]) for k in adapter_ref)
+
+
+def test_a_checkpoint_inside_a_window_resumes_bit_identically(tmp_path):
+    """In process: stop after step 11 (checkpoint of step 10 written during step 11, while the window of steps
+    10-12 holds step 11's gradients too), resume, and match the uninterrupted run's entries, deltas and log."""
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+    reference = {**settings(pruned, data, tmp_path / "ref", tmp_path / "ref.ckpt"), "steps": 14}
+    run_seft(SeftConfig(**reference), show_progress=False)
+    cut = {**reference, "output": str(tmp_path / "cut"), "checkpoint_dir": str(tmp_path / "cut.ckpt"), "steps": 14}
+
+    class Stop(Exception):
+        pass
+
+    class StopAfter11(FinetuneRun):
+        def train_step(self, step):
+            if step == 11:
+                raise Stop
+            return super().train_step(step)
+
+    with pytest.raises(Stop):
+        StopAfter11(SeftConfig(**cut), show_progress=False).run()
+    saved = torch.load(tmp_path / "cut.ckpt" / "checkpoint" / "optimizer.pt", weights_only=True)
+    assert torch.load(tmp_path / "cut.ckpt" / "checkpoint" / "state.pt", weights_only=True)["state"]["step"] == 10
+    assert saved["window_steps"] == 1 and all(w["backwards"] == 2 for w in saved["windows"].values())  # 2 micro
+    run_seft(SeftConfig(**{**cut, "resume": True}), show_progress=False)
+    ref = load_file(str(tmp_path / "ref" / "seft_adapter.safetensors"))
+    out = load_file(str(tmp_path / "cut" / "seft_adapter.safetensors"))
+    assert all(torch.equal(ref[k], out[k]) for k in ref)
+    ref_log = [json.loads(r) for r in (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()]
+    out_log = [json.loads(r) for r in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in ref_log] == [r["loss"] for r in out_log]
 
 
 def test_resume_refuses_another_runs_checkpoint(tmp_path):

@@ -57,6 +57,8 @@ def test_settings_defaults_and_validation():
     assert DeltaSettings(delta_density=0.01).delta_density == 0.01
     with pytest.raises(ValidationError, match="not both"):
         DeltaSettings(delta_rank=8, delta_density=0.01)
+    dumped = DeltaSettings(delta_density=0.01).model_dump()  # what a run's recipe.yaml holds: every setting
+    assert DeltaSettings(**dumped).delta_density == 0.01
     with pytest.raises(ValidationError, match="window must fit"):
         DeltaSettings(reselect_every=4, select_window=5)
     with pytest.raises(ValidationError, match="not a valid regex"):

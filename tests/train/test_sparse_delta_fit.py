@@ -68,11 +68,13 @@ def test_fit_keeps_sparsity_exact_and_learns(target, one_thread):
         assert p.requires_grad == name.endswith(".delta"), name
 
     # bytes measured from the tensors that exist, against the budget by hand: 4 B of fp32 gradient per entry;
-    # m, v fp32 and an int32 step per entry
+    # m, v fp32 and a one-byte step cohort per entry, plus an int64 start per cohort (a few per module)
     assert sum(method.budgets.values()) == TINY_LORA_R2
     assert result.memory["trainable_params"] == TINY_LORA_R2
     assert result.memory["grad_bytes"] == 4 * TINY_LORA_R2
-    assert result.memory["optimizer_state_bytes"] == 12 * TINY_LORA_R2
+    cohorts = sum(counts.starts.numel() for counts in method.optimizer.steps.values())
+    assert cohorts <= 3 * len(method.layers)
+    assert result.memory["optimizer_state_bytes"] == 9 * TINY_LORA_R2 + 8 * cohorts
     assert result.memory["index_bytes"] == 4 * TINY_LORA_R2
 
     merged = method.merge()
@@ -144,7 +146,9 @@ def test_targets_and_eight_bit_state(one_thread):
     total = 2 * 2 * (128 + 96 + 96)  # rank 2 * layers * (in + out) of q, k, v
     assert sum(method.budgets.values()) == total
     assert all(torch.isfinite(torch.tensor(result.losses)))
-    # 8-bit m and v (1 byte each) plus an int32 step per entry, and one fp32 absmax per 256-entry block of m and v
+    # 8-bit m and v (1 byte each) plus a one-byte step cohort per entry, one fp32 absmax per 256-entry block of m
+    # and v, and an int64 start per step cohort
     blocks = sum(-(-k // 256) for k in method.budgets.values())
-    assert result.memory["optimizer_state_bytes"] == total * 6 + blocks * 2 * 4
+    cohorts = sum(counts.starts.numel() for counts in method.optimizer.steps.values())
+    assert result.memory["optimizer_state_bytes"] == total * 3 + blocks * 2 * 4 + 8 * cohorts
     assert result.memory["grad_bytes"] == total * 4

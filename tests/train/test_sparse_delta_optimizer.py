@@ -28,7 +28,7 @@ def test_matches_torch_adamw_with_weight_decay():
         ref.step()
     for layer, p in zip(layers.values(), ref_params, strict=True):
         torch.testing.assert_close(layer.delta.detach(), p.detach(), rtol=1e-5, atol=1e-7)
-    assert opt.steps["a"].tolist() == [6] * 10
+    assert opt.step_counts("a").tolist() == [6] * 10
 
 
 def test_reseed_keeps_kept_entries_and_seeds_grown_from_window_means():
@@ -39,7 +39,7 @@ def test_reseed_keeps_kept_entries_and_seeds_grown_from_window_means():
             layer.delta.grad = torch.randn(layer.k)
         opt.step()
     m_before, v_before = (t.clone() for t in opt.moments["a"].load())
-    steps_before = opt.steps["a"].clone()
+    steps_before = opt.step_counts("a").clone()
     slots = torch.tensor([2, 7])
     sum_g, sum_g2 = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 5.0])
     opt.reseed("a", slots, sum_g, sum_g2, torch.tensor([5, 5], dtype=torch.int32))
@@ -47,8 +47,8 @@ def test_reseed_keeps_kept_entries_and_seeds_grown_from_window_means():
     kept = torch.ones(10, dtype=torch.bool)
     kept[slots] = False
     assert torch.equal(m[kept], m_before[kept]) and torch.equal(v[kept], v_before[kept])
-    assert torch.equal(opt.steps["a"][kept], steps_before[kept])
-    assert opt.steps["a"][slots].tolist() == [5, 5]
+    assert torch.equal(opt.step_counts("a")[kept], steps_before[kept])
+    assert opt.step_counts("a")[slots].tolist() == [5, 5]
     b1, b2 = opt.betas
     # bias-corrected moments of a grown entry equal the window means
     torch.testing.assert_close(m[slots] / (1 - b1**5), sum_g / 5)
@@ -59,7 +59,8 @@ def test_per_entry_bias_correction():
     layer = DeltaLinear(nn.Linear(2, 2), 2, torch.float32)
     opt = DeltaAdamW({"x": layer}, lr=0.1, eps=0.0)
     opt.reseed("x", torch.tensor([1]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0], dtype=torch.int32))
-    opt.steps["x"][0] = 9  # entry 0 has seen 9 steps of zero gradient (m = v = 0), entry 1 is new
+    opt.steps["x"].assign(torch.tensor([0]), torch.tensor([9]))  # entry 0 has seen 9 steps of zero gradient (m = v
+    # = 0), entry 1 is new
     layer.delta.grad = torch.tensor([2.0, 2.0])
     opt.step()
     b1, b2 = opt.betas
@@ -74,7 +75,8 @@ def test_memory_bytes_are_the_tensors():
     assert opt.grad_bytes() == 0
     layers["a"].delta.grad = torch.zeros(10)
     assert opt.grad_bytes() == 40
-    assert opt.state_bytes() == (10 + 3) * (4 + 4 + 4)  # m, v fp32 and an int32 step per entry
+    # m, v fp32 and a one-byte cohort id per entry, plus one int64 start per cohort (one per module so far)
+    assert opt.state_bytes() == (10 + 3) * (4 + 4 + 1) + 2 * 8
 
 
 def test_eight_bit_moments_step_and_bytes():
@@ -84,5 +86,28 @@ def test_eight_bit_moments_step_and_bytes():
         layer.delta.grad = torch.randn(layer.k)
     opt.step()
     assert layers["a"].delta.abs().max() > 0
-    # per entry 1 byte m + 1 byte v + 4 bytes step, plus one fp32 absmax per 256-entry block for m and for v
-    assert opt.state_bytes() == 300 * 6 + 2 * 2 * 4 + 3 * 6 + 2 * 1 * 4
+    # per entry 1 byte m + 1 byte v + 1 byte cohort id, plus one fp32 absmax per 256-entry block for m and for v,
+    # plus one int64 cohort start per module
+    assert opt.state_bytes() == 300 * 3 + 2 * 2 * 4 + 3 * 3 + 2 * 1 * 4 + 2 * 8
+
+
+def test_step_counts_take_one_byte_and_recycle_or_merge_cohorts():
+    from sparsetune.train.sparse_delta.optimizer import StepCounts
+
+    counts = StepCounts(6, torch.device("cpu"))
+    for _ in range(4):
+        counts.advance()
+    counts.assign(torch.tensor([1, 2, 4]), torch.tensor([2, 0, 2]))  # two cohorts: 2 steps and 0 steps old
+    assert counts.values().tolist() == [4, 2, 0, 4, 2, 4] and counts.ids.dtype == torch.uint8
+    counts.advance()
+    counts.assign(torch.tensor([2]), torch.tensor([3]))  # the 0-step cohort is empty now: its id is reused
+    assert counts.values().tolist() == [5, 3, 3, 5, 3, 5] and counts.starts.numel() == 3
+    full = StepCounts(300, torch.device("cpu"))
+    for i in range(1, 300):  # one cohort per entry: past 256, the oldest merges into the second oldest
+        full.advance()
+        full.assign(torch.tensor([i]), torch.tensor([0]))
+    ages = full.values()
+    assert full.starts.numel() == 256
+    # 44 merges (steps 256-299) moved entries 0-43 up the chain into entry 44's cohort (start 44, 255 steps old)
+    assert ages[:45].tolist() == [255] * 45
+    assert ages[45:].tolist() == list(range(254, -1, -1))

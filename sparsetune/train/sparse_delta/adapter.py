@@ -93,10 +93,32 @@ def apply_adapter(model: nn.Module, path: str | Path, merge: bool = True) -> dic
     return layers
 
 
-def load_with_adapter(base_dir: str | Path, adapter: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a base model dir with transformers and apply (merge) a seft adapter to it."""
+def adapter_only_dir(path: str | Path) -> bool:
+    """Whether `path` is a `seft --no-merge` output: an adapter (whose config names its base) and no model."""
+    path = Path(path)
+    return path.is_dir() and (path / ADAPTER_FILE).is_file() and not (path / "config.json").exists()
+
+
+def base_model_of(adapter: str | Path) -> str:
+    """The base model dir an adapter was trained on (recorded by `sparsetune seft` as `base_model`)."""
+    _, config = read_adapter(adapter)
+    base = config.get("base_model")
+    if not base:
+        raise SparsetuneError(f"adapter {adapter} does not name its base model; pass the base dir explicitly")
+    return str(base)
+
+
+def load_with_adapter(base_dir: str | Path | None, adapter: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load the base model dir with transformers and apply (merge) a seft adapter to it: the fine-tuned model.
+
+    `adapter` is a seft_adapter.safetensors file or the dir holding it; `base_dir` None means the base the adapter
+    records. A base whose weights differ from the one trained on is refused with one error line.
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype or "auto")
+    base = str(base_dir) if base_dir is not None else base_model_of(adapter)
+    if not (Path(base) / "config.json").is_file():
+        raise SparsetuneError(f"the base model {base} of adapter {adapter} is not a HF model dir; pass base_dir")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto")
     apply_adapter(model, adapter)
     return model.eval()

@@ -59,7 +59,10 @@ class DeltaSettings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> DeltaSettings:
-        if self.delta_density is not None and "delta_rank" in self.model_fields_set:
+        # A non-default rank beside a density is a contradiction; the default rank beside one is what a dumped
+        # recipe.yaml of a density run holds (every setting is written), and reads back as that run.
+        default_rank = type(self).model_fields["delta_rank"].default
+        if self.delta_density is not None and "delta_rank" in self.model_fields_set and self.delta_rank != default_rank:
             raise ValueError("give --delta-rank or --delta-density, not both")
         if self.select_window > self.reselect_every:
             raise ValueError(

@@ -119,6 +119,7 @@ class DeltaLinear(nn.Module):
             self.input_support = None
         self.observer: Observer | None = None
         self.identity: dict[str, str] = {}  # the input weight's shape and hashes, for the adapter
+        self.nf4_zeroed: tuple[torch.Tensor, torch.Tensor] | None = None  # NF4 base: input non-zeros it reads as 0
 
     @property
     def numel(self) -> int:

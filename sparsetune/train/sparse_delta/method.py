@@ -12,21 +12,51 @@ method.merge() / method.save_adapter(path)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from sparsetune.errors import SparsetuneError
 from sparsetune.train.sparse_delta import reprune as rp
 from sparsetune.train.sparse_delta import selection
 from sparsetune.train.sparse_delta.budget import module_budgets
 from sparsetune.train.sparse_delta.config import DeltaSettings
 from sparsetune.train.sparse_delta.delta_linear import DeltaLinear
 from sparsetune.train.sparse_delta.optimizer import DeltaAdamW
-from sparsetune.train.sparse_delta.wrap import ModulePlan, merge_model, plan_modules, select_targets, wrap_model
+from sparsetune.train.sparse_delta.wrap import ModulePlan, merge_model, plan_modules, wrap_model
 
+log = logging.getLogger(__name__)
 Reduce = Callable[[torch.Tensor], None]  # in-place all-reduce (mean) over processes
+
+
+def select_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:
+    """The Linears to train, by full name, resolved like prune's --targets/--ignore.
+
+    Sparse deltas wrap nn.Linear only: a targeted Conv1D weight (GPT-2) or expert slice of a fused MoE parameter stays
+    frozen exactly as pruned (one warning says how many); a model with no targeted Linear at all is refused.
+    """
+    from sparsetune.prune.api import plan_targets  # the prune library imports models, which loads adapters from here
+    from sparsetune.prune.config import PruneConfig
+
+    blocks, head = plan_targets(model, PruneConfig(model="(in memory)", targets=targets, ignore=ignore))
+    chosen = [item for block in blocks for item in block.modules()] + ([head] if head else [])
+    linears = {name: target.module for name, target in chosen if target.kind == "linear"}
+    others = sorted({target.kind for _, target in chosen if target.kind != "linear"})
+    if not linears:
+        raise SparsetuneError(
+            f"seft's sparse deltas train nn.Linear weights, and this model's targets are {' and '.join(others)} "
+            "matrices only; use --method masked-ft (or lora-reprune) for this model"
+        )
+    if others:
+        frozen = len(chosen) - len(linears)
+        log.warning(
+            "seft: %d targeted %s matrices stay frozen as pruned (sparse deltas cover Linears only; "
+            "--method masked-ft trains them)", frozen, "/".join(others),
+        )  # fmt: skip
+    return linears
 
 
 class SparseDelta:
@@ -38,9 +68,9 @@ class SparseDelta:
         total_steps: optimizer steps of the run (the replace fraction decays to 0 at the end).
         lr, betas, eps, weight_decay, eight_bit: AdamW over the deltas.
         seed: the random start positions.
-        reduce: multi-process only, an in-place mean all-reduce; applied to the first window gradient (so every
-            rank picks the same candidates) and to the window sums before a reselection. The loop all-reduces
-            delta.grad itself (or wraps the model in DDP, whose only trainable tensors are the deltas).
+        reduce: multi-process only, an in-place mean all-reduce; applied to every window gradient (each module's
+            dense gradient inside its backward) so the window statistics, and every choice made from them, are the
+            same on every rank. The loop all-reduces delta.grad itself.
     """
 
     def __init__(
@@ -90,11 +120,21 @@ class SparseDelta:
 
     def after_step(self, step: int) -> dict[str, Any] | None:
         """After optimizer step `step`: count the window step; reselect and re-prune when due."""
+        self.count_window_step()
+        return self.reselect(step) if self.reselection_due(step) else None
+
+    def count_window_step(self) -> None:
+        """After an optimizer step: one more step behind the open window's statistics."""
         if self.windows:
             self.window_steps += 1
+
+    def reselection_due(self, step: int) -> bool:
+        """Whether a reselection follows optimizer step `step` (1-based, steps done)."""
+        return bool(self.windows) and selection.reselection_due(step, self.settings.reselect_every, self.total_steps)
+
+    def reselect(self, step: int) -> dict[str, Any]:
+        """The reselection and re-prune after step `step`, closing the window; returns its counts."""
         s = self.settings
-        if not selection.reselection_due(step, s.reselect_every, self.total_steps) or not self.windows:
-            return None
         fraction = selection.replace_fraction_at(
             step, s.reselect_every, self.total_steps, s.replace_fraction, s.replace_schedule
         )
@@ -114,9 +154,6 @@ class SparseDelta:
     def reselect_module(
         self, name: str, layer: DeltaLinear, stats: selection.WindowStats, fraction: float
     ) -> dict[str, int]:
-        if self.reduce is not None:
-            for t in (stats.sum_g, stats.sum_g2, stats.row_g2, stats.col_g2):
-                self.reduce(t)
         pattern = self.plans[name].pattern
         input_nonzero = layer.input_nonzero()
         capacity = fill = None
@@ -193,13 +230,21 @@ class SparseDelta:
             layer.delta.copy_(state[f"{name}.deltas"])
             layer.repruned = state[f"{name}.repruned"].to(device=layer.device, dtype=torch.int64)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything resume needs besides the frozen base: entries, optimizer, an open window, the totals."""
+    def window_state(self) -> dict[str, Any]:
+        """A copy of the open window's statistics (empty when none is open) and its step count."""
+        windows = {
+            name: {key: value.clone() if torch.is_tensor(value) else value for key, value in stats.state_dict().items()}
+            for name, stats in self.windows.items()
+        }
+        return {"windows": windows, "window_steps": self.window_steps}
+
+    def state_dict(self, window: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything resume needs besides the frozen base: entries, optimizer, an open window, the totals.
+        `window` (a `window_state()` taken earlier) replaces the live window, e.g. one copied at a step boundary."""
         return {
             "trainable": {key: t.clone() for key, t in self.trainable_state().items()},
             "optimizer": self.optimizer.state_dict(),
-            "windows": {name: stats.state_dict() for name, stats in self.windows.items()},
-            "window_steps": self.window_steps,
+            **(window if window is not None else self.window_state()),
             "totals": dict(self.totals),
         }
 
@@ -207,6 +252,8 @@ class SparseDelta:
         self.load_trainable_state(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.windows = {}
+        for layer in self.layers.values():
+            layer.observer = None
         for name, saved in state["windows"].items():
             layer = self.layers[name]
             stats = selection.WindowStats(layer.k, layer.shape, layer.device, self.plans[name].pattern)
@@ -234,10 +281,11 @@ class SparseDelta:
             },
         }
 
-    def save_adapter(self, path: str) -> None:
+    def save_adapter(self, path: str, extra: dict[str, Any] | None = None) -> None:
+        """Write `seft_adapter.safetensors` at `path`; `extra` joins its config (e.g. `base_model`, the base dir)."""
         from sparsetune.train.sparse_delta.adapter import save_adapter
 
-        save_adapter(path, self.trainable_state(), self.adapter_config())
+        save_adapter(path, self.trainable_state(), {**self.adapter_config(), **(extra or {})})
 
     def merge(self) -> nn.Module:
         """Replace the DeltaLinears by merged plain Linears in the input's dtype; returns the model."""

@@ -61,12 +61,16 @@ class WindowStats:
 
     def __call__(self, dense: torch.Tensor) -> None:
         g = dense.float()
+        if self.reduce is not None:
+            # Multi-process: the statistics are those of the global (mean) gradient, so every rank picks the same
+            # candidates, the same growth and the same re-prune, and a run on N processes chooses as one process
+            # does. This all-reduces one module's dense gradient per window backward (what DDP does every step), and
+            # only during the window steps.
+            g = g.clone() if g is dense else g
+            self.reduce(g)
         flat = g.view(-1)
         if self.candidates is None:
             scored = flat.abs()
-            if self.reduce is not None:  # every rank must pick the same candidates
-                self.reduce(scored := flat.clone())
-                scored = scored.abs()
             if self.pattern is not None:  # at most N candidates per group, so a full replacement fits N:M
                 scored = scored.view(g.shape).masked_fill(~nm_mask(scored.view(g.shape), self.pattern), -1).view(-1)
             self.candidates = torch.topk(scored, self.k, sorted=False).indices

@@ -1,7 +1,7 @@
-"""Module surgery: choose the targeted Linears, swap them for DeltaLinear, and swap merged Linears back.
+"""Module surgery: plan the targeted Linears, swap them for DeltaLinear, and swap merged Linears back.
 
-Targets resolve exactly as `sparsetune prune` resolves them (`prune.api.plan_targets`): by default every Linear
-inside the decoder blocks, `targets` regexes to choose others, `ignore` regexes to leave some out.
+(Which Linears are targeted is `method.select_targets`; this module imports nothing of the prune library, so the
+model loader can apply an adapter without an import cycle.)
 """
 
 from __future__ import annotations
@@ -29,16 +29,6 @@ class ModulePlan:
     shape: tuple[int, int]
     target: int
     pattern: NMPattern | None
-
-
-def select_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:
-    """The Linears to train, by full name, resolved like prune's --targets/--ignore."""
-    from sparsetune.prune.api import plan_targets
-    from sparsetune.prune.config import PruneConfig
-
-    blocks, head = plan_targets(model, PruneConfig(model="(in memory)", targets=targets, ignore=ignore))
-    chosen = [item for block in blocks for item in block.modules()] + ([head] if head else [])
-    return dict(chosen)
 
 
 def detect_pattern(weight: torch.Tensor) -> NMPattern | None:
@@ -128,18 +118,42 @@ def wrap_model(
         layer.identity = identity
         with torch.no_grad():
             layer.indices.copy_(random_entries(linear.weight.detach() != 0, budgets[name], generator))
+            if support is not None:
+                layer.nf4_zeroed = nf4_zeroed_weights(linear.weight.detach(), layer.base_weight(torch.float32))
         parent, child = _parent(model, name)
         setattr(parent, child, layer)
         layers[name] = layer
     return layers
 
 
+def nf4_zeroed_weights(weight: torch.Tensor, dequantized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions and input values of the non-zeros that NF4 reads as 0 (under about 4% of their 64-weight
+    block's largest): few, so kept exactly, for the merge to give back the input's sparsity."""
+    positions = ((weight != 0) & (dequantized == 0)).reshape(-1).nonzero().squeeze(1)
+    return positions, weight.reshape(-1)[positions].clone()
+
+
+@torch.no_grad()
+def merged_weight(layer: DeltaLinear) -> torch.Tensor:
+    """The layer's merged weight in the input's dtype: base plus deltas, re-pruned positions 0."""
+    weight = layer.effective_weight(torch.float32)
+    if layer.nf4_zeroed is not None:
+        # Input non-zeros that the 4-bit base read as 0 take back their input values (under any delta) unless
+        # re-pruned, so the merged model keeps the input's sparsity. Each is below half an NF4 step, the rounding
+        # the training-time model already differs from the input by at every weight.
+        positions, values = layer.nf4_zeroed
+        back = ~torch.isin(positions, layer.repruned)
+        weight.view(-1)[positions[back]] += values[back].float()
+    return weight.to(layer.input_dtype)
+
+
 @torch.no_grad()
 def merge_model(model: nn.Module, layers: dict[str, DeltaLinear]) -> nn.Module:
     """In place: replace every DeltaLinear by a plain nn.Linear holding its effective weight in the input's dtype
-    (an NF4 base is merged into a dequantized copy, never re-quantized). Returns the model."""
+    (an NF4 base is merged into a dequantized copy, never re-quantized; see `nf4_zeroed_weights`). Returns the
+    model."""
     for name, layer in layers.items():
-        weight = layer.effective_weight(torch.float32).to(layer.input_dtype)
+        weight = merged_weight(layer)
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.base.bias is not None)
         linear = linear.to(device=weight.device, dtype=layer.input_dtype)
         linear.weight.copy_(weight)
