@@ -51,18 +51,35 @@ def run(tree: Path, argv: list[str]) -> float:
     return seconds
 
 
-def outputs_equal(a: Path, b: Path) -> bool:
-    """Every safetensors tensor bit-identical, and eval.json's figures equal (timings aside)."""
+def output_differences(a: Path, b: Path) -> list[str]:
+    """What differs between two runs' outputs: safetensors tensors (bit for bit) and eval.json's figures (timings
+    aside). Empty when identical."""
     files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
     if files != sorted(p.relative_to(b) for p in b.rglob("*.safetensors")):
-        return False
+        return ["safetensors file names"]
+    diffs = []
     for rel in files:
         ta, tb = load_file(a / rel), load_file(b / rel)
-        if ta.keys() != tb.keys() or any(not ta[k].equal(tb[k]) for k in ta):
-            return False
+        diffs += [
+            f"{rel}:{k}" for k in sorted(ta.keys() | tb.keys()) if k not in ta or k not in tb or not ta[k].equal(tb[k])
+        ]
     if (a / "eval.json").exists():
-        return _figures(a / "eval.json") == _figures(b / "eval.json")
-    return True
+        diffs += _json_differences(_figures(a / "eval.json"), _figures(b / "eval.json"), "eval.json")
+    return diffs
+
+
+def _json_differences(x: object, y: object, where: str) -> list[str]:
+    if isinstance(x, dict) and isinstance(y, dict):
+        return [d for k in sorted(x.keys() | y.keys()) for d in _json_differences(x.get(k), y.get(k), f"{where}.{k}")]
+    if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+        return [d for i, (u, v) in enumerate(zip(x, y, strict=True)) for d in _json_differences(u, v, f"{where}[{i}]")]
+    return [] if x == y else [f"{where}: {x!r} vs {y!r}"]
+
+
+def prune_seconds(out: Path) -> float | None:
+    """The pruning itself (the report's prune_s), without process start, load and save."""
+    report = out / "sparsity_report.json"
+    return json.loads(report.read_text())["timings"].get("prune_s") if report.exists() else None
 
 
 # eval.json fields that measure the run (time, memory, where) rather than the model.
@@ -101,6 +118,7 @@ def main() -> None:
     p.add_argument("--after", type=Path, default=ROOT, help="source checkout after the change (default: this one)")
     p.add_argument("--only", default="", help="comma list of command names to run (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny calibration and eval: checks the plumbing")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of before/after/after/before per command")
     p.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file too")
     args = p.parse_args()
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
@@ -114,25 +132,32 @@ def main() -> None:
         work = Path(tmp)
         best: dict[tuple[str, str], float] = {}
         for name, argv in cmds.items():
-            for rep, label in enumerate(["before", "after", "after", "before"]):
+            for rep, label in enumerate(["before", "after", "after", "before"] * args.rounds):
                 out = work / f"{label}-{name}-{rep}"
                 wanda = work / f"{label}-prune-wanda-50-0" if label == "before" else work / f"{label}-prune-wanda-50-1"
                 filled = [a.format(out=out, wanda=wanda) for a in argv]
                 seconds = run(trees[label], filled)
                 row = {"bench": "checkouts", "command": name, "tree": label, "rep": rep, "seconds": round(seconds, 2)}
+                if (inner := prune_seconds(out)) is not None:
+                    row["prune_s"] = inner
+                    best[name + ":prune_s", label] = min(best.get((name + ":prune_s", label), float("inf")), inner)
                 print(json.dumps(row), flush=True)
                 lines.append(row)
                 best[name, label] = min(best.get((name, label), float("inf")), seconds)
-            same = outputs_equal(work / f"before-{name}-0", work / f"after-{name}-1")
+            differences = output_differences(work / f"before-{name}-0", work / f"after-{name}-1")
             summary = {
                 "bench": "checkouts",
                 "command": name,
                 "best_before_s": round(best[name, "before"], 2),
                 "best_after_s": round(best[name, "after"], 2),
                 "ratio_after_over_before": round(best[name, "after"] / best[name, "before"], 3),
-                "outputs_identical": same,
+                "outputs_identical": not differences,
+                "differences": differences[:10],
                 "quick": args.quick,
             }
+            if (name + ":prune_s", "before") in best:
+                b, a = best[name + ":prune_s", "before"], best[name + ":prune_s", "after"]
+                summary |= {"best_prune_s_before": b, "best_prune_s_after": a, "prune_s_ratio": round(a / b, 3)}
             print(json.dumps(summary), flush=True)
             lines.append(summary)
     if args.out:
