@@ -23,7 +23,7 @@ from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE
 from sparsetune.train.sparse_delta.config import DeltaSettings
 from sparsetune.train.sparse_delta.delta_linear import DeltaLinear
 from sparsetune.train.sparse_delta.method import SparseDelta
-from sparsetune.train.sparse_delta.wrap import merged_weight
+from sparsetune.train.sparse_delta.wrap import merged_counts, merged_weight
 
 
 def delta_settings(cfg: Any) -> DeltaSettings:
@@ -192,6 +192,7 @@ class SeftFineTuning(TrainingMethod):
             self.nf4_zeroed = self.count_nf4_zeroed()
         if not self.settings.merge:
             return None
+        self.sparsity()  # checked and cached while the bases exist: the merge releases them
         self.delta.merge()
         self.merged = True
         self.run.start.rebind(self.run.model)  # the merged weights: Linears, and any frozen Conv1D / expert slices
@@ -213,12 +214,10 @@ class SeftFineTuning(TrainingMethod):
         layer = self.delta.layers.get(name)
         if layer is None:
             return 0
-        with torch.no_grad():
-            merged = merged_weight(layer)
-            support = layer.input_nonzero().reshape(-1).clone()
-            support[layer.repruned] = False
-            support[layer.indices.long()] = True
-            return int((support & (merged.reshape(-1) == 0)).sum())
+        if layer.merged_counts is None:
+            with torch.no_grad():
+                return merged_counts(layer, merged_weight(layer))["untrained_zeros"]
+        return layer.merged_counts["untrained_zeros"]
 
     def write_files(self, out_dir: Path) -> None:
         config_extra = {"base_model": str(Path(self.run.cfg.model).expanduser().resolve())}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -49,6 +51,29 @@ def test_merged_and_applied_logits_equal_training_time(tmp_path, base_dtype, one
     assert torch.equal(logits(applied, batch), training_time)
     for name in method.layers:
         assert torch.equal(applied.get_submodule(name).weight, merged.get_submodule(name).weight)
+
+
+@pytest.mark.parametrize("base_dtype", ["auto", "bf16"])
+def test_merge_releases_the_bases_and_keeps_the_counts(base_dtype, one_thread):
+    """After the merge nothing holds a base weight (the model is not held twice at the end of a run), and what a
+    run reads after it (non-zeros, reactivated entries, untrained zeros) is what it read before."""
+    _, _, method = _trained(base_dtype)
+    before = (method.nonzero_counts(), method.reactivated_count())
+    assert before[1] > 0  # the run reactivated pruned weights: the counts below are not trivially 0
+    layer = next(iter(method.layers.values()))
+    merged_by_hand = layer.base.weight.detach().float().clone().view(-1)
+    merged_by_hand[layer.repruned] = 0
+    merged_by_hand[layer.indices.long()] += layer.delta.detach()
+    support = layer.base.weight.detach().reshape(-1) != 0
+    support[layer.repruned] = False
+    support[layer.indices.long()] = True
+    zeros_by_hand = int((support & (merged_by_hand.to(layer.input_dtype) == 0)).sum())
+    bases = [weakref.ref(layer.base.weight) for layer in method.layers.values()]
+    method.merge()
+    gc.collect()
+    assert all(ref() is None for ref in bases)
+    assert (method.nonzero_counts(), method.reactivated_count()) == before
+    assert layer.merged_counts["untrained_zeros"] == zeros_by_hand
 
 
 def test_adapter_file_contents(tmp_path, one_thread):

@@ -120,6 +120,7 @@ class DeltaLinear(nn.Module):
         self.observer: Observer | None = None
         self.identity: dict[str, str] = {}  # the input weight's shape and hashes, for the adapter
         self.nf4_zeroed: tuple[torch.Tensor, torch.Tensor] | None = None  # NF4 base: input non-zeros it reads as 0
+        self.merged_counts: dict[str, int] | None = None  # set by the merge, which releases the base (wrap.py)
 
     @property
     def numel(self) -> int:

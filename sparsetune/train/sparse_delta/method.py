@@ -187,7 +187,9 @@ class SparseDelta:
     def nonzero_counts(self) -> dict[str, int]:
         """Per module: base non-zeros (not re-pruned) plus positions carrying an entry."""
         return {
-            name: int(rp.support_counts(layer.input_nonzero(), layer.repruned, layer.indices, None).sum())
+            name: layer.merged_counts["nonzero"]
+            if layer.merged_counts is not None
+            else int(rp.support_counts(layer.input_nonzero(), layer.repruned, layer.indices, None).sum())
             for name, layer in self.layers.items()
         }
 
@@ -196,7 +198,12 @@ class SparseDelta:
 
     def reactivated_count(self) -> int:
         """Entries now on positions the input had as zero or the re-prune removed (non-zeros gained)."""
-        return sum(int(layer.zero_in_base(layer.indices).sum()) for layer in self.layers.values())
+        return sum(
+            layer.merged_counts["reactivated"]
+            if layer.merged_counts is not None
+            else int(layer.zero_in_base(layer.indices).sum())
+            for layer in self.layers.values()
+        )
 
     def repruned_count(self) -> int:
         return sum(layer.repruned.numel() for layer in self.layers.values())
@@ -288,5 +295,6 @@ class SparseDelta:
         save_adapter(path, self.trainable_state(), {**self.adapter_config(), **(extra or {})})
 
     def merge(self) -> nn.Module:
-        """Replace the DeltaLinears by merged plain Linears in the input's dtype; returns the model."""
+        """Replace the DeltaLinears by merged plain Linears in the input's dtype, releasing their bases; returns the
+        model. The entries, re-pruned positions and optimizer state stay (the adapter and the report read them)."""
         return merge_model(self.model, self.layers)

@@ -149,17 +149,37 @@ def merged_weight(layer: DeltaLinear) -> torch.Tensor:
 
 @torch.no_grad()
 def merge_model(model: nn.Module, layers: dict[str, DeltaLinear]) -> nn.Module:
-    """In place: replace every DeltaLinear by a plain nn.Linear holding its effective weight in the input's dtype
-    (an NF4 base is merged into a dequantized copy, never re-quantized; see `nf4_zeroed_weights`). Returns the
-    model."""
+    """In place: replace every DeltaLinear by a plain nn.Linear holding its merged weight in the input's dtype (an
+    NF4 base is merged into a dequantized copy, never re-quantized; see `nf4_zeroed_weights`). Returns the model.
+
+    Each layer lets go of its base as soon as it is merged, so the merge holds one module's weight twice at most,
+    not the model's (keeping the bases made the end of a run its memory peak). What a run reads after the merge
+    (the layer's non-zeros, reactivated entries and untrained zeros) is recorded first in `layer.merged_counts`.
+    """
     for name, layer in layers.items():
         weight = merged_weight(layer)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.base.bias is not None)
-        linear = linear.to(device=weight.device, dtype=layer.input_dtype)
-        linear.weight.copy_(weight)
-        if layer.base.bias is not None:
-            linear.bias.copy_(layer.base.bias.detach().to(layer.input_dtype))
-        linear.requires_grad_(False)
+        layer.merged_counts = merged_counts(layer, weight)
+        bias = layer.base.bias
+        # built on the meta device: a real nn.Linear would first fill a model-sized random init, then be overwritten
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().to(layer.input_dtype), requires_grad=False)
         parent, child = _parent(model, name)
         setattr(parent, child, linear)
+        layer.base = None
     return model
+
+
+def merged_counts(layer: DeltaLinear, merged: torch.Tensor) -> dict[str, int]:
+    """Counts over the layer's support (input non-zeros not re-pruned, plus the entries' positions): its size, the
+    entries on positions the base read as 0 (reactivated), and support positions whose merged weight is exactly 0
+    (an untouched reactivated entry, or a delta that cancels its base value)."""
+    support = layer.input_nonzero().reshape(-1).clone()
+    support[layer.repruned] = False
+    support[layer.indices.long()] = True
+    return {
+        "nonzero": int(support.sum()),
+        "reactivated": int(layer.zero_in_base(layer.indices).sum()),
+        "untrained_zeros": int((support & (merged.reshape(-1) == 0)).sum()),
+    }
