@@ -55,8 +55,10 @@ def test_merged_and_applied_logits_equal_training_time(tmp_path, base_dtype, one
 
 @pytest.mark.parametrize("base_dtype", ["auto", "bf16"])
 def test_merge_releases_the_bases_and_keeps_the_counts(base_dtype, one_thread):
-    """After the merge nothing holds a base weight (the model is not held twice at the end of a run), and what a
-    run reads after it (non-zeros, reactivated entries, untrained zeros) is what it read before."""
+    """After the merge no weight is held twice (the model is not held twice at the end of a run): a base in the
+    input's dtype holds the merged weight in its own storage (a safetensors-loaded weight is a view of the file's
+    mapping, whose pages a new tensor would not free), any other base is released. What a run reads after the merge
+    (non-zeros, reactivated entries, untrained zeros) is what it read before."""
     _, _, method = _trained(base_dtype)
     before = (method.nonzero_counts(), method.reactivated_count())
     assert before[1] > 0  # the run reactivated pruned weights: the counts below are not trivially 0
@@ -68,10 +70,19 @@ def test_merge_releases_the_bases_and_keeps_the_counts(base_dtype, one_thread):
     support[layer.repruned] = False
     support[layer.indices.long()] = True
     zeros_by_hand = int((support & (merged_by_hand.to(layer.input_dtype) == 0)).sum())
-    bases = [weakref.ref(layer.base.weight) for layer in method.layers.values()]
-    method.merge()
+    bases = {name: weakref.ref(layer.base.weight) for name, layer in method.layers.items()}
+    storage = {name: layer.base.weight.untyped_storage().data_ptr() for name, layer in method.layers.items()}
+    model = method.merge()
     gc.collect()
-    assert all(ref() is None for ref in bases)
+    for name, merged_layer in method.layers.items():
+        assert merged_layer.base is None
+        weight = model.get_submodule(name).weight
+        if base_dtype == "auto":  # merged in place
+            assert weight.untyped_storage().data_ptr() == storage[name]
+        else:  # a bf16 base under an fp32 input: a new fp32 weight, the base freed
+            assert bases[name]() is None and weight.dtype == torch.float32
+    name = next(iter(method.layers))
+    assert torch.equal(model.get_submodule(name).weight.view(-1), merged_by_hand.to(layer.input_dtype))
     assert (method.nonzero_counts(), method.reactivated_count()) == before
     assert layer.merged_counts["untrained_zeros"] == zeros_by_hand
 

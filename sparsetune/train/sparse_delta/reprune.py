@@ -102,7 +102,12 @@ def support_counts(
     """Non-zeros per group (one value when unstructured): base non-zeros plus positions carrying an entry."""
     rows, cols = input_nonzero.shape
     size = pattern.m if pattern is not None else rows * cols
+    return support_mask(input_nonzero, repruned, entries).view(-1, size).sum(1)
+
+
+def support_mask(input_nonzero: torch.Tensor, repruned: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """Flat bool mask of a module's support: input non-zeros not re-pruned, plus every position carrying an entry."""
     support = input_nonzero.reshape(-1).clone()
     support[repruned] = False
     support[entries.long()] = True
-    return support.view(-1, size).sum(1)
+    return support

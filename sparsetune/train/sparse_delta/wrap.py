@@ -15,6 +15,7 @@ from torch import nn
 from sparsetune.errors import SparsetuneError
 from sparsetune.patterns import NMPattern
 from sparsetune.train.sparse_delta.delta_linear import DeltaLinear, pack_bits, quantize_nf4, require_bitsandbytes
+from sparsetune.train.sparse_delta.reprune import support_mask
 
 DENSE_BELOW = 0.01  # a module with under 1% zeros was not pruned
 NM_CANDIDATES = (4, 8, 16)  # group sizes M tried when reading an N:M pattern off a weight
@@ -152,19 +153,29 @@ def merge_model(model: nn.Module, layers: dict[str, DeltaLinear]) -> nn.Module:
     """In place: replace every DeltaLinear by a plain nn.Linear holding its merged weight in the input's dtype (an
     NF4 base is merged into a dequantized copy, never re-quantized; see `nf4_zeroed_weights`). Returns the model.
 
-    Each layer lets go of its base as soon as it is merged, so the merge holds one module's weight twice at most,
-    not the model's (keeping the bases made the end of a run its memory peak). What a run reads after the merge
+    A base in the input's dtype becomes the merged Linear, written in place; any other base (bf16/fp32 conversion,
+    NF4) is let go as soon as its merged Linear exists. Either way the merge holds one module's weight twice at
+    most, not the model's (keeping the bases made the end of a run its memory peak). What a run reads after the merge
     (the layer's non-zeros, reactivated entries and untrained zeros) is recorded first in `layer.merged_counts`.
     """
     for name, layer in layers.items():
         weight = merged_weight(layer)
         layer.merged_counts = merged_counts(layer, weight)
         bias = layer.base.bias
-        # built on the meta device: a real nn.Linear would first fill a model-sized random init, then be overwritten
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias.detach().to(layer.input_dtype), requires_grad=False)
+        if isinstance(layer.base, nn.Linear) and layer.base.weight.dtype == layer.input_dtype:
+            # The base is the input Linear: merge into its own storage. A weight loaded from safetensors on CPU is a
+            # copy-on-write view of the file's mapping, which other tensors keep alive, so swapping in a new tensor
+            # would leave the old pages resident (1B config: peak RSS 9.6 GB against 6.7 GB in training); the
+            # write copies each page once, and the file is never written.
+            linear = layer.base
+            linear.weight.copy_(weight)
+            del weight
+        else:
+            # built on the meta device: a real nn.Linear would first fill a random init, then be overwritten
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias.detach().to(layer.input_dtype), requires_grad=False)
         parent, child = _parent(model, name)
         setattr(parent, child, linear)
         layer.base = None
@@ -175,9 +186,7 @@ def merged_counts(layer: DeltaLinear, merged: torch.Tensor) -> dict[str, int]:
     """Counts over the layer's support (input non-zeros not re-pruned, plus the entries' positions): its size, the
     entries on positions the base read as 0 (reactivated), and support positions whose merged weight is exactly 0
     (an untouched reactivated entry, or a delta that cancels its base value)."""
-    support = layer.input_nonzero().reshape(-1).clone()
-    support[layer.repruned] = False
-    support[layer.indices.long()] = True
+    support = support_mask(layer.input_nonzero(), layer.repruned, layer.indices)
     return {
         "nonzero": int(support.sum()),
         "reactivated": int(layer.zero_in_base(layer.indices).sum()),
