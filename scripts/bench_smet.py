@@ -347,7 +347,10 @@ def main() -> None:
             return
         if args.spike_control_from:
             control = spike_control(Path(args.spike_control_from), list(RUNS), base["update_interval"])
-            emit(control or {"error": f"no dense/train_log.jsonl under {args.spike_control_from}"}, args.results)
+            if control is None:
+                print(f"error: no dense/train_log.jsonl under {args.spike_control_from}; keep a --long run", file=sys.stderr)
+                sys.exit(2)
+            emit(control, args.results)
             return
         rows = {}
         for name in args.runs.split(","):

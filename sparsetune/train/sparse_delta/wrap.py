@@ -161,7 +161,6 @@ def merge_model(model: nn.Module, layers: dict[str, DeltaLinear]) -> nn.Module:
     for name, layer in layers.items():
         weight = merged_weight(layer)
         layer.merged_counts = merged_counts(layer, weight)
-        bias = layer.base.bias
         if isinstance(layer.base, nn.Linear) and layer.base.weight.dtype == layer.input_dtype:
             # The base is the input Linear: merge into its own storage. A weight loaded from safetensors on CPU is a
             # copy-on-write view of the file's mapping, which other tensors keep alive, so swapping in a new tensor
@@ -172,6 +171,7 @@ def merge_model(model: nn.Module, layers: dict[str, DeltaLinear]) -> nn.Module:
             del weight
         else:
             # built on the meta device: a real nn.Linear would first fill a random init, then be overwritten
+            bias = layer.base.bias
             linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
             linear.weight = nn.Parameter(weight, requires_grad=False)
             if bias is not None:
