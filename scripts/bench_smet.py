@@ -348,7 +348,8 @@ def main() -> None:
         if args.spike_control_from:
             control = spike_control(Path(args.spike_control_from), list(RUNS), base["update_interval"])
             if control is None:
-                print(f"error: no dense/train_log.jsonl under {args.spike_control_from}; keep a --long run", file=sys.stderr)
+                missing = f"no dense/train_log.jsonl under {args.spike_control_from}"
+                print(f"error: {missing}; give the --keep-dir of a --long run", file=sys.stderr)
                 sys.exit(2)
             emit(control, args.results)
             return
