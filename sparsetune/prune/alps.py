@@ -31,6 +31,7 @@ Wn Hn = C restricted to the support (every row is its own system; pruned entries
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -101,7 +102,7 @@ def prune_group(
         select: Any = _SlabSelect(Wn0.shape, nm, H.device)
     else:
         kept = Wn0.numel() - sum(prune_counts)
-        select = _UnstructuredSelect(rows, prune_counts)
+        select = _UnstructuredSelect(rows, prune_counts, cols, H.device)
 
     # 3. ADMM on the eigendecomposition of Hn (the one fp64 step); the final support comes from its last B.
     L, Q = torch.linalg.eigh(Hn.double())
@@ -154,13 +155,25 @@ def admm_support(
     rho: float,
     rho_growth: float,
     max_iter: int,
+    explicit: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run the ADMM on Hn = Q diag(L) Q^T from Wn0 (m, n); returns its last B and what the report needs.
 
-    Every buffer is allocated once; a step is two GEMMs into preallocated outputs and a few in-place passes.
+    Every buffer is allocated once. The B-update solves with (Hn + rho I)^-1 in one of two ways, whichever costs
+    fewer flops over the CHECK_EVERY steps between changes of rho: through the eigenbasis (two GEMMs of m n^2 a
+    step), or as the explicit n x n matrix Q diag(1 / (L + rho)) Q^T (one GEMM of m n^2 a step, plus n^3 whenever
+    rho changes). The second wins when n < CHECK_EVERY m, which is every group but a wide down_proj; `explicit`
+    forces one (tests).
     """
     growth = tuple(f**rho_growth for f in GROWTH)
-    P0 = Wn0 @ Q  # Wn0 in the eigenbasis: C Q = Wn0 Hn Q = P0 * L
+    m, n = Wn0.shape
+    if explicit is None:
+        explicit = n < CHECK_EVERY * m
+    P0 = Wn0 @ Q  # Wn0 in the eigenbasis
+    row_norms = (P0.pow(2) * L).sum(dim=1)  # tr(Wn0 Hn Wn0^T) per row, for the relative error
+    CQ = P0.mul_(L)  # C Q = Wn0 Hn Q, for C = Wn0 Hn
+    C = torch.mm(CQ, Q.t()) if explicit else CQ  # C in the basis the B-update works in
+    del P0, CQ
     D = torch.empty_like(Wn0)
     U = torch.zeros_like(Wn0)
     Z = torch.empty_like(Wn0)
@@ -172,7 +185,9 @@ def admm_support(
 
     def coefficients(rho: float) -> tuple[torch.Tensor, torch.Tensor]:
         inv = 1.0 / (L + rho)
-        return rho * inv, L * inv  # B in the eigenbasis = (R Q) * a + P0 * b, for R = D - U
+        if explicit:  # (Hn + rho I)^-1 (the second slot is unused)
+            return torch.mm(Q * inv, Q.t()), inv
+        return rho * inv, inv  # B in the eigenbasis = (R Q) * rho inv + (C Q) * inv, for R = D - U
 
     a, b = coefficients(rho)
     grew = converged = False
@@ -180,9 +195,13 @@ def admm_support(
     it = 0
     for it in range(1, max_iter + 1):
         torch.sub(D, U, out=Z)  # R = D - U, in Z's buffer (free until Z is recomputed)
-        torch.mm(Z, Q, out=T)
-        T.mul_(a).addcmul_(P0, b)
-        torch.mm(T, Q.t(), out=B)
+        if explicit:  # B = (C + rho R) (Hn + rho I)^-1
+            Z.mul_(rho).add_(C)
+            torch.mm(Z, a, out=B)
+        else:
+            torch.mm(Z, Q, out=T)
+            T.mul_(a).addcmul_(C, b)
+            torch.mm(T, Q.t(), out=B)
         torch.add(B, U, out=Z)
         mask = select(torch.abs(Z, out=T), out=mask)
         torch.mul(Z, mask, out=D)
@@ -216,51 +235,60 @@ def admm_support(
         if it >= SWITCH_ITER and change < SUPPORT_TOL:
             converged = True
             break
-    row_norms = (P0.pow_(2) * L).sum(dim=1)  # tr(Wn0 Hn Wn0^T) per row, for the relative error
     return B, {"iterations": it, "rho": rho, "converged": converged, "support_change": change, "row_norms": row_norms}
 
 
 class _UnstructuredSelect:
     """Keep-mask of |Z| (1.0 kept, 0.0 pruned: a float mask multiplies faster) for stacked matrices: in matrix i
-    the `prune_counts[i]` smallest entries are dropped.
-
-    kthvalue over a whole matrix costs about as much as one of the step's GEMMs, so each matrix remembers its last
-    threshold and runs kthvalue only inside a narrow band around it (exact; over everything when the band misses).
+    the `prune_counts[i]` smallest entries are dropped, through `kth_smallest` with a fixed random sample per matrix.
     Entries tied with the threshold are all dropped, which only matters for exact zeros; the final support is exact.
     """
 
-    def __init__(self, rows: list[int], prune_counts: list[int]) -> None:
+    def __init__(self, rows: list[int], prune_counts: list[int], cols: int, device: torch.device) -> None:
         self.rows, self.counts = rows, prune_counts
-        self.guess: list[float | None] = [None] * len(rows)
+        generator = torch.Generator().manual_seed(0)  # only the speed depends on the sample, never the result
+        self.samples = [torch.randint(r * cols, (min(SAMPLE, r * cols),), generator=generator).to(device) for r in rows]
 
     def __call__(self, A: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.empty_like(A) if out is None else out
         start = 0
-        for i, (n_rows, k) in enumerate(zip(self.rows, self.counts, strict=True)):
+        for n_rows, k, sample in zip(self.rows, self.counts, self.samples, strict=True):
             seg, seg_out = A[start : start + n_rows], out[start : start + n_rows]
             if k == 0:
                 seg_out.fill_(1.0)
             else:
-                threshold = kth_smallest(seg.reshape(-1), k, self.guess[i])
-                self.guess[i] = float(threshold)
-                torch.gt(seg, threshold, out=seg_out)
+                torch.gt(seg, kth_smallest(seg.reshape(-1), k, sample), out=seg_out)
             start += n_rows
         return out
 
 
-def kth_smallest(values: torch.Tensor, k: int, guess: float | None = None) -> torch.Tensor:
-    """The k-th smallest (1-based) entry of a 1-D tensor, exactly; cheaper when `guess` is near it.
+SAMPLE = 16384  # entries sampled to bracket the k-th smallest: the bracket then holds about 4% of a matrix
+BRACKET_SIGMAS = 5.0  # its half-width, in standard deviations of the sample's quantile estimate
 
-    Only the entries in a band around the guess go through kthvalue: +-3%, then +-15% (a change of rho moves the
-    threshold by about 10%), then all of them.
+
+def kth_smallest(values: torch.Tensor, k: int, sample: torch.Tensor | None = None) -> torch.Tensor:
+    """The k-th smallest (1-based) entry of a 1-D tensor, exactly.
+
+    kthvalue over a whole matrix costs more than one of ADMM's GEMMs. With `sample` (indices into `values`), the
+    sample's quantiles around k/n give a bracket [lo, hi]; when fewer than k entries are <= lo and at least k are
+    <= hi, the answer is the (k - below)-th smallest entry inside the bracket, and only those go through kthvalue.
+    Otherwise (a rare unlucky sample, or many ties) it falls back to kthvalue over everything.
     """
-    for width in (0.03, 0.15) if guess is not None and guess > 0 else ():
-        below_band = values <= guess * (1 - width)
-        below = int(torch.count_nonzero(below_band))
-        if below < k:
-            inside = values[torch.le(values, guess * (1 + width)).logical_xor_(below_band)]
-            if below + inside.numel() >= k:
-                return torch.kthvalue(inside, k - below).values
+    n = values.numel()
+    if sample is not None and 0 < sample.numel() < n:
+        s, q = sample.numel(), k / n
+        spread = BRACKET_SIGMAS * math.sqrt(q * (1 - q) / s) + 1 / s
+        lo_rank, hi_rank = math.floor((q - spread) * s), math.ceil((q + spread) * s)
+        if lo_rank >= 1 and hi_rank <= s:
+            picked = values[sample]
+            lo = torch.kthvalue(picked, lo_rank).values
+            hi = torch.kthvalue(picked, hi_rank).values
+            below_band = values <= lo
+            below = int(torch.count_nonzero(below_band))
+            if below < k:
+                inside = values[torch.le(values, hi).logical_xor_(below_band)]
+                if below + inside.numel() >= k:
+                    return torch.kthvalue(inside, k - below).values
     return torch.kthvalue(values, k).values
 
 
