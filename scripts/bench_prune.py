@@ -125,6 +125,11 @@ def main() -> None:
     )
     p.add_argument("--runs", default=",".join(RUNS), help="comma list of METHOD-SPARSITY%% or METHOD-N:M")
     p.add_argument("--redo", action="store_true", help="table suite: re-measure rows already in --out")
+    p.add_argument(
+        "--since",
+        default="",
+        help="table suite: re-measure rows dated before this ('YYYY-MM-DD HH:MM'), e.g. on a new machine",
+    )
     p.add_argument("--no-llmc", action="store_true", help="skip llm-compressor (no .venv-bench)")
     p.add_argument("--no-two-pass", action="store_true", help="skip the --no-sequential parity runs")
     p.add_argument("--quick", action="store_true", help="4 calibration and 2 eval windows: checks the plumbing")
@@ -254,9 +259,12 @@ def table_suite(args: argparse.Namespace, me: list[str], emit) -> None:
     """Every method x target x variant, one process each; prune time also as a ratio to plain Wanda's at the
     same target in this invocation (the `--method auto` rule compares against 3x that)."""
     wanda_s: dict[str, float] = {}
-    done = {} if args.redo else _table_rows_done(args.out)
+    done = {} if args.redo else _table_rows_done(args.out, args.since)
     for target in [t for t in args.targets.split(",") if t]:
         shape = ["--pattern", target] if ":" in target else ["--sparsity", target]
+        reference = done.get((f"wanda-{target}", "plain"), {})
+        if "prune_s" in reference:  # measured earlier: the reference even when this call skips plain Wanda
+            wanda_s[target] = float(reference["prune_s"])  # type: ignore[arg-type]
         methods = [m for m in args.methods.split(",") if m]
         if "wanda" in methods:  # the reference time of this target comes first
             methods = ["wanda"] + [m for m in methods if m != "wanda"]
@@ -270,9 +278,6 @@ def table_suite(args: argparse.Namespace, me: list[str], emit) -> None:
                 if variant.endswith("dsnot-dense"):  # DSnoT's mask refined on the dense values
                     extra["refine_values"] = "dense"
                 if (f"{method}-{target}", variant) in done:  # measured by an earlier invocation (same machine)
-                    result = done[f"{method}-{target}", variant]
-                    if method == "wanda" and variant == "plain" and "prune_s" in result:
-                        wanda_s[target] = float(result["prune_s"])
                     continue
                 result = _subprocess_json([*me, "--method", method, *shape, "--extra", json.dumps(extra)])
                 if method == "wanda" and variant == "plain" and "prune_s" in result:
@@ -282,13 +287,14 @@ def table_suite(args: argparse.Namespace, me: list[str], emit) -> None:
                 emit({"tool": "sparsetune", "run": f"{method}-{target}", "variant": variant, **result})
 
 
-def _table_rows_done(out: str) -> dict[tuple[str, str], dict[str, object]]:
-    """Full-size table rows already in the results file, so the table can be filled over several sessions."""
+def _table_rows_done(out: str, since: str = "") -> dict[tuple[str, str], dict[str, object]]:
+    """Full-size table rows already in the results file (dated `since` or later), so the table can be filled over
+    several sessions."""
     rows: dict[tuple[str, str], dict[str, object]] = {}
     if Path(out).exists():
         for line in Path(out).read_text().splitlines():
             row = json.loads(line)
-            if row.get("suite") == "table" and not row.get("quick") and "ppl" in row:
+            if row.get("suite") == "table" and not row.get("quick") and "ppl" in row and row["date"] >= since:
                 rows[str(row["run"]), str(row["variant"])] = row
     return rows
 

@@ -72,3 +72,13 @@ def bundled_model_dir() -> Path:
         return _dir()
     except SparsetuneError as err:
         pytest.skip(f"bundled model not installed: {err}")
+
+
+@pytest.fixture(autouse=True)
+def auto_falls_back_to_wanda(monkeypatch):
+    """`--method auto` (the default) reads the committed benchmark table, which changes whenever the table is
+    re-measured; tests that run the default get its documented fallback, Wanda, instead. tests/prune/test_auto.py
+    patches its own table and checks the shipped one against the benchmark rows."""
+    from sparsetune.prune import auto
+
+    monkeypatch.setattr(auto, "choices", lambda: {})

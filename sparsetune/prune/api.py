@@ -17,6 +17,7 @@ from sparsetune import data, masks, models
 from sparsetune.distributed import DistContext, dist_context
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
+from sparsetune.patterns import parse_pattern
 from sparsetune.progress import Progress
 from sparsetune.prune import alps, auto, dsnot, magnitude, sparsegpt, wanda
 from sparsetune.prune.activations import ActivationStore
@@ -295,6 +296,11 @@ def prune_model(
     if shortfall is not None and ctx.is_main:
         log.warning(shortfall)
     report["summary"]["warnings"] = report["warnings"] = [shortfall] if shortfall else []
+    no_op = owl_no_op(cfg, engine.get("block_targets"))
+    if no_op is not None:
+        report["warnings"].append(no_op)
+        if ctx.is_main:
+            log.warning(no_op)
     for name, info in module_info.items():
         report["modules"][name].update(info)
         if "warning" in info and ctx.is_main:  # e.g. a method's documented fallback: never silent
@@ -338,6 +344,22 @@ def moe_report(cfg: PruneConfig, blocks: list[BlockTargets], module_info: dict[s
         return None
     fallback = sorted(n for n, info in module_info.items() if "[" in n and info.get("fallback") == "magnitude")
     return {"calibrate": cfg.moe_calibrate, "tokens_per_expert": tokens, "magnitude_fallback": fallback}
+
+
+def owl_no_op(cfg: PruneConfig, block_targets: list[str] | None) -> str | None:
+    """The warning for OWL under N:M that left every block at the target pattern (None otherwise). A block's N moves
+    in whole weights of M, and densities spread by only +-lambda, so e.g. 2:4 with lambda 0.08 (N = 2 +- 0.32)
+    rounds back to 2:4 everywhere: the OWL pre-pass then cost time and changed nothing."""
+    nm = parse_pattern(cfg.pattern)
+    if not cfg.owl or nm is None or not block_targets:
+        return None
+    if any(t != f"{nm.n}:{nm.m}" for t in block_targets):
+        return None
+    return (
+        f"OWL left every block at {nm.n}:{nm.m}: a block's N moves in whole steps of 1/{nm.m} of the weights, and "
+        f"--owl-lambda {cfg.owl_lambda:g} moves it by at most {cfg.owl_lambda * nm.m:.2f}; use --owl-lambda "
+        f"{0.5 / nm.m:g} or more, a longer pattern ({2 * nm.n}:{2 * nm.m}), or drop --owl"
+    )
 
 
 def sparsity_shortfall(

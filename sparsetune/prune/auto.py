@@ -101,12 +101,18 @@ VARIANTS = {  # table variant -> (owl, refine)
 }
 
 
-def table_rows(results: Path) -> dict[tuple[str, str, str], dict]:
-    """(method, target, variant) -> the newest full-size table row."""
+def table_rows(results: Path, since: str = "") -> dict[tuple[str, str, str], dict]:
+    """(method, target, variant) -> the newest full-size table row dated `since` ("YYYY-MM-DD HH:MM") or later.
+
+    `since` keeps the table to one machine: prune times only compare within it, and even perplexity moves a little
+    between CPUs (Wanda 70% measured 1025.6 on one and 1034.1 on another).
+    """
     rows = {}
     for line in results.read_text().splitlines():
         row = json.loads(line)
-        if row.get("suite") == "table" and not row.get("quick") and "ppl" in row and row["variant"] in VARIANTS:
+        if row.get("suite") != "table" or row.get("quick") or "ppl" not in row or row["variant"] not in VARIANTS:
+            continue
+        if row.get("date", "") >= since:
             method, target = row["run"].split("-", 1)
             rows[method, target, row["variant"]] = row
     return rows

@@ -42,9 +42,28 @@ def test_build_picks_the_lowest_ppl_within_3x_wanda_time(tmp_path):
     assert c["rows_compared"] == 3
 
 
+def test_since_keeps_one_sitting_and_the_newest_row_wins(tmp_path):
+    rows = [
+        {**row("wanda", "0.7", "plain", 1025.6, 56.4), "date": "2026-12-01 22:21"},  # another machine
+        {**row("alps", "0.7", "plain", 160.9, 175.4), "date": "2026-12-01 22:32"},
+        {**row("wanda", "0.7", "plain", 1034.1, 27.6), "date": "2026-12-02 10:30"},
+        {**row("wanda", "0.7", "plain", 1034.1, 27.0), "date": "2026-12-02 11:30"},  # re-measured: this one counts
+        {**row("sparsegpt", "0.7", "plain", 270.0, 28.0), "date": "2026-12-02 10:40"},
+    ]
+    results = tmp_path / "prune.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = auto.table_rows(results, since="2026-12-02")
+    assert sorted(kept) == [("sparsegpt", "0.7", "plain"), ("wanda", "0.7", "plain")]
+    assert kept["wanda", "0.7", "plain"]["prune_s"] == 27.0
+    assert len(auto.table_rows(results)) == 3  # without since: every sitting, newest per row
+    c = auto.build_choices(kept)["0.7"]
+    assert (c["method"], c["time_vs_wanda"], c["rows_compared"]) == ("sparsegpt", round(28.0 / 27.0, 3), 2)
+
+
 def test_the_shipped_choices_are_what_the_committed_bench_rows_give():
-    rows = auto.table_rows(ROOT / "bench" / "results" / "prune.jsonl")
-    assert json.loads(auto.CHOICES_FILE.read_text())["choices"] == json.loads(json.dumps(auto.build_choices(rows)))
+    shipped = json.loads(auto.CHOICES_FILE.read_text())
+    rows = auto.table_rows(ROOT / "bench" / "results" / "prune.jsonl", shipped.get("since", ""))
+    assert shipped["choices"] == json.loads(json.dumps(auto.build_choices(rows)))
 
 
 TABLE = {

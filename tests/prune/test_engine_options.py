@@ -65,6 +65,28 @@ def test_owl_with_nm_pattern(tiny_tokenizer):
                 assert nm_violations(mod.weight, patterns[i]) == 0
 
 
+@pytest.mark.parametrize(("lam", "no_op"), [(0.08, True), (0.2, False)])
+def test_owl_that_leaves_every_block_at_2_4_says_so(tiny_tokenizer, caplog, lam, no_op):
+    """2 blocks, densities 0.5 -+ lam: N = 2 -+ 4 lam. At 0.08 (N 1.68 and 2.32) both round back to 2:4; at 0.2
+    (N 1.2 and 2.8) the blocks become 1:4 and 3:4, and nothing is said."""
+    model = make_tiny_model("llama")
+    cfg = PruneConfig(model="x", method="wanda", pattern="2:4", owl=True, owl_lambda=lam)
+    with caplog.at_level("WARNING", logger="sparsetune.prune.api"):
+        report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    targets = report["layerwise"]["block_targets"]
+    warned = [w for w in report["warnings"] if w.startswith("OWL left every block at 2:4")]
+    if no_op:
+        assert targets == ["2:4", "2:4"]
+        assert warned == [
+            "OWL left every block at 2:4: a block's N moves in whole steps of 1/4 of the weights, and "
+            "--owl-lambda 0.08 moves it by at most 0.32; use --owl-lambda 0.125 or more, a longer pattern (4:8), "
+            "or drop --owl"
+        ]
+        assert warned[0] in caplog.text
+    else:
+        assert sorted(targets) == ["1:4", "3:4"] and warned == []
+
+
 def test_explicit_block_sparsity_list(tiny_tokenizer):
     model = make_tiny_model("llama")
     cfg = PruneConfig(model="x", method="wanda", block_sparsity=[0.3, 0.6])
