@@ -294,7 +294,7 @@ def _table_rows_done(out: str, since: str = "") -> dict[tuple[str, str], dict[st
     if Path(out).exists():
         for line in Path(out).read_text().splitlines():
             row = json.loads(line)
-            if row.get("suite") == "table" and not row.get("quick") and "ppl" in row and row["date"] >= since:
+            if row.get("suite") == "table" and not row.get("quick") and "ppl" in row and row.get("date", "") >= since:
                 rows[str(row["run"]), str(row["variant"])] = row
     return rows
 

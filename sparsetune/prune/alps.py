@@ -2,8 +2,8 @@
 gradient on the fixed support.
 
 Linears that read one input (q/k/v, gate/up) share SparseGPT's Hessian H = sum X^T X and are solved together: their
-rows are stacked into one matrix (one eigendecomposition, one GEMM per step), while the unstructured support is still
-chosen per matrix. Work happens in the normalised problem (rows = outputs):
+rows are stacked into one matrix (one eigendecomposition, one or two GEMMs per step), while the unstructured support
+is still chosen per matrix. Work happens in the normalised problem (rows = outputs):
 
     H <- H + percdamp * mean(diag H) * I,  d = sqrt(diag H),  Hn = H / (d d^T)  (unit diagonal),  Wn = W * d
     min 1/2 tr((Wn - Wn0) Hn (Wn - Wn0)^T)  subject to the sparsity pattern.
@@ -15,7 +15,8 @@ ADMM with the split Wn = D and the scaled dual U (the same iterates as the refer
 
 P keeps the largest |Z|: all but exactly `prune_count(rows * cols, sparsity)` entries of each matrix (unstructured), or
 the N largest of every M consecutive input columns of each row. (Hn + rho I)^-1 = Q diag(1 / (L + rho)) Q^T comes from
-one fp64 eigendecomposition, so a new rho costs nothing and a step is two GEMMs with Q plus one selection.
+one fp64 eigendecomposition; a step applies it through Q (two GEMMs) or as an explicit matrix rebuilt when rho
+changes (one GEMM; see `admm_support`), plus one selection.
 
 rho starts at `alps_rho` (0.1). Every 3 steps s = the number of support entries that changed since the last
 check, against k = the kept count: s/k > 0.1 -> rho x1.3; s/k > 0.005 -> x1.2; s >= 1 -> x1.1; s = 0 -> stop (the
