@@ -269,7 +269,10 @@ class Trainer:
                 row.update(method.step_fields(done))
                 if cfg.eval_every and done % cfg.eval_every == 0 and self.val_data is not None:
                     row["val_loss"] = self.validation_loss()
-                if done % cfg.log_every == 0 or "topology" in row or done == cfg.steps or method.always_log(done):
+                if self.probe_due(done):
+                    row["probe_loss"] = self.validation_loss(examples=cfg.batch_size)
+                logged = "topology" in row or "probe_loss" in row or method.always_log(done)
+                if done % cfg.log_every == 0 or done == cfg.steps or logged:
                     row.update(method.logged_fields())
                     self.log_row(row)
                 info = f"loss {loss:.4f} lr {row['lr']:.2e} sparsity {sparsity:.4f} {row['tokens_per_s']:.0f} tok/s"
@@ -389,10 +392,15 @@ class Trainer:
         else:
             self._pending_rng = torch.get_rng_state()
 
+    def probe_due(self, step: int) -> bool:
+        """Whether the row of `step` carries `probe_loss`: the loss of one fixed held-out batch (a task's choice)."""
+        return False
+
     @torch.no_grad()
-    def validation_loss(self) -> float:
+    def validation_loss(self, examples: int | None = None) -> float:
+        """Mean token loss of the first `examples` held-out sequences (default: --val-batches batches)."""
         assert self.val_data is not None
-        n = min(len(self.val_data), self.cfg.val_batches * self.cfg.batch_size)
+        n = min(len(self.val_data), examples or self.cfg.val_batches * self.cfg.batch_size)
         micro = self.cfg.batch_size // self.cfg.grad_accum
         self.model.eval()
         nll = torch.zeros(2, dtype=torch.float64)

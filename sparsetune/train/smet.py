@@ -109,6 +109,10 @@ def llama_config(spec: str, tokenizer: Any, seqlen: int) -> Any:
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool) -> Any:
+    if spec == "bytes":
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer(extra_ids=0)  # UTF-8 bytes plus pad/eos/unk; needs no vocabulary file
     location = str(models.bundled_model_dir()) if spec in models.BUNDLED_ALIASES else spec
     return models.load_tokenizer(location, trust_remote_code)
 
@@ -159,6 +163,15 @@ def update_spike_ratios(
         else:
             ratios.append((sum(after) / window) / (sum(before) / window))  # type: ignore[arg-type]
     return ratios
+
+
+def probe_spike_ratios(
+    probe_at: dict[int, float], update_steps: list[int], window: int = UPDATE_WINDOW
+) -> list[float | None]:
+    """Per update at step u: the fixed-batch loss of the models after steps u..u+window-1 (the first has just been
+    updated) over that of the models after steps u-window..u-1; `probe_at` maps a step to the loss after it. The
+    same models the training-loss ratio sees (the loss of step s is that of the model after step s - 1)."""
+    return update_spike_ratios({s + 1: x for s, x in probe_at.items()}, update_steps, window)
 
 
 def spike_ratio(losses: list[float], update_steps: list[int], window: int = UPDATE_WINDOW) -> float | None:
@@ -373,6 +386,20 @@ class PretrainRun(Trainer):
     def build_method(self) -> TrainingMethod:
         return METHODS["sparse" if self.cfg.sparse else "dense"](self)
 
+    def update_steps(self) -> list[int]:
+        """The steps a topology update follows (every --update-interval, before the last step); a dense run
+        probes at the same steps, so its ratios are what the batches alone give."""
+        interval, steps = self.cfg.update_interval, self.cfg.steps
+        return list(range(interval, steps, interval)) if interval > 0 else []
+
+    def probe_due(self, step: int) -> bool:
+        """--spike-probe: the models after steps u-10..u+9 of every update step u."""
+        interval = self.cfg.update_interval
+        if not self.cfg.spike_probe or interval <= 0 or self.val_data is None:
+            return False
+        nearby = (step // interval * interval, -(-step // interval) * interval)
+        return any(0 < u < self.cfg.steps and u - UPDATE_WINDOW <= step < u + UPDATE_WINDOW for u in nearby)
+
     def dtype(self) -> torch.dtype:
         if self.cfg.dtype == "auto":
             return torch.bfloat16 if self.ctx.device.type == "cuda" else torch.float32
@@ -408,6 +435,8 @@ class PretrainRun(Trainer):
         losses = [r["loss"] for r in state.log]
         updates = [t["step"] for t in state.topology]
         spikes = update_spike_ratios({r["step"]: r["loss"] for r in state.log}, updates)
+        probes = {r["step"]: r["probe_loss"] for r in state.log if "probe_loss" in r}
+        probe_spikes = probe_spike_ratios(probes, self.update_steps()) if probes else []
         first = {r["step"]: r.get("regrown_update_ratio") for r in state.log if r.get("steps_since_update") == 1}
         first_ratios = [first.get(u + 1) for u in updates]
         measured = [r for r in first_ratios if r is not None]
@@ -423,6 +452,8 @@ class PretrainRun(Trainer):
             "final_val_loss": val_loss,
             "spike_ratio": max((r for r in spikes if r is not None), default=None),
             "spike_ratios": spikes,
+            "probe_spike_ratio": max((r for r in probe_spikes if r is not None), default=None),
+            "probe_spike_ratios": probe_spikes,
             "first_step_update_ratios": first_ratios,
             "mean_first_step_update_ratio": sum(measured) / len(measured) if measured else None,
             "itop_rate": self.itop_rate(),
@@ -466,6 +497,8 @@ def print_summary(report: dict[str, Any]) -> None:
     rows = []
     if s["spike_ratio"] is not None:
         rows.append(("largest loss spike after an update", f"{s['spike_ratio']:.3f}"))
+    if s.get("probe_spike_ratio") is not None:
+        rows.append(("largest spike on the fixed probe batch", f"{s['probe_spike_ratio']:.3f}"))
     if s["mean_first_step_update_ratio"] is not None:
         rows.append(("regrown / established |update|, 1st step", f"{s['mean_first_step_update_ratio']:.3f}"))
     rows.append(("topology updates", str(s["topology_updates"])))

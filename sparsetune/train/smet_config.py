@@ -18,7 +18,11 @@ class SmetConfig(BaseModel):
         description="Llama architecture: a preset (tiny, mini, small, llama-60m, llama-130m, llama-350m, llama-1b) "
         "or a config.json path",
     )
-    tokenizer: str = Field("smollm2", description="Tokenizer: smollm2 (bundled), an HF id or a local dir")
+    tokenizer: str = Field(
+        "smollm2",
+        description="Tokenizer: smollm2 (bundled), bytes (byte-level, 259 ids: a model whose cost is its decoder "
+        "blocks, not its embeddings), an HF id or a local dir",
+    )
     data: str = Field(
         "tinyshakespeare",
         description="Training text: c4, tinyshakespeare, wikitext2, or a .txt/.jsonl/.json/.parquet file",
@@ -65,6 +69,12 @@ class SmetConfig(BaseModel):
     device: str = Field("auto", description="Compute device: auto, cpu, cuda, cuda:N")
     eval_every: int = Field(0, ge=0, description="Compute validation loss every N steps (0 = only at the end)")
     val_batches: int = Field(4, ge=1, description="Batches of held-out windows per validation")
+    spike_probe: bool = Field(
+        False,
+        description="Around every topology update (10 steps before, 10 after) also log the loss of one fixed "
+        "held-out batch, and report the spike ratios it gives: free of the batch-to-batch noise of the "
+        "training loss (20 extra forward passes per update)",
+    )
     log_every: int = Field(1, ge=1, description="Write a train_log.jsonl line every N steps")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0 = off)")
     checkpoint_dir: str | None = Field(
@@ -79,6 +89,8 @@ class SmetConfig(BaseModel):
             raise ValueError("drop_fraction_end must not exceed drop_fraction (the fraction decays)")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.spike_probe and self.val_fraction == 0:
+            raise ValueError("spike_probe measures a held-out batch; give a --val-fraction above 0")
         return self
 
     @property

@@ -274,6 +274,63 @@ def test_steps_around_an_update_are_always_logged(corpus, tmp_path):
     assert summary["mean_first_step_update_ratio"] == log[11]["regrown_update_ratio"]
 
 
+class Snapshots(PretrainRun):
+    """Keeps a copy of every parameter after each step (after its topology update, when it has one)."""
+
+    def sparsity(self) -> float:  # the loop calls it once a step, after any topology update
+        self.after = getattr(self, "after", [])
+        self.after.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        return super().sparsity()
+
+
+@pytest.mark.parametrize("density", [0.5, 1.0])
+def test_spike_probe_is_the_loss_of_one_fixed_held_out_batch(corpus, tmp_path, density):
+    """--spike-probe logs, after steps u-10..u+9 of the update at u = 20, the mean token loss of the first batch of
+    held-out windows (recomputed here with HF's own loss from each step's saved weights), and reports the ratio of
+    the mean after (u..u+9) to the mean before (u-10..u-1). A dense run probes at the same steps."""
+    tok_dir, text = corpus
+    cfg = SmetConfig(
+        **settings(tok_dir, text, tmp_path / "out", steps=32, update_interval=20, log_every=50, spike_probe=True),
+        density=density,
+    )
+    recipe = Snapshots(cfg, show_progress=False)
+    recipe.setup()
+    recipe.train()
+    report = recipe.finish()
+    probes = {r["step"]: r["probe_loss"] for r in recipe.state.log if "probe_loss" in r}
+    assert sorted(probes) == list(range(10, 30))
+    ids = torch.stack(recipe.val_data.inputs[: cfg.batch_size])
+    for step in (10, 19, 20, 29):
+        recipe.model.load_state_dict(recipe.after[step - 1])
+        with torch.no_grad():
+            expected = recipe.model(input_ids=ids, labels=ids).loss.item()
+        assert probes[step] == pytest.approx(expected, rel=1e-5)
+    before = sum(probes[s] for s in range(10, 20)) / 10
+    after = sum(probes[s] for s in range(20, 30)) / 10
+    assert report["summary"]["probe_spike_ratios"] == [pytest.approx(after / before, rel=1e-12)]
+    assert report["summary"]["probe_spike_ratio"] == report["summary"]["probe_spike_ratios"][0]
+    assert len(report["topology_history"]) == (1 if density < 1 else 0)
+
+
+def test_spike_probe_needs_held_out_data():
+    with pytest.raises(ValueError, match="val-fraction"):
+        SmetConfig(spike_probe=True, val_fraction=0.0)
+
+
+def test_byte_tokenizer_trains_a_259_token_model(shared_data, tmp_path):
+    cfg = SmetConfig(
+        model_config="tiny", tokenizer="bytes", data="c4", data_dir=str(shared_data), output=str(tmp_path / "out"),
+        seqlen=32, batch_size=4, steps=2, update_interval=0,
+    )  # fmt: skip
+    report = run_smet(cfg, show_progress=False)
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert AutoConfig.from_pretrained(tmp_path / "out").vocab_size == 259
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok("ab")["input_ids"] == [ord("a") + 3, ord("b") + 3, tok.eos_token_id]  # bytes after pad, eos, unk
+    assert report["summary"]["steps"] == 2
+
+
 def test_resume_after_a_crash_restores_the_itop_bitmap(corpus, tmp_path):
     """A run that fails at step 8 resumes from its step-6 checkpoint (right after the update at step 6) and ends
     exactly like an uninterrupted run: weights, ITOP bitmaps and the logged update fields."""
