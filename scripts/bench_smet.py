@@ -252,17 +252,20 @@ def long_summary(rows: dict, steps: int) -> dict:
     return summary
 
 
-def recorded_long_rows(base: dict, results: Path) -> dict:
-    """The latest recorded long-run row of each run with these settings (so a summary can follow a run in parts)."""
-    keys = ("preset", "tokenizer", "data", "seqlen", "batch_size", "lr", "update_interval", "drop_fraction")
+def recorded_rows(results: Path, suite: str, match: dict, key: str) -> dict:
+    """The latest recorded row of `suite` per `key` value whose fields equal `match` (so a summary can follow a run
+    made in parts)."""
     rows: dict = {}
     if results.exists():
         for line in results.read_text().splitlines():
             row = json.loads(line)
-            same = row.get("steps") == base["steps"] and all(row.get(k) == base[k] for k in keys)
-            if row.get("suite") == "long" and "run" in row and same:
-                rows[row["run"]] = row
+            if row.get("suite") == suite and "run" in row and all(row.get(k) == v for k, v in match.items()):
+                rows[row[key]] = row
     return rows
+
+
+LONG_KEYS = ("preset", "tokenizer", "data", "seqlen", "batch_size", "steps", "lr", "update_interval", "drop_fraction")
+SWEEP_KEYS = ("preset", "tokenizer", "data", "seqlen", "batch_size", "steps")
 
 
 def spike_control(out: Path, names: list[str], interval: int) -> dict | None:
@@ -341,19 +344,12 @@ def sweep(args: argparse.Namespace, base: dict, out: Path) -> None:
             label = f"{name}-lr{lr:g}-drop{drop:g}-every{interval}"
             row = {**run(label, RUNS[name], s, args, out), "run": name, "label": label, "suite": "sweep"}
             emit(row, args.results)
-    emit(sweep_summary(recorded_sweep_rows(base, args.results), base["steps"]), args.results)
+    emit(sweep_summary(sweep_rows(base, args.results), base["steps"]), args.results)
 
 
-def recorded_sweep_rows(base: dict, results: Path) -> list[dict]:
-    """The latest recorded sweep row of each (run, lr, drop fraction, interval) at these steps and data."""
-    keys = ("preset", "tokenizer", "data", "seqlen", "batch_size", "steps")
-    rows: dict = {}
-    if results.exists():
-        for line in results.read_text().splitlines():
-            row = json.loads(line)
-            if row.get("suite") == "sweep" and "run" in row and all(row.get(k) == base[k] for k in keys):
-                rows[row["label"]] = row
-    return list(rows.values())
+def sweep_rows(base: dict, results: Path) -> list[dict]:
+    """The latest recorded sweep row of each setting (its label) at these steps and data."""
+    return list(recorded_rows(results, "sweep", {k: base[k] for k in SWEEP_KEYS}, "label").values())
 
 
 def sweep_summary(rows: list[dict], steps: int) -> dict:
@@ -445,10 +441,10 @@ def main() -> None:
             sweep(args, base, out)
             return
         if args.summarize and args.sweep:
-            emit(sweep_summary(recorded_sweep_rows(base, args.results), base["steps"]), args.results)
+            emit(sweep_summary(sweep_rows(base, args.results), base["steps"]), args.results)
             return
         if args.summarize:
-            rows = recorded_long_rows(base, args.results)
+            rows = recorded_rows(args.results, "long", {k: base[k] for k in LONG_KEYS}, "run")
             if not rows:
                 print(
                     f"error: {args.results} holds no long-run row with these settings; run --long first",
