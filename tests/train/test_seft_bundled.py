@@ -34,6 +34,7 @@ def test_seft_on_smollm2_keeps_the_pattern(tmp_path, bundled_model_dir):
         steps=2,
         reselect_every=1,
         select_window=1,
+        reactivate=True,
         lr=1e-4,
     )
     report = run_seft(cfg, show_progress=False)

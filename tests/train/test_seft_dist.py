@@ -27,6 +27,7 @@ def test_two_processes_match_one(tmp_path, method):
     data = write_text(tmp_path / "t.txt")
     common = ["seft", str(pruned), "--data", str(data), "--seqlen", "32", "--batch-size", "4", "--steps", "7",
               "--lr", "5e-3", "--delta-rank", "4", "--reselect-every", "3", "--select-window", "2",
+              *(["--reactivate"] if method == "seft" else []),
               "--method", method]  # fmt: skip
     env = {**os.environ, **ONE_THREAD_ENV, "ACCELERATE_USE_CPU": "1"}
     one = subprocess.run(

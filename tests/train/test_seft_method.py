@@ -56,7 +56,8 @@ class WatchedRun(FinetuneRun):
         return stats
 
 
-SEFT = {"delta_rank": 4, "reselect_every": 3, "select_window": 2}
+# reactivation on: these tests check the re-prune after every reselection (the default grows on non-zeros only)
+SEFT = {"delta_rank": 4, "reselect_every": 3, "select_window": 2, "reactivate": True}
 
 
 def run(tmp_path, pruned, data, run_cls=WatchedRun, **settings):
@@ -112,6 +113,28 @@ def test_seft_keeps_every_count_and_pattern_and_returns_dropped_weights_to_the_b
         assert int((w1 != 0).sum()) == int((w0 != 0).sum()), name
         if pattern:
             assert nm_violations(w1.view_as(original[name + ".weight"]), NMPattern(2, 4)) == 0
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_no_reactivate_grows_only_on_input_nonzeros_and_never_reprunes(tmp_path, pattern):
+    pruned = make_pruned(tmp_path, pattern)
+    recipe, report = run(tmp_path, pruned, write_text(tmp_path / "t.txt"), reactivate=False)
+    assert recipe.problems == []
+    updates = recipe.state.topology
+    assert len(updates) == 2 and all(u["grown"] > 0 for u in updates)
+    assert sum(u["reactivated"] + u["repruned"] + u["restored"] for u in updates) == 0
+    original = load_file(str(pruned / "model.safetensors"))
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    moved = 0
+    for name, layer in recipe.method.delta.layers.items():
+        w0, w1 = original[name + ".weight"].reshape(-1), merged[name + ".weight"].reshape(-1)
+        entries = layer.indices.long()
+        assert bool((w0[entries] != 0).all()), name  # every entry on a non-zero of the input
+        assert layer.repruned.numel() == 0
+        assert torch.equal(w1 == 0, w0 == 0), name  # the merged zeros are exactly the input's
+        moved += int((w1 != w0).sum())
+    assert moved > 0
+    assert report["summary"]["reactivated"] == report["summary"]["repruned"] == 0
 
 
 class LogitsAtTheEnd(WatchedRun):

@@ -33,6 +33,7 @@ def settings(pruned, data, out, ckpt) -> dict:
         "delta_rank": 4,
         "reselect_every": 4,
         "select_window": 3,
+        "reactivate": True,
         "checkpoint_every": 5,
         "checkpoint_dir": str(ckpt),
     }
@@ -41,7 +42,9 @@ def settings(pruned, data, out, ckpt) -> dict:
 def cli_args(s: dict) -> list[str]:
     args = [sys.executable, "-m", "sparsetune", "seft", s["model"], "--json"]
     for key, value in s.items():
-        if key != "model":
+        if isinstance(value, bool):
+            args += [f"--{'' if value else 'no-'}{key.replace('_', '-')}"]
+        elif key != "model":
             args += [f"--{key.replace('_', '-')}", str(value)]
     return args
 

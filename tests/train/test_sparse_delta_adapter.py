@@ -17,7 +17,7 @@ from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE, apply_adapter, l
 from sparsetune.train.sparse_delta.config import DeltaSettings
 from sparsetune.train.sparse_delta.fit import fit
 
-SETTINGS = DeltaSettings(delta_rank=2, reselect_every=5, select_window=2)
+SETTINGS = DeltaSettings(delta_rank=2, reselect_every=5, select_window=2, reactivate=True)
 
 
 def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -25,7 +25,7 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
         return float(model(**batch).loss)
 
 
-SETTINGS = DeltaSettings(delta_rank=2, reselect_every=10, select_window=3)
+SETTINGS = DeltaSettings(delta_rank=2, reselect_every=10, select_window=3, reactivate=True)
 
 
 @pytest.mark.parametrize("target", [0.5, NMPattern(2, 4)], ids=["50%", "2:4"])

@@ -38,6 +38,13 @@ class DeltaSettings(BaseModel):
     replace_schedule: Literal["linear", "cosine"] = Field(
         "linear", description="Decay of --replace-fraction over training: linear or cosine"
     )
+    reactivate: bool = Field(
+        False,
+        description="Let entries grow on pruned (zero) positions, SEFT's reactivation: each one re-prunes the least "
+        "sensitive base weight without an entry. Off by default: the re-prune cost more than the reactivated "
+        "entries gained in every measured run (README); off, entries grow only on the input's non-zeros and nothing "
+        "is re-pruned",
+    )
     base_dtype: Literal["auto", "bf16", "fp32", "nf4"] = Field(
         "auto",
         description="Precision of the frozen base weights: auto (the input's), bf16, fp32, or nf4 "

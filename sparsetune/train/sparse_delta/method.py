@@ -114,6 +114,7 @@ class SparseDelta:
             for name, layer in self.layers.items():
                 stats = selection.WindowStats(layer.k, layer.shape, layer.device, self.plans[name].pattern)
                 stats.reduce = self.reduce
+                stats.eligible = None if s.reactivate else layer.input_nonzero
                 self.windows[name] = stats
                 layer.observer = stats
             self.window_steps = 0

@@ -58,6 +58,8 @@ class WindowStats:
         self.col_g2 = torch.zeros(shape[1], device=device)
         self.backwards = 0
         self.reduce: Callable[[torch.Tensor], None] | None = None  # multi-process: mean all-reduce, in place
+        # When set (reactivation off): bool (out, in) of the positions a candidate may take, asked for once per window
+        self.eligible: Callable[[], torch.Tensor] | None = None
 
     def __call__(self, dense: torch.Tensor) -> None:
         g = dense.float()
@@ -71,6 +73,8 @@ class WindowStats:
         flat = g.view(-1)
         if self.candidates is None:
             scored = flat.abs()
+            if self.eligible is not None:
+                scored = scored.masked_fill(~self.eligible().reshape(-1), -1)
             if self.pattern is not None:  # at most N candidates per group, so a full replacement fits N:M
                 scored = scored.view(g.shape).masked_fill(~nm_mask(scored.view(g.shape), self.pattern), -1).view(-1)
             self.candidates = torch.topk(scored, self.k, sorted=False).indices
