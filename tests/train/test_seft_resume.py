@@ -84,12 +84,18 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(adapter_ref[k], adapter_out[k]) for k in adapter_ref)
 
 
-def test_a_checkpoint_inside_a_window_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("reactivate", [True, False])
+def test_a_checkpoint_inside_a_window_resumes_bit_identically(tmp_path, reactivate):
     """In process: stop after step 11 (checkpoint of step 10 written during step 11, while the window of steps
-    10-12 holds step 11's gradients too), resume, and match the uninterrupted run's entries, deltas and log."""
+    10-12 holds step 11's gradients too), resume, and match the uninterrupted run's entries, deltas and log.
+    Without reactivation the window keeps no row/column sums and its candidates come from the input's non-zeros."""
     pruned = make_pruned(tmp_path)
     data = write_text(tmp_path / "t.txt")
-    reference = {**settings(pruned, data, tmp_path / "ref", tmp_path / "ref.ckpt"), "steps": 14}
+    reference = {
+        **settings(pruned, data, tmp_path / "ref", tmp_path / "ref.ckpt"),
+        "steps": 14,
+        "reactivate": reactivate,
+    }
     run_seft(SeftConfig(**reference), show_progress=False)
     cut = {**reference, "output": str(tmp_path / "cut"), "checkpoint_dir": str(tmp_path / "cut.ckpt"), "steps": 14}
 
@@ -107,6 +113,7 @@ def test_a_checkpoint_inside_a_window_resumes_bit_identically(tmp_path):
     saved = torch.load(tmp_path / "cut.ckpt" / "checkpoint" / "optimizer.pt", weights_only=True)
     assert torch.load(tmp_path / "cut.ckpt" / "checkpoint" / "state.pt", weights_only=True)["state"]["step"] == 10
     assert saved["window_steps"] == 1 and all(w["backwards"] == 2 for w in saved["windows"].values())  # 2 micro
+    assert all((w["row_g2"] is None) == (not reactivate) for w in saved["windows"].values())
     run_seft(SeftConfig(**{**cut, "resume": True}), show_progress=False)
     ref = load_file(str(tmp_path / "ref" / "seft_adapter.safetensors"))
     out = load_file(str(tmp_path / "cut" / "seft_adapter.safetensors"))

@@ -52,13 +52,16 @@ def test_window_stats_candidates_from_first_backward_and_sums():
 
 
 def test_window_stats_candidates_only_where_eligible():
-    stats = WindowStats(2, (2, 4), torch.device("cpu"))
     eligible = torch.tensor([[True, False, True, True], [False, True, True, False]])
-    stats.eligible = lambda: eligible
+    stats = WindowStats(2, (2, 4), torch.device("cpu"), eligible=lambda: eligible)
     g = torch.tensor([[0.1, -5.0, 0.2, 0.0], [3.0, 0.0, -4.0, 0.5]])
     stats(g)
     # the largest |g| are at 1 and 4 (not eligible), then 6 (-4.0) and 2 (0.2)
     assert sorted(stats.candidates.tolist()) == [2, 6]
+    assert torch.equal(stats.sum_g[torch.argsort(stats.candidates)], torch.tensor([0.2, -4.0]))
+    # no re-prune without reactivation, so no row/column sums are kept
+    assert stats.row_g2 is None and stats.col_g2 is None
+    assert stats.nbytes() == 2 * 2 * 4 + 2 * 8
 
 
 def _stats(candidates, sum_g, sum_g2=None):

@@ -112,12 +112,17 @@ class SparseDelta:
         s = self.settings
         if not self.windows and selection.in_window(step, s.reselect_every, s.select_window, self.total_steps):
             for name, layer in self.layers.items():
-                stats = selection.WindowStats(layer.k, layer.shape, layer.device, self.plans[name].pattern)
-                stats.reduce = self.reduce
-                stats.eligible = None if s.reactivate else layer.input_nonzero
+                stats = self.new_window(name, layer)
                 self.windows[name] = stats
                 layer.observer = stats
             self.window_steps = 0
+
+    def new_window(self, name: str, layer: DeltaLinear) -> selection.WindowStats:
+        """Empty statistics for one module: without reactivation its candidates come from the input's non-zeros."""
+        eligible = None if self.settings.reactivate else layer.input_nonzero
+        stats = selection.WindowStats(layer.k, layer.shape, layer.device, self.plans[name].pattern, eligible)
+        stats.reduce = self.reduce
+        return stats
 
     def after_step(self, step: int) -> dict[str, Any] | None:
         """After optimizer step `step`: count the window step; reselect and re-prune when due."""
@@ -171,17 +176,14 @@ class SparseDelta:
         layer.delta.grad = None
         self.optimizer.reseed(name, change.slots, change.sum_g, change.sum_g2, change.observed)
 
+        counts = {"grown": int(change.positions.numel()), "dropped": change.dropped, "reactivated": reactivated}
+        if not self.settings.reactivate:  # every entry sits on an input non-zero: nothing to re-prune or restore
+            return {**counts, "repruned": 0, "restored": 0}
         theta = layer.base_weight(torch.float32, repruned=False)  # input values, also at re-pruned positions
         scores = rp.sensitivity(theta, stats.mean_g2_estimate(layer.shape))
         result = rp.reprune(input_nonzero, layer.repruned, layer.indices, scores, pattern)
         layer.repruned = rp.apply_reprune(layer.repruned, result)
-        return {
-            "grown": int(change.positions.numel()),
-            "dropped": change.dropped,
-            "reactivated": reactivated,
-            "repruned": int(result.repruned.numel()),
-            "restored": int(result.restored.numel()),
-        }
+        return {**counts, "repruned": int(result.repruned.numel()), "restored": int(result.restored.numel())}
 
     # -- state ------------------------------------------------------------------------------------------------
 
@@ -264,9 +266,8 @@ class SparseDelta:
             layer.observer = None
         for name, saved in state["windows"].items():
             layer = self.layers[name]
-            stats = selection.WindowStats(layer.k, layer.shape, layer.device, self.plans[name].pattern)
+            stats = self.new_window(name, layer)
             stats.load_state_dict(saved)
-            stats.reduce = self.reduce
             self.windows[name] = stats
             layer.observer = stats
         self.window_steps = int(state["window_steps"])

@@ -4,8 +4,9 @@ Schedule (steps count completed optimizer steps, 1-based): a reselection follows
 `reselect_every` and s < total steps; its window is the `select_window` steps s - window + 1 .. s. On the window's
 first backward each module takes its top-k positions by |dense gradient| as growth candidates (under N:M at most
 N per group of M, so a full replacement can take them all); over the window it
-sums g and g^2 for those candidates only, plus the row and column sums of g^2 (out + in floats) that the re-prune
-uses to score weights that are not candidates.
+sums g and g^2 for those candidates only. With reactivation on it also sums the rows and columns of g^2 (out + in
+floats), from which the re-prune scores weights that are not candidates; with it off (`eligible` given) candidates
+come only from the allowed positions and nothing is re-pruned, so those sums are not kept.
 
 With gradient accumulation every micro-batch backward adds to the sums: sum g over a window is the sum of the
 step gradients (when the loop scales each micro-batch loss by 1/accum), sum g^2 is over micro-batches.
@@ -49,17 +50,25 @@ def replace_fraction_at(step: int, every: int, total: int, fraction: float, sche
 class WindowStats:
     """Growth statistics of one module over one window (the observer a DeltaLinear calls in backward)."""
 
-    def __init__(self, k: int, shape: tuple[int, int], device: torch.device, pattern: NMPattern | None = None) -> None:
+    def __init__(
+        self,
+        k: int,
+        shape: tuple[int, int],
+        device: torch.device,
+        pattern: NMPattern | None = None,
+        eligible: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
         self.k, self.pattern = k, pattern
+        # When given (reactivation off): bool (out, in) of the positions a candidate may take, asked for once per window
+        self.eligible = eligible
         self.candidates: torch.Tensor | None = None  # flat positions, int64
         self.sum_g = torch.zeros(k, device=device)
         self.sum_g2 = torch.zeros(k, device=device)
-        self.row_g2 = torch.zeros(shape[0], device=device)
-        self.col_g2 = torch.zeros(shape[1], device=device)
+        # the re-prune's statistics: only a run that may reactivate re-prunes
+        self.row_g2 = torch.zeros(shape[0], device=device) if eligible is None else None
+        self.col_g2 = torch.zeros(shape[1], device=device) if eligible is None else None
         self.backwards = 0
         self.reduce: Callable[[torch.Tensor], None] | None = None  # multi-process: mean all-reduce, in place
-        # When set (reactivation off): bool (out, in) of the positions a candidate may take, asked for once per window
-        self.eligible: Callable[[], torch.Tensor] | None = None
 
     def __call__(self, dense: torch.Tensor) -> None:
         g = dense.float()
@@ -81,9 +90,10 @@ class WindowStats:
         picked = flat.index_select(0, self.candidates)
         self.sum_g.add_(picked)
         self.sum_g2.addcmul_(picked, picked)
-        squared = g.square()
-        self.row_g2.add_(squared.sum(dim=1))
-        self.col_g2.add_(squared.sum(dim=0))
+        if self.row_g2 is not None and self.col_g2 is not None:
+            squared = g.square()
+            self.row_g2.add_(squared.sum(dim=1))
+            self.col_g2.add_(squared.sum(dim=0))
         self.backwards += 1
 
     def state_dict(self) -> dict[str, object]:
@@ -95,13 +105,13 @@ class WindowStats:
             setattr(self, name, value)
 
     def nbytes(self) -> int:
-        tensors = [self.sum_g, self.sum_g2, self.row_g2, self.col_g2]
-        tensors += [self.candidates] if self.candidates is not None else []
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [self.sum_g, self.sum_g2, self.row_g2, self.col_g2, self.candidates]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def mean_g2_estimate(self, shape: tuple[int, int]) -> torch.Tensor:
         """Dense (out, in) estimate of sum g^2 over the window: exact at the candidates, elsewhere the rank-1
-        (independence) estimate row_i * col_j / total from the row and column sums."""
+        (independence) estimate row_i * col_j / total from the row and column sums (kept when reactivation is on)."""
+        assert self.row_g2 is not None and self.col_g2 is not None, "no row/column sums: this window does not re-prune"
         total = self.row_g2.sum()
         est = torch.outer(self.row_g2, self.col_g2) / total if total > 0 else torch.zeros(shape, device=total.device)
         if self.candidates is not None:
