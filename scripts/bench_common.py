@@ -19,16 +19,19 @@ def peak_rss_gb() -> float:
 
 def testbed_ids(tokenizer, c4_jsonl: str, wiki_raw: str, calib_windows: int, eval_windows: int):
     """Calibration: the C4 sample's documents joined with "\\n\\n", tokenized once, first windows of 512.
-    Evaluation: the WikiText-2 raw test file's text as it is, tokenized once, first windows of 1024."""
+    Evaluation: `wikitext_eval_ids`."""
     with open(c4_jsonl) as f:
         docs = [json.loads(line)["text"] for line in f if line.strip()]
     calib = tokenizer("\n\n".join(docs), verbose=False)["input_ids"][: calib_windows * CALIB_SEQLEN]
+    calib_ids = torch.tensor(calib, dtype=torch.int64).view(calib_windows, CALIB_SEQLEN)
+    return calib_ids, wikitext_eval_ids(tokenizer, wiki_raw, eval_windows)
+
+
+def wikitext_eval_ids(tokenizer, wiki_raw: str, eval_windows: int) -> torch.Tensor:
+    """The WikiText-2 raw test file's text as it is, tokenized once, first `eval_windows` windows of 1024."""
     with open(wiki_raw) as f:
         wiki = tokenizer(f.read(), verbose=False)["input_ids"][: eval_windows * EVAL_SEQLEN]
-    return (
-        torch.tensor(calib, dtype=torch.int64).view(calib_windows, CALIB_SEQLEN),
-        torch.tensor(wiki, dtype=torch.int64).view(eval_windows, EVAL_SEQLEN),
-    )
+    return torch.tensor(wiki, dtype=torch.int64).view(eval_windows, EVAL_SEQLEN)
 
 
 @torch.inference_mode()

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import CALIB_SEQLEN, CALIB_WINDOWS, EVAL_SEQLEN, perplexity  # noqa: E402
+from bench_common import CALIB_SEQLEN, CALIB_WINDOWS, perplexity, wikitext_eval_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "seft.jsonl"
@@ -158,17 +158,14 @@ def override_learning_rates(spec: str) -> None:
 
 
 def quality_suite(args: argparse.Namespace, work: Path) -> None:
-    import torch
-
     from sparsetune import models
 
     calib_windows = 4 if args.quick else CALIB_WINDOWS
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
         pruned = prune_testbed(work, calib_windows, sparsity)
         _, tok = models.load_model(str(pruned), dtype="float32", device="cpu")
-        wiki = (Path(os.environ["SPARSETUNE_DATA_DIR"]) / "wikitext-2-raw" / "wiki.test.raw").read_text()
-        ids = tok(wiki, verbose=False)["input_ids"][: args.eval_windows * EVAL_SEQLEN]
-        eval_ids = torch.tensor(ids, dtype=torch.int64).view(args.eval_windows, EVAL_SEQLEN)
+        wiki = Path(os.environ["SPARSETUNE_DATA_DIR"]) / "wikitext-2-raw" / "wiki.test.raw"
+        eval_ids = wikitext_eval_ids(tok, str(wiki), args.eval_windows)
         base = {"suite": "quality", "start": f"wanda{round(sparsity * 100)}", "steps": args.steps}
         base |= {"batch_size": args.batch_size, "seqlen": args.seqlen, "eval_windows": args.eval_windows}
         start = recorded_rows(base).get("untrained")  # the start model is deterministic: evaluate it once

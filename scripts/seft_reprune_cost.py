@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import EVAL_SEQLEN, perplexity  # noqa: E402
+from bench_common import perplexity, wikitext_eval_ids  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -82,8 +82,7 @@ def main() -> None:
 
     adapter = load_file(args.adapter)
     model, tok = models.load_model(args.base, dtype="float32", device="cpu")
-    ids = tok((data / "wikitext-2-raw" / "wiki.test.raw").read_text(), verbose=False)["input_ids"]
-    eval_ids = torch.tensor(ids[: args.eval_windows * EVAL_SEQLEN]).view(args.eval_windows, EVAL_SEQLEN)
+    eval_ids = wikitext_eval_ids(tok, str(data / "wikitext-2-raw" / "wiki.test.raw"), args.eval_windows)
     docs = [json.loads(line)["text"] for line in (data / "c4" / "c4_sample.jsonl").read_text().splitlines() if line]
     c4 = tok("\n\n".join(docs[-400:]), verbose=False)["input_ids"][: args.stat_batches * 8 * 256]
     stat_batches = torch.tensor(c4).view(args.stat_batches, 8, 256)
