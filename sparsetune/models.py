@@ -130,7 +130,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as err:  # noqa: BLE001 - any parse failure is a bad file for the user
         raise SparsetuneError(
-            f"could not read GGUF file {path}: {_first_line(err)}; check the file is complete"
+            f"could not read GGUF file {path}: {first_line(err)}; check the file is complete"
         ) from err
     drop_gguf_quantization(model)
     return model, tokenizer
@@ -153,7 +153,7 @@ def _quant_method(qc: Any) -> str:
     return str(getattr(method, "value", method))
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 
@@ -272,7 +272,7 @@ def _from_pretrained(
                 "this model needs its own Python code (config.json auto_map); pass --trust-remote-code only if "
                 "you trust it: that runs the code shipped in the model dir"
             )
-        raise SparsetuneError(f"could not load model {location}: {_first_line(err)}; {hint}") from err
+        raise SparsetuneError(f"could not load model {location}: {first_line(err)}; {hint}") from err
 
 
 # A dir without any of these holds no tokenizer AutoTokenizer could load (fast, config, sentencepiece, BPE vocab).
