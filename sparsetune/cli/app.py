@@ -47,7 +47,7 @@ def _root(
 
 
 # One module per subcommand, in the order `--help` lists them.
-COMMAND_MODULES = ("prune", "evaluate", "export", "seft", "smet", "run")
+COMMAND_MODULES = ("prune", "evaluate", "export", "seft", "smet", "plan", "run")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"sparsetune.cli.{_name}").register(app)
