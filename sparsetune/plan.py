@@ -30,6 +30,7 @@ from typing import Any
 from sparsetune.errors import SparsetuneError
 
 PAPER = 'Wu, Xiao, Okanovic et al. 2026, "When Data Is Scarce: Scaling Sparse Language Models with Repeated Training"'
+PAPER_SHORT = "Wu, Xiao, Okanovic et al. 2026"
 SOURCE = "github.com/boqian333/sparse-dc-scaling, figures/optimal_sparsity.ipynb (scaling_law, optimal_N, optimal_D)"
 
 # The fitted coefficients (optimal_sparsity.ipynb; beta = alpha in the fit).

@@ -149,6 +149,41 @@ def train_val_split(tokenizer: Any, cfg: SmetConfig) -> tuple[Examples, Examples
     return train, val
 
 
+def planned_density(cfg: SmetConfig, params: int, train_tokens: int) -> dict[str, Any]:
+    """--density auto: the loss-optimal density of the data-constrained sparse scaling law (`sparsetune plan`) for
+    `params` dense-equivalent parameters trained on cfg.tokens tokens drawn from --unique-tokens (default: the
+    `train_tokens` of the training windows). Returns the choice and where it came from (logged and reported)."""
+    from sparsetune import plan
+
+    unique = cfg.unique_tokens or float(train_tokens)
+    chosen = plan.loss_optimal(float(params), unique, float(cfg.tokens))
+    source = {
+        "density": chosen.density,
+        "source": f"sparsetune plan: loss-optimal density of {plan.PAPER}",
+        "params": params,
+        "unique_tokens": unique,
+        "unique_tokens_from": "--unique-tokens" if cfg.unique_tokens else "the training windows",
+        "tokens": cfg.tokens,
+        "predicted_loss": chosen.loss,
+        "predicted_dense_loss": plan.point(float(params), unique, float(cfg.tokens), 1.0).loss,
+    }
+    log.info(
+        "--density auto: %.6g, the loss-optimal density of the data-constrained sparse scaling law (%s) for %s "
+        "parameters, %.4g unique tokens (%s) and %.4g tokens (%.2f epochs); predicted C4 loss %.4f (dense %.4f); "
+        "`sparsetune plan` shows the curve",
+        chosen.density,
+        plan.PAPER_SHORT,
+        f"{params:,}",
+        unique,
+        source["unique_tokens_from"],
+        cfg.tokens,
+        cfg.tokens / unique,
+        chosen.loss,
+        source["predicted_dense_loss"],
+    )
+    return source
+
+
 def update_spike_ratios(
     loss_at: dict[int, float], update_steps: list[int], window: int = UPDATE_WINDOW
 ) -> list[float | None]:
@@ -382,6 +417,11 @@ class PretrainRun(Trainer):
         torch.manual_seed(cfg.seed)
         self.model = LlamaForCausalLM(config).to(device=self.ctx.device, dtype=self.dtype())
         self.model.train()
+        self.density_plan: dict[str, Any] | None = None
+        if cfg.density == "auto":  # the model and data exist now: count them and take the planned density
+            params = sum(p.numel() for p in self.model.parameters())
+            self.density_plan = planned_density(cfg, params, sum(len(x) for x in self.train_data.inputs))
+            self.cfg = cfg.model_copy(update={"density": self.density_plan["density"]})
 
     def build_method(self) -> TrainingMethod:
         return METHODS["sparse" if self.cfg.sparse else "dense"](self)
@@ -445,6 +485,7 @@ class PretrainRun(Trainer):
             "model_config": cfg.model_config_name,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "density": cfg.density,
+            "density_plan": self.density_plan,
             "steps": state.step,
             "tokens": state.tokens,
             "first_loss": losses[0] if losses else None,
@@ -501,6 +542,9 @@ def print_summary(report: dict[str, Any]) -> None:
         rows.append(("largest spike on the fixed probe batch", f"{s['probe_spike_ratio']:.3f}"))
     if s["mean_first_step_update_ratio"] is not None:
         rows.append(("regrown / established |update|, 1st step", f"{s['mean_first_step_update_ratio']:.3f}"))
+    if s.get("density_plan"):
+        plan = s["density_plan"]
+        rows.append(("density (--density auto)", f"{s['density']:.6g}, predicted loss {plan['predicted_loss']:.3f}"))
     rows.append(("topology updates", str(s["topology_updates"])))
     if s["itop_rate"] is not None:
         rows.append(

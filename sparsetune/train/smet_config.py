@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sparsetune.train.memory_config import activation_checkpointing_field, loss_chunk_tokens_field
 
 PRESETS = ("tiny", "mini", "small", "llama-60m", "llama-130m", "llama-350m", "llama-1b")
 
@@ -32,8 +34,16 @@ class SmetConfig(BaseModel):
         0.05, ge=0, lt=0.5, description="Fraction of the packed windows held out for validation loss"
     )
     output: str | None = Field(None, description="Output dir for the trained sparse LlamaForCausalLM")
-    density: float = Field(
-        0.5, gt=0, le=1, description="Fraction of sparse-layer weights that are active (1.0 = dense training)"
+    density: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
+        0.5,
+        description="Fraction of sparse-layer weights that are active (1.0 = dense training), or auto: the "
+        "loss-optimal density of the data-constrained sparse scaling law (`sparsetune plan`) for this model, "
+        "--unique-tokens and steps x batch x seqlen tokens",
+    )
+    unique_tokens: float | None = Field(
+        None,
+        gt=0,
+        description="With --density auto: unique tokens of training data (default: the training windows' tokens)",
     )
     init: Literal["erk", "uniform"] = Field("erk", description="Initial sparse layout across layers")
     growth: Literal["random", "gradient"] = Field(
@@ -67,6 +77,8 @@ class SmetConfig(BaseModel):
         "auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU"
     )
     device: str = Field("auto", description="Compute device: auto, cpu, cuda, cuda:N")
+    activation_checkpointing: bool = activation_checkpointing_field()
+    loss_chunk_tokens: int = loss_chunk_tokens_field()
     eval_every: int = Field(0, ge=0, description="Compute validation loss every N steps (0 = only at the end)")
     val_batches: int = Field(4, ge=1, description="Batches of held-out windows per validation")
     spike_probe: bool = Field(
@@ -89,13 +101,22 @@ class SmetConfig(BaseModel):
             raise ValueError("drop_fraction_end must not exceed drop_fraction (the fraction decays)")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.unique_tokens is not None and self.density != "auto":
+            raise ValueError("unique_tokens is read by --density auto only; drop it or pass --density auto")
         if self.spike_probe and self.val_fraction == 0:
             raise ValueError("spike_probe measures a held-out batch; give a --val-fraction above 0")
         return self
 
     @property
     def sparse(self) -> bool:
+        if self.density == "auto":
+            raise RuntimeError("internal error: --density auto is resolved when the model is built")
         return self.density < 1.0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the run trains on: steps x batch size x sequence length."""
+        return self.steps * self.batch_size * self.seqlen
 
     @property
     def warmup(self) -> int:
