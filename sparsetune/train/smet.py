@@ -3,7 +3,9 @@
 Every decoder Linear is sparse (embeddings, lm_head and norms stay dense). Sparse weights keep a compact index set,
 compact gradients and compact Adam state (`sparse_optim.SparseAdamW`). Every `update_interval` steps each sparse
 layer drops the `drop_fraction` (cosine-decayed) of its active weights with the smallest |w| and grows as many
-inactive positions, at random (SET) or by the largest dense-gradient magnitude (RigL). Regrown entries start at 0
+inactive positions, at random (SET), by the largest dense-gradient magnitude (RigL) or, gradient-free, by the cosine
+similarity of the activations of the two neurons a connection would join (CTRE; `ctre-sim` with its random
+exploration). Regrown entries start at 0
 with fresh moments and step counter, and their update is ramped over `regrow_warmup` steps. Sparse layers train
 with lr / density^e.
 
@@ -303,19 +305,80 @@ class SparsePretraining(PretrainMethod):
         return grads
 
     @torch.no_grad()
-    def _swap(self, step: int, fraction: float, grads: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    def growth_activations(self, step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """CTRE's inputs: every sparse Linear's input and output activations, (tokens, in) and (tokens, out), on
+        this rank's share of one seeded micro-batch, from one forward pass without gradients."""
+        run, cfg = self.run, self.run.cfg
+        idx = random_batch(len(run.train_data), cfg.batch_size // cfg.grad_accum, cfg.seed, step, 0)
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def keep(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                x = inputs[0].detach()
+                captured[name] = (x.reshape(-1, x.shape[-1]), output.detach().reshape(-1, output.shape[-1]))
+
+            return hook
+
+        linears = sparse_linears(run.model)
+        hooks = [linears[name].register_forward_hook(keep(name)) for name in self.sparse]
+        try:
+            run.nll(run.batch(run.train_data, idx))
+        finally:
+            for h in hooks:
+                h.remove()
+        return captured
+
+    def cosine_growth(
+        self, w: SparseWeight, drop_slots: torch.Tensor, k: int, acts: tuple[torch.Tensor, torch.Tensor], seed: int
+    ) -> tuple[torch.Tensor, int]:
+        """CTRE growth of one layer: the k inactive positions of largest |cosine| between the activations of their
+        input and output neurons. `ctre-sim` adds CTRE's simultaneous random exploration: the ranking also sees the
+        positions just dropped, and as many of its picks as land on them are grown at random instead (among the
+        inactive positions the cosine did not pick). Returns the positions and how many were random."""
+        blocked = torch.zeros(w.param.numel(), dtype=torch.bool, device=w.param.device)
+        blocked[w.active] = True
+        explore = self.run.cfg.growth == "ctre-sim"
+        dropped = w.active[drop_slots.to(w.active.device)]
+        if explore:
+            blocked[dropped] = False
+        picks = topology.grow_cosine(*acts, k, blocked)
+        del blocked
+        if not explore:
+            return picks, 0
+        readded = torch.isin(picks, dropped.to(picks.device).long())
+        chosen, n_random = picks[~readded], int(readded.sum())
+        if n_random:
+            exclude = torch.cat([w.active.long(), chosen.to(w.active.device)])
+            rand = topology.grow_random(w.param.numel(), n_random, exclude, torch.Generator().manual_seed(seed))
+            chosen = torch.cat([chosen, rand.to(chosen.device)])
+        return chosen, n_random
+
+    @torch.no_grad()
+    def _swap(
+        self,
+        step: int,
+        fraction: float,
+        grads: dict[str, torch.Tensor] | None,
+        acts: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> dict[str, Any]:
         stats: dict[str, Any] = {"step": step, "drop_fraction": fraction, "dropped": 0, "grown": 0}
+        if self.run.cfg.growth == "ctre-sim":
+            stats["grown_at_random"] = 0
         for i, (name, w) in enumerate(self.sparse.items()):
             active = w.active
             k = min(int(fraction * active.numel()), w.param.numel() - active.numel())
             if k <= 0:
                 continue
             drop_slots = topology.drop(w.param.view(-1)[active].abs(), k)
+            seed = (self.run.cfg.seed * 1_000_003 + step * 7_919 + i) % 2**63
             if grads is not None:
                 grow_pos = topology.grow(grads[name].abs(), k, exclude=active)
+            elif acts is not None:
+                grow_pos, n_random = self.cosine_growth(w, drop_slots, k, acts.pop(name), seed)
+                if "grown_at_random" in stats:
+                    stats["grown_at_random"] += n_random
             else:
-                generator = torch.Generator().manual_seed((self.run.cfg.seed * 1_000_003 + step * 7_919 + i) % 2**63)
-                grow_pos = topology.grow_random(w.param.numel(), k, active, generator)
+                grow_pos = topology.grow_random(w.param.numel(), k, active, torch.Generator().manual_seed(seed))
             self.optimizer.swap_entries(name, drop_slots, grow_pos)
             topology.mark_bits(self.itop[name], grow_pos)
             self._itop_rate = None
@@ -325,8 +388,10 @@ class SparsePretraining(PretrainMethod):
 
     def topology_update(self, step: int) -> dict[str, Any]:
         fraction = drop_fraction_at(step, self.run.cfg)
-        grads = self.growth_grads(step) if self.run.cfg.growth == "gradient" else None
-        stats = self._swap(step, fraction, grads)
+        growth = self.run.cfg.growth
+        grads = self.growth_grads(step) if growth == "gradient" else None
+        acts = self.growth_activations(step) if growth in ("ctre", "ctre-sim") else None
+        stats = self._swap(step, fraction, grads, acts)
         topology.verify_same_across_ranks({n: w.index for n, w in self.sparse.items()})
         return stats
 

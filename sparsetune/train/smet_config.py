@@ -44,8 +44,11 @@ class SmetConfig(BaseModel):
         description="With --density auto: unique tokens of training data (default: the training windows' tokens)",
     )
     init: Literal["erk", "uniform"] = Field("erk", description="Initial sparse layout across layers")
-    growth: Literal["random", "gradient"] = Field(
-        "random", description="Growth: random (SET-style) or gradient (RigL-style, largest |dense gradient|)"
+    growth: Literal["random", "gradient", "ctre", "ctre-sim"] = Field(
+        "random",
+        description="Growth: random (SET-style), gradient (RigL-style, largest |dense gradient|), ctre (CTRE: "
+        "largest |cosine similarity| of the activations of the two neurons a connection joins, on one seeded "
+        "micro-batch; no gradient) or ctre-sim (CTRE with its simultaneous random exploration)",
     )
     update_interval: int = Field(100, ge=0, description="Topology update every N steps (0 = static sparse)")
     drop_fraction: float = Field(0.2, ge=0, lt=1, description="Fraction of active weights dropped at the first update")

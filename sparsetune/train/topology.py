@@ -1,4 +1,5 @@
-"""Sparse topology: initial layouts (uniform, ERK), drop and grow choices, N:M-preserving swaps.
+"""Sparse topology: initial layouts (uniform, ERK), drop and grow choices (random, gradient, CTRE's cosine
+similarity of activations), N:M-preserving swaps.
 
 Every function is deterministic given its inputs (random choices take an explicit generator), so all ranks that
 see the same scores make the same choice; `verify_same_across_ranks` checks that they did.
@@ -63,6 +64,42 @@ def grow_random(numel: int, k: int, exclude: torch.Tensor, generator: torch.Gene
     s = torch.rand(numel, generator=generator)
     s[exclude.cpu()] = -1.0
     return torch.topk(s, k, sorted=False).indices.to(exclude.device)
+
+
+def grow_cosine(
+    x: torch.Tensor, y: torch.Tensor, k: int, blocked: torch.Tensor, chunk_elements: int = 1 << 22
+) -> torch.Tensor:
+    """CTRE growth (Atashgahi et al. 2022): flat positions of the k connections (o, i) of a [out, in] weight, outside
+    `blocked` (a bool per position), whose two neurons' activations are the most alike over a batch: the largest
+    |cos(x[:, i], y[:, o])|, with x (tokens, in) the layer's inputs and y (tokens, out) its outputs. A neuron that
+    never fires (zero norm) scores 0, as under tf.nn.l2_normalize's epsilon.
+
+    Gradient-free, and no dense similarity outlives the call: the [out, in] cross products are formed `chunk_elements`
+    at a time (whole output rows), all-reduced over processes with the squared norms, scored, and only the running
+    top k survives a chunk. Every rank gets the same scores, hence the same choice."""
+    out_features, in_features = y.shape[1], x.shape[1]
+    x, y = x.float(), y.float()
+    x_norm = distributed.reduce_sum(x.square().sum(0)).clamp_min(1e-12).sqrt()  # (in,)
+    y_norm = distributed.reduce_sum(y.square().sum(0)).clamp_min(1e-12).sqrt()  # (out,)
+    blocked = blocked.reshape(-1).to(x.device)
+    rows = max(1, chunk_elements // in_features)
+    best_score = torch.empty(0, device=x.device)
+    best_pos = torch.empty(0, dtype=torch.long, device=x.device)
+    for r0 in range(0, out_features, rows):
+        r1 = min(r0 + rows, out_features)
+        cross = distributed.reduce_sum(y[:, r0:r1].T @ x)  # (rows, in): sum over tokens of y_o x_i
+        score = (cross.abs_() / y_norm[r0:r1, None] / x_norm[None, :]).reshape(-1)
+        score[blocked[r0 * in_features : r1 * in_features]] = -math.inf
+        top = torch.topk(score, min(k, score.numel()), sorted=False)
+        best_score = torch.cat([best_score, top.values])
+        best_pos = torch.cat([best_pos, top.indices + r0 * in_features])
+        if best_score.numel() > k:
+            keep = torch.topk(best_score, k, sorted=False).indices
+            best_score, best_pos = best_score[keep], best_pos[keep]
+        del cross, score
+    if best_score.numel() < k or bool(torch.isinf(best_score).any()):
+        raise ValueError(f"cannot grow {k} connections: fewer positions are open")
+    return best_pos
 
 
 def nm_drop_grow(
