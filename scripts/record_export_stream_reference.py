@@ -11,11 +11,14 @@ tests/export/test_streaming.py exports the same inputs with the streamed path an
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as tests/conftest.py: saved tokenizer configs record it
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(ROOT / "tests"))
 
 from export_stream_cases import CASES, file_hashes, pruned_dirs, tensor_hashes  # noqa: E402
