@@ -29,11 +29,13 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory, write_json
 from sparsetune.progress import Progress
 from sparsetune.recipes import dump_yaml
+from sparsetune.train.activations import Checkpointing
 from sparsetune.train.common import (
     CKPT_NAME,
     DIVERGENCE_FACTOR,
     DIVERGENCE_MARGIN,
     DIVERGENCE_STEPS,
+    IDENTITY_ADDED,
     IGNORE,
     LOG_FILE,
     WEIGHT_LIMIT_FACTOR,
@@ -151,6 +153,7 @@ class Trainer:
     _pending_rng: torch.Tensor | None = None  # a checkpoint is due: the RNG state at the end of its step
     _weight_limits: dict[str, float] | None = None
     _uniform_loss: float | None = None  # ln(vocab): the loss of uniform guessing
+    activation_checkpointing: Checkpointing | None = None  # the decoder blocks' activation checkpointing while training
 
     def __init__(self, cfg: Any, overwrite: bool = False, show_progress: bool = True) -> None:
         self.cfg, self.overwrite, self.show_progress = cfg, overwrite, show_progress
@@ -179,6 +182,7 @@ class Trainer:
         try:
             self.setup()
             self.train()
+            self.end_checkpointing()
             return self.finish()
         finally:
             if hasattr(self, "ctx"):
@@ -201,6 +205,8 @@ class Trainer:
                 "raise --batch-size or lower --grad-accum"
             )
         self.load()
+        if cfg.activation_checkpointing:  # before a method wraps Linears or the model: the blocks stay the same
+            self.activation_checkpointing = Checkpointing(self.model)
         self.order = DataOrder(len(self.train_data), cfg.batch_size, cfg.seed)
         self.example_labels = [
             int((lab[1:] != IGNORE).sum()) if self.train_data.labels is not None else len(lab) - 1
@@ -230,7 +236,19 @@ class Trainer:
         return self.method.checkpoint_tensors()
 
     def memory_report(self) -> dict[str, Any]:
-        return {**self.method.memory_report(), **peak_memory()}
+        return {**self.method.memory_report(), **self.activation_memory(), **peak_memory()}
+
+    def activation_memory(self) -> dict[str, Any]:
+        """How the run bounds its activations: the checkpointing mechanism ("transformers", "torch" or "off") and
+        the loss chunk (0: the whole logits at once)."""
+        mechanism = self.activation_checkpointing.mechanism if self.activation_checkpointing is not None else "off"
+        return {"activation_checkpointing": mechanism, "loss_chunk_tokens": self.cfg.loss_chunk_tokens}
+
+    def end_checkpointing(self) -> None:
+        """After the last step: the model as loaded again (the blocks' checkpointing off), for the method's end
+        and the output."""
+        if self.activation_checkpointing is not None:
+            self.activation_checkpointing.disable()
 
     def sparsity(self) -> float:
         return self.method.sparsity()
@@ -246,7 +264,7 @@ class Trainer:
 
     def nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed token NLL of one micro-batch: what every training step minimises."""
-        return token_nll_sum(self.model, batch)
+        return token_nll_sum(self.model, batch, self.cfg.loss_chunk_tokens)
 
     def train(self) -> None:
         cfg, method = self.cfg, self.method
@@ -406,7 +424,7 @@ class Trainer:
         nll = torch.zeros(2, dtype=torch.float64)
         for start in range(0, n, micro):
             batch = self.batch(self.val_data, list(range(start, min(n, start + micro))))
-            nll[0] += float(token_nll_sum(self.model, batch))
+            nll[0] += float(token_nll_sum(self.model, batch, self.cfg.loss_chunk_tokens))
             nll[1] += label_count(batch)
         self.model.train()
         nll = reduce_sum(nll)
@@ -446,8 +464,10 @@ class Trainer:
         path = self.ckpt_dir / CKPT_NAME
         saved = torch.load(path / "state.pt", weights_only=True)
         identity = self.identity()
-        if saved["identity"] != identity:
-            diff = sorted(k for k in identity if saved["identity"].get(k) != identity[k])
+        # a checkpoint written before a setting joined the identity ran with the value IDENTITY_ADDED gives it
+        saved_identity = {**{k: v for k, v in IDENTITY_ADDED.items() if k in identity}, **saved["identity"]}
+        if saved_identity != identity:
+            diff = sorted(k for k in identity if saved_identity.get(k) != identity[k])
             raise SparsetuneError(
                 f"the checkpoint in {self.ckpt_dir} belongs to another run ({', '.join(diff)} differ); "
                 f"{self.RESUME_HINT}, or use another --checkpoint-dir"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,8 +161,14 @@ def attach_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets:
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", fan_in_fan_out=conv1d
     )
-    with _no_v4_moe_conversion():
+    with _no_v4_moe_conversion(), warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning that is not the user's)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         peft_model = get_peft_model(model, config)
+    # peft makes the embeddings' output require grad when the blocks are checkpointed (reentrant checkpointing needs
+    # an input that does); sparsetune's is non-reentrant, and that gradient would be backward work for nothing
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
     wrapped = set(getattr(peft_model.base_model, "targeted_module_names", targets))
     if wrapped != set(targets) or getattr(peft_model.peft_config["default"], "target_parameters", None):
         raise RuntimeError(

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from sparsetune.train.memory_config import activation_checkpointing_field, loss_chunk_tokens_field
 from sparsetune.train.sparse_delta.config import DeltaSettings
 
 METHODS = ("seft", "masked-ft", "lora-reprune")
@@ -66,6 +67,8 @@ class SeftConfig(DeltaSettings):
     )
     device: str = Field("auto", description="Compute device: auto, cpu, cuda, cuda:N")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it)")
+    activation_checkpointing: bool = activation_checkpointing_field()
+    loss_chunk_tokens: int = loss_chunk_tokens_field()
     log_every: int = Field(1, ge=1, description="Write a train_log.jsonl line every N steps")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0 = off)")
     checkpoint_dir: str | None = Field(

@@ -48,7 +48,6 @@ from sparsetune.train.common import (
     drop_fraction_at,
     packed_windows,
     random_batch,
-    token_nll_sum,
     untrained_zeros,
 )
 from sparsetune.train.loop import Trainer, TrainingMethod, mean_step_s
@@ -298,7 +297,7 @@ class SparsePretraining(PretrainMethod):
         idx = random_batch(len(run.train_data), cfg.batch_size, cfg.seed, step, 0)
         total = sum(len(run.train_data.inputs[i]) - 1 for i in idx)
         with self.optimizer.dense_grads():
-            (token_nll_sum(run.model, run.batch(run.train_data, idx)) / total).backward()
+            (run.nll(run.batch(run.train_data, idx)) / total).backward()
             grads = {name: reduce_sum(w.param.grad.detach()) for name, w in self.sparse.items()}
         for p in run.model.parameters():
             p.grad = None

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sparsetune.train.memory_config import activation_checkpointing_field, loss_chunk_tokens_field
+
 PRESETS = ("tiny", "mini", "small", "llama-60m", "llama-130m", "llama-350m", "llama-1b")
 
 
@@ -78,6 +80,8 @@ class SmetConfig(BaseModel):
         "auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU"
     )
     device: str = Field("auto", description="Compute device: auto, cpu, cuda, cuda:N")
+    activation_checkpointing: bool = activation_checkpointing_field()
+    loss_chunk_tokens: int = loss_chunk_tokens_field()
     eval_every: int = Field(0, ge=0, description="Compute validation loss every N steps (0 = only at the end)")
     val_batches: int = Field(4, ge=1, description="Batches of held-out windows per validation")
     spike_probe: bool = Field(

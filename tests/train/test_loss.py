@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from architectures import COMMON, FAMILY_CONFIGS
 from helpers import make_tiny_model
 from torch import nn
 
@@ -31,10 +32,10 @@ def make_batch(vocab: int, ignore_prompt: bool) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+@pytest.mark.parametrize("chunk", [7, 0])  # 7: several chunks, the last one partial; 0: all tokens at once
 @pytest.mark.parametrize("ignore_prompt", [False, True])
 @pytest.mark.parametrize("tie", [False, True])
-def test_chunked_loss_matches_full_logits(monkeypatch, ignore_prompt, tie):
-    monkeypatch.setattr(common, "LOSS_CHUNK_TOKENS", 7)  # several chunks, the last one partial
+def test_chunked_loss_matches_full_logits(ignore_prompt, tie, chunk):
     model = make_tiny_model("llama", tie=tie).float()
     model.train()
     batch = make_batch(model.config.vocab_size, ignore_prompt)
@@ -43,7 +44,7 @@ def test_chunked_loss_matches_full_logits(monkeypatch, ignore_prompt, tie):
 
     want = reference_nll_sum(model, batch)
     want_grads = torch.autograd.grad(want, params)
-    got = common.token_nll_sum(model, batch)
+    got = common.token_nll_sum(model, batch, chunk)
     got_grads = torch.autograd.grad(got, params)
 
     assert isinstance(model.get_output_embeddings(), nn.Linear)  # the head is back in place
@@ -72,3 +73,28 @@ def test_chunked_loss_through_a_lora_model():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # LoRA B starts at 0: same function
     got.backward()
     assert any(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        *((f, {}) for f in FAMILY_CONFIGS),
+        ("gemma2", {"final_logit_softcapping": 0.1}),  # a cap well inside the tiny model's logits
+        ("granite", {"logits_scaling": 4.0}),
+        ("cohere", {"logit_scale": 0.5}),
+    ],
+)
+def test_chunked_loss_matches_full_logits_in_every_family(family, overrides):
+    """The loss of each family's own forward pass, whatever its head does after the matmul (Gemma-2's soft-cap,
+    Granite's and Cohere's scales): the model's hidden states reach the head, and the head's post-processing is
+    applied to each chunk's logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **{**COMMON, **FAMILY_CONFIGS.get(family, {}), **overrides})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # eval: no dropout draws
+    batch = make_batch(model.config.vocab_size, ignore_prompt=True)
+    with torch.no_grad():
+        want = reference_nll_sum(model, batch)
+        got = common.token_nll_sum(model, batch, 7)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
