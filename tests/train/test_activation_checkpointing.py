@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import load_weights, make_pruned, make_tokenizer, smet_settings, write_alpaca, write_text
+from helpers import make_pruned, make_tokenizer, smet_settings, write_alpaca, write_text
 
 from sparsetune import models
 from sparsetune.errors import SparsetuneError
@@ -73,6 +73,13 @@ def seft_settings(pruned, data, out, **extra) -> dict:
         "select_window": 2,
     }
     return {**base, **extra}
+
+
+def load_weights(model_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of a model dir's safetensors files (one model.safetensors, or the shards of a streamed run)."""
+    from safetensors.torch import load_file
+
+    return {k: v for path in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(str(path)).items()}
 
 
 def losses(out) -> list[float]:
