@@ -22,11 +22,19 @@ from torch import nn
 
 from sparsetune import __version__, models
 from sparsetune.errors import SparsetuneError
-from sparsetune.export import print_size_comparison
+from sparsetune.export import loader_for, print_size_comparison
 from sparsetune.export.codecs import CODECS, force_24, mask_stats
 from sparsetune.export.config import ExportConfig, shard_size_bytes
 from sparsetune.export.formats import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256
+from sparsetune.export.stream import (
+    ShardSequence,
+    StreamedCheckpoint,
+    check_free_space,
+    module_groups,
+    raise_disk_full,
+)
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, write_json
+from sparsetune.streaming import StreamedModel
 
 log = logging.getLogger(__name__)
 
@@ -103,68 +111,102 @@ def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in reverted.items()}
 
 
+class Planner:
+    """Decides weight by weight which to compress (what `plan_modules` does for a whole state dict), so a
+    streamed export can plan each tensor as it is read. `finish` raises the errors `plan_modules` raises."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        state: dict[str, torch.Tensor],
+        fmt: str,
+        ignore: list[str],
+        max_density: float,
+        force: bool,
+    ) -> None:
+        self.fmt, self.max_density, self.force = fmt, max_density, force
+        self.exclude = [re.compile(p) for p in ignore]
+        self.plan = ModulePlan()
+        self.offenders: list[tuple[str, int, torch.Size]] = []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and f"{name}.weight" not in state:
+                self.plan.dense[name] = "shares its weight with the embeddings"
+        # dense key -> (name, kind, rows are [out, in]); needs only the shapes of `state` (meta tensors do)
+        self.candidates = {key: (name, kind, out_in) for name, key, kind, out_in in _candidates(model, state)}
+
+    def visit(self, key: str, weight: torch.Tensor) -> None:
+        """Plan the candidate weight `key` (its values: the mask decides)."""
+        name, kind, out_in = self.candidates[key]
+        fmt, plan = self.fmt, self.plan
+        if any(p.search(name) for p in self.exclude):
+            plan.dense[name] = "matched --ignore"
+            return
+        nonzero, violations = mask_stats(as_rows(weight))
+        density = nonzero / weight.numel()
+        if density > self.max_density:
+            plan.dense[name] = f"density {density:.3f} > --max-density {self.max_density}"
+            return
+        if fmt in TWO_FOUR_FORMATS and not out_in:
+            plan.dense[name] = f"{kind} weight stored [in, out]: {fmt} groups run along stored rows"
+            return
+        if fmt == "semi-structured-2:4" and kind not in ("linear", "expert"):
+            plan.dense[name] = f"{fmt} holds 2-D Linear weights only"
+            return
+        if fmt in TWO_FOUR_FORMATS and violations:
+            self.offenders.append((name, violations, as_rows(weight).shape))
+            if not self.force:
+                return
+            plan.forced[name] = violations
+        plan.compress[name] = 1.0 - density
+        plan.keys[name] = key
+
+    @property
+    def failing(self) -> bool:
+        """An error is certain (non-2:4 weights without --force-24): nothing more needs encoding."""
+        return bool(self.offenders) and not self.force
+
+    def finish(self) -> ModulePlan:
+        plan, fmt, max_density = self.plan, self.fmt, self.max_density
+        if self.failing:
+            name, violations, shape = self.offenders[0]
+            groups = shape[0] * -(-shape[1] // 4)
+            more = f" (and {len(self.offenders) - 1} more Linears)" if len(self.offenders) > 1 else ""
+            why = (
+                f"has {shape[1]} input columns, not a multiple of 4"
+                if shape[1] % 4
+                else f"has {violations} of {groups} groups of 4 with more than 2 non-zeros"
+            )
+            raise SparsetuneError(
+                f"--format {fmt} needs exact 2:4 weights, but {name} {why}{more}; prune with --pattern 2:4, "
+                "pass --force-24 to re-prune by magnitude (quality may drop), --ignore it, or use --format "
+                "sparse-bitmask"
+            )
+        if not plan.compress:
+            example = next(iter(plan.dense.items()), None)
+            why = f" ({example[0]}: {example[1]})" if example else ""
+            raise SparsetuneError(
+                f"no Linear is sparse enough to compress (density <= --max-density {max_density}){why}; "
+                "prune the model first, raise --max-density, or use --format dense"
+            )
+        if plan.forced:
+            log.warning(
+                "--force-24 re-pruned %d Linears to 2:4 by magnitude (%d groups of 4 had more than 2 non-zeros); "
+                "quality may drop: evaluate the exported model",
+                len(plan.forced),
+                sum(plan.forced.values()),
+            )
+        return plan
+
+
 def plan_modules(
     model: nn.Module, state: dict[str, torch.Tensor], fmt: str, ignore: list[str], max_density: float, force: bool
 ) -> ModulePlan:
     """Pick the weights to compress (Linears, Conv1Ds, fused expert parameters); for 2:4 formats refuse (or, with
     force, re-prune) any non-2:4 sparse one."""
-    exclude = [re.compile(p) for p in ignore]
-    plan = ModulePlan()
-    offenders = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and f"{name}.weight" not in state:
-            plan.dense[name] = "shares its weight with the embeddings"
-    for name, key, kind, out_in in _candidates(model, state):
-        weight = state[key]
-        if any(p.search(name) for p in exclude):
-            plan.dense[name] = "matched --ignore"
-            continue
-        nonzero, violations = mask_stats(as_rows(weight))
-        density = nonzero / weight.numel()
-        if density > max_density:
-            plan.dense[name] = f"density {density:.3f} > --max-density {max_density}"
-            continue
-        if fmt in TWO_FOUR_FORMATS and not out_in:
-            plan.dense[name] = f"{kind} weight stored [in, out]: {fmt} groups run along stored rows"
-            continue
-        if fmt == "semi-structured-2:4" and kind not in ("linear", "expert"):
-            plan.dense[name] = f"{fmt} holds 2-D Linear weights only"
-            continue
-        if fmt in TWO_FOUR_FORMATS and violations:
-            offenders.append((name, violations, as_rows(weight).shape))
-            if not force:
-                continue
-            plan.forced[name] = violations
-        plan.compress[name] = 1.0 - density
-        plan.keys[name] = key
-    if offenders and not force:
-        name, violations, shape = offenders[0]
-        groups = shape[0] * -(-shape[1] // 4)
-        more = f" (and {len(offenders) - 1} more Linears)" if len(offenders) > 1 else ""
-        why = (
-            f"has {shape[1]} input columns, not a multiple of 4"
-            if shape[1] % 4
-            else f"has {violations} of {groups} groups of 4 with more than 2 non-zeros"
-        )
-        raise SparsetuneError(
-            f"--format {fmt} needs exact 2:4 weights, but {name} {why}{more}; prune with --pattern 2:4, "
-            "pass --force-24 to re-prune by magnitude (quality may drop), --ignore it, or use --format sparse-bitmask"
-        )
-    if not plan.compress:
-        example = next(iter(plan.dense.items()), None)
-        why = f" ({example[0]}: {example[1]})" if example else ""
-        raise SparsetuneError(
-            f"no Linear is sparse enough to compress (density <= --max-density {max_density}){why}; "
-            "prune the model first, raise --max-density, or use --format dense"
-        )
-    if plan.forced:
-        log.warning(
-            "--force-24 re-pruned %d Linears to 2:4 by magnitude (%d groups of 4 had more than 2 non-zeros); "
-            "quality may drop: evaluate the exported model",
-            len(plan.forced),
-            sum(plan.forced.values()),
-        )
-    return plan
+    planner = Planner(model, state, fmt, ignore, max_density, force)
+    for key in planner.candidates:
+        planner.visit(key, state[key])
+    return planner.finish()
 
 
 def encode_tensors(state: dict[str, torch.Tensor], plan: ModulePlan, fmt: str) -> dict[str, torch.Tensor]:
@@ -255,18 +297,40 @@ def export_model(model: nn.Module, tokenizer: Any, out_dir: Path, cfg: ExportCon
     t_encode = time.perf_counter()
     files = write_shards(tensors, out_dir, shard_size_bytes(cfg.max_shard_size))
 
-    model.config.save_pretrained(str(out_dir))
+    generation = getattr(model, "generation_config", None)
+    report = write_export_files(model.config, generation, tokenizer, out_dir, cfg, plan, state, files)
+    report["timings"] = {
+        "encode_s": round(t_encode - t0, 3),
+        "write_s": round(time.perf_counter() - t_encode, 3),
+    }
+    return report
+
+
+def write_export_files(
+    config: Any,
+    generation_config: Any,
+    tokenizer: Any,
+    out_dir: Path,
+    cfg: ExportConfig,
+    plan: ModulePlan,
+    state: dict[str, torch.Tensor],
+    files: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Everything an export writes besides its weight shards (config.json with `quantization_config`, the
+    generation config, the tokenizer, sparsetune_config.json); return the report. `state` is the dense layout
+    that was exported: only its shapes and dtypes are used (meta tensors will do)."""
+    config.save_pretrained(str(out_dir))
     numel = {name: state[plan.keys[name]].numel() for name in plan.compress}
     zeros = sum(round(plan.compress[n] * numel[n]) for n in plan.compress)
     global_sparsity = zeros / max(1, sum(numel.values()))
     if cfg.format in COMPRESSED_TENSORS_FORMATS:
         config_path = out_dir / "config.json"
-        config = json.loads(config_path.read_text())
-        config["quantization_config"] = compressed_tensors_config(cfg.format, plan)
-        config["quantization_config"]["sparsity_config"]["global_sparsity"] = global_sparsity
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(str(out_dir))
+        config_data = json.loads(config_path.read_text())
+        config_data["quantization_config"] = compressed_tensors_config(cfg.format, plan)
+        config_data["quantization_config"]["sparsity_config"]["global_sparsity"] = global_sparsity
+        config_path.write_text(json.dumps(config_data, indent=2, sort_keys=True) + "\n")
+    if generation_config is not None:
+        generation_config.save_pretrained(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     models.drop_dangling_auto_map(out_dir)
@@ -309,10 +373,6 @@ def export_model(model: nn.Module, tokenizer: Any, out_dir: Path, cfg: ExportCon
         "bytes_written": sum(f["bytes"] for f in files.values()),
         "bytes_dense": dense_bytes,
         "shards": len(files),
-        "timings": {
-            "encode_s": round(t_encode - t0, 3),
-            "write_s": round(time.perf_counter() - t_encode, 3),
-        },
     }
 
 
@@ -332,10 +392,15 @@ def checkpoint_dtype(spec: str) -> str:
 
 
 def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
-    """Load `cfg.model`, export it to `cfg.output` (temp dir + rename), and return the report."""
+    """Export `cfg.model` to `cfg.output` (temp dir + rename) and return the report: streamed from its
+    safetensors shards block by block where the input is a plain HF checkpoint, else loaded whole."""
     if cfg.output is None:
         raise SparsetuneError("missing --output; pass -o OUT_DIR")
     out = check_output_dir(cfg.output, overwrite, inputs=(cfg.model,))
+    location, why = streamable_input(cfg)
+    if location is not None:
+        return run_streamed_export(cfg, location, out, overwrite)
+    log.info("export loads %s whole: %s", cfg.model, why)
     t0 = time.perf_counter()
     dtype = checkpoint_dtype(cfg.model) if cfg.dtype == "auto" else cfg.dtype
     is_gguf = models.resolve_model_path(cfg.model)[0] == "gguf"
@@ -353,6 +418,119 @@ def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
                 shutil.copy2(source / name, Path(tmp) / name)
     report["timings"] = {"load_s": round(t_load, 3), **report["timings"]}
     report.update({"model": cfg.model, "output": str(out), "dtype": dtype, "disk_bytes": checkpoint_bytes(out)})
+    report["streamed"] = False
+    return report
+
+
+def streamable_input(cfg: ExportConfig) -> tuple[Path | None, str]:
+    """(the local HF dir whose safetensors shards the export streams from, "") or (None, why it loads whole)."""
+    if cfg.format == "dense":
+        return None, "--format dense is written by save_pretrained"
+    kind, location = models.resolve_model_path(cfg.model)
+    if kind == "bundled":
+        kind, location = "dir", str(models.bundled_model_dir())
+    if kind == "hub":
+        snapshot = models.hub_snapshot(location)
+        if snapshot is None:
+            return None, "the hub id has no complete local snapshot of safetensors files"
+        kind, location = "dir", str(snapshot)
+    if kind == "gguf":
+        return None, "a .gguf file is dequantized by transformers as a whole"
+    path = Path(location)
+    if models.seft_adapter_base(path) is not None:
+        return None, "a seft adapter dir is merged into its base in memory"
+    if loader_for(path) is not None:
+        return None, "an exported compressed dir is decompressed in memory"
+    if not (path / "config.json").is_file():
+        return None, f"{path} has no config.json"
+    if not ((path / SAFE_WEIGHTS).is_file() or (path / SAFE_INDEX).is_file()):
+        return None, f"{path} holds no safetensors weights (only .bin files are read whole)"
+    return path, ""
+
+
+def estimate_output_bytes(checkpoint: StreamedCheckpoint, planner: Planner, fmt: str, sparsity: float) -> int:
+    """About how many bytes the export writes: dense tensors as they are, compressible ones in `fmt` at the
+    given sparsity (2:4 formats: exactly half the values), plus their masks."""
+    total = 0
+    for key, meta in checkpoint.state.items():
+        dense = meta.numel() * meta.element_size()
+        if key not in planner.candidates:
+            total += dense
+            continue
+        rows = as_rows(meta).shape[0]
+        cols = meta.shape[-1]
+        kept = 0.5 if fmt in TWO_FOUR_FORMATS else 1.0 - sparsity
+        mask = rows * (-(-cols // 8)) + (8 * rows if fmt == "sparse-bitmask" else 0)
+        total += min(dense, int(dense * kept) + mask)
+    return total
+
+
+def input_sparsity(location: Path) -> float:
+    """The sparsity a prune run recorded in `location`'s sparsity_report.json, else 0.5."""
+    try:
+        value = json.loads((location / "sparsity_report.json").read_text()).get("global_sparsity")
+    except (OSError, ValueError, AttributeError):
+        return 0.5
+    return float(value) if isinstance(value, int | float) and 0 <= value < 1 else 0.5
+
+
+def run_streamed_export(cfg: ExportConfig, location: Path, out: Path, overwrite: bool) -> dict[str, Any]:
+    """The export of a safetensors HF dir, read and written one decoder block at a time (module docstring of
+    `sparsetune.export.stream`); its files are the ones `export_model` writes for the loaded model."""
+    t0 = time.perf_counter()
+    dtype = checkpoint_dtype(str(location)) if cfg.dtype == "auto" else cfg.dtype
+    streamed = StreamedModel(location, models.DTYPES[dtype], cfg.trust_remote_code)
+    checkpoint = StreamedCheckpoint(streamed)
+    planner = Planner(streamed.model, checkpoint.state, cfg.format, cfg.ignore, cfg.max_density, cfg.force_24)
+    tokenizer = _tokenizer_or_none(str(location), cfg.trust_remote_code)
+    need = estimate_output_bytes(checkpoint, planner, cfg.format, input_sparsity(location))
+    check_free_space(out.parent, need, f"the export of {cfg.model}")
+    t_load = time.perf_counter() - t0
+    timings = {"load_s": round(t_load, 3), "read_s": 0.0, "encode_s": 0.0, "write_s": 0.0}
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        tmp = Path(tmp)
+        try:
+            shards = ShardSequence(tmp, shard_size_bytes(cfg.max_shard_size))
+            for segment in checkpoint.segments:
+                t = time.perf_counter()
+                state = checkpoint.read(segment)
+                timings["read_s"] += time.perf_counter() - t
+                t = time.perf_counter()
+                for key, tensor in state.items():
+                    if key in planner.candidates:
+                        planner.visit(key, tensor)
+                if planner.failing:  # the error is certain: plan the rest for its message, write nothing more
+                    continue
+                tensors = encode_tensors(state, planner.plan, cfg.format)
+                del state
+                timings["encode_s"] += time.perf_counter() - t
+                t = time.perf_counter()
+                for group in module_groups(tensors):
+                    shards.add_group(group)
+                del tensors
+                timings["write_s"] += time.perf_counter() - t
+            plan = planner.finish()
+            t = time.perf_counter()
+            files = shards.finish()
+            generation = streamed.model.generation_config if streamed.model.can_generate() else None
+            if (location / "generation_config.json").is_file():
+                from transformers import GenerationConfig
+
+                generation = GenerationConfig.from_pretrained(str(location))
+            report = write_export_files(
+                streamed.model.config, generation, tokenizer, tmp, cfg, plan, checkpoint.state, files
+            )
+            for name in CARRIED_FILES:
+                if (location / name).is_file():
+                    shutil.copy2(location / name, tmp / name)
+            timings["write_s"] += time.perf_counter() - t
+        except OSError as err:
+            raise_disk_full(tmp, err, need)
+            raise
+    report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    report.update({"model": cfg.model, "output": str(out), "dtype": dtype, "disk_bytes": checkpoint_bytes(out)})
+    report["streamed"] = True
+    report["read_bytes_max"] = max(checkpoint.files.nbytes(s.keys) for s in checkpoint.segments)
     return report
 
 

@@ -1,0 +1,236 @@
+"""`sparsetune export` streams: it reads the checkpoint one decoder block at a time and writes the same files the
+in-memory writer wrote (tests/data/export_stream_reference.json, recorded before the change by
+scripts/record_export_stream_reference.py), holds about one block, and faults end with one error and no output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from export_stream_cases import CARRIED, CASES, PRUNED, file_hashes, pruned_dirs, tensor_hashes
+from safetensors.torch import save_file
+
+from sparsetune.errors import SparsetuneError
+from sparsetune.export import stream as stream_mod
+from sparsetune.export import writer
+from sparsetune.export.config import ExportConfig
+from sparsetune.export.stream import safetensors_header, storage_order
+from sparsetune.export.writer import run_export
+from sparsetune.streaming import CheckpointFiles
+
+REFERENCE = json.loads((Path(__file__).parents[1] / "data" / "export_stream_reference.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield pruned_dirs(tmp_path_factory.mktemp("export-stream"))
+    finally:
+        torch.set_num_threads(before)
+
+
+def export_case(case: str, inputs: dict[str, Path], out: Path) -> dict:
+    name, settings = CASES[case]
+    try:
+        report = run_export(ExportConfig(model=str(inputs[name]), output=str(out), **settings))
+    except SparsetuneError as err:
+        return {"error": str(err)}
+    assert report["streamed"]
+    return {"files": file_hashes(out)}
+
+
+@pytest.mark.parametrize("name", sorted(PRUNED))
+def test_pruned_inputs_are_the_recorded_ones(name, inputs):
+    """The export comparison below is meaningful only on the inputs the reference was recorded from."""
+    assert tensor_hashes(inputs[name]) == REFERENCE["inputs"][name]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_streamed_export_is_byte_identical_to_the_in_memory_one(case, inputs, tmp_path):
+    if tensor_hashes(inputs[CASES[case][0]]) != REFERENCE["inputs"][CASES[case][0]]:
+        pytest.skip("the pruned input differs from the recorded one (see test_pruned_inputs_are_the_recorded_ones)")
+    out = tmp_path / "out"
+    got, want = export_case(case, inputs, out), REFERENCE["cases"][case]
+    assert got.get("error") == want.get("error")
+    files, recorded = got.get("files", {}), want.get("files", {})
+    assert {k: files.get(k) for k in files.keys() | recorded.keys() if files.get(k) != recorded.get(k)} == {}
+    src = inputs[CASES[case][0]]
+    for name in CARRIED:
+        if out.exists() and (src / name).exists():
+            assert (out / name).read_bytes() == (src / name).read_bytes()
+
+
+@pytest.mark.parametrize("case", ["mixtral-sgpt24-bitmask-shards", "llama-tied-magnitude50-bitmask-shards-bf16"])
+def test_the_conversion_path_writes_the_same_files(case, inputs, tmp_path, monkeypatch):
+    """A checkpoint whose keys are not save_pretrained's goes through transformers' conversion block by block;
+    forced here on a plain checkpoint, it must write the same bytes."""
+    init = stream_mod.StreamedCheckpoint.__init__
+
+    def converted(self, streamed):
+        init(self, streamed)
+        self.direct = False
+
+    monkeypatch.setattr(stream_mod.StreamedCheckpoint, "__init__", converted)
+    assert export_case(case, inputs, tmp_path / "out") == REFERENCE["cases"][case]
+
+
+def test_shard_writer_matches_save_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "a.weight": torch.randn(4, 4, generator=g),
+        "a.bitmask": torch.randint(0, 255, (4, 1), dtype=torch.uint8, generator=g),
+        "a.shape": torch.tensor([4, 4]),
+        "c.meta": torch.randint(-100, 100, (2, 3), dtype=torch.int16, generator=g),
+        "c.half": torch.randn(7, generator=g).half(),
+        "empty": torch.zeros(0),
+        "flag": torch.tensor([True, False]),
+        "scalar": torch.tensor(1.5),
+    }
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    for spill in (False, True):
+        builder = stream_mod.ShardBuilder(tmp_path, 1)
+        builder.add(dict(list(tensors.items())[:4]))
+        if spill:
+            builder._spill()
+        builder.add(dict(list(tensors.items())[4:]))
+        size, sha = builder.write(tmp_path / "got.safetensors")
+        data = (tmp_path / "got.safetensors").read_bytes()
+        assert data == (tmp_path / "ref.safetensors").read_bytes()
+        assert size == len(data) and not builder.spill_path.exists()
+    entries = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    header = safetensors_header(entries, storage_order(entries))
+    assert data.startswith(header) and len(data) == len(header) + sum(t.nbytes for t in tensors.values())
+
+
+def block_bytes_from_headers(folder: Path) -> tuple[int, int]:
+    """(largest decoder block's bytes, largest tensor's bytes), summed from the safetensors headers directly."""
+    import struct
+
+    blocks: dict[str, int] = {}
+    largest = 0
+    for shard in folder.glob("*.safetensors"):
+        with open(shard, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for key, info in header.items():
+            start, end = info["data_offsets"]
+            largest = max(largest, end - start)
+            parts = key.split(".")
+            if "layers" in parts:
+                block = ".".join(parts[: parts.index("layers") + 2])
+                blocks[block] = blocks.get(block, 0) + end - start
+    return max(blocks.values()), largest
+
+
+@pytest.mark.parametrize("name", ["llama-sgpt24", "mixtral-sgpt24"])
+def test_export_reads_at_most_one_block_at_a_time(name, inputs, tmp_path, monkeypatch):
+    requested = []
+    read = CheckpointFiles.read
+
+    def recording(self, keys):
+        keys = list(keys)
+        requested.append(self.nbytes(keys))
+        return read(self, keys)
+
+    monkeypatch.setattr(CheckpointFiles, "read", recording)
+    run_export(ExportConfig(model=str(inputs[name]), output=str(tmp_path / "out"), format="sparse-bitmask"))
+    block, largest = block_bytes_from_headers(inputs[name])
+    assert block >= largest  # tiny configs: a block outweighs the embeddings, so one block is the bound
+    assert max(requested) == block
+    assert sum(requested) == sum(f.stat().st_size for f in inputs[name].glob("*.safetensors")) - sum(
+        8 + int.from_bytes(f.read_bytes()[:8], "little") for f in inputs[name].glob("*.safetensors")
+    )
+
+
+def last_shard(folder: Path) -> Path:
+    """The input's last weight file (what the final norm and head are read from, after every block)."""
+    return sorted(folder.glob("*.safetensors"))[-1]
+
+
+def test_truncated_shard_is_one_error_and_no_output(inputs, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(inputs["llama-sgpt24"], src)
+    shard = last_shard(src)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 1000)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsetune", "export", str(src), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "truncated" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_shard_truncated_while_read_is_refused(inputs, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(inputs["llama-sgpt24"], src)
+    read = CheckpointFiles.read
+    calls = []
+
+    def truncating(self, keys):
+        calls.append(1)
+        if len(calls) == 2:
+            shard = last_shard(src)
+            with open(shard, "r+b") as f:
+                f.truncate(shard.stat().st_size // 2)
+        return read(self, keys)
+
+    monkeypatch.setattr(CheckpointFiles, "read", truncating)
+    out = tmp_path / "out"
+    with pytest.raises(SparsetuneError, match="shard .* (truncated|changed) while this run read it"):
+        run_export(ExportConfig(model=str(src), output=str(out)))
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_too_little_free_space_is_refused_before_any_work(inputs, small_disk):
+    out = small_disk / "out"
+    with pytest.raises(SparsetuneError, match="not enough disk space for the export .* GB needed"):
+        run_export(ExportConfig(model=str(inputs["mixtral-sgpt24"]), output=str(out)))
+    assert list(small_disk.iterdir()) == []
+
+
+def test_disk_full_while_writing_is_one_error_and_no_output(inputs, small_disk, monkeypatch):
+    monkeypatch.setattr(writer, "check_free_space", lambda *a, **k: None)  # as if the disk filled meanwhile
+    out = small_disk / "out"
+    with pytest.raises(SparsetuneError, match="disk full writing"):
+        run_export(ExportConfig(model=str(inputs["mixtral-sgpt24"]), output=str(out)))
+    assert list(small_disk.iterdir()) == []
+
+
+def test_inputs_that_cannot_stream_load_whole(inputs, tmp_path, caplog):
+    exported = tmp_path / "exported"
+    run_export(ExportConfig(model=str(inputs["llama-sgpt24"]), output=str(exported)))
+    with caplog.at_level("INFO", logger="sparsetune.export.writer"):
+        report = run_export(ExportConfig(model=str(exported), output=str(tmp_path / "again")))
+    assert not report["streamed"]
+    assert "an exported compressed dir is decompressed in memory" in caplog.text
