@@ -179,6 +179,29 @@ def resolve_model_path(spec: str) -> tuple[str, str]:
     return "hub", spec
 
 
+def is_exported_dir(path: Path) -> bool:
+    """A dir `sparsetune export` wrote in a compressed format (its loader decompresses it)."""
+    return loader_for(path) is not None
+
+
+def has_safetensors(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot dir of a hub model's config, tokenizer and safetensors files (downloaded when the hub
+    answers, the HF cache when it does not), or None when no complete one can be had."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, gated: the whole-model path reports it
+        log.info("no local snapshot of %s for streaming (%s)", repo_id, first_line(err))
+        return None
+    return path if has_safetensors(path) and (path / "config.json").is_file() else None
+
+
 def _probe_hub() -> None:
     """Before anything asks the hub: one short probe per process; no hub -> offline mode, so the HF cache answers
     at once and nothing retries."""

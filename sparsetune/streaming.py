@@ -127,10 +127,12 @@ class CheckpointFiles:
                     )
                 dtype = SAFETENSORS_DTYPES.get(info["dtype"])
                 if dtype is None:
-                    raise SparsetuneError(f"{path}: tensor {key} has dtype {info['dtype']}, which sparsetune cannot read")
+                    raise SparsetuneError(
+                        f"{path}: tensor {key} has dtype {info['dtype']}, which sparsetune cannot read"
+                    )
                 self.entries[key] = TensorEntry(path, dtype, tuple(int(s) for s in info["shape"]), start, end)
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self.entries)
 
     def nbytes(self, keys: Iterable[str] | None = None) -> int:
@@ -140,7 +142,9 @@ class CheckpointFiles:
         try:
             st = path.stat()
         except OSError as err:
-            raise SparsetuneError(f"shard {path} disappeared while this run read it ({err}); restore it and rerun") from err
+            raise SparsetuneError(
+                f"shard {path} disappeared while this run read it ({err}); restore it and rerun"
+            ) from err
         if (st.st_size, st.st_mtime_ns) != self.stats[path]:
             raise SparsetuneError(
                 f"shard {path} was changed while this run read it (size {self.stats[path][0]} -> {st.st_size} "
@@ -169,8 +173,10 @@ class CheckpointFiles:
                                 f"{entry.nbytes} bytes); nothing was written: restore the file and rerun"
                             )
                         got += more
-                    out[key] = buf.view(entry.dtype).reshape(entry.shape) if entry.nbytes else torch.empty(
-                        entry.shape, dtype=entry.dtype
+                    out[key] = (
+                        buf.view(entry.dtype).reshape(entry.shape)
+                        if entry.nbytes
+                        else torch.empty(entry.shape, dtype=entry.dtype)
                     )
             self._check_unchanged(path)
         return out
@@ -203,6 +209,7 @@ def build_skeleton(config: Any, dtype: torch.dtype | None, trust_remote_code: bo
             dtype = getattr(torch, dtype)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # from_config on meta leaves a tied head untied; from_pretrained ties it
     return model.eval()
 
 
@@ -237,7 +244,9 @@ class StreamedModel:
             hint = "check config.json"
             if not trust_remote_code and models.needs_remote_code(err):
                 hint = "this model needs its own code (config.json auto_map); pass --trust-remote-code if you trust it"
-            raise SparsetuneError(f"could not read the config of {self.location}: {models.first_line(err)}; {hint}") from err
+            raise SparsetuneError(
+                f"could not read the config of {self.location}: {models.first_line(err)}; {hint}"
+            ) from err
         self.model = build_skeleton(config, dtype, trust_remote_code)
         self.dtype = self.model.dtype
         self.decoder_path, self.layers = models.find_decoder(self.model)
@@ -248,13 +257,14 @@ class StreamedModel:
         prefix = self.model.base_model_prefix
         # checkpoint key -> the model's state-dict key it lands in (a fused expert: the fused parameter)
         self.lands_in = {
-            key: rename_source_key(key, renamings, converters, prefix, meta_state)[0] for key in self.files.keys()
+            key: rename_source_key(key, renamings, converters, prefix, meta_state)[0] for key in self.files.names()
         }
         self.block_keys: list[list[str]] = [[] for _ in self.layers]
         self.rest_keys: list[str] = []
         self.head_keys: list[str] = []
         head = self.model.get_output_embeddings()
-        head_params = {n for n, p in self.model.named_parameters() if head is not None and any(p is q for q in head.parameters())}
+        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        head_params = {n for n, p in self.model.named_parameters(remove_duplicate=False) if id(p) in head_ids}
         block_prefix = self.decoder_path + "."
         for key, target in self.lands_in.items():
             if target.startswith(block_prefix):
@@ -338,6 +348,10 @@ class StreamedModel:
             self.model.tie_weights()
 
     def load_head(self, device: torch.device | str = "cpu") -> None:
+        """The output head, once: a head already in memory (pruned, or tied to the embeddings) is kept."""
+        head = self.model.get_output_embeddings()
+        if head is not None and all(p.device.type != "meta" for p in head.parameters()):
+            return
         self._load_keys(self.head_keys, device)
 
     def release_rest(self) -> None:

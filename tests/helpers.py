@@ -66,6 +66,27 @@ def make_tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 256,
     return model.eval()
 
 
+def load_weights(model_dir: Path | str) -> dict[str, torch.Tensor]:
+    """Every tensor of a model dir's safetensors files (one model.safetensors, or the shards a streamed run
+    writes), read with safetensors itself."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def save_weights(model_dir: Path | str, weights: dict[str, torch.Tensor]) -> None:
+    """Replace a model dir's weights by one model.safetensors holding `weights`."""
+    from safetensors.torch import save_file
+
+    for path in Path(model_dir).glob("*.safetensors"):
+        path.unlink()
+    Path(model_dir, "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(weights, str(Path(model_dir) / "model.safetensors"), metadata={"format": "pt"})
+
+
 def random_text(n_words: int, seed: int = 0) -> str:
     import random
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from architectures import FAMILY_CONFIGS, FUSED_ON_DISK, MOE_FAMILIES, make_family_model
-from helpers import make_tiny_model, random_text
+from helpers import load_weights, make_tiny_model, random_text
 from helpers import random_calibration as _calib
 from torch.nn import functional as F
 
@@ -204,10 +204,9 @@ def _round_trip(model, fmt, tmp_path):
 
 def _sparse_on_disk(model, tmp_path) -> set[str]:
     """Keys of the tensors `save_pretrained` writes (the family's checkpoint layout) that are half zeros."""
-    from safetensors.torch import load_file
 
     model.save_pretrained(tmp_path / "plain")
-    saved = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    saved = load_weights(tmp_path / "plain")
     weights = {k: t for k, t in saved.items() if t.dim() >= 2 and not k.endswith("bias")}  # GPT-OSS: [E, out] biases
     return {k for k, t in weights.items() if int((t == 0).sum()) * 2 >= t.numel()}
 
@@ -530,7 +529,6 @@ def test_a_weight_the_engine_does_not_know_is_refused_before_anything_is_pruned(
 
 
 def test_cli_prunes_a_moe_dir_with_moe_calibrate_all_and_reports_it(tmp_path, tiny_tokenizer, text_file):
-    from safetensors.torch import load_file
     from typer.testing import CliRunner
 
     from sparsetune.cli.app import app
@@ -545,7 +543,7 @@ def test_cli_prunes_a_moe_dir_with_moe_calibrate_all_and_reports_it(tmp_path, ti
     report = json.loads((out / "sparsity_report.json").read_text())
     assert report["settings"]["moe_calibrate"] == "all" and report["moe"]["calibrate"] == "all"
     assert report["moe"]["tokens_per_expert"]["model.layers.1.mlp.experts.down_proj"] == [4 * 32] * 4
-    saved = load_file(str(out / "model.safetensors"))  # Mixtral's checkpoint layout: w1 / w3 / w2 per expert
+    saved = load_weights(out)  # Mixtral's checkpoint layout: w1 / w3 / w2 per expert
     for w in ("w1", "w2", "w3"):
         weight = saved[f"model.layers.0.block_sparse_moe.experts.2.{w}.weight"]
         assert int((weight == 0).sum()) == weight.numel() // 2

@@ -128,7 +128,7 @@ def test_prune_that_loses_the_race_exits_2_and_names_its_saved_result(tiny_model
     assert len(errors) == 1 and str(kept) in errors[0] and "Traceback" not in result.output
     assert _who(out) == "other run"
     assert json.loads((kept / "sparsity_report.json").read_text())["target_sparsity"] == 0.5
-    assert (kept / "model.safetensors").is_file() and (kept / "recipe.yaml").is_file()
+    assert (kept / "model.safetensors.index.json").is_file() and (kept / "recipe.yaml").is_file()
 
 
 # --------------------------------------------------------------------------------------------- crash leftovers

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_tiny_model, make_tokenizer, random_text
-from safetensors.torch import load_file
+from helpers import load_weights, make_tiny_model, make_tokenizer, random_text
 from typer.testing import CliRunner
 
 from sparsetune import pipeline
@@ -271,7 +270,7 @@ def last_json(output: str) -> dict:
 
 
 def decoder_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    weights = load_file(str(model_dir / "model.safetensors"))
+    weights = load_weights(model_dir)
     return {k: v for k, v in weights.items() if ".layers." in k and k.endswith("proj.weight")}
 
 
@@ -377,13 +376,13 @@ def test_a_crash_mid_stage_resumes_from_the_stage_checkpoint_exactly(tmp_path, t
     assert json.loads((crashed / ".stages" / "02-seft.json").read_text())["status"] == "running"
     assert not (crashed / "02-seft").exists()  # no half-written stage output
 
-    prune_mtime = (crashed / "01-prune" / "model.safetensors").stat().st_mtime_ns
+    prune_mtime = (crashed / "01-prune" / "model.safetensors.index.json").stat().st_mtime_ns
     with caplog.at_level("INFO"):
         summary = pipeline.run_plan(plan(crashed), verbose_output=False)
     assert "02-seft: resuming from the checkpoint" in caplog.text
     assert "resumed from step 2" in caplog.text
     assert [s["status"] for s in summary["stages"]] == ["skipped", "finished", "finished", "finished"]
-    assert (crashed / "01-prune" / "model.safetensors").stat().st_mtime_ns == prune_mtime
+    assert (crashed / "01-prune" / "model.safetensors.index.json").stat().st_mtime_ns == prune_mtime
     log = [json.loads(line) for line in (crashed / "02-seft" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     want, got = decoder_weights(clean / "02-seft"), decoder_weights(crashed / "02-seft")

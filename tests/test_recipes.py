@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import random_text
-from safetensors.torch import load_file
+from helpers import load_weights, random_text
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
@@ -194,8 +193,8 @@ def test_recipe_yaml_reproduces_the_run_from_another_directory(tiny_model_dir, t
     again = runner.invoke(app, ["prune", "--recipe", str(tmp_path / "out" / "recipe.yaml"), "-o", "again"])
     assert again.exit_code == 0, again.output
     first, second = (
-        load_file(str(tmp_path / "out" / "model.safetensors")),
-        load_file(str(elsewhere / "again" / "model.safetensors")),
+        load_weights(tmp_path / "out"),
+        load_weights(elsewhere / "again"),
     )
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert float((second["model.layers.0.mlp.up_proj.weight"] == 0).float().mean()) == 38 / 64  # 60% of 64 per row

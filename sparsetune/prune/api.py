@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,9 @@ from sparsetune.prune.checkpoint import Checkpointer
 from sparsetune.prune.config import PruneConfig
 from sparsetune.prune.engine import GROUP_OF, BlockTargets, EngineOptions, llama_layout, run_blocks
 from sparsetune.prune.self_calibration import self_calibration_set
+from sparsetune.prune.streamed import PruneStream
 from sparsetune.recipes import dump_yaml
+from sparsetune.streaming import ShardWriter, StreamedModel, save_config_files
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +171,7 @@ def make_calibration(
 def settings_hash(cfg: PruneConfig) -> str:
     """Hash of every setting that changes the result (not where it is written or which device runs it)."""
     skip = {"output", "device", "data_dir", "checkpoint_dir", "resume", "device_map", "trust_remote_code", "model"}
+    skip.add("stream")  # where the weights live during the run, not what it computes
     if cfg.refine == "none":  # unused refine settings: checkpoints from before they existed stay valid
         skip |= {k for k in PruneConfig.model_fields if k.startswith("refine")}
     if cfg.moe_calibrate == "routed":  # the default: checkpoints from before the setting existed stay valid
@@ -175,12 +180,15 @@ def settings_hash(cfg: PruneConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _checkpointer(model: nn.Module, cfg: PruneConfig, calib: data.CalibrationSet, ctx: DistContext):
+def _checkpointer(
+    model: nn.Module, cfg: PruneConfig, calib: data.CalibrationSet, ctx: DistContext, stream: PruneStream | None
+):
 
     if cfg.checkpoint_dir is None:
         return None
     identity = {
-        "model_fingerprint": models.model_fingerprint(model),
+        # a streamed model is identified by its files (its weights are not in memory)
+        "model_fingerprint": stream.streamed.files.fingerprint() if stream else models.model_fingerprint(model),
         "settings_hash": settings_hash(cfg),
         "calibration_hash": calib.token_hash,
     }
@@ -204,9 +212,11 @@ def prune_model(
     show_progress: bool = True,
     ctx: DistContext | None = None,
     method_choice: dict[str, Any] | None = None,
+    stream: PruneStream | None = None,
 ) -> dict[str, Any]:
     """Prune `model` in place as `cfg` says; returns the sparsity report (without saving anything).
-    `method_choice`: what `--method auto` chose, when the caller resolved it already (reported).
+    `method_choice`: what `--method auto` chose, when the caller resolved it already (reported). `stream`: the
+    model is a skeleton whose blocks `stream` loads, writes and frees one at a time (`sparsetune.streaming`).
 
     In a multi-process run (`ctx.world > 1`) every rank passes the full calibration set; each accumulates
     statistics on its shard, the statistics are all-reduced, and every rank applies the identical masks.
@@ -223,7 +233,12 @@ def prune_model(
             "give one sparsity per decoder block"
         )
     method = METHODS[cfg.method]
-    before = masks.sparsity_stats({n: t.weight() for b in blocks for n, t in b.modules()})["global_sparsity"]
+    if stream is None:
+        before = masks.sparsity_stats({n: t.weight() for b in blocks for n, t in b.modules()})["global_sparsity"]
+    else:
+        stream.targets = [b.modules() for b in blocks]
+        if head is not None:
+            stream.streamed.load_head(ctx.device if ctx.device.type == "cuda" else "cpu")
     if head is not None and models.embeddings_tied(model):
         models.untie_embeddings(model)
         head = ("lm_head", models.Target("lm_head", model.get_output_embeddings(), "linear"))
@@ -261,7 +276,7 @@ def prune_model(
     checkpoint = store = None
     if calibrated:
         assert calib is not None
-        checkpoint = _checkpointer(model, cfg, calib, ctx)
+        checkpoint = _checkpointer(model, cfg, calib, ctx, stream)
         store = ActivationStore(
             cfg.offload_activations if cfg.offload_activations == "disk" else "memory",
             torch.device("cpu"),
@@ -284,6 +299,7 @@ def prune_model(
         keep_placement=cfg.device_map is not None,
         module_info=module_info,
         moe_calibrate=cfg.moe_calibrate,
+        weights=stream,
     )
     input_ids = ctx.shard(calib.input_ids) if calibrated and calib is not None else None
     with Progress(len(blocks), "pruning block", enabled=show_progress and ctx.is_main) as bar:
@@ -291,7 +307,11 @@ def prune_model(
         engine = run_blocks(model, input_ids, blocks, head, opts, on_block_done=on_block_done)
     timings.update({k: v for k, v in engine.items() if k.endswith("_s")})
     timings["prune_s"] = time.perf_counter() - t0
-    report = build_report(model, cfg, blocks, head, calib, timings, before)
+    if stream is not None:
+        if stream.writer is not None and "resumed_from_block" in engine:
+            stream.restore_finished(len(blocks))
+        before = stream.sparsity_before()
+    report = build_report(model, cfg, blocks, head, calib, timings, before, stream)
     shortfall = sparsity_shortfall(cfg, blocks, head, report, method_options["exact_total"])
     if shortfall is not None and ctx.is_main:
         log.warning(shortfall)
@@ -416,15 +436,24 @@ def build_report(
     calib: data.CalibrationSet | None,
     timings: dict[str, float],
     sparsity_before: float = 0.0,
+    stream: PruneStream | None = None,
 ) -> dict[str, Any]:
-    pruned = {name: target.weight() for b in blocks for name, target in b.modules()}
+    """The report of a finished run. A streamed run's blocks are gone from memory: their statistics are the ones
+    `stream` recorded as each block was committed."""
+    block_stats = [
+        stream.after[b.index] if stream is not None else masks.sparsity_stats({n: t.weight() for n, t in b.modules()})
+        for b in blocks
+    ]
+    modules = {name: info for s in block_stats for name, info in s["modules"].items()}
     if head is not None:
-        pruned[head[0]] = head[1].weight()
-    stats = masks.sparsity_stats(pruned)
-    per_block = []
-    for b in blocks:
-        s = masks.sparsity_stats({name: target.weight() for name, target in b.modules()})
-        per_block.append({"block": b.index, "sparsity": s["global_sparsity"], "numel": s["numel"]})
+        modules.update(masks.sparsity_stats({head[0]: head[1].weight()})["modules"])
+    zeros = sum(m["zeros"] for m in modules.values())
+    numel = sum(m["numel"] for m in modules.values())
+    stats = {"global_sparsity": zeros / max(1, numel), "zeros": zeros, "numel": numel, "modules": modules}
+    per_block = [
+        {"block": b.index, "sparsity": s["global_sparsity"], "numel": s["numel"]}
+        for b, s in zip(blocks, block_stats, strict=True)
+    ]
     nm = cfg.nm
     emb = model.get_input_embeddings().weight
     summary = {
@@ -433,7 +462,7 @@ def build_report(
         "target_sparsity": cfg.target_sparsity,
         "sparsity_before": sparsity_before,
         "global_sparsity": stats["global_sparsity"],
-        "modules_pruned": len(pruned),
+        "modules_pruned": len(modules),
         "weights_pruned": stats["zeros"],
         "weights_targeted": stats["numel"],
         "embedding_sparsity": masks.tensor_sparsity(emb.detach()),
@@ -462,7 +491,10 @@ def _down_stats_used(cfg: PruneConfig) -> str | None:
 
 
 def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
-    """The whole `sparsetune prune` flow. Validates everything it can before loading or writing anything."""
+    """The whole `sparsetune prune` flow. Validates everything it can before loading or writing anything.
+
+    The weights stream block by block from the input's safetensors to the output's shards (`_run_streamed`)
+    unless the input or the settings need the whole model in memory (`whole_model_reason`)."""
     if cfg.output is None:
         raise SparsetuneError("missing --output; pass -o OUT_DIR")
     out = check_output_dir(cfg.output, overwrite, inputs=(cfg.model,))
@@ -471,6 +503,11 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
     records = None
     if needs_calibration(cfg) and cfg.calib != "self" and cfg.calib not in data.NAMED_DATASETS:
         records = data.load_records(cfg.calib, "train", cfg.data_dir)  # a bad file fails before the model loads
+    location, reason = streamable_location(cfg)
+    if location is not None:
+        return _run_streamed(cfg, location, out, overwrite, show_progress, ctx, records, method_choice)
+    if ctx.is_main:
+        log.info("loading the whole model: %s", reason)
     t0 = time.perf_counter()
     device_map = plan_device_map(cfg) if cfg.device_map else None
     model, tokenizer = models.load_model(
@@ -490,10 +527,114 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
     calib_s = time.perf_counter() - t0
     report = prune_model(model, tokenizer, cfg, calib, show_progress, ctx, method_choice)
     report["timings"].update({"load_s": round(load_s, 3), "calibration_data_s": round(calib_s, 3)})
+    report["weights"] = {"streamed": False, "why": reason}
     if ctx.is_main:  # every rank holds identical weights; one writes them
         save_pruned(model, tokenizer, cfg, report, out, overwrite)
     ctx.barrier()
     return report
+
+
+def streamable_location(cfg: PruneConfig) -> tuple[Path | None, str]:
+    """(the local HF dir to stream from, "") or (None, why this run loads the whole model)."""
+    if not cfg.stream:
+        return None, "--no-stream"
+    if cfg.device_map is not None:
+        return None, "--device-map places the whole model"
+    if needs_calibration(cfg) and cfg.calib == "self":
+        return None, "--calib self generates its calibration text with the whole model"
+    kind, location = models.resolve_model_path(cfg.model)
+    if kind == "bundled":
+        kind, location = "dir", str(models.bundled_model_dir())
+    if kind == "hub":
+        snapshot = models.hub_snapshot(location)
+        if snapshot is None:
+            return None, "the hub id has no complete local snapshot of safetensors files"
+        kind, location = "dir", str(snapshot)
+    if kind == "gguf":
+        return None, "a .gguf file is dequantized by transformers as a whole"
+    path = Path(location)
+    if models.seft_adapter_base(path) is not None:
+        return None, "a seft adapter dir is merged into its base in memory"
+    if models.is_exported_dir(path):
+        return None, "an exported compressed dir is decompressed in memory"
+    if not models.has_safetensors(path):
+        return None, f"{path} holds no safetensors weights (only .bin files are read whole)"
+    return path, ""
+
+
+def _run_streamed(
+    cfg: PruneConfig,
+    location: Path,
+    out: Path,
+    overwrite: bool,
+    show_progress: bool,
+    ctx: DistContext,
+    records: list[dict[str, Any]] | None,
+    method_choice: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Prune with one block in memory at a time: read it from `location`, prune it, write its output shard."""
+    t0 = time.perf_counter()
+    streamed = StreamedModel(location, models.resolve_dtype(cfg.dtype, ctx.device), cfg.trust_remote_code)
+    model = streamed.model
+    if needs_calibration(cfg):
+        tokenizer = models.load_tokenizer(str(location), cfg.trust_remote_code)
+    else:
+        tokenizer = optional_tokenizer(str(location), cfg.trust_remote_code)
+    blocks, _ = plan_targets(model, cfg)  # fail on bad targets before any work
+    if ctx.is_main:
+        check_free_space(out, streamed.output_nbytes(), cfg.checkpoint_dir)
+    streamed.load_rest("cpu")  # the embeddings (and norm): capture moves them to the device for its pass
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    calib = make_calibration(model, tokenizer, cfg, ctx, records)
+    calib_s = time.perf_counter() - t0
+    n_shards = len(blocks) + 1  # one per block, then everything else
+    with atomic_output_dir(out, overwrite=overwrite) if ctx.is_main else contextlib.nullcontext() as tmp:
+        shard_dir = Path(cfg.checkpoint_dir) / "shards" if cfg.checkpoint_dir else tmp
+        writer = ShardWriter(shard_dir, n_shards) if ctx.is_main else None
+        stream = PruneStream(streamed, [], writer)
+        report = prune_model(model, tokenizer, cfg, calib, show_progress, ctx, method_choice, stream)
+        report["timings"].update({"load_s": round(load_s, 3), "calibration_data_s": round(calib_s, 3)})
+        report["weights"] = {"streamed": True, "source": str(location), "peak_block_bytes": stream.peak_block_bytes}
+        if ctx.is_main:
+            assert writer is not None and tmp is not None
+            t0 = time.perf_counter()
+            if streamed.head_keys and not models.embeddings_tied(model):
+                streamed.load_head("cpu")  # read once, at the end (or already, when it was pruned)
+            writer.write(n_shards, streamed.rest_state())
+            for path in stream.stats_files():
+                path.unlink()
+            if shard_dir != tmp:
+                for k in range(1, n_shards + 1):
+                    shutil.move(str(writer.path(k)), str(Path(tmp) / writer.path(k).name))
+            ShardWriter(tmp, n_shards).write_index()
+            save_config_files(model, tokenizer, location, Path(tmp))
+            report["timings"]["save_s"] = round(time.perf_counter() - t0, 3)
+            report["memory"] = peak_memory()
+            report["output"] = str(out)
+            write_json(Path(tmp) / REPORT_FILE, report)
+            header = "sparsetune prune --recipe recipe.yaml reproduces this run"
+            dump_yaml(cfg, Path(tmp) / "recipe.yaml", header=header)
+    if ctx.is_main:
+        report["summary"]["output"] = str(out)
+    ctx.barrier()
+    return report
+
+
+def check_free_space(out: Path, need: int, checkpoint_dir: str | None) -> None:
+    """Refuse before any work when the output's disk cannot hold the pruned model (its size in the run's dtype)."""
+    for folder, what in ((out.parent, "-o"), (Path(checkpoint_dir) if checkpoint_dir else None, "--checkpoint-dir")):
+        if folder is None:
+            continue
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free < need:
+            raise SparsetuneError(
+                f"not enough disk space for the output: {free / 1e9:.2f} GB free under {probe}, the pruned model "
+                f"needs about {need / 1e9:.2f} GB; free space or choose another {what}"
+            )
 
 
 def optional_tokenizer(spec: str, trust_remote_code: bool) -> Any:

@@ -62,13 +62,14 @@ class Checkpointer:
     def save(
         self,
         block: int,
-        layer: nn.Module,
+        layer: nn.Module | None,
         X: torch.Tensor | DiskTensor,
         targets: list[Any],
         module_info: dict[str, Any] | None = None,
     ) -> None:
         """Record that `block` is finished; X holds the next block's input for this rank. `module_info` (the
-        methods' per-module report entries so far) comes back on resume, so the report stays complete."""
+        methods' per-module report entries so far) comes back on resume, so the report stays complete. `layer` None:
+        the block's weights are streamed and already written to their output shard."""
         self.folder.mkdir(parents=True, exist_ok=True)
         act = self.folder / f"activations-rank{self.rank}-block{block:04d}.bin"
         write_rows(X, act)
@@ -76,8 +77,9 @@ class Checkpointer:
         if self.world > 1:
             torch.distributed.barrier()
         if self.rank == 0:
-            weights = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
-            save_file(weights, str(self.folder / f"block-{block:04d}.safetensors"))
+            if layer is not None:
+                weights = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+                save_file(weights, str(self.folder / f"block-{block:04d}.safetensors"))
             torch.save({"torch": torch.get_rng_state()}, self.folder / "rng.pt")
         digests = [digest]
         if self.world > 1:
@@ -129,15 +131,18 @@ class Checkpointer:
             )
         return state
 
-    def restore(self, model: nn.Module, X: torch.Tensor | DiskTensor) -> tuple[int, list[float | NMPattern]]:
-        """Load finished blocks into `model` and their output into X; returns (next block, block targets)."""
+    def restore(
+        self, model: nn.Module, X: torch.Tensor | DiskTensor, streamed: bool = False
+    ) -> tuple[int, list[float | NMPattern]]:
+        """Load finished blocks into `model` (unless `streamed`: they are in their output shards) and their output
+        into X; returns (next block, block targets)."""
         state = self.load_state()
         if list(X.shape) != state["x_shape"] or str(X.dtype) != state["x_dtype"]:
             raise SparsetuneError(f"checkpoint {self.folder} holds activations of another shape; use a fresh dir")
 
         layers = decoder_layers(model)
         try:
-            for i in range(state["next_block"]):
+            for i in range(0 if streamed else state["next_block"]):
                 weights = load_file(str(self.folder / f"block-{i:04d}.safetensors"))
                 current = layers[i].state_dict()
                 layers[i].load_state_dict({k: v.to(current[k].device) for k, v in weights.items()})

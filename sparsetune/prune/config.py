@@ -75,6 +75,12 @@ class PruneConfig(BaseModel):
     offload_activations: Literal["cpu", "disk"] = Field(
         "cpu", description="Where calibration activations live between blocks: cpu (RAM) or disk (memory-mapped)"
     )
+    stream: bool = Field(
+        True,
+        description="Stream the weights block by block from the input's safetensors to the output's shards, so "
+        "memory holds one block (--no-stream loads the whole model; --device-map, --calib self, .gguf, exported "
+        "and seft-adapter inputs always do)",
+    )
     checkpoint_dir: str | None = Field(None, description="Save progress here after every finished block")
     resume: bool = Field(False, description="Continue from the last finished block in --checkpoint-dir")
     device_map: str | None = Field(

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -84,6 +84,17 @@ class BlockTargets:
         return self.groups is not None
 
 
+class BlockWeights(Protocol):
+    """Where a block's weights live between its turns when they are streamed (`sparsetune.streaming`): `load`
+    materialises block i on the device, `commit` takes its final (pruned) weights, `release` frees them."""
+
+    def load(self, index: int, device: torch.device) -> None: ...
+
+    def commit(self, index: int) -> None: ...
+
+    def release(self, index: int) -> None: ...
+
+
 @dataclass
 class EngineOptions:
     method: ModuleType | Any
@@ -107,6 +118,7 @@ class EngineOptions:
     module_info: dict[str, dict[str, Any]] | None = None  # filled with each module's per-method info, when given
     moe_calibrate: str = "routed"  # routed: each expert sees its routed tokens; all: every token, statistics only
     force_generic: bool = False  # run the derived (generic) path on Llama-layout blocks too (tests compare them)
+    weights: BlockWeights | None = None  # streamed weights: each block is loaded for its turn, None = all in memory
 
 
 @dataclass
@@ -751,8 +763,11 @@ def prune_uncalibrated(
     for i, block in enumerate(blocks):
         t_block = time.perf_counter()
         block_opts = replace(opts, target=targets[i])
-        for item in block.modules() + ([head] if head is not None and i == len(blocks) - 1 else []):
-            _prune_group([item], None, block_opts)
+        with _block_weights(i, opts):
+            for item in block.modules():
+                _prune_group([item], None, block_opts)
+        if head is not None and i == len(blocks) - 1:
+            _prune_group([head], None, block_opts)
         if on_block_done is not None:
             on_block_done(i, time.perf_counter() - t_block)
     return {
@@ -783,7 +798,7 @@ def run_blocks(
     plans = _Plans(opts)
     start = 0
     if opts.resume and opts.checkpoint is not None and opts.checkpoint.exists():
-        start, targets = opts.checkpoint.restore(model, X)
+        start, targets = opts.checkpoint.restore(model, X, streamed=opts.weights is not None)
         result["resumed_from_block"] = start
         if opts.module_info is not None:  # the finished blocks' per-module info
             opts.module_info.update(opts.checkpoint.load_state().get("module_info", {}))
@@ -798,11 +813,12 @@ def run_blocks(
     t_blocks = time.perf_counter()
     for i in range(start, len(layers)):
         t_block = time.perf_counter()
-        with _block_on_device(layers[i], opts) as dev:
+        with _block_on_device(layers[i], opts, i, commit=True) as dev:
             block_opts = replace(opts, target=targets[i], device=dev)
             prune_block(layers[i], X, _on_device(calls[i], dev), blocks[i], block_opts, plans)
-        if opts.checkpoint is not None:
-            opts.checkpoint.save(i, layers[i], X, targets, opts.module_info)
+        if opts.checkpoint is not None:  # streamed blocks are already in their output shard
+            layer = None if opts.weights is not None else layers[i]
+            opts.checkpoint.save(i, layer, X, targets, opts.module_info)
         if on_block_done is not None:
             on_block_done(i, time.perf_counter() - t_block)
     result["blocks_s"] = time.perf_counter() - t_blocks
@@ -816,21 +832,45 @@ def run_blocks(
 
 
 class _block_on_device:  # noqa: N801 - a context manager
-    """Move a block to the compute device for its turn (or keep accelerate's placement), then back home."""
+    """Move a block to the compute device for its turn (or keep accelerate's placement), then back home. Streamed
+    weights are instead read onto the device for the turn, committed (`commit`: the block is final) and freed."""
 
-    def __init__(self, layer: nn.Module, opts: EngineOptions) -> None:
-        self.layer, self.opts = layer, opts
+    def __init__(self, layer: nn.Module, opts: EngineOptions, index: int, commit: bool = False) -> None:
+        self.layer, self.opts, self.index, self.commit = layer, opts, index, commit
         self.home = next(layer.parameters()).device
 
     def __enter__(self) -> torch.device:
+        if self.opts.weights is not None:
+            self.opts.weights.load(self.index, self.opts.device)
+            return self.opts.device
         if self.opts.keep_placement:
             return self.home
         self.layer.to(self.opts.device)
         return self.opts.device
 
-    def __exit__(self, *exc: Any) -> None:
-        if not self.opts.keep_placement:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self.opts.weights is not None:
+            try:
+                if self.commit and exc_type is None:
+                    self.opts.weights.commit(self.index)
+            finally:
+                self.opts.weights.release(self.index)
+        elif not self.opts.keep_placement:
             self.layer.to(self.home)
+
+
+@contextlib.contextmanager
+def _block_weights(index: int, opts: EngineOptions) -> Iterator[None]:
+    """A block's streamed weights on the CPU for a pass with no forward (magnitude); a no-op in memory."""
+    if opts.weights is None:
+        yield
+        return
+    opts.weights.load(index, opts.device)
+    try:
+        yield
+        opts.weights.commit(index)
+    finally:
+        opts.weights.release(index)
 
 
 @torch.no_grad()
@@ -849,7 +889,7 @@ def owl_targets(
     H = opts.store.copy(X)
     ratios, sizes = [], []
     for i, layer in enumerate(models.decoder_layers(model)):
-        with _block_on_device(layer, opts) as dev:
+        with _block_on_device(layer, opts, i) as dev:
             call = _on_device(calls[i], dev)
             plan = plans.get(layer, H, call, blocks[i], dev)
             wanda_opts = replace(opts, method=wanda, device=dev)

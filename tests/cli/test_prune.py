@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from helpers import load_weights
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
@@ -22,7 +22,7 @@ def _run(*args: str):
 
 
 def _weights(path):
-    return load_file(str(path / "model.safetensors"))
+    return load_weights(path)
 
 
 def test_prune_cli_end_to_end_and_recipe_reproduces(tiny_model_dir, text_file, tmp_path):

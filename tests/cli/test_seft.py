@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_pruned, random_text, tiny_args, write_alpaca, write_text
-from safetensors.torch import load_file
+from helpers import load_weights, make_pruned, random_text, tiny_args, write_alpaca, write_text
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
@@ -21,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def decoder_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    weights = load_file(str(model_dir / "model.safetensors"))
+    weights = load_weights(model_dir)
     return {k: v for k, v in weights.items() if ".layers." in k and k.endswith("proj.weight")}
 
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 import yaml
 from helpers import block_linears as _block_linears
-from helpers import make_tiny_model
+from helpers import load_weights, make_tiny_model
 from helpers import random_calibration as _calib
-from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
@@ -297,7 +296,7 @@ def test_prune_cli_alps_end_to_end_and_recipe_round_trip(tiny_model_dir, text_fi
     result = runner.invoke(app, ["prune", *map(str, args), "--seqlen", "32", *settings, "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["method"] == "alps"
-    weights = load_file(str(out / "model.safetensors"))
+    weights = load_weights(out)
     report = json.loads((out / "sparsity_report.json").read_text())
     linears = [k.removesuffix(".weight") for k in weights if ".layers." in k and k.endswith("proj.weight")]
     assert len(linears) == 14
@@ -317,7 +316,7 @@ def test_prune_cli_alps_end_to_end_and_recipe_round_trip(tiny_model_dir, text_fi
     out2 = tmp_path / "out2"
     again = runner.invoke(app, ["prune", "--recipe", str(out / "recipe.yaml"), "-o", str(out2)])
     assert again.exit_code == 0, again.output
-    rerun = load_file(str(out2 / "model.safetensors"))
+    rerun = load_weights(out2)
     assert all(torch.equal(weights[k], rerun[k]) for k in weights)
     # recipe.yaml records the data dir actually used (SPARSETUNE_DATA_DIR here), so the rerun's settings name it
     assert json.loads((out2 / "sparsity_report.json").read_text())["settings"] == report["settings"] | {

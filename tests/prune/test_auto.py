@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import load_weights
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
@@ -117,6 +117,6 @@ def test_prune_defaults_to_auto_runs_the_choice_and_reports_it(table, tiny_model
     result = runner.invoke(app, ["prune", str(tiny_model_dir), "--method", "sparsegpt", "--pattern", "2:4",
                                  "--calib", str(text_file), *CALIB, "-o", str(same)])  # fmt: skip
     assert result.exit_code == 0, result.output
-    a, b = load_file(str(out / "model.safetensors")), load_file(str(same / "model.safetensors"))
+    a, b = load_weights(out), load_weights(same)
     assert all(torch.equal(a[k], b[k]) for k in a)  # auto ran exactly the method it names
     assert "method_choice" not in json.loads((same / "sparsity_report.json").read_text())

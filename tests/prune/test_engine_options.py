@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 from helpers import block_linears as _block_linears
-from helpers import make_tiny_model
+from helpers import load_weights, make_tiny_model
 from helpers import random_calibration as _calib
-from safetensors.torch import load_file
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern, nm_violations
@@ -164,7 +163,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_model_dir, text_file, tmp_pa
     assert json.loads((tmp_path / "a" / "sparsity_report.json").read_text())["resumed_from_block"] == 1
     straight = _cli(*common, "-o", tmp_path / "b")
     assert straight.returncode == 0, straight.stderr
-    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    a, b = load_weights(tmp_path / "a"), load_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
@@ -257,8 +256,8 @@ def test_two_processes_match_one(tiny_model_dir, text_file, tmp_path):
     report = json.loads((tmp_path / "two" / "sparsity_report.json").read_text())
     assert report["processes"] == 2
     a, b = (
-        load_file(str(tmp_path / "one" / "model.safetensors")),
-        load_file(str(tmp_path / "two" / "model.safetensors")),
+        load_weights(tmp_path / "one"),
+        load_weights(tmp_path / "two"),
     )
     for k in a:
         assert torch.equal(a[k] == 0, b[k] == 0), k  # identical masks

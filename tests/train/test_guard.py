@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_pruned, tiny_args, write_text
+from helpers import load_weights, make_pruned, tiny_args, write_text
 from helpers import smet_settings as settings
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -77,8 +77,8 @@ def test_a_divergence_after_a_checkpoint_keeps_the_sane_one_which_resumes(tmp_pa
     monkeypatch.setattr(loop, "lr_at", sane_lr)
     run_seft(cfg.model_copy(update={"resume": True}), show_progress=False)
     ref, got = (
-        load_file(str(tmp_path / "ref" / "model.safetensors")),
-        load_file(str(tmp_path / "out" / "model.safetensors")),
+        load_weights(tmp_path / "ref"),
+        load_weights(tmp_path / "out"),
     )
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 

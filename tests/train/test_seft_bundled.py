@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import write_text
-from safetensors.torch import load_file
+from helpers import load_weights, write_text
 
 from sparsetune.masks import NMPattern, nm_violations
 
@@ -47,7 +46,7 @@ def test_seft_on_smollm2_keeps_the_pattern(tmp_path, bundled_model_dir):
     assert totals["reactivated"] > 0 and totals["repruned"] > 0
     # the input's exact sparsity: 2:4, less a few weights that were already 0 in the dense model
     assert history["sparsity_after"] == history["sparsity_before"] == pytest.approx(0.5, abs=1e-5)
-    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    weights = load_weights(tmp_path / "out")
     layers = {k: v for k, v in weights.items() if ".layers." in k and k.endswith("proj.weight")}
     assert len(layers) == 30 * 7
     assert all(nm_violations(w, NMPattern(2, 4)) == 0 for w in layers.values())

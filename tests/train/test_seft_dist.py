@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ONE_THREAD_ENV, make_pruned, write_text
+from helpers import ONE_THREAD_ENV, load_weights, make_pruned, write_text
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,14 +44,14 @@ def test_two_processes_match_one(tmp_path, method):
         env=env,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    a = load_file(str(tmp_path / "one" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    a = load_weights(tmp_path / "one")
+    b = load_weights(tmp_path / "two")
     for name in a:
         assert torch.equal(a[name] != 0, b[name] != 0), f"{name}: masks differ"
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), (
             f"{name}: max diff {(a[name] - b[name]).abs().max()}"
         )
-    pruned_w = load_file(str(pruned / "model.safetensors"))
+    pruned_w = load_weights(pruned)
     assert any(not torch.equal(pruned_w[n], a[n]) for n in a)  # training moved the weights
     if method == "seft":
         adapter_a = load_file(str(tmp_path / "one" / "seft_adapter.safetensors"))

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_pruned, write_alpaca, write_text
-from safetensors.torch import load_file
+from helpers import load_weights, make_pruned, save_weights, write_alpaca, write_text
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern, nm_violations
@@ -97,8 +96,8 @@ def test_seft_keeps_every_count_and_pattern_and_returns_dropped_weights_to_the_b
                                                    "repruned", "restored"])] * 2  # fmt: skip
     # The merged weight: the input's value where no entry sits (bit for bit), 0 where re-pruned, base + delta at
     # the entries; the same non-zero count as the input, and the same N:M pattern.
-    original = load_file(str(pruned / "model.safetensors"))
-    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    original = load_weights(pruned)
+    merged = load_weights(tmp_path / "out")
     for name, layer in recipe.method.delta.layers.items():
         w0, w1 = original[name + ".weight"].reshape(-1), merged[name + ".weight"].reshape(-1)
         entries, repruned = layer.indices.long(), layer.repruned
@@ -123,8 +122,8 @@ def test_no_reactivate_grows_only_on_input_nonzeros_and_never_reprunes(tmp_path,
     updates = recipe.state.topology
     assert len(updates) == 2 and all(u["grown"] > 0 for u in updates)
     assert sum(u["reactivated"] + u["repruned"] + u["restored"] for u in updates) == 0
-    original = load_file(str(pruned / "model.safetensors"))
-    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    original = load_weights(pruned)
+    merged = load_weights(tmp_path / "out")
     moved = 0
     for name, layer in recipe.method.delta.layers.items():
         w0, w1 = original[name + ".weight"].reshape(-1), merged[name + ".weight"].reshape(-1)
@@ -149,21 +148,20 @@ class LogitsAtTheEnd(WatchedRun):
 
 @pytest.mark.parametrize("base_dtype", ["auto", "nf4"])
 def test_merged_model_and_adapter_give_the_training_time_logits(tmp_path, base_dtype):
-    from safetensors.torch import save_file
 
     import sparsetune
     from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE, read_adapter
 
     pruned = make_pruned(tmp_path)
-    weights = load_file(str(pruned / "model.safetensors"))
+    weights = load_weights(pruned)
     w = weights["model.layers.0.mlp.up_proj.weight"].view(-1)
     small = w.nonzero().squeeze(1)[::2]  # more than the re-prune (which takes the smallest first) can remove
     w[small] = 1e-6 * w[small].sign()  # kept weights far below their block's largest: NF4 reads them as 0
-    save_file(weights, str(pruned / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(pruned, weights)
     data = write_text(tmp_path / "t.txt")
     recipe, report = run(tmp_path, pruned, data, LogitsAtTheEnd, steps=4, base_dtype=base_dtype)
-    original = load_file(str(pruned / "model.safetensors"))
-    merged_weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    original = load_weights(pruned)
+    merged_weights = load_weights(tmp_path / "out")
     for name in recipe.method.delta.layers:  # the input's sparsity, with any base precision
         assert int((merged_weights[name + ".weight"] == 0).sum()) == int((original[name + ".weight"] == 0).sum())
     if base_dtype == "nf4":
@@ -262,14 +260,13 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(tmp_path):
 
 @pytest.mark.parametrize("pattern", [None, "2:4"])
 def test_sensitivity_reprune_restores_a_drifted_mask(tmp_path, pattern):
-    from safetensors.torch import load_file, save_file
 
     pruned = make_pruned(tmp_path, pattern)
-    weights = load_file(str(pruned / "model.safetensors"))
+    weights = load_weights(pruned)
     name = "model.layers.0.mlp.up_proj.weight"
     zeros = (weights[name] == 0).nonzero()[:40]
     weights[name][zeros[:, 0], zeros[:, 1]] = 0.01  # a later dense edit filled 40 pruned entries
-    save_file(weights, str(pruned / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(pruned, weights)
     recipe, report = run(tmp_path, pruned, write_text(tmp_path / "t.txt"), steps=3)
     assert recipe.problems == []
     assert recipe.state.reprunes == [{"step": 0, "modules": 1, "before": recipe.start.targets[name[:-7]] + 40,

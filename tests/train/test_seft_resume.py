@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ONE_THREAD_ENV, kill_after_logged_step, make_pruned, write_text
+from helpers import ONE_THREAD_ENV, kill_after_logged_step, load_weights, make_pruned, write_text
 from safetensors.torch import load_file
 
 from sparsetune.errors import SparsetuneError
@@ -70,8 +70,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
     done = subprocess.run([*cli_args(killed), "--resume"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
-    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    ref = load_weights(tmp_path / "ref")
+    out = load_weights(tmp_path / "out")
     assert ref.keys() == out.keys()
     for name in ref:
         assert torch.equal(ref[name], out[name]), name

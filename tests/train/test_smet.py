@@ -12,9 +12,8 @@ import sys
 
 import pytest
 import torch
-from helpers import ONE_THREAD_ENV, kill_after_logged_step
+from helpers import ONE_THREAD_ENV, kill_after_logged_step, load_weights
 from helpers import smet_settings as settings
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
@@ -395,8 +394,8 @@ def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path):
 
     done = subprocess.run([*cli_args(killed), "--resume"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
-    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    ref = load_weights(tmp_path / "ref")
+    out = load_weights(tmp_path / "out")
     assert ref.keys() == out.keys()
     for name in ref:
         assert torch.equal(ref[name], out[name]), name
@@ -437,8 +436,8 @@ def test_two_processes_match_one(corpus, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     reports = [json.loads((tmp_path / d / "sparsity_report.json").read_text())["summary"] for d in ("one", "two")]
     assert reports[0]["itop_rate"] == reports[1]["itop_rate"] > 0.5  # the same topology history on every rank
-    a = load_file(str(tmp_path / "one" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    a = load_weights(tmp_path / "one")
+    b = load_weights(tmp_path / "two")
     for name in a:
         assert torch.equal(a[name] != 0, b[name] != 0), f"{name}: masks differ"
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), (
