@@ -5,19 +5,26 @@ Rows are metrics, columns are models; every model after the first also shows its
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from sparsetune import models
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate import harness, ppl
 from sparsetune.evaluate.config import EvalConfig, EvalSettings
+from sparsetune.export import loader_for
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,31 @@ def check_sources(settings: EvalSettings) -> None:
         ppl.eval_text(source, settings.data_dir)
 
 
+def perplexities(
+    run: Any,
+    tokenizer: Any,
+    settings: EvalSettings,
+    model_limit: int,
+    token_ids: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Perplexity on every source of `settings`; `run(ids, seqlen, limit_windows, label)` computes one (the
+    in-memory or the streamed loop). `token_ids` caches each source's (tokens, label) as in `evaluate_model`."""
+    seqlen = ppl.resolve_seqlen(settings.seqlen, model_limit)
+    token_ids = {} if token_ids is None else token_ids
+    results = {}
+    for source in settings.ppl:
+        if source not in token_ids:
+            token_ids[source] = ppl.eval_source(tokenizer, source, settings.data_dir)  # (ids, label)
+        ids, label = token_ids[source]
+        limit = settings.limit_windows
+        max_windows = ppl.protocol_for(source).max_windows
+        if max_windows is not None:
+            limit = min(limit or max_windows, max_windows)
+        results[source] = run(ids, seqlen, limit, Path(label).name)
+        results[source]["dataset"] = label
+    return results
+
+
 def evaluate_model(
     model: nn.Module,
     tokenizer: Any,
@@ -81,35 +113,178 @@ def evaluate_model(
     `token_ids` caches each source's (tokens, label) across calls (valid while the tokenizer is the same). The
     label names the data the figures come from (`wikitext2 (embedded sample)`); the results stay keyed by source.
     """
-    seqlen = ppl.resolve_seqlen(settings.seqlen, models.max_positions(model))
-    token_ids = {} if token_ids is None else token_ids
-    ppl_results = {}
-    for source in settings.ppl:
-        if source not in token_ids:
-            token_ids[source] = ppl.eval_source(tokenizer, source, settings.data_dir)  # (ids, label)
-        ids, label = token_ids[source]
-        limit = settings.limit_windows
-        max_windows = ppl.protocol_for(source).max_windows
-        if max_windows is not None:
-            limit = min(limit or max_windows, max_windows)
-        ppl_results[source] = ppl.perplexity_on_ids(
-            model,
-            ids,
-            seqlen,
-            settings.stride,
-            limit,
-            settings.ppl_batch_size,
-            show_progress,
-            label=Path(label).name,
+
+    def run(ids: Any, seqlen: int, limit: int | None, label: str) -> dict[str, Any]:
+        return ppl.perplexity_on_ids(
+            model, ids, seqlen, settings.stride, limit, settings.ppl_batch_size, show_progress, label=label
         )
-        ppl_results[source]["dataset"] = label
+
+    ppl_results = perplexities(run, tokenizer, settings, models.max_positions(model), token_ids)
+    return {"ppl": ppl_results, **evaluate_tasks(model, tokenizer, settings, tasks)}
+
+
+def evaluate_tasks(
+    model: nn.Module, tokenizer: Any, settings: EvalSettings, tasks: harness.TaskSetup | None
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     task_results = (
         harness.run_tasks(model, tokenizer, tasks, settings.num_fewshot, settings.limit, settings.batch_size)
         if tasks is not None and tasks.tasks
         else {}
     )
-    return {"ppl": ppl_results, "tasks": task_results, "tasks_s": round(time.perf_counter() - t0, 3)}
+    return {"tasks": task_results, "tasks_s": round(time.perf_counter() - t0, 3)}
+
+
+# ----- where the weights live: streamed for perplexity, whole (or offloaded) for lm-eval -------------------------
+
+# lm-eval runs the whole model: its weights plus this share for activations, logits and lm-eval's own buffers.
+TASK_MEMORY_OVERHEAD = 0.2
+# Of the available RAM / free GPU memory, the share accelerate's offload may fill (the rest goes to disk).
+OFFLOAD_MEMORY_SHARE = 0.7
+
+
+def hub_snapshot(repo_id: str, trust_remote_code: bool = False) -> Path | None:
+    """The local snapshot of a hub model's config, tokenizer and safetensors (downloaded when missing and the hub
+    answers), or None when it cannot be had; the caller then loads the model the ordinary way."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"] + (["*.py"] if trust_remote_code else [])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types; the ordinary load reports them
+        log.info("no local snapshot of %s (%s): it loads whole", repo_id, models.first_line(err))
+        return None
+
+
+def stream_location(spec: str, trust_remote_code: bool = False) -> Path | None:
+    """The local HF dir whose safetensors shards can be streamed block by block (a plain dir, the bundled alias's
+    cached dir, a hub snapshot), or None for inputs that load whole: GGUF files, exported compressed dirs, seft
+    adapter dirs, checkpoints without safetensors."""
+    from sparsetune.streaming import SAFE_INDEX, SAFE_SINGLE
+
+    kind, location = models.resolve_model_path(spec)
+    if kind == "bundled":
+        path: Path | None = models.bundled_model_dir()
+    elif kind == "hub":
+        path = hub_snapshot(location, trust_remote_code)
+    elif kind == "dir":
+        path = Path(location)
+    else:
+        return None
+    if path is None or models.seft_adapter_base(path) is not None or loader_for(path) is not None:
+        return None
+    if not (path / "config.json").is_file() or not ((path / SAFE_INDEX).is_file() or (path / SAFE_SINGLE).is_file()):
+        return None
+    return path
+
+
+def model_bytes(location: Path, dtype: torch.dtype | None) -> int:
+    """Bytes of a safetensors checkpoint's tensors once loaded in `dtype` (None: as stored), from the headers."""
+    from sparsetune.streaming import CheckpointFiles
+
+    total = 0
+    for entry in CheckpointFiles(location).entries.values():
+        if dtype is not None and entry.dtype.is_floating_point:
+            total += entry.nbytes // entry.dtype.itemsize * dtype.itemsize
+        else:
+            total += entry.nbytes
+    return total
+
+
+@dataclass
+class TaskPlacement:
+    """How lm-eval gets the whole model: `in-memory`, or `offload` through accelerate's big-model inference."""
+
+    mode: str = "in-memory"
+    need_bytes: int | None = None  # weights in the compute dtype plus TASK_MEMORY_OVERHEAD; None: not estimated
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def task_placement(spec: str, cfg: EvalSettings) -> TaskPlacement:
+    """Before any model loads: does the whole model fit for lm-eval? If not, accelerate's offload (device_map
+    "auto" within OFFLOAD_MEMORY_SHARE of the free memory, the rest in a temp folder on disk) runs it when the
+    disk has room; otherwise one error says how much memory the task needs and how much there is."""
+    import psutil
+
+    location = stream_location(spec, cfg.trust_remote_code)
+    if location is None:  # GGUF, exported or adapter dirs: no estimate from the headers; they load as before
+        return TaskPlacement()
+    dev = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.dtype, dev)
+    weights = model_bytes(location, dtype)
+    need = int(weights * (1 + TASK_MEMORY_OVERHEAD))
+    ram = int(psutil.virtual_memory().available)
+    gpu = int(torch.cuda.mem_get_info(dev)[0]) if dev.type == "cuda" else None
+    fits = need <= ram if gpu is None else (need <= gpu and weights <= ram)  # whole loads pass through RAM
+    if fits:
+        return TaskPlacement("in-memory", need)
+    folder = Path(tempfile.gettempdir())
+    disk = shutil.disk_usage(folder).free
+    if weights <= disk:
+        max_memory: dict[Any, int] = {"cpu": int(ram * OFFLOAD_MEMORY_SHARE)}
+        if gpu is not None:
+            max_memory[dev.index or 0] = int(gpu * OFFLOAD_MEMORY_SHARE)
+        return TaskPlacement("offload", need, {"device_map": "auto", "max_memory": max_memory})
+    where = f"{_gb(ram)} of RAM available" + (f", {_gb(gpu)} free on {dev}" if gpu is not None else "")
+    raise SparsetuneError(
+        f"lm-eval tasks run the model whole: {spec} needs about {_gb(need)} ({_gb(weights)} of weights in "
+        f"{str(dtype or 'its checkpoint dtype').replace('torch.', '')} plus {TASK_MEMORY_OVERHEAD:.0%}), and this "
+        f"machine has {where} and {_gb(disk)} free in {folder} for accelerate's disk offload; free memory or disk "
+        "space (TMPDIR names the offload folder), pass --dtype bfloat16, or drop --tasks (perplexity alone streams "
+        "the model block by block)"
+    )
+
+
+@contextlib.contextmanager
+def _loaded_whole(spec: str, cfg: EvalConfig, placement: TaskPlacement) -> Iterator[tuple[nn.Module, Any]]:
+    """The whole model (in memory, or offloaded by accelerate into a temp folder removed afterwards)."""
+    kwargs = dict(placement.load_kwargs)
+    folder = None
+    if placement.mode == "offload":
+        folder = tempfile.mkdtemp(prefix="sparsetune-offload-")
+        kwargs["offload_folder"] = folder
+        log.info(
+            "%s needs about %s for lm-eval, more than fits: accelerate offloads what does not fit to %s",
+            spec,
+            _gb(placement.need_bytes or 0),
+            folder,
+        )
+    try:
+        model, tokenizer = models.load_model(
+            spec, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
+        try:
+            if tokenizer is None:
+                raise SparsetuneError(f"model {spec} has no tokenizer; save one into the model dir")
+            yield model, tokenizer
+        finally:
+            del model, tokenizer
+            gc.collect()
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def streamed_perplexities(location: Path, cfg: EvalConfig, show_progress: bool) -> tuple[dict[str, Any], float]:
+    """(perplexity on every source, seconds to set up) with the weights streamed block by block from `location`."""
+    from sparsetune.streaming import StreamedModel
+
+    t0 = time.perf_counter()
+    dev = models.resolve_device(cfg.device)
+    tokenizer = models.load_tokenizer(str(location), cfg.trust_remote_code)
+    streamed = StreamedModel(location, models.resolve_dtype(cfg.dtype, dev), cfg.trust_remote_code)
+    setup_s = time.perf_counter() - t0
+
+    def run(ids: Any, seqlen: int, limit: int | None, label: str) -> dict[str, Any]:
+        return ppl.streamed_perplexity_on_ids(
+            streamed, ids, seqlen, cfg.stride, limit, cfg.ppl_batch_size, show_progress, label=label, device=dev
+        )
+
+    return perplexities(run, tokenizer, cfg, models.max_positions(streamed.model)), setup_s
 
 
 def run_eval(cfg: EvalConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
@@ -122,20 +297,33 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False, show_progress: bool = Tru
         check_model_spec(spec, cfg.seqlen)
         infos.append(sparsity_info(spec))
     check_sources(cfg)
+    placements = [task_placement(spec, cfg) if cfg.tasks else TaskPlacement() for spec in cfg.models]
     results = []
     with harness.prepared_tasks(cfg.tasks, cfg.data_dir, cfg.include_path) as tasks:
-        for spec, info in zip(cfg.models, infos, strict=True):
-            t0 = time.perf_counter()
-            model, tokenizer = models.load_model(
-                spec, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
-            )
-            load_s = time.perf_counter() - t0
-            if tokenizer is None:
-                raise SparsetuneError(f"model {spec} has no tokenizer; save one into the model dir")
-            measured = evaluate_model(model, tokenizer, cfg, tasks, show_progress=show_progress)
-            results.append({"model": spec, "sparsity": info, "load_s": round(load_s, 3), **measured})
-            del model, tokenizer
-            gc.collect()
+        for spec, info, placement in zip(cfg.models, infos, placements, strict=True):
+            entry: dict[str, Any] = {"model": spec, "sparsity": info}
+            location = stream_location(spec, cfg.trust_remote_code) if cfg.ppl else None
+            if location is not None:
+                log.info("%s: perplexity with the weights streamed block by block from %s", spec, location)
+                ppl_results, load_s = streamed_perplexities(location, cfg, show_progress)
+                entry.update(weights="streamed", load_s=round(load_s, 3), ppl=ppl_results, tasks={}, tasks_s=0.0)
+                if cfg.tasks:
+                    with _loaded_whole(spec, cfg, placement) as (model, tokenizer):
+                        entry.update(evaluate_tasks(model, tokenizer, cfg, tasks))
+            else:
+                if cfg.ppl:
+                    log.info("%s: perplexity with the whole model in memory (this input does not stream)", spec)
+                t0 = time.perf_counter()
+                with _loaded_whole(spec, cfg, placement) as (model, tokenizer):
+                    load_s = time.perf_counter() - t0
+                    measured = evaluate_model(model, tokenizer, cfg, tasks, show_progress=show_progress)
+                entry.update(
+                    weights="in-memory" if placement.mode == "in-memory" else "offload", load_s=round(load_s, 3)
+                )
+                entry.update(measured)
+            if cfg.tasks:
+                entry["tasks_weights"] = placement.mode
+            results.append(entry)
         offline = tasks.offline
     report = {
         "models": results,

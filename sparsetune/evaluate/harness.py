@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from sparsetune import data, hub
@@ -149,6 +150,9 @@ def run_tasks(
     if not setup.tasks:
         return {}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if getattr(model, "hf_device_map", None):
+        # An accelerate-offloaded model reports the meta device; inputs go where its hooks compute.
+        lm._device = execution_device(model)
     try:
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -165,6 +169,14 @@ def run_tasks(
             f"--data-dir or {data.DATA_DIR_ENV} to a local mirror, or check your network"
         ) from err
     return summarize(out, setup)
+
+
+def execution_device(model: nn.Module) -> torch.device:
+    """Where an accelerate-dispatched model computes: its first GPU, else the CPU (offloaded weights included)."""
+    for place in model.hf_device_map.values():
+        if isinstance(place, int) or str(place).startswith(("cuda", "xpu", "mps")):
+            return torch.device(f"cuda:{place}" if isinstance(place, int) else place)
+    return torch.device("cpu")
 
 
 def summarize(out: dict[str, Any], setup: TaskSetup) -> dict[str, Any]:

@@ -5,16 +5,24 @@ The default protocol is the one the Wanda and SparseGPT papers report: WikiText-
 window is dropped), ppl = exp(mean NLL of every predicted token). `stride` gives the sliding-window variant:
 windows of up to `seqlen` tokens start every `stride` tokens and each token is scored once, with as much
 left context as the window allows.
+
+`streamed_perplexity_on_ids` computes the same figures without holding the model: the hidden states of every
+window go through one decoder block at a time, materialised from the checkpoint and released after its turn
+(`sparsetune.streaming.StreamedModel`); memory holds one block, the embeddings and head, and the windows' hidden
+states (on disk when they exceed a budget). For the same batch size it runs the same operations on the same
+shapes as the in-memory loop, so the figures are equal bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +30,11 @@ from torch import nn
 from sparsetune import data, models
 from sparsetune.errors import SparsetuneError
 from sparsetune.progress import Progress
+
+if TYPE_CHECKING:
+    from sparsetune.prune.activations import DiskTensor
+    from sparsetune.prune.engine import BlockCall
+    from sparsetune.streaming import StreamedModel
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +234,43 @@ def _input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def _score_batch(
+    model: nn.Module, ids: torch.Tensor, batch: list[Window], device: torch.device, scratch: torch.Tensor | None
+) -> tuple[torch.Tensor, int]:
+    """(sum of the scored tokens' NLL as a float64 CPU scalar, their count) for one batch of equal-length windows."""
+    x = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)  # (B, T)
+    offsets = torch.tensor([w.first_target - w.begin for w in batch], device=device)  # (B,)
+    first = int(offsets.min())
+    nll = _token_nll(model, x, first, scratch)  # (B, T - first)
+    positions = torch.arange(first, x.shape[1], device=device)  # (T - first,)
+    keep = positions[None, :] >= offsets[:, None]  # (B, T - first)
+    return nll[keep].sum(dtype=torch.float64).cpu(), int(keep.sum())
+
+
+def _result(
+    total_nll: torch.Tensor,
+    scored: int,
+    windows: list[Window],
+    ids: torch.Tensor,
+    seqlen: int,
+    stride: int | None,
+    seconds: float,
+) -> dict[str, Any]:
+    mean_nll = float(total_nll) / scored
+    return {
+        "ppl": math.exp(mean_nll),
+        "nll": mean_nll,
+        "protocol": "non-overlapping" if stride is None else "sliding",
+        "seqlen": seqlen,
+        "stride": stride,
+        "windows": len(windows),
+        "tokens_scored": scored,
+        "tokens_in_source": int(ids.numel()),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(sum(w.length for w in windows) / seconds, 1) if seconds > 0 else None,
+    }
+
+
 @torch.inference_mode()
 def perplexity_on_ids(
     model: nn.Module,
@@ -244,30 +294,164 @@ def perplexity_on_ids(
     total = sum(w.end - w.first_target for w in windows)
     with Progress(total, f"ppl {label}", unit="tokens", enabled=show_progress, rate=True) as bar:
         for batch in _batches(windows, batch_size):
-            x = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)  # (B, T)
-            offsets = torch.tensor([w.first_target - w.begin for w in batch], device=device)  # (B,)
-            first = int(offsets.min())
-            nll = _token_nll(model, x, first, scratch)  # (B, T - first)
-            positions = torch.arange(first, x.shape[1], device=device)  # (T - first,)
-            keep = positions[None, :] >= offsets[:, None]  # (B, T - first)
-            total_nll += nll[keep].sum(dtype=torch.float64).cpu()
-            n = int(keep.sum())
+            nll_sum, n = _score_batch(model, ids, batch, device, scratch)
+            total_nll += nll_sum
             scored += n
             bar.update(advance=n)
-    seconds = time.perf_counter() - t0
-    mean_nll = float(total_nll) / scored
-    return {
-        "ppl": math.exp(mean_nll),
-        "nll": mean_nll,
-        "protocol": "non-overlapping" if stride is None else "sliding",
-        "seqlen": seqlen,
-        "stride": stride,
-        "windows": len(windows),
-        "tokens_scored": scored,
-        "tokens_in_source": int(ids.numel()),
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(sum(w.length for w in windows) / seconds, 1) if seconds > 0 else None,
-    }
+    return _result(total_nll, scored, windows, ids, seqlen, stride, time.perf_counter() - t0)
+
+
+# ----- streamed: one decoder block at a time over the hidden states of every window ----------------------------
+
+# The windows' hidden states stay in memory while they take at most this share of the available RAM; above it
+# they go to an unlinked temp file (the prune engine's disk ActivationStore), read and written batch by batch.
+HIDDEN_MEMORY_FRACTION = 0.25
+
+
+@dataclass
+class _Run:
+    """Consecutive windows of one length: their hidden states (N, T, H) and what the model passes each block."""
+
+    windows: list[Window]
+    hidden: torch.Tensor | DiskTensor
+    calls: list[BlockCall]
+
+
+def _runs(windows: list[Window]) -> list[list[Window]]:
+    """Consecutive windows of equal length; cut by the batch size they give exactly `_batches`' batches."""
+    runs: list[list[Window]] = []
+    for w in windows:
+        if runs and runs[-1][0].length == w.length:
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    return runs
+
+
+def _hidden_size(model: nn.Module) -> int:
+    cfg = getattr(model.config, "text_config", None) or model.config
+    return int(
+        getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or model.get_input_embeddings().embedding_dim
+    )
+
+
+def hidden_state_bytes(model: nn.Module, windows: list[Window]) -> int:
+    """Bytes of the hidden states of every window in the model's dtype: what the streamed pass holds."""
+    return sum(w.length for w in windows) * _hidden_size(model) * (torch.finfo(model.dtype).bits // 8)
+
+
+def hidden_store(model: nn.Module, windows: list[Window], device: torch.device, budget: int | None = None) -> Any:
+    """Where the windows' hidden states live: the GPU when they fit in half its free memory, else CPU memory up to
+    `budget` bytes (default: HIDDEN_MEMORY_FRACTION of the available RAM), else a temp file."""
+    import psutil
+
+    from sparsetune.prune.activations import ActivationStore
+
+    need = hidden_state_bytes(model, windows)
+    if device.type == "cuda" and need < torch.cuda.mem_get_info(device)[0] // 2:
+        return ActivationStore("memory", device)
+    if budget is None:
+        budget = int(psutil.virtual_memory().available * HIDDEN_MEMORY_FRACTION)
+    if need > budget:
+        log.info(
+            "the hidden states of %d windows take %.2f GB, over the %.2f GB kept in memory: they go to a temp file",
+            len(windows),
+            need / 1e9,
+            budget / 1e9,
+        )
+        return ActivationStore("disk", torch.device("cpu"))
+    return ActivationStore("memory", torch.device("cpu"))
+
+
+class _Replay(nn.Module):
+    """Stands in for decoder block `index` during the last pass: block 0 returns the last block's stored output,
+    the others pass it on, so the model's own code applies the final norm, head and logit transforms."""
+
+    def __init__(self, index: int, box: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.index, self.box = index, box
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.box[0] if self.index == 0 else (args[0] if args else kwargs["hidden_states"])
+
+
+@contextlib.contextmanager
+def _replaying(streamed: StreamedModel, box: list[torch.Tensor]) -> Iterator[None]:
+    parent_path, _, attr = streamed.decoder_path.rpartition(".")
+    parent = streamed.model.get_submodule(parent_path) if parent_path else streamed.model
+    setattr(parent, attr, nn.ModuleList(_Replay(i, box) for i in range(len(streamed.layers))))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, streamed.layers)
+
+
+def streamed_perplexity_on_ids(
+    streamed: StreamedModel,
+    ids: torch.Tensor,
+    seqlen: int,
+    stride: int | None = None,
+    limit_windows: int | None = None,
+    batch_size: int = 1,
+    show_progress: bool = False,
+    label: str = "ppl",
+    device: torch.device | str = "cpu",
+    hidden_budget: int | None = None,
+) -> dict[str, Any]:
+    """`perplexity_on_ids` of a `StreamedModel`, one block in memory at a time (see the module docstring).
+
+    The embeddings (and the model's other non-block weights) are read first and give every window's input to
+    block 0; each block is then materialised, run on every batch of windows and released; the head comes last,
+    and the model's own forward (with the blocks standing aside) turns the stored states into NLL exactly as the
+    in-memory loop does. `hidden_budget`: bytes of hidden states kept in memory (see `hidden_store`).
+    """
+    from sparsetune.prune.engine import _layer_output, _on_device, batches, capture_block_inputs
+
+    if batch_size < 1:
+        raise SparsetuneError("--ppl-batch-size must be at least 1")
+    windows = make_windows(int(ids.numel()), seqlen, stride, limit_windows)
+    device = torch.device(device)
+    model = streamed.model
+    store = hidden_store(model, windows, device, hidden_budget)
+    t0 = time.perf_counter()
+    runs: list[_Run] = []
+    n_layers = len(streamed.layers)
+    total_nll = torch.zeros((), dtype=torch.float64)
+    scored = 0
+    with Progress(n_layers + 2, f"ppl {label} (streamed)", unit="steps", enabled=show_progress) as bar:
+        try:
+            streamed.load_rest(device)
+            with torch.inference_mode():
+                for run in _runs(windows):
+                    x = torch.stack([ids[w.begin : w.end] for w in run])  # (N, T)
+                    hidden, calls = capture_block_inputs(model, x, batch_size, device, store)
+                    runs.append(_Run(run, hidden, calls))
+            bar.update(advance=1)
+            for i in range(n_layers):
+                layer = streamed.load_block(i, device)
+                with torch.inference_mode():
+                    for r in runs:
+                        call = _on_device(r.calls[i], device)
+                        for sl in batches(len(r.windows), batch_size):
+                            out = layer(r.hidden[sl].to(device), *call.args, **call.kwargs)
+                            r.hidden[sl] = _layer_output(out).to(r.hidden.device)
+                streamed.release_block(i)
+                bar.update(advance=1, info=f"block {i + 1}/{n_layers}")
+            streamed.load_head(device)
+            scratch = _head_scratch(model)
+            with torch.inference_mode():
+                for r in runs:
+                    for sl in batches(len(r.windows), batch_size):
+                        with _replaying(streamed, [r.hidden[sl].to(device)]):
+                            nll_sum, n = _score_batch(model, ids, r.windows[sl], device, scratch)
+                        total_nll += nll_sum
+                        scored += n
+            bar.update(advance=1)
+        finally:
+            for r in runs:
+                if hasattr(r.hidden, "close"):
+                    r.hidden.close()
+    return _result(total_nll, scored, windows, ids, seqlen, stride, time.perf_counter() - t0)
 
 
 def perplexity(
