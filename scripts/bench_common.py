@@ -54,3 +54,80 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def make_random_checkpoint(
+    folder,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    vocab: int,
+    dtype: torch.dtype = torch.bfloat16,
+    sparsity: float = 0.0,
+    seed: int = 0,
+    tokenizer_from=None,
+):
+    """Write a random-initialised Llama of this config as an HF dir of safetensors shards (one per decoder block,
+    one for the embeddings, the final norm and the head) with its index and config.json, without ever holding
+    the model: the tensors' names and shapes come from a meta-device skeleton, and each block's tensors are drawn,
+    written and dropped in turn. Linear weights are N(0, 0.02) (norms 1); `sparsity` > 0 zeroes the smallest
+    magnitudes of the decoder blocks' Linear weights (the threshold of the normal quantile, so about that
+    fraction), like a pruned checkpoint. The tokenizer files of `tokenizer_from` (a model dir) are copied when
+    given. Returns the dir (a pathlib.Path); the caller deletes it."""
+    import shutil
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    heads = max(1, hidden // 128)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    shapes = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
+    groups: list[list[str]] = [[] for _ in range(layers)] + [[]]
+    for key in shapes:
+        parts = key.split(".")
+        groups[int(parts[2]) if parts[:2] == ["model", "layers"] else layers].append(key)
+    threshold = 0.02 * float(torch.special.ndtri(torch.tensor((1 + sparsity) / 2))) if sparsity > 0 else 0.0
+    gen = torch.Generator().manual_seed(seed)
+    n = len(groups)
+    weight_map, total = {}, 0
+    for index, keys in enumerate(groups):
+        tensors = {}
+        for key in keys:
+            shape = shapes[key]
+            if len(shape) == 1:  # norms
+                tensors[key] = torch.ones(shape, dtype=dtype)
+                continue
+            t = torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+            if threshold and index < layers:
+                t.masked_fill_(t.abs() < threshold, 0)
+            tensors[key] = t
+        name = f"model-{index + 1:05d}-of-{n:05d}.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        for key, t in tensors.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+        del tensors
+    index_data = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2) + "\n")
+    config.save_pretrained(str(folder))
+    if tokenizer_from is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copy2(Path(tokenizer_from) / name, folder / name)
+    return folder

@@ -18,7 +18,20 @@ The model is pruned by Wanda at 50% and at 2:4 (through the `sparsetune prune` C
     `signed_zeros` counts those elements and `identical_up_to_zero_sign` says whether they are the only
     difference. `logits_identical` runs both models on the same tokens. The weights target is
     identical_up_to_zero_sign and identical logits.
+  - the whole-process comparison the export target is stated in (`process` rows): `sparsetune export` as its own
+    process against a process that runs `from_pretrained` + `save_pretrained` on the same dir, wall time and
+    peak RSS of each (target: export <= 2x).
 One JSON line per measurement. `--quick` prunes by magnitude (no calibration) and times each step once.
+
+`--random-config` (tiny, 1b, 3b, 13b or HIDDEN,INTERMEDIATE,LAYERS,VOCAB) instead writes a random-initialised
+Llama checkpoint of that config in bf16 safetensors shards (bench_common.make_random_checkpoint, block by block;
+its decoder Linears --random-sparsity zeroed), exports it with `sparsetune export --format FMT` as its own process
+and reports wall time, peak RSS and the disk read/write volumes next to the checkpoint's size (13b target: peak
+RSS <= 4 GB); with --baseline also from_pretrained + save_pretrained as one process. The checkpoint is deleted
+afterwards unless --work-dir keeps it.
+
+    .venv/bin/python scripts/bench_export.py --random-config 13b --work-dir /data/bench   # ~26 GB on disk
+    .venv/bin/python scripts/bench_export.py --random-config tiny --baseline              # checks the mode runs
 """
 
 from __future__ import annotations
@@ -34,6 +47,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+RANDOM_CONFIGS = {  # hidden, intermediate, layers, vocab
+    "tiny": (256, 688, 3, 49152),
+    "1b": (2048, 5632, 22, 32000),
+    "3b": (3072, 8192, 26, 32000),
+    "13b": (5120, 13824, 40, 32000),
+}
+RSS_TARGET_GB = {"13b": 4.0}
 SIZE_TARGET = 0.57
 TIME_TARGET = 2.0
 FORMATS = {
@@ -242,6 +263,143 @@ def bench_one(label: str, pruned: Path, work: Path, repeats: int) -> list[dict]:
     return results
 
 
+SAVE_PRETRAINED_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[3]))
+model.save_pretrained(sys.argv[2])
+"""
+
+
+def run_process(cmd: list[str]) -> dict:
+    """Run `cmd` as its own process: wall time, its peak RSS and its block I/O (os.wait4's rusage of that child,
+    so earlier children do not count)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read() if proc.stderr else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {stderr.decode()[-2000:]}")
+    return {
+        "wall_s": round(wall, 2),
+        "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 3),
+        "disk_read_gb": round(usage.ru_inblock * 512 / 1e9, 3),
+        "disk_written_gb": round(usage.ru_oublock * 512 / 1e9, 3),
+    }
+
+
+def export_cmd(src: Path, out: Path, fmt: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "sparsetune"), "export", str(src), "--format", fmt, "-o", str(out)]
+
+
+def save_pretrained_cmd(src: Path, out: Path, dtype: str) -> list[str]:
+    return [sys.executable, "-c", SAVE_PRETRAINED_SCRIPT, str(src), str(out), dtype]
+
+
+def process_rows(label: str, pruned: Path, work: Path, formats: list[str], repeats: int) -> list[dict]:
+    """Whole processes, best wall time of `repeats`: save_pretrained once, then `sparsetune export` per format."""
+
+    def best(cmd: list[str], out: Path) -> dict:
+        runs = []
+        for _ in range(repeats):
+            shutil.rmtree(out, ignore_errors=True)
+            runs.append(run_process(cmd))
+        return min(runs, key=lambda r: r["wall_s"])
+
+    base = best(save_pretrained_cmd(pruned, work / f"{label}-process-save", "bfloat16"), work / f"{label}-process-save")
+    emit({"model": label, "process": "from_pretrained + save_pretrained (baseline)", **base})
+    rows = []
+    for fmt in formats:
+        out = work / f"{label}-process-{fmt}"
+        got = best(export_cmd(pruned, out, fmt), out)
+        record = {"model": label, "process": f"sparsetune export --format {fmt}", **got}
+        record["export_vs_save_pretrained"] = round(got["wall_s"] / base["wall_s"], 3)
+        record["time_ok"] = record["export_vs_save_pretrained"] <= TIME_TARGET
+        emit(record)
+        rows.append(record)
+    return rows
+
+
+def parse_random_config(text: str) -> tuple[str, tuple[int, int, int, int]]:
+    if text in RANDOM_CONFIGS:
+        return text, RANDOM_CONFIGS[text]
+    try:
+        hidden, intermediate, layers, vocab = (int(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--random-config {text!r}: one of {', '.join(RANDOM_CONFIGS)} or H,I,L,V") from None
+    return text, (hidden, intermediate, layers, vocab)
+
+
+def bundled_tokenizer_dir() -> Path | None:
+    try:
+        from sparsetune.models import bundled_model_dir
+
+        return bundled_model_dir()
+    except Exception:  # noqa: BLE001 - the bundled model is optional here: the checkpoint just has no tokenizer
+        return None
+
+
+def bench_random(args: argparse.Namespace, work: Path) -> bool:
+    """The random-checkpoint mode: generate, export as a whole process, report; True when the targets hold."""
+    from bench_common import make_random_checkpoint
+
+    name, (hidden, intermediate, layers, vocab) = parse_random_config(args.random_config)
+    src = work / f"random-llama-{name.replace(',', 'x')}"
+    t0 = time.perf_counter()
+    if not (src / "config.json").exists():
+        make_random_checkpoint(
+            src,
+            hidden,
+            intermediate,
+            layers,
+            vocab,
+            sparsity=args.random_sparsity,
+            tokenizer_from=bundled_tokenizer_dir(),
+        )
+    ckpt_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    label = f"random-llama-{name}"
+    emit(
+        {
+            "model": label,
+            "step": "generate",
+            "config": {"hidden": hidden, "intermediate": intermediate, "layers": layers, "vocab": vocab},
+            "dtype": "bfloat16",
+            "sparsity": args.random_sparsity,
+            "checkpoint_bytes": ckpt_bytes,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
+    ok = True
+    out = work / f"{label}-{args.format}"
+    shutil.rmtree(out, ignore_errors=True)
+    got = run_process(export_cmd(src, out, args.format))
+    record = {
+        "model": label,
+        "process": f"sparsetune export --format {args.format}",
+        "checkpoint_gb": round(ckpt_bytes / 1e9, 3),
+        **got,
+        "output_gb": round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9, 3),
+    }
+    if name in RSS_TARGET_GB:
+        record["rss_target_gb"] = RSS_TARGET_GB[name]
+        record["rss_ok"] = got["peak_rss_gb"] <= RSS_TARGET_GB[name]
+        ok = record["rss_ok"]
+    shutil.rmtree(out, ignore_errors=True)
+    if args.baseline:
+        base_out = work / f"{label}-save_pretrained"
+        base = run_process(save_pretrained_cmd(src, base_out, "bfloat16"))
+        shutil.rmtree(base_out, ignore_errors=True)
+        emit({"model": label, "process": "from_pretrained + save_pretrained (baseline)", **base})
+        record["export_vs_save_pretrained"] = round(got["wall_s"] / base["wall_s"], 3)
+        record["rss_vs_save_pretrained"] = round(got["peak_rss_gb"] / max(base["peak_rss_gb"], 1e-9), 3)
+    emit(record)
+    if not args.keep_checkpoint:
+        shutil.rmtree(src, ignore_errors=True)
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pruned-50", type=Path, help="existing dir of the model pruned to 50%% (skips pruning)")
@@ -250,6 +408,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (the best is reported)")
     parser.add_argument("--work-dir", type=Path, help="keep outputs here (default: a temp dir, removed)")
     parser.add_argument("--quick", action="store_true", help="magnitude pruning and one timing repeat")
+    parser.add_argument("--random-config", help="benchmark a random Llama checkpoint: tiny, 1b, 3b, 13b or H,I,L,V")
+    parser.add_argument("--random-sparsity", type=float, default=0.5, help="zeroed fraction of its block Linears")
+    parser.add_argument("--format", default="sparse-bitmask", help="export format in --random-config mode")
+    parser.add_argument("--baseline", action="store_true", help="--random-config: also from_pretrained+save_pretrained")
+    parser.add_argument("--keep-checkpoint", action="store_true", help="--random-config: keep the generated dir")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.quick:
@@ -257,6 +420,10 @@ def main() -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="sparsetune-bench-export-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
+        if args.random_config:
+            ok = bench_random(args, work)
+            emit({"summary": "bench_export", "mode": "random-config", "all_targets_met": ok})
+            return 0
         sources = {"50": (args.pruned_50, ["--sparsity", "0.5"]), "2:4": (args.pruned_24, ["--pattern", "2:4"])}
         results = []
         for label, (given, sparsity_args) in sources.items():
@@ -264,7 +431,9 @@ def main() -> int:
             pruned = given or prune_with_cli(work / f"pruned-{name}", sparsity_args, args.method, args.quick)
             bf16 = to_bf16_dir(pruned, work / f"pruned-{name}-bf16")
             results += bench_one(label, bf16, work, args.repeats)
-        ok = all(r.get("size_ok", True) and r["time_ok"] and r["weights_ok"] for r in results)
+            compressed = [f for f in FORMATS[label] if f != "dense"]
+            results += process_rows(label, bf16, work, compressed, args.repeats)
+        ok = all(r.get("size_ok", True) and r["time_ok"] and r.get("weights_ok", True) for r in results)
         emit({"summary": "bench_export", "all_targets_met": ok, "method": args.method, "repeats": args.repeats})
         return 0
     finally:
