@@ -415,13 +415,17 @@ def _no_space(err: BaseException) -> bool:
     return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "code: 28" in text
 
 
+def human_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 def disk_full_error(path: Path, err: BaseException, need: int | None = None) -> SparsetuneError:
     import shutil
 
     free = shutil.disk_usage(path.parent if path.parent.exists() else path).free
-    needs = f", the output needs about {need / 1e9:.1f} GB" if need else ""
+    needs = f", the output needs about {human_bytes(need)}" if need else ""
     return SparsetuneError(
-        f"disk full writing {path} ({free / 1e9:.1f} GB free{needs}); nothing was kept: free space or choose an "
+        f"disk full writing {path} ({human_bytes(free)} free{needs}); nothing was kept: free space or choose an "
         "-o on a larger disk"
     )
 

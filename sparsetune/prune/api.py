@@ -29,7 +29,7 @@ from sparsetune.prune.engine import GROUP_OF, BlockTargets, EngineOptions, llama
 from sparsetune.prune.self_calibration import self_calibration_set
 from sparsetune.prune.streamed import PruneStream
 from sparsetune.recipes import dump_yaml
-from sparsetune.streaming import ShardWriter, StreamedModel, save_config_files
+from sparsetune.streaming import ShardWriter, StreamedModel, human_bytes, save_config_files
 
 log = logging.getLogger(__name__)
 
@@ -632,8 +632,8 @@ def check_free_space(out: Path, need: int, checkpoint_dir: str | None) -> None:
         free = shutil.disk_usage(probe).free
         if free < need:
             raise SparsetuneError(
-                f"not enough disk space for the output: {free / 1e9:.2f} GB free under {probe}, the pruned model "
-                f"needs about {need / 1e9:.2f} GB; free space or choose another {what}"
+                f"not enough disk space for the output: {human_bytes(free)} free under {probe}, the pruned model "
+                f"needs about {human_bytes(need)}; free space or choose another {what}"
             )
 
 
