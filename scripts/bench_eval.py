@@ -7,6 +7,13 @@ of the best rep of each is the headline. One JSON line per measurement.
 
     .venv/bin/python scripts/bench_eval.py            # bundled SmolLM2-135M, 8 windows of 2048, 3 reps
     .venv/bin/python scripts/bench_eval.py --quick    # 2 windows of 256, 1 rep (checks the script runs)
+
+`--ppl-dir DIR` instead measures the memory of perplexity on a model dir: N windows of T tokens with the weights
+streamed block by block (`--in-memory`: the whole model loaded, for comparison), one JSON line with the whole
+process's peak RSS and the wall time. Tokens come from WikiText-2 with the dir's tokenizer, or are random ids
+(seed 0) when the dir has none (random benchmark checkpoints).
+
+    .venv/bin/python scripts/bench_eval.py --ppl-dir /data/llama-13b-random --windows 4 --seqlen 128 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -14,9 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
-import torch
+_T0 = time.perf_counter()
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_common import peak_rss_gb  # noqa: E402
 
 
 @torch.inference_mode()
@@ -28,6 +41,57 @@ def bare_loop(model, windows: torch.Tensor, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
+def ppl_memory(args: argparse.Namespace) -> None:
+    """One JSON line: peak RSS of this whole process and wall time of one perplexity run on `args.ppl_dir`."""
+    from sparsetune import models
+    from sparsetune.evaluate.ppl import eval_token_ids, perplexity_on_ids, streamed_perplexity_on_ids
+    from sparsetune.streaming import StreamedModel
+
+    device = models.resolve_device(args.device)
+    n = args.windows * args.seqlen
+    if any(os.path.exists(os.path.join(args.ppl_dir, f)) for f in models.TOKENIZER_FILES):
+        ids, tokens = eval_token_ids(models.load_tokenizer(args.ppl_dir), "wikitext2", args.data_dir)[:n], "wikitext2"
+    else:
+        vocab = int(models.read_config(args.ppl_dir).get("vocab_size") or 32000)
+        ids, tokens = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)), "random"
+    t0 = time.perf_counter()
+    if args.in_memory:
+        model, _ = models.load_model(args.ppl_dir, dtype=args.dtype, device=str(device), need_tokenizer=False)
+        load_s = time.perf_counter() - t0
+        result = perplexity_on_ids(model, ids, args.seqlen, limit_windows=args.windows, batch_size=args.batch_size)
+    else:
+        streamed = StreamedModel(args.ppl_dir, models.resolve_dtype(args.dtype, device))
+        load_s = time.perf_counter() - t0
+        result = streamed_perplexity_on_ids(
+            streamed, ids, args.seqlen, limit_windows=args.windows, batch_size=args.batch_size, device=device
+        )
+    wall = time.perf_counter() - t0
+    from sparsetune.streaming import CheckpointFiles
+
+    print(
+        json.dumps(
+            {
+                "measurement": "ppl_memory",
+                "model": args.ppl_dir,
+                "checkpoint_gb": round(CheckpointFiles(args.ppl_dir).nbytes() / 1e9, 3),
+                "weights": "in-memory" if args.in_memory else "streamed",
+                "dtype": args.dtype,
+                "device": str(device),
+                "windows": result["windows"],
+                "seqlen": args.seqlen,
+                "batch_size": args.batch_size,
+                "tokens": tokens,
+                "ppl": round(result["ppl"], 4),
+                "nll": result["nll"],
+                "peak_rss_gb": round(peak_rss_gb(), 3),
+                "setup_s": round(load_s, 2),
+                "wall_s": round(wall, 2),
+                "process_s": round(time.perf_counter() - _T0, 2),
+            }
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny setting: check the script runs")
@@ -37,7 +101,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--data-dir", default=os.environ.get("SPARSETUNE_DATA_DIR"))
+    parser.add_argument("--ppl-dir", help="measure peak RSS and wall time of perplexity on this HF model dir")
+    parser.add_argument("--in-memory", action="store_true", help="with --ppl-dir: load the whole model instead")
+    parser.add_argument("--dtype", default="auto", help="with --ppl-dir: auto (float32 on CPU), bfloat16, ...")
+    parser.add_argument("--device", default="cpu", help="with --ppl-dir: cpu, cuda, auto")
     args = parser.parse_args()
+    if args.ppl_dir:
+        ppl_memory(args)
+        return
     if args.quick:
         args.seqlen, args.windows, args.reps = 256, 2, 1
 

@@ -400,10 +400,11 @@ def streamed_perplexity_on_ids(
 ) -> dict[str, Any]:
     """`perplexity_on_ids` of a `StreamedModel`, one block in memory at a time (see the module docstring).
 
-    The embeddings (and the model's other non-block weights) are read first and give every window's input to
-    block 0; each block is then materialised, run on every batch of windows and released; the head comes last,
-    and the model's own forward (with the blocks standing aside) turns the stored states into NLL exactly as the
-    in-memory loop does. `hidden_budget`: bytes of hidden states kept in memory (see `hidden_store`).
+    The embeddings (and the model's other non-block weights) are read first, give every window's input to block 0
+    and are released; each block is then materialised, run on every batch of windows and released; the
+    embeddings are read again with the head, and the model's own forward (with the blocks standing aside) turns
+    the stored states into NLL exactly as the in-memory loop does. `hidden_budget`: bytes of hidden states kept
+    in memory (see `hidden_store`).
     """
     from sparsetune.prune.engine import _layer_output, _on_device, batches, capture_block_inputs
 
@@ -426,6 +427,7 @@ def streamed_perplexity_on_ids(
                     x = torch.stack([ids[w.begin : w.end] for w in run])  # (N, T)
                     hidden, calls = capture_block_inputs(model, x, batch_size, device, store)
                     runs.append(_Run(run, hidden, calls))
+            streamed.release_rest()  # the embeddings wait on disk while the blocks run: memory holds one block
             bar.update(advance=1)
             for i in range(n_layers):
                 layer = streamed.load_block(i, device)
@@ -437,6 +439,7 @@ def streamed_perplexity_on_ids(
                             r.hidden[sl] = _layer_output(out).to(r.hidden.device)
                 streamed.release_block(i)
                 bar.update(advance=1, info=f"block {i + 1}/{n_layers}")
+            streamed.load_rest(device)
             streamed.load_head(device)
             scratch = _head_scratch(model)
             with torch.inference_mode():
