@@ -474,6 +474,18 @@ def input_sparsity(location: Path) -> float:
     return float(value) if isinstance(value, int | float) and 0 <= value < 1 else 0.5
 
 
+def generation_config_of(model: nn.Module, location: Path) -> Any:
+    """The generation config from_pretrained gives a model of `location`: its generation_config.json, else one
+    built from its config.json (not the skeleton's own, which also copies the config's output_* flags)."""
+    if not model.can_generate():
+        return None
+    from transformers import GenerationConfig
+
+    if (location / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(location))
+    return GenerationConfig.from_pretrained(str(location), config_file_name="config.json", _from_model_config=True)
+
+
 def run_streamed_export(cfg: ExportConfig, location: Path, out: Path, overwrite: bool) -> dict[str, Any]:
     """The export of a safetensors HF dir, read and written one decoder block at a time (module docstring of
     `sparsetune.export.stream`); its files are the ones `export_model` writes for the loaded model."""
@@ -512,11 +524,7 @@ def run_streamed_export(cfg: ExportConfig, location: Path, out: Path, overwrite:
             plan = planner.finish()
             t = time.perf_counter()
             files = shards.finish()
-            generation = streamed.model.generation_config if streamed.model.can_generate() else None
-            if (location / "generation_config.json").is_file():
-                from transformers import GenerationConfig
-
-                generation = GenerationConfig.from_pretrained(str(location))
+            generation = generation_config_of(streamed.model, location)
             report = write_export_files(
                 streamed.model.config, generation, tokenizer, tmp, cfg, plan, checkpoint.state, files
             )

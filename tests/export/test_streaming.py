@@ -234,3 +234,49 @@ def test_inputs_that_cannot_stream_load_whole(inputs, tmp_path, caplog):
         report = run_export(ExportConfig(model=str(exported), output=str(tmp_path / "again")))
     assert not report["streamed"]
     assert "an exported compressed dir is decompressed in memory" in caplog.text
+
+
+def export_both_ways(src: Path, tmp_path: Path, monkeypatch, **settings) -> tuple[Path, Path]:
+    """(streamed output, output of the in-memory path forced) of the same export."""
+    streamed, whole = tmp_path / "streamed", tmp_path / "whole"
+    assert run_export(ExportConfig(model=str(src), output=str(streamed), **settings))["streamed"]
+    with monkeypatch.context() as m:
+        m.setattr(writer, "streamable_input", lambda cfg: (None, "forced"))
+        assert not run_export(ExportConfig(model=str(src), output=str(whole), **settings))["streamed"]
+    return streamed, whole
+
+
+def test_spilled_shards_and_a_dir_without_generation_config_match_the_in_memory_path(inputs, tmp_path, monkeypatch):
+    """Shards past SPILL_BYTES go through the spill file; a dir without generation_config.json gets the one
+    from_pretrained builds from config.json."""
+    src = tmp_path / "src"
+    shutil.copytree(inputs["qwen3_moe-sgpt24"], src)
+    (src / "generation_config.json").unlink()
+    monkeypatch.setattr(stream_mod, "SPILL_BYTES", 10_000)
+    streamed, whole = export_both_ways(src, tmp_path, monkeypatch, format="sparse-24-bitmask", max_shard_size="60KB")
+    assert len(list(streamed.glob("*.safetensors"))) > 1
+    assert file_hashes(streamed) == file_hashes(whole)
+    assert not list(streamed.glob(".*"))
+
+
+def test_a_hub_id_streams_from_its_cached_snapshot(inputs, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-pruned"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(inputs["llama-sgpt24"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    out = tmp_path / "out"
+    report = run_export(ExportConfig(model="someone/tiny-pruned", output=str(out)))
+    assert report["streamed"]
+    assert file_hashes(out) == REFERENCE["cases"]["llama-sgpt24-sparse-bitmask"]["files"]
+
+
+@pytest.mark.slow
+def test_the_bundled_alias_streams(bundled_model_dir, tmp_path, monkeypatch):
+    streamed, whole = export_both_ways(Path("smollm2"), tmp_path, monkeypatch, max_density=1.0)
+    assert file_hashes(streamed) == file_hashes(whole)
