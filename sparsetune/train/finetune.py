@@ -243,6 +243,8 @@ def build_report(
         "optimizer_state_bytes": memory.get("optimizer_state_bytes"),
         "peak_rss_bytes": memory.get("peak_rss_bytes"),
         "cuda_peak_bytes": memory.get("cuda_peak_bytes"),
+        "activation_checkpointing": memory.get("activation_checkpointing"),
+        "loss_chunk_tokens": memory.get("loss_chunk_tokens"),
         "sparsity": stats["global_sparsity"],
         **fields,
         "mean_step_s": entry["mean_step_s"],
@@ -266,6 +268,11 @@ def run_seft(cfg: SeftConfig, overwrite: bool = False, show_progress: bool = Tru
     return FinetuneRun(cfg, overwrite, show_progress).run()
 
 
+def activation_row(s: dict[str, Any]) -> str:
+    chunk = s["loss_chunk_tokens"]
+    return f"{s['activation_checkpointing']} / " + (f"{chunk} tokens" if chunk else "off (whole logits)")
+
+
 def print_summary(report: dict[str, Any]) -> None:
     s = report["summary"]
     rows = [("sparsity before -> after", f"{s['sparsity_before']:.4f} -> {s['sparsity_after']:.4f}")]
@@ -278,4 +285,6 @@ def print_summary(report: dict[str, Any]) -> None:
     for key in ("grad_bytes", "optimizer_state_bytes", "peak_rss_bytes"):
         if s.get(key) is not None:
             rows.append((key.removesuffix("_bytes").replace("_", " "), f"{s[key] / 2**20:.1f} MiB"))
+    if s.get("activation_checkpointing") is not None:
+        rows.append(("activation checkpointing / loss chunk", activation_row(s)))
     print_table(f"sparsetune seft: {s['method']}", s, rows)

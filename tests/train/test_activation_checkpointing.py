@@ -281,8 +281,41 @@ def test_whole_logits_loss_trains_and_is_recorded(inputs, tmp_path):
         cfg = SeftConfig(**seft_settings(inputs["pruned"], inputs["text"], out, loss_chunk_tokens=chunk))
         report = FinetuneRun(cfg, show_progress=False).run()
         assert report["finetune_history"][-1]["memory"]["loss_chunk_tokens"] == chunk
+        assert report["summary"]["loss_chunk_tokens"] == chunk
+        assert report["summary"]["activation_checkpointing"] == "transformers"
         assert report["finetune_history"][-1]["settings"]["loss_chunk_tokens"] == chunk
         assert f"loss_chunk_tokens: {chunk}" in (out / "recipe.yaml").read_text()
         runs[chunk] = losses(out)
     for chunk in (256, 7):
         assert max(abs(a - b) / b for a, b in zip(runs[chunk], runs[0], strict=True)) < 1e-5
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("method", ["seft", "lora-reprune"])
+def test_two_processes_equal_with_checkpointing_on_and_off(inputs, tmp_path, method):
+    """Under torchrun (gloo, 2 processes), where seft's selection windows all-reduce inside backward: the same
+    losses and weights with checkpointing on and off, bit for bit."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import ONE_THREAD_ENV
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this python")
+    env = {**os.environ, **ONE_THREAD_ENV, "ACCELERATE_USE_CPU": "1"}
+    args = ["seft", str(inputs["pruned"]), "--data", str(inputs["text"]), "--seqlen", "32", "--batch-size", "4",
+            "--steps", "5", "--lr", "5e-3", "--delta-rank", "4", "--reselect-every", "3", "--select-window", "2",
+            "--method", method, *(["--reactivate"] if method == "seft" else [])]  # fmt: skip
+    runs = {}
+    for switch in ("--activation-checkpointing", "--no-activation-checkpointing"):
+        out = tmp_path / switch.strip("-")
+        cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "sparsetune", *args, switch, "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[switch] = (losses(out), load_weights(out))
+    (on_losses, on), (off_losses, off) = runs.values()
+    assert on_losses == off_losses
+    assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
