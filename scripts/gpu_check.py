@@ -166,8 +166,8 @@ def check_matmul() -> None:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
             row = {"what": "2:4 matmul vs dense (bf16)", "shape": name, "out": out_f, "in": in_f, "tokens": tokens}
             try:
-                d = timed(lambda x=x: torch.nn.functional.linear(x, w))
-                s = timed(lambda x=x: torch.nn.functional.linear(x, ws))
+                d = timed(lambda x=x, w=w: torch.nn.functional.linear(x, w))
+                s = timed(lambda x=x, ws=ws: torch.nn.functional.linear(x, ws))
                 row.update(dense_ms=round(d, 4), sparse_ms=round(s, 4), speedup=round(d / s, 3))
             except RuntimeError as err:  # e.g. a token count the sparse kernel does not take
                 row["error"] = str(err).splitlines()[0]
