@@ -67,18 +67,20 @@ class TensorEntry:
 
 
 def _header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header JSON, offset of the data) of a safetensors file."""
+    """(header as {name: {dtype, shape, data_offsets}} plus "__metadata__", offset of the data) of a safetensors
+    file. huggingface_hub parses and validates the header; the data starts after it (8 bytes of length + header),
+    an offset the hub's parser does not return."""
+    from huggingface_hub import parse_local_safetensors_file_metadata
+
+    parsed = parse_local_safetensors_file_metadata(path)
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError("shorter than a safetensors header")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100 << 20:
-            raise ValueError(f"header length {size} is not plausible")
-        text = f.read(size)
-        if len(text) != size:
-            raise ValueError("the header is cut short")
-    return json.loads(text), 8 + size
+        (size,) = struct.unpack("<Q", f.read(8))
+    header: dict[str, Any] = {
+        name: {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": list(info.data_offsets)}
+        for name, info in parsed.tensors.items()
+    }
+    header["__metadata__"] = parsed.metadata
+    return header, 8 + size
 
 
 class CheckpointFiles:
@@ -112,7 +114,7 @@ class CheckpointFiles:
             try:
                 st = path.stat()
                 header, data_start = _header(path)
-            except (OSError, ValueError) as err:
+            except Exception as err:  # noqa: BLE001 - OSError, or the hub parser's SafetensorsParsingError
                 raise SparsetuneError(
                     f"shard {path} is unreadable ({err}); the checkpoint is incomplete: re-download or re-save it"
                 ) from err
