@@ -448,30 +448,39 @@ def streamable_input(cfg: ExportConfig) -> tuple[Path | None, str]:
     return path, ""
 
 
-def estimate_output_bytes(checkpoint: StreamedCheckpoint, planner: Planner, fmt: str, sparsity: float) -> int:
+def estimate_output_bytes(checkpoint: StreamedCheckpoint, planner: Planner, fmt: str, location: Path) -> int:
     """About how many bytes the export writes: dense tensors as they are, compressible ones in `fmt` at the
-    given sparsity (2:4 formats: exactly half the values), plus their masks."""
+    sparsity the input's prune report records for them (2:4 formats: half the values), plus their masks. Without a
+    report every compressible weight counts at 50%; with one, a weight it does not list counts dense."""
+    recorded = recorded_sparsity(location)
     total = 0
     for key, meta in checkpoint.state.items():
         dense = meta.numel() * meta.element_size()
-        if key not in planner.candidates:
+        name = planner.candidates[key][0] if key in planner.candidates else None
+        sparsity = 0.5 if recorded is None else recorded.get(name or "", 0.0)
+        if name is None or sparsity <= 0:
             total += dense
             continue
-        rows = as_rows(meta).shape[0]
-        cols = meta.shape[-1]
+        rows, cols = as_rows(meta).shape[0], meta.shape[-1]
         kept = 0.5 if fmt in TWO_FOUR_FORMATS else 1.0 - sparsity
-        mask = rows * (-(-cols // 8)) + (8 * rows if fmt == "sparse-bitmask" else 0)
+        mask = rows * -(-cols // 8) + (8 * rows if fmt == "sparse-bitmask" else 0)
         total += min(dense, int(dense * kept) + mask)
     return total
 
 
-def input_sparsity(location: Path) -> float:
-    """The sparsity a prune run recorded in `location`'s sparsity_report.json, else 0.5."""
+def recorded_sparsity(location: Path) -> dict[str, float] | None:
+    """Module name -> sparsity from the prune report in `location` (sparsity_report.json), or None without one."""
     try:
-        value = json.loads((location / "sparsity_report.json").read_text()).get("global_sparsity")
+        modules = json.loads((location / "sparsity_report.json").read_text()).get("modules")
     except (OSError, ValueError, AttributeError):
-        return 0.5
-    return float(value) if isinstance(value, int | float) and 0 <= value < 1 else 0.5
+        return None
+    if not isinstance(modules, dict):
+        return None
+    return {
+        name: float(info["sparsity"])
+        for name, info in modules.items()
+        if isinstance(info, dict) and isinstance(info.get("sparsity"), int | float)
+    }
 
 
 def generation_config_of(model: nn.Module, location: Path) -> Any:
@@ -495,7 +504,7 @@ def run_streamed_export(cfg: ExportConfig, location: Path, out: Path, overwrite:
     checkpoint = StreamedCheckpoint(streamed)
     planner = Planner(streamed.model, checkpoint.state, cfg.format, cfg.ignore, cfg.max_density, cfg.force_24)
     tokenizer = _tokenizer_or_none(str(location), cfg.trust_remote_code)
-    need = estimate_output_bytes(checkpoint, planner, cfg.format, input_sparsity(location))
+    need = estimate_output_bytes(checkpoint, planner, cfg.format, location)
     check_free_space(out.parent, need, f"the export of {cfg.model}")
     t_load = time.perf_counter() - t0
     timings = {"load_s": round(t_load, 3), "read_s": 0.0, "encode_s": 0.0, "write_s": 0.0}
