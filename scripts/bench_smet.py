@@ -44,6 +44,11 @@ TIME (measured 2026-12-06, alone on 2 cores): 0.068 s a step dense, 0.084-0.089 
 `--runs` also takes `smet-same-lr`: SMET's warm-up with the dense learning rate (`--lr-density-exponent 0`), which
 differs from naive DST in the warm-up alone.
 
+`--runs` also takes other growth for SMET (issue 35): `rigl` (`--growth gradient`), `ctre` (`--growth ctre`, CTRE's
+cosine similarity of activations) and `ctre-sim` (with its random exploration); the long summary gives each one's
+step time and final validation loss over `smet`'s (random growth), and checks CTRE's target of at most 1.1x its
+mean step time (which includes the similarity pass at every update): `--long --runs smet,rigl,ctre,ctre-sim`.
+
     .venv/bin/python scripts/bench_smet.py                 # short suite: 160 steps per run (about 10 min each)
     .venv/bin/python scripts/bench_smet.py --steps 20      # quicker look
     .venv/bin/python scripts/bench_smet.py --long          # issue 22's long run; run it alone on the machine
@@ -74,7 +79,13 @@ RUNS = {
     "static": ["--update-interval", "0"],
     # SMET's warm-up without its density-aware lr: differs from naive DST in the warm-up alone
     "smet-same-lr": ["--lr-density-exponent", "0"],
+    # SMET with other growth (issue 35): RigL's dense gradient, CTRE's cosine similarity of activations (and its
+    # simultaneous random exploration); `smet` itself is random growth (SET)
+    "rigl": ["--growth", "gradient"],
+    "ctre": ["--growth", "ctre"],
+    "ctre-sim": ["--growth", "ctre-sim"],
 }
+GROWTH_RUNS = ("rigl", "ctre", "ctre-sim")  # compared with `smet` (random growth) in the long summary
 DEFAULT_RUNS = "dense,smet,naive,static"
 UPDATE_WINDOW = 10  # sparsetune.train.smet.UPDATE_WINDOW: the logged steps before and after an update
 SPIKE = 1.02  # a spike ratio above this counts as a loss spike (SMET's target is at most this)
@@ -247,6 +258,15 @@ def long_summary(rows: dict, steps: int) -> dict:
     if smet and dense:
         summary["smet_val_loss_vs_dense"] = round(smet["final_val_loss"] / dense["final_val_loss"], 4)
         summary["target_smet_loss_within_5pct_dense"] = summary["smet_val_loss_vs_dense"] <= 1.05
+    for name in GROWTH_RUNS:  # issue 35: step time and val loss against random growth; CTRE's target: mean step
+        # time (its similarity pass at every update included) at most 1.1x
+        if name in rows and smet:
+            row = rows[name]
+            summary[f"{name}_step_vs_random"] = round(row["mean_step_s"] / smet["mean_step_s"], 3)
+            summary[f"{name}_median_step_vs_random"] = round(row["median_step_s"] / smet["median_step_s"], 3)
+            summary[f"{name}_val_loss_vs_random"] = round(row["final_val_loss"] / smet["final_val_loss"], 4)
+            if name.startswith("ctre"):
+                summary[f"target_{name}_step_le_1_1x_random"] = summary[f"{name}_step_vs_random"] <= 1.1
     dynamic = [r["updates_after_flat"] for n, r in rows.items() if n in ("smet", "naive")]
     summary["target_10_updates_after_flat"] = check(min(dynamic) >= 10 if dynamic else None)
     return summary
@@ -461,6 +481,10 @@ def main() -> None:
                 sys.exit(2)
             emit(control, args.results)
             return
+        unknown = [name for name in args.runs.split(",") if name not in RUNS]
+        if unknown:
+            print(f"error: --runs {','.join(unknown)}: not a run; choose from {', '.join(RUNS)}", file=sys.stderr)
+            sys.exit(2)
         rows = {}
         for name in args.runs.split(","):
             rows[name] = run(name, RUNS[name], base, args, out)
