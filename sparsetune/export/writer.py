@@ -22,7 +22,7 @@ from torch import nn
 
 from sparsetune import __version__, models
 from sparsetune.errors import SparsetuneError
-from sparsetune.export import loader_for, print_size_comparison
+from sparsetune.export import loader_for, print_size_comparison, stream
 from sparsetune.export.codecs import CODECS, force_24, mask_stats
 from sparsetune.export.config import ExportConfig, shard_size_bytes
 from sparsetune.export.formats import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256
@@ -505,6 +505,9 @@ def run_streamed_export(cfg: ExportConfig, location: Path, out: Path, overwrite:
     planner = Planner(streamed.model, checkpoint.state, cfg.format, cfg.ignore, cfg.max_density, cfg.force_24)
     tokenizer = _tokenizer_or_none(str(location), cfg.trust_remote_code)
     need = estimate_output_bytes(checkpoint, planner, cfg.format, location)
+    spill = min(need, shard_size_bytes(cfg.max_shard_size))
+    if spill > stream.SPILL_BYTES:  # a shard written from its spill file takes its space twice meanwhile
+        need += spill
     check_free_space(out.parent, need, f"the export of {cfg.model}")
     t_load = time.perf_counter() - t0
     timings = {"load_s": round(t_load, 3), "read_s": 0.0, "encode_s": 0.0, "write_s": 0.0}
