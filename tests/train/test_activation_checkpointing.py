@@ -9,10 +9,13 @@ import json
 
 import pytest
 import torch
+from architectures import FAMILY_CONFIGS, make_family_model
 from helpers import make_pruned, make_tokenizer, smet_settings, write_alpaca, write_text
 
 from sparsetune import models
 from sparsetune.errors import SparsetuneError
+from sparsetune.train.activations import Checkpointing
+from sparsetune.train.common import token_nll_sum
 from sparsetune.train.finetune import FinetuneRun
 from sparsetune.train.seft_config import SeftConfig
 from sparsetune.train.smet import PretrainRun
@@ -319,3 +322,52 @@ def test_two_processes_equal_with_checkpointing_on_and_off(inputs, tmp_path, met
     (on_losses, on), (off_losses, off) = runs.values()
     assert on_losses == off_losses
     assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_every_family_replays_its_blocks_and_gets_the_same_gradients(family):
+    """Every decoder family of the architecture matrix (MoE and GPT-2's Conv1D included): with its blocks
+    checkpointed by transformers, the loss and every parameter's gradient are those without, bit for bit (in
+    training mode: GPT-2's and OPT's dropout draws the same masks in the replay), and every block runs again."""
+    model = make_family_model(family).train()
+    ids = torch.randint(4, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    layers = list(models.decoder_layers(model))
+    calls = [0] * len(layers)
+
+    def counter(i: int):
+        def count(module, _args) -> None:
+            if torch.is_grad_enabled():
+                calls[i] += 1
+
+        return count
+
+    for i, layer in enumerate(layers):
+        for module in layer.modules():
+            if module is not layer and not list(module.children()):
+                module.register_forward_pre_hook(counter(i))
+
+    def step(on: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[int], str]:
+        switch = Checkpointing(model) if on else None
+        calls[:] = [0] * len(layers)
+        torch.manual_seed(1)
+        loss = token_nll_sum(model, batch, 16)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        mechanism = switch.mechanism if switch else "off"
+        if switch:
+            switch.disable()
+        return loss.detach(), grads, list(calls), mechanism
+
+    loss_on, grads_on, calls_on, mechanism = step(True)
+    loss_off, grads_off, calls_off, _ = step(False)
+    assert mechanism == "transformers"
+    # every block runs again in backward: up to its last op that saves a tensor for backward (torch's early stop
+    # skips the rest, e.g. Phi-3's trailing residual dropout)
+    for on, off in zip(calls_on, calls_off, strict=True):
+        assert 0 < off < on <= 2 * off
+    assert torch.equal(loss_on, loss_off)
+    assert grads_on.keys() == grads_off.keys() and len(grads_on) > 0
+    for name, grad in grads_on.items():
+        assert torch.equal(grad, grads_off[name]), name
