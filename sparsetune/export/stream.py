@@ -286,8 +286,8 @@ class StreamedCheckpoint:
         """The segment's tensors in the export dtype (cast as from_pretrained casts), in output order."""
         if not self.direct:
             return self._read_converted(segment)
-        want = [k for k in segment.keys if self.state[k].device.type == "meta"]
-        got = self.files.read(want)
+        # from the files; a buffer the checkpoint does not store is the skeleton's own (built as from_pretrained does)
+        got = self.files.read([k for k in segment.keys if k in self.files.entries])
         out = {}
         for key in segment.keys:
             meta = self.state[key]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from architectures import FAMILY_CONFIGS, make_family_model
 from export_stream_cases import CARRIED, CASES, PRUNED, file_hashes, pruned_dirs, tensor_hashes
 from safetensors.torch import save_file
 
@@ -279,4 +280,16 @@ def test_a_hub_id_streams_from_its_cached_snapshot(inputs, tmp_path, monkeypatch
 @pytest.mark.slow
 def test_the_bundled_alias_streams(bundled_model_dir, tmp_path, monkeypatch):
     streamed, whole = export_both_ways(Path("smollm2"), tmp_path, monkeypatch, max_density=1.0)
+    assert file_hashes(streamed) == file_hashes(whole)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_every_family_streams_to_the_in_memory_files(family, tmp_path, monkeypatch, tiny_tokenizer, one_thread):
+    """Random (dense) tiny models of every tested family, cast to bf16 and sharded: the streamed export writes
+    the files the whole-model path writes."""
+    src = tmp_path / family
+    make_family_model(family).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    settings = {"max_density": 1.0, "dtype": "bfloat16", "max_shard_size": "50KB"}
+    streamed, whole = export_both_ways(src, tmp_path, monkeypatch, **settings)
     assert file_hashes(streamed) == file_hashes(whole)
