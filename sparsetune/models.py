@@ -21,6 +21,7 @@ from torch import nn
 from sparsetune import hub
 from sparsetune.errors import SparsetuneError
 from sparsetune.export import loader_for
+from sparsetune.gguf_convert import convert_gguf, drop_gguf_quantization
 from sparsetune.outputs import OutputExistsError, atomic_output_dir
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,27 @@ def bundled_model_dir() -> Path:
         return target
 
     log.info("converting the bundled GGUF to a cached HF dir at %s (once)", target)
-    model, tokenizer = _load_gguf(gguf, torch.float32)
+    return _convert_once(gguf, target)
+
+
+def gguf_dir(path: Path) -> Path:
+    """A .gguf file as a cached float32 HF dir, converted tensor by tensor the first time (then it streams)."""
+    import transformers
+
+    stat = path.stat()
+    ident = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
+    target = cache_dir() / f"gguf-{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to a cached HF dir at %s (once, tensor by tensor)", path, target)
+    return _convert_once(path, target)
+
+
+def _convert_once(gguf: Path, target: Path) -> Path:
     try:
         with atomic_output_dir(target) as tmp:
-            save_model(model, tokenizer, tmp)
+            convert_gguf(gguf, tmp)
+            drop_dangling_auto_map(tmp)
     except OutputExistsError as err:  # another process converted it first: use theirs, drop our copy
         shutil.rmtree(err.kept, ignore_errors=True)
         if not (target / "config.json").exists():
@@ -134,23 +152,6 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
         ) from err
     drop_gguf_quantization(model)
     return model, tokenizer
-
-
-def drop_gguf_quantization(model: nn.Module) -> None:
-    """A GGUF model is dequantized on load; forget the GGUF quantizer so it saves as a plain HF model."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    config = model.config
-    qc = getattr(config, "quantization_config", None)
-    if qc is not None and _quant_method(qc) == "gguf":
-        del config.quantization_config
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
-
-
-def _quant_method(qc: Any) -> str:
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    return str(getattr(method, "value", method))
 
 
 def first_line(err: BaseException) -> str:

@@ -31,6 +31,7 @@ from torch import nn
 
 from sparsetune import models
 from sparsetune.errors import SparsetuneError
+from sparsetune.gguf_convert import shard_name
 
 log = logging.getLogger(__name__)
 
@@ -406,10 +407,6 @@ def release(module: nn.Module, recurse: bool = True) -> None:
 
 
 # ----- writing: one shard per block, plus one for everything else --------------------------------------------------
-
-
-def shard_name(k: int, n: int) -> str:
-    return f"model-{k:05d}-of-{n:05d}.safetensors"
 
 
 def _no_space(err: BaseException) -> bool:

@@ -82,11 +82,12 @@ def perplexities(
     model_limit: int,
     token_ids: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Perplexity on every source of `settings`; `run(ids, seqlen, limit_windows, label)` computes one (the
-    in-memory or the streamed loop). `token_ids` caches each source's (tokens, label) as in `evaluate_model`."""
+    """Perplexity on every source of `settings`; `run(jobs)` computes a list of `ppl.PplJob`s (the in-memory loop
+    one by one, or the streamed one in one pass over the weights). `token_ids` caches each source's (tokens,
+    label) as in `evaluate_model`."""
     seqlen = ppl.resolve_seqlen(settings.seqlen, model_limit)
     token_ids = {} if token_ids is None else token_ids
-    results = {}
+    jobs = []
     for source in settings.ppl:
         if source not in token_ids:
             token_ids[source] = ppl.eval_source(tokenizer, source, settings.data_dir)  # (ids, label)
@@ -95,8 +96,11 @@ def perplexities(
         max_windows = ppl.protocol_for(source).max_windows
         if max_windows is not None:
             limit = min(limit or max_windows, max_windows)
-        results[source] = run(ids, seqlen, limit, Path(label).name)
-        results[source]["dataset"] = label
+        jobs.append(ppl.PplJob(ids, seqlen, settings.stride, limit, Path(label).name))
+    results = {}
+    for source, result in zip(settings.ppl, run(jobs) if jobs else [], strict=True):
+        results[source] = result
+        results[source]["dataset"] = token_ids[source][1]
     return results
 
 
@@ -114,10 +118,13 @@ def evaluate_model(
     label names the data the figures come from (`wikitext2 (embedded sample)`); the results stay keyed by source.
     """
 
-    def run(ids: Any, seqlen: int, limit: int | None, label: str) -> dict[str, Any]:
-        return ppl.perplexity_on_ids(
-            model, ids, seqlen, settings.stride, limit, settings.ppl_batch_size, show_progress, label=label
-        )
+    def run(jobs: list[ppl.PplJob]) -> list[dict[str, Any]]:
+        return [
+            ppl.perplexity_on_ids(
+                model, j.ids, j.seqlen, j.stride, j.limit_windows, settings.ppl_batch_size, show_progress, j.label
+            )
+            for j in jobs
+        ]
 
     ppl_results = perplexities(run, tokenizer, settings, models.max_positions(model), token_ids)
     return {"ppl": ppl_results, **evaluate_tasks(model, tokenizer, settings, tasks)}
@@ -158,8 +165,9 @@ def hub_snapshot(repo_id: str, trust_remote_code: bool = False) -> Path | None:
 
 def stream_location(spec: str, trust_remote_code: bool = False) -> Path | None:
     """The local HF dir whose safetensors shards can be streamed block by block (a plain dir, the bundled alias's
-    cached dir, a hub snapshot), or None for inputs that load whole: GGUF files, exported compressed dirs, seft
-    adapter dirs, checkpoints without safetensors."""
+    cached dir, a hub snapshot), or None for the others: GGUF files, exported compressed dirs, seft adapter dirs
+    (whose perplexity streams too: `ppl_stream_location`), checkpoints without safetensors. lm-eval's memory
+    estimate reads these headers."""
     from sparsetune.streaming import SAFE_INDEX, SAFE_SINGLE
 
     kind, location = models.resolve_model_path(spec)
@@ -176,6 +184,23 @@ def stream_location(spec: str, trust_remote_code: bool = False) -> Path | None:
     if not (path / "config.json").is_file() or not ((path / SAFE_INDEX).is_file() or (path / SAFE_SINGLE).is_file()):
         return None
     return path
+
+
+def ppl_stream_location(spec: str, trust_remote_code: bool = False) -> Path | None:
+    """The local dir perplexity streams from: `stream_location`'s, or an exported compressed dir or a seft adapter
+    dir whose base streams (`sparsetune.stream_inputs`); None for inputs that load whole."""
+    location = stream_location(spec, trust_remote_code)
+    if location is not None:
+        return location
+    from sparsetune import stream_inputs
+
+    kind, path = models.resolve_model_path(spec)
+    if kind != "dir":
+        return None
+    source, _ = stream_inputs.stream_input(Path(path))
+    if source is None or source.kind == "checkpoint":  # a plain dir stream_location refused: it loads whole
+        return None
+    return Path(path)
 
 
 def model_bytes(location: Path, dtype: torch.dtype | None) -> int:
@@ -271,18 +296,19 @@ def _loaded_whole(spec: str, cfg: EvalConfig, placement: TaskPlacement) -> Itera
 
 def streamed_perplexities(location: Path, cfg: EvalConfig, show_progress: bool) -> tuple[dict[str, Any], float]:
     """(perplexity on every source, seconds to set up) with the weights streamed block by block from `location`."""
-    from sparsetune.streaming import StreamedModel
+    from sparsetune import stream_inputs
 
     t0 = time.perf_counter()
     dev = models.resolve_device(cfg.device)
-    tokenizer = models.load_tokenizer(str(location), cfg.trust_remote_code)
-    streamed = StreamedModel(location, models.resolve_dtype(cfg.dtype, dev), cfg.trust_remote_code)
+    source, why = stream_inputs.stream_input(location)  # a plain, exported or seft adapter dir
+    if source is None:
+        raise SparsetuneError(f"{location} does not stream: {why}")
+    tokenizer = models.load_tokenizer(str(source.model_dir), cfg.trust_remote_code)
+    streamed = stream_inputs.open_streamed(source, models.resolve_dtype(cfg.dtype, dev), cfg.trust_remote_code)
     setup_s = time.perf_counter() - t0
 
-    def run(ids: Any, seqlen: int, limit: int | None, label: str) -> dict[str, Any]:
-        return ppl.streamed_perplexity_on_ids(
-            streamed, ids, seqlen, cfg.stride, limit, cfg.ppl_batch_size, show_progress, label=label, device=dev
-        )
+    def run(jobs: list[ppl.PplJob]) -> list[dict[str, Any]]:
+        return ppl.streamed_perplexities(streamed, jobs, cfg.ppl_batch_size, show_progress, device=dev)
 
     return perplexities(run, tokenizer, cfg, models.max_positions(streamed.model)), setup_s
 
@@ -302,7 +328,7 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False, show_progress: bool = Tru
     with harness.prepared_tasks(cfg.tasks, cfg.data_dir, cfg.include_path) as tasks:
         for spec, info, placement in zip(cfg.models, infos, placements, strict=True):
             entry: dict[str, Any] = {"model": spec, "sparsity": info}
-            location = stream_location(spec, cfg.trust_remote_code) if cfg.ppl else None
+            location = ppl_stream_location(spec, cfg.trust_remote_code) if cfg.ppl else None
             if location is not None:
                 log.info("%s: perplexity with the weights streamed block by block from %s", spec, location)
                 ppl_results, load_s = streamed_perplexities(location, cfg, show_progress)

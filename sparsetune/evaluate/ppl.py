@@ -386,6 +386,17 @@ def _replaying(streamed: StreamedModel, box: list[torch.Tensor]) -> Iterator[Non
         setattr(parent, attr, streamed.layers)
 
 
+@dataclass(frozen=True)
+class PplJob:
+    """One perplexity measurement for `streamed_perplexities`: a token stream and how it is windowed."""
+
+    ids: torch.Tensor
+    seqlen: int
+    stride: int | None = None
+    limit_windows: int | None = None
+    label: str = "ppl"
+
+
 def streamed_perplexity_on_ids(
     streamed: StreamedModel,
     ids: torch.Tensor,
@@ -398,41 +409,57 @@ def streamed_perplexity_on_ids(
     device: torch.device | str = "cpu",
     hidden_budget: int | None = None,
 ) -> dict[str, Any]:
-    """`perplexity_on_ids` of a `StreamedModel`, one block in memory at a time (see the module docstring).
+    """`perplexity_on_ids` of a `StreamedModel`, one block in memory at a time (see `streamed_perplexities`)."""
+    job = PplJob(ids, seqlen, stride, limit_windows, label)
+    return streamed_perplexities(streamed, [job], batch_size, show_progress, device, hidden_budget)[0]
+
+
+def streamed_perplexities(
+    streamed: StreamedModel,
+    jobs: list[PplJob],
+    batch_size: int = 1,
+    show_progress: bool = False,
+    device: torch.device | str = "cpu",
+    hidden_budget: int | None = None,
+) -> list[dict[str, Any]]:
+    """`perplexity_on_ids` of a `StreamedModel` for every job, in one pass over the weights.
 
     The embeddings (and the model's other non-block weights) are read first, give every window's input to block 0
-    and are released; each block is then materialised, run on every batch of windows and released; the
-    embeddings are read again with the head, and the model's own forward (with the blocks standing aside) turns
-    the stored states into NLL exactly as the in-memory loop does. `hidden_budget`: bytes of hidden states kept
-    in memory (see `hidden_store`).
+    and are released; each block is then materialised, run on every batch of windows of every job and released;
+    the embeddings are read again with the head, and the model's own forward (with the blocks standing aside)
+    turns the stored states into NLL exactly as the in-memory loop does. `hidden_budget`: bytes of hidden states
+    kept in memory (see `hidden_store`). With several jobs, `seconds` is the shared pass's and `tokens_per_s` its
+    throughput over all of them (`shared_pass_sources` says how many).
     """
     from sparsetune.prune.engine import _layer_output, _on_device, batches, capture_block_inputs
 
     if batch_size < 1:
         raise SparsetuneError("--ppl-batch-size must be at least 1")
-    windows = make_windows(int(ids.numel()), seqlen, stride, limit_windows)
+    job_windows = [make_windows(int(j.ids.numel()), j.seqlen, j.stride, j.limit_windows) for j in jobs]
     device = torch.device(device)
     model = streamed.model
-    store = hidden_store(model, windows, device, hidden_budget)
+    store = hidden_store(model, [w for ws in job_windows for w in ws], device, hidden_budget)
     t0 = time.perf_counter()
-    runs: list[_Run] = []
+    runs: list[tuple[int, _Run]] = []  # (job index, run)
     n_layers = len(streamed.layers)
-    total_nll = torch.zeros((), dtype=torch.float64)
-    scored = 0
+    totals = [torch.zeros((), dtype=torch.float64) for _ in jobs]
+    scored = [0 for _ in jobs]
+    label = ", ".join(j.label for j in jobs)
     with Progress(n_layers + 2, f"ppl {label} (streamed)", unit="steps", enabled=show_progress) as bar:
         try:
             streamed.load_rest(device)
             with torch.inference_mode():
-                for run in _runs(windows):
-                    x = torch.stack([ids[w.begin : w.end] for w in run])  # (N, T)
-                    hidden, calls = capture_block_inputs(model, x, batch_size, device, store)
-                    runs.append(_Run(run, hidden, calls))
+                for k, (job, windows) in enumerate(zip(jobs, job_windows, strict=True)):
+                    for run in _runs(windows):
+                        x = torch.stack([job.ids[w.begin : w.end] for w in run])  # (N, T)
+                        hidden, calls = capture_block_inputs(model, x, batch_size, device, store)
+                        runs.append((k, _Run(run, hidden, calls)))
             streamed.release_rest()  # the embeddings wait on disk while the blocks run: memory holds one block
             bar.update(advance=1)
             for i in range(n_layers):
                 layer = streamed.load_block(i, device)
                 with torch.inference_mode():
-                    for r in runs:
+                    for _, r in runs:
                         call = _on_device(r.calls[i], device)
                         for sl in batches(len(r.windows), batch_size):
                             out = layer(r.hidden[sl].to(device), *call.args, **call.kwargs)
@@ -443,18 +470,28 @@ def streamed_perplexity_on_ids(
             streamed.load_head(device)
             scratch = _head_scratch(model)
             with torch.inference_mode():
-                for r in runs:
+                for k, r in runs:
                     for sl in batches(len(r.windows), batch_size):
                         with _replaying(streamed, [r.hidden[sl].to(device)]):
-                            nll_sum, n = _score_batch(model, ids, r.windows[sl], device, scratch)
-                        total_nll += nll_sum
-                        scored += n
+                            nll_sum, n = _score_batch(model, jobs[k].ids, r.windows[sl], device, scratch)
+                        totals[k] += nll_sum
+                        scored[k] += n
+            streamed.release_rest()
             bar.update(advance=1)
         finally:
-            for r in runs:
+            for _, r in runs:
                 if hasattr(r.hidden, "close"):
                     r.hidden.close()
-    return _result(total_nll, scored, windows, ids, seqlen, stride, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    results = [
+        _result(totals[k], scored[k], job_windows[k], j.ids, j.seqlen, j.stride, seconds) for k, j in enumerate(jobs)
+    ]
+    if len(jobs) > 1:
+        all_tokens = sum(w.length for ws in job_windows for w in ws)
+        for r in results:
+            r["tokens_per_s"] = round(all_tokens / seconds, 1) if seconds > 0 else None
+            r["shared_pass_sources"] = len(jobs)
+    return results
 
 
 def perplexity(

@@ -110,6 +110,23 @@ def test_only_one_block_is_ever_materialised(tmp_path, ids, monkeypatch):
     assert materialised(streamed) == 0
 
 
+def test_several_sources_share_one_pass_over_the_weights(tmp_path, ids, monkeypatch):
+    path = save_dir(make_family_model("gemma2", seed=9), tmp_path / "gemma2")
+    loads = []
+    load_block = StreamedModel.load_block
+    monkeypatch.setattr(
+        StreamedModel, "load_block", lambda self, i, device="cpu": loads.append(i) or load_block(self, i, device)
+    )
+    jobs = [ppl.PplJob(ids, 64, label="a"), ppl.PplJob(ids[:300], 48, stride=20, label="b")]
+    results = ppl.streamed_perplexities(StreamedModel(path, torch.float32), jobs, batch_size=2)
+    assert loads == [0, 1]  # each block read once for both sources
+    model, _ = load_model(str(path), dtype="float32", device="cpu")
+    for job, result in zip(jobs, results, strict=True):
+        expected = ppl.perplexity_on_ids(model, job.ids, job.seqlen, job.stride, batch_size=2)
+        assert result["nll"] == expected["nll"] and result["tokens_scored"] == expected["tokens_scored"]
+        assert result["shared_pass_sources"] == 2
+
+
 def test_eval_streams_plain_dirs_and_records_it(tmp_path, text_file):
     dense = save_dir(make_tiny_model("llama", seed=6), tmp_path / "dense")
     out = tmp_path / "eval"
@@ -212,3 +229,18 @@ def test_tasks_that_do_not_fit_run_offloaded(tmp_path, task_dir, text_file, monk
     assert a["tasks"]["tiny_task"]["acc"] == b["tasks"]["tiny_task"]["acc"]
     assert a["tasks"]["tiny_task"]["n_samples"] == 5
     assert a["ppl"][str(text_file)]["nll"] == b["ppl"][str(text_file)]["nll"]
+
+
+def test_hub_ids_stream_from_their_local_snapshot(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    dense = save_dir(make_tiny_model("llama", seed=10), tmp_path / "snapshot")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(dense))
+    assert compare.stream_location("someone/tiny-llama") == dense
+
+    def not_cached(repo_id, **kwargs):
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
+    assert compare.stream_location("someone/tiny-llama") is None  # the ordinary load then reports it
