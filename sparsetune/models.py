@@ -138,22 +138,6 @@ def _convert_once(gguf: Path, target: Path) -> Path:
     return target
 
 
-def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as err:  # noqa: BLE001 - any parse failure is a bad file for the user
-        raise SparsetuneError(
-            f"could not read GGUF file {path}: {first_line(err)}; check the file is complete"
-        ) from err
-    drop_gguf_quantization(model)
-    return model, tokenizer
-
-
 def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
@@ -225,24 +209,23 @@ def load_model(
     kind, location = resolve_model_path(spec)
     if kind == "bundled":
         kind, location = "dir", str(bundled_model_dir())
+    if kind == "gguf":  # converted once, tensor by tensor, into a cached HF dir (the same weights)
+        kind, location = "dir", str(gguf_dir(Path(location)))
     if kind == "dir" and (base := seft_adapter_base(Path(location))) is not None:
         return _load_seft_adapter(location, base, dtype, device, trust_remote_code, device_map, need_tokenizer)
-    if kind == "gguf":
-        model, tokenizer = _load_gguf(Path(location), torch_dtype)
-    else:
-        if kind == "dir":
-            exported = loader_for(Path(location))
-            if exported is not None:
-                tokenizer = load_tokenizer(location, trust_remote_code) if need_tokenizer else None
-                model = exported(Path(location), dtype=torch_dtype, **load_kwargs)
-                return _place(model, dev, device_map), tokenizer
-            if not (Path(location) / "config.json").exists():
-                raise SparsetuneError(f"{location} has no config.json; pass a HF model dir (save_pretrained output)")
-        # A local dir's tokenizer first: it loads in a moment, so a missing one fails before the weights are read.
-        tokenizer = load_tokenizer(location, trust_remote_code) if need_tokenizer and kind == "dir" else None
-        model = _from_pretrained(location, torch_dtype, trust_remote_code, device_map, **load_kwargs)
-        if need_tokenizer and tokenizer is None:
-            tokenizer = load_tokenizer(location, trust_remote_code)
+    if kind == "dir":
+        exported = loader_for(Path(location))
+        if exported is not None:
+            tokenizer = load_tokenizer(location, trust_remote_code) if need_tokenizer else None
+            model = exported(Path(location), dtype=torch_dtype, **load_kwargs)
+            return _place(model, dev, device_map), tokenizer
+        if not (Path(location) / "config.json").exists():
+            raise SparsetuneError(f"{location} has no config.json; pass a HF model dir (save_pretrained output)")
+    # A local dir's tokenizer first: it loads in a moment, so a missing one fails before the weights are read.
+    tokenizer = load_tokenizer(location, trust_remote_code) if need_tokenizer and kind == "dir" else None
+    model = _from_pretrained(location, torch_dtype, trust_remote_code, device_map, **load_kwargs)
+    if need_tokenizer and tokenizer is None:
+        tokenizer = load_tokenizer(location, trust_remote_code)
     return _place(model, dev, device_map), tokenizer
 
 

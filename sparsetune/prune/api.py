@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import data, masks, models
+from sparsetune import data, masks, models, stream_inputs
 from sparsetune.distributed import DistContext, dist_context
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
@@ -29,7 +29,7 @@ from sparsetune.prune.engine import GROUP_OF, BlockTargets, EngineOptions, llama
 from sparsetune.prune.self_calibration import self_calibration_set
 from sparsetune.prune.streamed import PruneStream
 from sparsetune.recipes import dump_yaml
-from sparsetune.streaming import ShardWriter, StreamedModel, human_bytes, save_config_files
+from sparsetune.streaming import ShardWriter, human_bytes, save_config_files
 
 log = logging.getLogger(__name__)
 
@@ -550,16 +550,11 @@ def streamable_location(cfg: PruneConfig) -> tuple[Path | None, str]:
         if snapshot is None:
             return None, "the hub id has no complete local snapshot of safetensors files"
         kind, location = "dir", str(snapshot)
-    if kind == "gguf":
-        return None, "a .gguf file is dequantized by transformers as a whole"
+    if kind == "gguf":  # converted once, tensor by tensor, into a cached HF dir
+        kind, location = "dir", str(models.gguf_dir(Path(location)))
     path = Path(location)
-    if models.seft_adapter_base(path) is not None:
-        return None, "a seft adapter dir is merged into its base in memory"
-    if models.is_exported_dir(path):
-        return None, "an exported compressed dir is decompressed in memory"
-    if not models.has_safetensors(path):
-        return None, f"{path} holds no safetensors weights (only .bin files are read whole)"
-    return path, ""
+    source, why = stream_inputs.stream_input(path)  # a plain dir, an exported dir, a seft adapter dir
+    return (path, "") if source is not None else (None, why)
 
 
 def _run_streamed(
@@ -574,12 +569,14 @@ def _run_streamed(
 ) -> dict[str, Any]:
     """Prune with one block in memory at a time: read it from `location`, prune it, write its output shard."""
     t0 = time.perf_counter()
-    streamed = StreamedModel(location, models.resolve_dtype(cfg.dtype, ctx.device), cfg.trust_remote_code)
+    source, _ = stream_inputs.stream_input(location)
+    assert source is not None
+    streamed = stream_inputs.open_streamed(source, models.resolve_dtype(cfg.dtype, ctx.device), cfg.trust_remote_code)
     model = streamed.model
     if needs_calibration(cfg):
-        tokenizer = models.load_tokenizer(str(location), cfg.trust_remote_code)
+        tokenizer = models.load_tokenizer(str(source.model_dir), cfg.trust_remote_code)
     else:
-        tokenizer = optional_tokenizer(str(location), cfg.trust_remote_code)
+        tokenizer = optional_tokenizer(str(source.model_dir), cfg.trust_remote_code)
     blocks, _ = plan_targets(model, cfg)  # fail on bad targets before any work
     if ctx.is_main:
         check_free_space(out, streamed.output_nbytes(), cfg.checkpoint_dir)
@@ -608,7 +605,7 @@ def _run_streamed(
                 for k in range(1, n_shards + 1):
                     shutil.move(str(writer.path(k)), str(Path(tmp) / writer.path(k).name))
             ShardWriter(tmp, n_shards).write_index()
-            save_config_files(model, tokenizer, location, Path(tmp))
+            save_config_files(model, tokenizer, source.model_dir, Path(tmp))
             report["timings"]["save_s"] = round(time.perf_counter() - t0, 3)
             report["memory"] = peak_memory()
             report["output"] = str(out)
