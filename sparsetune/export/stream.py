@@ -334,3 +334,63 @@ def check_free_space(folder: Path, need: int, what: str) -> None:
 def raise_disk_full(path: Path, err: BaseException, need: int | None) -> None:
     if is_disk_full(err):
         raise disk_full_error(path, err, need) from err
+
+
+# ----- --format dense: the files save_pretrained writes ---------------------------------------------------------
+
+
+def save_pretrained_split(model: Any, max_shard_size: str | int) -> Any:
+    """How `save_pretrained(max_shard_size=...)` splits `model` into shards (huggingface_hub's
+    split_torch_state_dict_into_shards over the state dict it saves), computed on the skeleton; None where that
+    cannot be told without the weights: tensors save_pretrained shares storage between (a weight conversion's
+    views, e.g. fused experts split back per expert), keys it skips, or code shipped with the model."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    if model._keys_to_ignore_on_save or model.is_remote_code():
+        return None
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    reverted = dict(revert_weight_conversion(model, dict(state)))
+    if set(reverted) != set(state):  # converted: its per-expert views share the fused storage when real
+        return None
+    return split_torch_state_dict_into_shards(
+        reverted, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+
+
+class PlannedShards:
+    """Output shards whose contents are known up front (`split.filename_to_tensors`): each is written as soon as
+    its last tensor arrives, then the index save_pretrained writes when there are several."""
+
+    def __init__(self, folder: Path, split: Any, total_parameters: int) -> None:
+        self.folder, self.split, self.total_parameters = folder, split, total_parameters
+        self.missing = {name: set(keys) for name, keys in split.filename_to_tensors.items()}
+        self.builders = {name: ShardBuilder(folder, i + 1) for i, name in enumerate(split.filename_to_tensors)}
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def add_group(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, tensor in tensors.items():
+            name = self.split.tensor_to_filename[key]
+            self.builders[name].add({key: tensor})
+            self.missing[name].discard(key)
+            if not self.missing[name]:
+                self._write(name)
+
+    def _write(self, name: str) -> None:
+        builder = self.builders.pop(name)
+        # save_pretrained writes a shard's tensors in the split's order; the file's layout depends only on the set
+        builder.entries = {k: builder.entries[k] for k in self.split.filename_to_tensors[name]}
+        size, sha = builder.write(self.folder / name)
+        self.files[name] = {"bytes": size, "sha256": sha}
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        if self.builders:
+            raise SparsetuneError(f"internal: shards {sorted(self.builders)} never received all their tensors")
+        if self.split.is_sharded:
+            index = {
+                "metadata": {"total_parameters": self.total_parameters, **self.split.metadata},
+                "weight_map": self.split.tensor_to_filename,
+            }
+            (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return {name: self.files[name] for name in self.split.filename_to_tensors}

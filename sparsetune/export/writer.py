@@ -399,7 +399,10 @@ def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     out = check_output_dir(cfg.output, overwrite, inputs=(cfg.model,))
     location, why = streamable_input(cfg)
     if location is not None:
-        return run_streamed_export(cfg, location, out, overwrite)
+        report = run_streamed_export(cfg, location, out, overwrite)
+        if report is not None:
+            return report
+        why = "save_pretrained shares storage between the tensors it writes (weight conversions) or runs model code"
     log.info("export loads %s whole: %s", cfg.model, why)
     t0 = time.perf_counter()
     dtype = checkpoint_dtype(cfg.model) if cfg.dtype == "auto" else cfg.dtype
@@ -424,8 +427,6 @@ def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
 
 def streamable_input(cfg: ExportConfig) -> tuple[Path | None, str]:
     """(the local HF dir whose safetensors shards the export streams from, "") or (None, why it loads whole)."""
-    if cfg.format == "dense":
-        return None, "--format dense is written by save_pretrained"
     kind, location = models.resolve_model_path(cfg.model)
     if kind == "bundled":
         kind, location = "dir", str(models.bundled_model_dir())
@@ -483,6 +484,18 @@ def recorded_sparsity(location: Path) -> dict[str, float] | None:
     }
 
 
+def write_dense_files(model: nn.Module, generation: Any, tokenizer: Any, out_dir: Path) -> None:
+    """What save_pretrained (through models.save_model) writes besides the weights."""
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(str(out_dir))
+    if generation is not None:
+        generation.save_pretrained(str(out_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    models.drop_dangling_auto_map(out_dir)
+
+
 def generation_config_of(model: nn.Module, location: Path) -> Any:
     """The generation config from_pretrained gives a model of `location`: its generation_config.json, else one
     built from its config.json (not the skeleton's own, which also copies the config's output_* flags)."""
@@ -495,16 +508,25 @@ def generation_config_of(model: nn.Module, location: Path) -> Any:
     return GenerationConfig.from_pretrained(str(location), config_file_name="config.json", _from_model_config=True)
 
 
-def run_streamed_export(cfg: ExportConfig, location: Path, out: Path, overwrite: bool) -> dict[str, Any]:
+def run_streamed_export(cfg: ExportConfig, location: Path, out: Path, overwrite: bool) -> dict[str, Any] | None:
     """The export of a safetensors HF dir, read and written one decoder block at a time (module docstring of
-    `sparsetune.export.stream`); its files are the ones `export_model` writes for the loaded model."""
+    `sparsetune.export.stream`); its files are the ones `export_model` writes for the loaded model. None (nothing
+    done) for a --format dense whose save_pretrained split cannot be told from the skeleton."""
     t0 = time.perf_counter()
     dtype = checkpoint_dtype(str(location)) if cfg.dtype == "auto" else cfg.dtype
     streamed = StreamedModel(location, models.DTYPES[dtype], cfg.trust_remote_code)
     checkpoint = StreamedCheckpoint(streamed)
+    split = None
+    if cfg.format == "dense":
+        split = stream.save_pretrained_split(streamed.model, cfg.max_shard_size)
+        if split is None or set(split.tensor_to_filename) != set(checkpoint.state):
+            return None
     planner = Planner(streamed.model, checkpoint.state, cfg.format, cfg.ignore, cfg.max_density, cfg.force_24)
     tokenizer = _tokenizer_or_none(str(location), cfg.trust_remote_code)
-    need = estimate_output_bytes(checkpoint, planner, cfg.format, location)
+    if split is not None:
+        need = sum(t.numel() * t.element_size() for t in checkpoint.state.values())
+    else:
+        need = estimate_output_bytes(checkpoint, planner, cfg.format, location)
     spill = min(need, shard_size_bytes(cfg.max_shard_size))
     if spill > stream.SPILL_BYTES:  # a shard written from its spill file takes its space twice meanwhile
         need += spill
@@ -514,18 +536,21 @@ def run_streamed_export(cfg: ExportConfig, location: Path, out: Path, overwrite:
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         tmp = Path(tmp)
         try:
-            shards = ShardSequence(tmp, shard_size_bytes(cfg.max_shard_size))
+            if split is not None:
+                shards = stream.PlannedShards(tmp, split, streamed.model.num_parameters())
+            else:
+                shards = ShardSequence(tmp, shard_size_bytes(cfg.max_shard_size))
             for segment in checkpoint.segments:
                 t = time.perf_counter()
                 state = checkpoint.read(segment)
                 timings["read_s"] += time.perf_counter() - t
                 t = time.perf_counter()
                 for key, tensor in state.items():
-                    if key in planner.candidates:
+                    if split is None and key in planner.candidates:
                         planner.visit(key, tensor)
                 if planner.failing:  # the error is certain: plan the rest for its message, write nothing more
                     continue
-                tensors = encode_tensors(state, planner.plan, cfg.format)
+                tensors = state if split is not None else encode_tensors(state, planner.plan, cfg.format)
                 del state
                 timings["encode_s"] += time.perf_counter() - t
                 t = time.perf_counter()
@@ -533,13 +558,18 @@ def run_streamed_export(cfg: ExportConfig, location: Path, out: Path, overwrite:
                     shards.add_group(group)
                 del tensors
                 timings["write_s"] += time.perf_counter() - t
-            plan = planner.finish()
             t = time.perf_counter()
-            files = shards.finish()
             generation = generation_config_of(streamed.model, location)
-            report = write_export_files(
-                streamed.model.config, generation, tokenizer, tmp, cfg, plan, checkpoint.state, files
-            )
+            if split is not None:
+                shards.finish()
+                write_dense_files(streamed.model, generation, tokenizer, tmp)
+                report = {"format": "dense"}
+            else:
+                plan = planner.finish()
+                files = shards.finish()
+                report = write_export_files(
+                    streamed.model.config, generation, tokenizer, tmp, cfg, plan, checkpoint.state, files
+                )
             for name in CARRIED_FILES:
                 if (location / name).is_file():
                     shutil.copy2(location / name, tmp / name)
