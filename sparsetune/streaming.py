@@ -234,13 +234,17 @@ class StreamedModel:
         location: str | os.PathLike[str],
         dtype: torch.dtype | None,
         trust_remote_code: bool = False,
+        files: Any = None,
     ) -> None:
+        """`location` holds config.json; the tensors come from `files` (default: `CheckpointFiles(location)`), any
+        object with its interface: an exported dir's (`sparsetune.export.stream_input.ExportedFiles`, whose
+        `decompressed` drops the config's quantization_config, as `load_exported` does) or a seft adapter's."""
         from transformers import AutoConfig
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
         self.location = Path(location)
-        self.files = CheckpointFiles(self.location)
+        self.files = CheckpointFiles(self.location) if files is None else files
         try:
             config = AutoConfig.from_pretrained(str(self.location), trust_remote_code=trust_remote_code)
         except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad config
@@ -250,6 +254,8 @@ class StreamedModel:
             raise SparsetuneError(
                 f"could not read the config of {self.location}: {models.first_line(err)}; {hint}"
             ) from err
+        if getattr(self.files, "decompressed", False) and hasattr(config, "quantization_config"):
+            del config.quantization_config  # the files decompress on read: transformers must not look for a quantizer
         self.model = build_skeleton(config, dtype, trust_remote_code)
         self.dtype = self.model.dtype
         self.decoder_path, self.layers = models.find_decoder(self.model)

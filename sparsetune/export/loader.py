@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,9 @@ def integrity_record(path: Path) -> dict[str, Any] | None:
     return files
 
 
-def read_tensors(path: Path, digests: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint dir, each file verified against its recorded size and sha256 when given.
-
-    The files are memory-mapped (as transformers' own loading does): the digest is computed straight from the
-    mapping and the tensors are views into it, so nothing is copied before decompression.
-    """
-    tensors: dict[str, torch.Tensor] = {}
+def verify_files(path: Path, digests: dict[str, Any] | None, sha256: Callable[[Path], str] = file_sha256) -> list[str]:
+    """The weight files of a checkpoint dir (`shard_files`), each present and, when `digests` are given, of its
+    recorded size and sha256 (`sha256` hashes one file)."""
     files = shard_files(path)
     if digests is not None and sorted(digests) != files:
         raise SparsetuneError(
@@ -89,8 +86,20 @@ def read_tensors(path: Path, digests: dict[str, Any] | None = None) -> dict[str,
                     f"{file} is truncated or corrupted ({size} bytes, expected {expected['bytes']}); "
                     "re-export or re-copy it"
                 )
-            if file_sha256(file) != expected["sha256"]:
+            if sha256(file) != expected["sha256"]:
                 raise SparsetuneError(f"{file} is corrupted (sha256 mismatch); re-export or re-copy it")
+    return files
+
+
+def read_tensors(path: Path, digests: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint dir, each file verified against its recorded size and sha256 when given.
+
+    The files are memory-mapped (as transformers' own loading does): the digest is computed straight from the
+    mapping and the tensors are views into it, so nothing is copied before decompression.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name in verify_files(path, digests):
+        file = path / name
         try:
             part = safetensors_load_file(str(file))
         except (SafetensorError, ValueError, RuntimeError) as err:
@@ -100,6 +109,45 @@ def read_tensors(path: Path, digests: dict[str, Any] | None = None) -> dict[str,
             raise SparsetuneError(f"{file} repeats tensor {sorted(overlap)[0]}; re-export the model")
         tensors.update(part)
     return tensors
+
+
+def compressed_modules(
+    names: Iterable[str], fmt: str, keys: dict[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """(the tensor names that pass through, {compressed module: its dense key}) of a checkpoint in `fmt`: a module's
+    parts are `<module>.<part>` for the format's parts; its dense key is `<module>.weight` unless `keys` (from
+    sparsetune_config.json) names another. A module missing a part, or stored both dense and compressed, is an
+    error."""
+    keys = keys or {}
+    params = CODECS[fmt][0]
+    by_module: dict[str, set[str]] = {}
+    plain: list[str] = []
+    for key in names:
+        module, _, part = key.rpartition(".")
+        if part in params and module:
+            by_module.setdefault(module, set()).add(part)
+        else:
+            plain.append(key)
+    taken = set(plain)
+    modules: dict[str, str] = {}
+    for module, parts in by_module.items():
+        missing = [p for p in params if p not in parts]
+        if missing:
+            raise SparsetuneError(f"{module} lacks {module}.{missing[0]} in its {fmt} tensors; re-export the model")
+        dense_key = keys.get(module, f"{module}.weight")
+        if dense_key in taken:
+            raise SparsetuneError(f"{module} is stored both dense and compressed; re-export the model")
+        taken.add(dense_key)
+        modules[module] = dense_key
+    return plain, modules
+
+
+def module_keys(path: Path) -> dict[str, str]:
+    """The dense key of every compressed module that sparsetune_config.json names one for (fused 3-D experts)."""
+    meta_file = path / SPARSETUNE_CONFIG
+    meta = _read_json(meta_file) if meta_file.is_file() else {}
+    modules = meta.get("modules") if isinstance(meta.get("modules"), dict) else {}
+    return {n: str(m["key"]) for n, m in modules.items() if isinstance(m, dict) and isinstance(m.get("key"), str)}
 
 
 def decompress_state(
@@ -112,23 +160,11 @@ def decompress_state(
     stored as one [E * R, C] matrix whose `shape` holds the three dims: it is decompressed as that matrix and
     given its expert axis back.
     """
-    keys = keys or {}
     params, _, decompress = CODECS[fmt]
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        module, _, part = key.rpartition(".")
-        if part in params and module:
-            by_module.setdefault(module, {})[part] = tensor
-        else:
-            state[key] = tensor
-    for module, parts in by_module.items():
-        missing = [p for p in params if p not in parts]
-        if missing:
-            raise SparsetuneError(f"{module} lacks {module}.{missing[0]} in its {fmt} tensors; re-export the model")
-        dense_key = keys.get(module, f"{module}.weight")
-        if dense_key in state:
-            raise SparsetuneError(f"{module} is stored both dense and compressed; re-export the model")
+    plain, modules = compressed_modules(tensors, fmt, keys)
+    state: dict[str, torch.Tensor] = {key: tensors[key] for key in plain}
+    for module, dense_key in modules.items():
+        parts = {p: tensors[f"{module}.{p}"] for p in params}
         shape = parts["shape"]
         if dense_key != f"{module}.weight":  # a fused expert parameter (named so by sparsetune_config.json)
             if shape.dtype != torch.int64 or shape.numel() != 3:
@@ -171,11 +207,7 @@ def load_exported(
     fmt = read_export_format(path)
     if fmt is None:
         raise SparsetuneError(f"{path} is not a compressed sparsetune export; load it as a plain HF dir")
-    meta_file = path / SPARSETUNE_CONFIG
-    meta = _read_json(meta_file) if meta_file.is_file() else {}
-    modules = meta.get("modules") if isinstance(meta.get("modules"), dict) else {}
-    keys = {n: str(m["key"]) for n, m in modules.items() if isinstance(m, dict) and isinstance(m.get("key"), str)}
-    state = decompress_state(read_tensors(path, integrity_record(path)), fmt, keys)
+    state = decompress_state(read_tensors(path, integrity_record(path)), fmt, module_keys(path))
 
     raw_config = json.loads((path / "config.json").read_text())
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)

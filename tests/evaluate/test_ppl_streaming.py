@@ -138,7 +138,8 @@ def test_eval_streams_plain_dirs_and_records_it(tmp_path, text_file):
     direct = ppl.perplexity(model, tokenizer, str(text_file), seqlen=64, batch_size=2)
     assert entry["ppl"][str(text_file)]["nll"] == direct["nll"]
     assert entry["ppl"][str(text_file)]["dataset"] == direct["dataset"]
-    # Inputs that do not stream load whole: a GGUF file, an exported compressed dir (lossless: same figure).
+    # A GGUF file loads whole. An exported compressed dir streams its perplexity, decompressed on read (lossless:
+    # the same figure); lm-eval's memory estimate (stream_location) reads plain checkpoints only.
     fake_gguf = tmp_path / "model.gguf"
     fake_gguf.write_bytes(b"")
     assert compare.stream_location(str(fake_gguf)) is None
@@ -149,7 +150,7 @@ def test_eval_streams_plain_dirs_and_records_it(tmp_path, text_file):
     result = run_cli("eval", exported, "--ppl", text_file, "--seqlen", "64", "--ppl-batch-size", "2", "-o", out2)
     assert result.exit_code == 0, result.output
     entry2 = json.loads((out2 / "eval.json").read_text())["models"][0]
-    assert entry2["weights"] == "in-memory"
+    assert entry2["weights"] == "streamed" and compare.ppl_stream_location(str(exported)) == exported
     assert entry2["ppl"][str(text_file)]["nll"] == direct["nll"]
 
 

@@ -81,7 +81,16 @@ def apply_adapter(model: nn.Module, path: str | Path, merge: bool = True) -> dic
     Returns the DeltaLinear modules (merged away when `merge`).
     """
     tensors, config = read_adapter(path)
-    modules = check_base(model, config, str(path))
+    return apply_adapter_tensors(model, tensors, config, str(path), merge)
+
+
+@torch.no_grad()
+def apply_adapter_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], config: dict[str, Any], source: str, merge: bool = True
+) -> dict[str, DeltaLinear]:
+    """`apply_adapter` with the adapter already read (`read_adapter`): its tensors and config, `source` naming it in
+    errors. Only the modules `config["modules"]` lists are applied (a streamed input applies one at a time)."""
+    modules = check_base(model, config, source)
     budgets = {name: int(meta["k"]) for name, meta in config["modules"].items()}
     layers = wrap_model(model, modules, budgets, config["base_dtype"])
     for name, layer in layers.items():
