@@ -3,7 +3,8 @@
 - a plain HF dir with safetensors: its shards (`streaming.CheckpointFiles`);
 - an exported compressed dir: its dense tensors, decompressed on read (`export.stream_input.ExportedFiles`);
 - a `seft --no-merge` adapter dir whose base streams: the base's tensors, the trained Linears merged on read
-  (`train.sparse_delta.stream_input.AdapterFiles`).
+  (`train.sparse_delta.stream_input.AdapterFiles`); but not one trained on an NF4 base, which bitsandbytes
+  quantizes on the compute device of the whole-model load.
 
 Each reads exactly the tensors the whole-model load (`models.load_model`) builds, so streamed runs equal it bit for
 bit. `stream_input(path)` says whether and how a dir streams; `open_streamed` builds its `StreamedModel`.
@@ -47,6 +48,10 @@ def stream_input(path: Path) -> tuple[StreamInput | None, str]:
     """(how the local dir `path` streams, "") or (None, why it loads whole)."""
     base_spec = models.seft_adapter_base(path)
     if base_spec is not None:
+        from sparsetune.train.sparse_delta.adapter import read_adapter
+
+        if read_adapter(path)[1].get("base_dtype") == "nf4":
+            return None, "a seft adapter trained on an NF4 base is merged in memory, where bitsandbytes quantizes it"
         base_dir, why = local_dir(base_spec)
         base = None
         if base_dir is not None:

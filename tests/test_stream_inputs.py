@@ -137,6 +137,7 @@ def test_exported_files_read_what_the_loader_decompresses(root, family, fmt):
     }
     _equal(files.read(files.names()), whole)
     assert files.nbytes() < sum(t.numel() * t.itemsize for t in whole.values())  # the compressed bytes are read
+    assert files.fingerprint() == ExportedFiles(path, verify=False).fingerprint()  # what a resume compares
 
 
 @pytest.mark.parametrize(("family", "fmt"), EXPORTS)
@@ -198,6 +199,7 @@ def test_an_adapter_dir_reads_the_merged_model(root, dtype):
         streamed.load_head()
         whole, _ = load_model(str(path), dtype=dtype, device="cpu")
         _equal(streamed.model.state_dict(), whole.state_dict())
+        assert streamed.files.fingerprint() != streamed.files.base.fingerprint()  # a resume tells them apart
         base, _ = load_model(str(source.model_dir), dtype=dtype, device="cpu")
         changed = {k for k, v in base.state_dict().items() if not torch.equal(v, whole.state_dict()[k])}
         assert changed and all(".layers." in k for k in changed)
@@ -251,3 +253,15 @@ def test_an_adapter_on_another_base_is_refused(root, tmp_path):
     result = runner.invoke(app, ["prune", str(moved), "--method", "magnitude", "--sparsity", "0.6", "-o", str(out)])
     assert result.exit_code == 2, result.output
     assert "different base" in result.output and not out.exists()
+
+
+def test_an_adapter_on_an_nf4_base_loads_whole(root, tmp_path):
+    from sparsetune.train.sparse_delta.adapter import read_adapter, save_adapter
+
+    tensors, config = read_adapter(adapter_dir(root, "llama", "auto"))
+    nf4 = tmp_path / "nf4"
+    nf4.mkdir()
+    save_adapter(nf4 / ADAPTER_FILE, tensors, {**config, "base_dtype": "nf4"})
+    source, why = stream_inputs.stream_input(nf4)
+    assert source is None and "NF4" in why
+    assert compare.ppl_stream_location(str(nf4)) is None
