@@ -455,7 +455,7 @@ def streamed_perplexities(
                         hidden, calls = capture_block_inputs(model, x, batch_size, device, store)
                         runs.append((k, _Run(run, hidden, calls)))
             streamed.release_rest()  # the embeddings wait on disk while the blocks run: memory holds one block
-            bar.update(advance=1)
+            bar.update(advance=1, info="embeddings")
             for i in range(n_layers):
                 layer = streamed.load_block(i, device)
                 with torch.inference_mode():
@@ -477,7 +477,7 @@ def streamed_perplexities(
                         totals[k] += nll_sum
                         scored[k] += n
             streamed.release_rest()
-            bar.update(advance=1)
+            bar.update(advance=1, info="head")
         finally:
             for _, r in runs:
                 if hasattr(r.hidden, "close"):
