@@ -580,7 +580,10 @@ def run_streamed_export(cfg: ExportConfig, location: Path, out: Path, overwrite:
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     report.update({"model": cfg.model, "output": str(out), "dtype": dtype, "disk_bytes": checkpoint_bytes(out)})
     report["streamed"] = True
-    report["read_bytes_max"] = max(checkpoint.files.nbytes(s.keys) for s in checkpoint.segments)
+    entries = checkpoint.files.entries  # the most checkpoint bytes one read asked for (one block, or the embeddings)
+    report["read_bytes_max"] = max(
+        checkpoint.files.nbytes([k for k in s.keys if k in entries]) for s in checkpoint.segments
+    )
     return report
 
 
