@@ -265,3 +265,45 @@ def test_an_adapter_on_an_nf4_base_loads_whole(root, tmp_path):
     source, why = stream_inputs.stream_input(nf4)
     assert source is None and "NF4" in why
     assert compare.ppl_stream_location(str(nf4)) is None
+
+
+def _counting(loads: list[int]):
+    load_block = StreamedModel.load_block
+
+    def counting(self, index, device="cpu"):
+        loads.append(index)
+        return load_block(self, index, device)
+
+    return counting
+
+
+def test_resume_from_an_export_or_an_adapter_dir_is_bit_identical(root, tmp_path, monkeypatch):
+    """Interrupted after block 1's shard (block 0 checkpointed), then resumed: the output equals a straight run's."""
+    from sparsetune.streaming import ShardWriter
+
+    write = ShardWriter.write
+
+    def interrupted(self, k, tensors):
+        path = write(self, k, tensors)
+        if k == 2:
+            raise KeyboardInterrupt
+        return path
+
+    for path in (exported(root, "qwen3_moe", "sparse-bitmask"), adapter_dir(root, "llama", "bf16")):
+        out, ckpt = tmp_path / f"a-{path.name}", tmp_path / f"ckpt-{path.name}"
+        cfg = PruneConfig(
+            model=str(path), output=str(out), calib=str(root / "calib.txt"), checkpoint_dir=str(ckpt), **WANDA
+        )
+        with monkeypatch.context() as m:
+            m.setattr(ShardWriter, "write", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                run_prune(cfg, False, False)
+        assert not out.exists()
+        loads: list[int] = []
+        with monkeypatch.context() as m:
+            m.setattr(StreamedModel, "load_block", _counting(loads))
+            run_prune(cfg.model_copy(update={"resume": True}), False, False)
+        assert loads == [1]  # block 0 came from the checkpoint
+        straight = tmp_path / f"b-{path.name}"
+        run_prune(cfg.model_copy(update={"output": str(straight), "checkpoint_dir": None}), False, False)
+        _equal(load_weights(out), load_weights(straight))
