@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sparsetune import __version__, models
+from sparsetune import __version__, models, stream_inputs
 from sparsetune.errors import SparsetuneError
-from sparsetune.export import loader_for, print_size_comparison, stream
+from sparsetune.export import print_size_comparison, stream
 from sparsetune.export.codecs import CODECS, force_24, mask_stats
 from sparsetune.export.config import ExportConfig, shard_size_bytes
 from sparsetune.export.formats import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256
@@ -34,7 +34,7 @@ from sparsetune.export.stream import (
     raise_disk_full,
 )
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, write_json
-from sparsetune.streaming import StreamedModel
+from sparsetune.stream_inputs import StreamInput
 
 log = logging.getLogger(__name__)
 
@@ -397,9 +397,9 @@ def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     if cfg.output is None:
         raise SparsetuneError("missing --output; pass -o OUT_DIR")
     out = check_output_dir(cfg.output, overwrite, inputs=(cfg.model,))
-    location, why = streamable_input(cfg)
-    if location is not None:
-        report = run_streamed_export(cfg, location, out, overwrite)
+    source, why = streamable_input(cfg)
+    if source is not None:
+        report = run_streamed_export(cfg, source, out, overwrite)
         if report is not None:
             return report
         why = "save_pretrained shares storage between the tensors it writes (weight conversions) or runs model code"
@@ -425,28 +425,16 @@ def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     return report
 
 
-def streamable_input(cfg: ExportConfig) -> tuple[Path | None, str]:
-    """(the local HF dir whose safetensors shards the export streams from, "") or (None, why it loads whole)."""
-    kind, location = models.resolve_model_path(cfg.model)
-    if kind == "bundled":
-        kind, location = "dir", str(models.bundled_model_dir())
-    if kind == "hub":
-        snapshot = models.hub_snapshot(location)
-        if snapshot is None:
-            return None, "the hub id has no complete local snapshot of safetensors files"
-        kind, location = "dir", str(snapshot)
-    if kind == "gguf":
-        return None, "a .gguf file is dequantized by transformers as a whole"
-    path = Path(location)
-    if models.seft_adapter_base(path) is not None:
-        return None, "a seft adapter dir is merged into its base in memory"
-    if loader_for(path) is not None:
-        return None, "an exported compressed dir is decompressed in memory"
-    if not (path / "config.json").is_file():
-        return None, f"{path} has no config.json"
-    if not ((path / SAFE_WEIGHTS).is_file() or (path / SAFE_INDEX).is_file()):
-        return None, f"{path} holds no safetensors weights (only .bin files are read whole)"
-    return path, ""
+def streamable_input(cfg: ExportConfig) -> tuple[StreamInput | None, str]:
+    """(how `cfg.model` streams: a plain HF dir's shards, an exported dir's decompressed tensors or a seft adapter
+    merged onto its streamed base; see `sparsetune.stream_inputs`, "") or (None, why it loads whole)."""
+    path, why = stream_inputs.local_dir(cfg.model)
+    if path is None:
+        return None, why
+    source, why = stream_inputs.stream_input(path)
+    if source is not None and not (source.model_dir / "config.json").is_file():
+        return None, f"{source.model_dir} has no config.json"
+    return source, why
 
 
 def estimate_output_bytes(checkpoint: StreamedCheckpoint, planner: Planner, fmt: str, location: Path) -> int:
@@ -508,13 +496,14 @@ def generation_config_of(model: nn.Module, location: Path) -> Any:
     return GenerationConfig.from_pretrained(str(location), config_file_name="config.json", _from_model_config=True)
 
 
-def run_streamed_export(cfg: ExportConfig, location: Path, out: Path, overwrite: bool) -> dict[str, Any] | None:
+def run_streamed_export(cfg: ExportConfig, source: StreamInput, out: Path, overwrite: bool) -> dict[str, Any] | None:
     """The export of a safetensors HF dir, read and written one decoder block at a time (module docstring of
     `sparsetune.export.stream`); its files are the ones `export_model` writes for the loaded model. None (nothing
     done) for a --format dense whose save_pretrained split cannot be told from the skeleton."""
     t0 = time.perf_counter()
+    location = source.location  # its dtype, tokenizer and carried files as the whole-model path reads them
     dtype = checkpoint_dtype(str(location)) if cfg.dtype == "auto" else cfg.dtype
-    streamed = StreamedModel(location, models.DTYPES[dtype], cfg.trust_remote_code)
+    streamed = stream_inputs.open_streamed(source, models.DTYPES[dtype], cfg.trust_remote_code)
     checkpoint = StreamedCheckpoint(streamed)
     split = None
     if cfg.format == "dense":
@@ -559,7 +548,7 @@ def run_streamed_export(cfg: ExportConfig, location: Path, out: Path, overwrite:
                 del tensors
                 timings["write_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            generation = generation_config_of(streamed.model, location)
+            generation = generation_config_of(streamed.model, source.model_dir)
             if split is not None:
                 shards.finish()
                 write_dense_files(streamed.model, generation, tokenizer, tmp)

@@ -228,13 +228,30 @@ def test_disk_full_while_writing_is_one_error_and_no_output(inputs, small_disk, 
     assert list(small_disk.iterdir()) == []
 
 
-def test_inputs_that_cannot_stream_load_whole(inputs, tmp_path, caplog):
-    exported = tmp_path / "exported"
-    run_export(ExportConfig(model=str(inputs["llama-sgpt24"]), output=str(exported)))
+def test_a_bin_checkpoint_loads_whole_and_says_so(tmp_path, tiny_tokenizer, caplog):
+    from safetensors.torch import load_file
+
+    src = tmp_path / "bin"
+    make_family_model("llama").save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    torch.save(load_file(src / "model.safetensors"), src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
     with caplog.at_level("INFO", logger="sparsetune.export.writer"):
-        report = run_export(ExportConfig(model=str(exported), output=str(tmp_path / "again")))
+        report = run_export(ExportConfig(model=str(src), output=str(tmp_path / "out"), max_density=1.0))
     assert not report["streamed"]
-    assert "an exported compressed dir is decompressed in memory" in caplog.text
+    assert "holds no safetensors weights" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [("mixtral-sgpt24", "sparse-24-bitmask"), ("mixtral-sgpt24", "semi-structured-2:4"), ("llama-sgpt24", "dense")],
+)
+def test_an_exported_dir_streams_to_the_in_memory_files(name, fmt, inputs, tmp_path, monkeypatch):
+    """An export re-exported (its tensors decompressed on read) writes what loading it whole and exporting does."""
+    exported = tmp_path / "exported"
+    run_export(ExportConfig(model=str(inputs[name]), output=str(exported), format="sparse-bitmask"))
+    streamed, whole = export_both_ways(exported, tmp_path, monkeypatch, format=fmt, max_shard_size="60KB")
+    assert file_hashes(streamed) == file_hashes(whole)
 
 
 def export_both_ways(src: Path, tmp_path: Path, monkeypatch, **settings) -> tuple[Path, Path]:
@@ -309,3 +326,13 @@ def test_dense_of_a_tied_model_streams_to_save_pretrained_files(inputs, tmp_path
     streamed, whole = export_both_ways(inputs["llama-tied-magnitude50"], tmp_path, monkeypatch, format="dense")
     assert file_hashes(streamed) == file_hashes(whole)
     assert (streamed / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("base_dtype", ["auto", "bf16"])
+def test_a_seft_adapter_dir_streams_to_the_in_memory_files(base_dtype, tmp_path, monkeypatch):
+    """A `seft --no-merge` dir: its base streamed, the trained Linears merged on read, as load_model merges."""
+    from test_stream_inputs import adapter_dir
+
+    adapter = adapter_dir(tmp_path, "llama", base_dtype)
+    streamed, whole = export_both_ways(adapter, tmp_path, monkeypatch, max_density=1.0)
+    assert file_hashes(streamed) == file_hashes(whole)
