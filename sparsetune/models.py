@@ -275,10 +275,7 @@ def _from_pretrained(
         if isinstance(err, OSError) and not Path(location).exists():
             hint = "check the hub id, your network, or set HF_HUB_OFFLINE=0; or pass a local model dir"
         if not trust_remote_code and needs_remote_code(err):
-            hint = (
-                "this model needs its own Python code (config.json auto_map); pass --trust-remote-code only if "
-                "you trust it: that runs the code shipped in the model dir"
-            )
+            hint = REMOTE_CODE_HINT
         raise SparsetuneError(f"could not load model {location}: {first_line(err)}; {hint}") from err
 
 
@@ -290,6 +287,12 @@ def has_tokenizer_files(location: str) -> bool:
     """False for a local dir holding no tokenizer file; True otherwise (hub ids are not checked)."""
     path = Path(location).expanduser()
     return not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+REMOTE_CODE_HINT = (
+    "this model needs its own Python code (config.json auto_map); pass --trust-remote-code only if you trust it: "
+    "that runs the code shipped in the model dir"
+)
 
 
 def needs_remote_code(err: BaseException) -> bool:

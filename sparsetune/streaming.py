@@ -117,7 +117,8 @@ class CheckpointFiles:
                 header, data_start = _header(path)
             except Exception as err:  # noqa: BLE001 - OSError, or the hub parser's SafetensorsParsingError
                 raise SparsetuneError(
-                    f"shard {path} is unreadable ({err}); the checkpoint is incomplete: re-download or re-save it"
+                    f"could not load model {self.folder}: shard {path.name} is unreadable ({models.first_line(err)}); "
+                    "check the files are complete (re-download or re-save the model)"
                 ) from err
             self.stats[path] = (st.st_size, st.st_mtime_ns)
             self.metadata[path] = header.pop("__metadata__", None) or {}
@@ -250,10 +251,8 @@ class StreamedModel:
         except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad config
             hint = "check config.json"
             if not trust_remote_code and models.needs_remote_code(err):
-                hint = "this model needs its own code (config.json auto_map); pass --trust-remote-code if you trust it"
-            raise SparsetuneError(
-                f"could not read the config of {self.location}: {models.first_line(err)}; {hint}"
-            ) from err
+                hint = models.REMOTE_CODE_HINT
+            raise SparsetuneError(f"could not load model {self.location}: {models.first_line(err)}; {hint}") from err
         if getattr(self.files, "decompressed", False) and hasattr(config, "quantization_config"):
             del config.quantization_config  # the files decompress on read: transformers must not look for a quantizer
         self.model = build_skeleton(config, dtype, trust_remote_code)
@@ -483,16 +482,24 @@ class ShardWriter:
         return out
 
 
+def generation_config_of(model: nn.Module, location: Path) -> Any:
+    """The generation config from_pretrained gives a model of `location`: its generation_config.json, else one
+    built from its config.json (not the skeleton's own, which also copies the config's output_* flags)."""
+    if not model.can_generate():
+        return None
+    from transformers import GenerationConfig
+
+    if (location / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(location))
+    return GenerationConfig.from_pretrained(str(location), config_file_name="config.json", _from_model_config=True)
+
+
 def save_config_files(model: nn.Module, tokenizer: Any, location: Path, out_dir: Path) -> None:
     """What save_pretrained writes besides the weights (config.json, generation_config.json), the tokenizer, and
     no `auto_map` entry whose code is not in the output."""
     model.config.save_pretrained(str(out_dir))
-    generation = getattr(model, "generation_config", None)
-    if (location / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        generation = GenerationConfig.from_pretrained(str(location))
-    if generation is not None and model.can_generate():
+    generation = generation_config_of(model, location)
+    if generation is not None:
         generation.save_pretrained(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))

@@ -35,6 +35,7 @@ from sparsetune.export.stream import (
 )
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, write_json
 from sparsetune.stream_inputs import StreamInput
+from sparsetune.streaming import generation_config_of
 
 log = logging.getLogger(__name__)
 
@@ -482,18 +483,6 @@ def write_dense_files(model: nn.Module, generation: Any, tokenizer: Any, out_dir
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     models.drop_dangling_auto_map(out_dir)
-
-
-def generation_config_of(model: nn.Module, location: Path) -> Any:
-    """The generation config from_pretrained gives a model of `location`: its generation_config.json, else one
-    built from its config.json (not the skeleton's own, which also copies the config's output_* flags)."""
-    if not model.can_generate():
-        return None
-    from transformers import GenerationConfig
-
-    if (location / "generation_config.json").is_file():
-        return GenerationConfig.from_pretrained(str(location))
-    return GenerationConfig.from_pretrained(str(location), config_file_name="config.json", _from_model_config=True)
 
 
 def run_streamed_export(cfg: ExportConfig, source: StreamInput, out: Path, overwrite: bool) -> dict[str, Any] | None:

@@ -277,3 +277,16 @@ def test_a_disk_that_fills_while_writing_is_one_error_and_no_output(dirs, small_
     error = _one_error(_prune_cli(model_dir, calib, small_disk / "out"))
     assert "disk full" in error and "free" in error
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_an_input_without_generation_config_gets_the_one_from_pretrained_builds(dirs, tmp_path):
+    model_dir, calib = dirs["llama"]
+    bare = _copy_model(model_dir, tmp_path / "bare", lambda w: None)
+    (bare / "generation_config.json").unlink()
+    outs = []
+    for stream in (True, False):
+        outs.append(tmp_path / f"out-{stream}")
+        cfg = PruneConfig(model=str(bare), output=str(outs[-1]), calib=str(calib), stream=stream, **CALIB)
+        run_prune(cfg, show_progress=False)
+    a, b = (json.loads((o / "generation_config.json").read_text()) for o in outs)
+    assert a == b
