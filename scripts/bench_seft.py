@@ -13,6 +13,13 @@ quality (default)
     raw test, first 32 non-overlapping 1024-token windows, and ARC-Easy through the offline lm-eval task. Targets:
     seft ppl < LoRA* ppl at both starts; seft grad+optimizer bytes <= 1.1x LoRA*'s; seft peak RSS <= LoRA*'s; seft
     mean step time <= 1.3x LoRA*'s; the distance to masked-ft is reported, not a target.
+activations
+    Activation checkpointing on and off (`--activation-checkpointing` / `--no-activation-checkpointing`): seft's
+    default (seft-no-reactivate, lr 1e-3) from the Wanda 70% start, `--steps` (default 120) x 8 x 256 C4 tokens, each
+    run a process of its own. One row per run: peak RSS of the whole process (from wait4), mean step time and the
+    loss of every step; then one comparison row: RSS and step-time ratios (on / off) and the largest relative
+    difference of a step's loss. Targets (issue 32): peak RSS <= 2 GB, step time <= 1.35x, losses within 1e-5.
+    `--activation-runs on,off,off-whole-logits` adds a run without checkpointing and without the chunked loss.
 memory
     Random-initialised Llama configs of about 135M, 400M and 1B parameters, pruned by magnitude to 50%; 5 steps of
     each method. Records trainable_params, grad_bytes, optimizer_state_bytes and peak RSS, as measured by the run.
@@ -21,6 +28,8 @@ memory
 
     .venv/bin/python scripts/bench_seft.py                      # quality suite (about 4 h alone: 20-25 min a run)
     .venv/bin/python scripts/bench_seft.py --suite memory       # memory scaling (about 20 min, 16 GB RAM)
+    .venv/bin/python scripts/bench_seft.py --suite activations  # checkpointing on vs off (2 runs of ~20 min)
+    .venv/bin/python scripts/bench_seft.py --suite activations --steps 3 --results /tmp/ac.jsonl  # smoke test
     .venv/bin/python scripts/bench_seft.py --quick              # tiny settings: checks the plumbing
 """
 
@@ -31,6 +40,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +78,14 @@ LEARNING_RATES = {
 }  # fmt: skip
 
 
+# --activation-runs name -> its extra flags; the comparison row is on against off.
+ACTIVATION_RUNS = {
+    "on": ["--activation-checkpointing"],
+    "off": ["--no-activation-checkpointing"],
+    "off-whole-logits": ["--no-activation-checkpointing", "--loss-chunk-tokens", "0"],
+}
+
+
 def sparsetune(*args: str) -> tuple[dict[str, object], float]:
     """Run the CLI in its own process; returns its --json summary and the wall time."""
     cmd = [sys.executable, "-m", "sparsetune", *args]
@@ -79,6 +97,30 @@ def sparsetune(*args: str) -> tuple[dict[str, object], float]:
         raise SystemExit(f"command failed ({done.returncode}): {' '.join(cmd)}")
     last = [line for line in done.stdout.splitlines() if line.startswith("{")]
     return (json.loads(last[-1]) if last else {}), wall
+
+
+def sparsetune_measured(*args: str) -> tuple[dict[str, object], float, int]:
+    """`sparsetune(...)`, also returning the peak RSS of the whole process in bytes (its rusage, from wait4)."""
+    cmd = [sys.executable, "-m", "sparsetune", *args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        sys.stderr.write(stderr[-4000:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    last = [line for line in stdout.splitlines() if line.startswith("{")]
+    return (json.loads(last[-1]) if last else {}), wall, int(usage.ru_maxrss) * 1024  # Linux: KiB
+
+
+def set_results(path: Path) -> None:
+    global RESULTS
+    RESULTS = path.expanduser().resolve()
 
 
 def emit(row: dict[str, object]) -> None:
@@ -238,6 +280,58 @@ def quality_summary(base: dict[str, object], start: dict[str, object], rows: dic
     emit({**base, "summary": True, **checks})
 
 
+def activations_suite(args: argparse.Namespace, work: Path) -> None:
+    """seft's default with activation checkpointing on and off, same tokens and steps: memory, time, losses."""
+    calib_windows = 4 if args.quick else CALIB_WINDOWS
+    name = DEFAULT_SEFT_RUN
+    runs = args.activation_runs.split(",")
+    unknown = set(runs) - ACTIVATION_RUNS.keys()
+    if unknown:
+        raise SystemExit(f"error: --activation-runs names {sorted(unknown)}; runs: {', '.join(ACTIVATION_RUNS)}")
+    for sparsity in [float(s) for s in (args.sparsities or "0.7").split(",")]:
+        pruned = prune_testbed(work, calib_windows, sparsity)
+        base = {"suite": "activations", "start": f"wanda{round(sparsity * 100)}", "steps": args.steps}
+        base |= {"batch_size": args.batch_size, "seqlen": args.seqlen, "method": name, "lr": LEARNING_RATES[name]}
+        schedule = [
+            "--data", "c4", "--skip-tokens", str(calib_windows * CALIB_SEQLEN), "--seqlen", str(args.seqlen),
+            "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+            "--warmup-steps", str(min(10, args.steps // 10)),
+        ]  # fmt: skip
+        rows: dict[str, dict[str, object]] = {}
+        for run in runs:
+            out = work / f"activations-wanda{round(sparsity * 100)}-{run}"
+            summary, wall, rss = sparsetune_measured(
+                "seft", str(pruned), "-o", str(out), *QUALITY_RUNS[name], *schedule, *ACTIVATION_RUNS[run],
+                "--lr", str(LEARNING_RATES[name]), "--overwrite", "--json",
+            )  # fmt: skip
+            log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+            rows[run] = {
+                **base,
+                "run": f"activation-checkpointing-{run}",
+                "activation_checkpointing": summary.get("activation_checkpointing"),
+                "loss_chunk_tokens": summary.get("loss_chunk_tokens"),
+                "peak_rss_bytes": rss,
+                "report_peak_rss_bytes": summary.get("peak_rss_bytes"),  # the run's own, taken before it saves
+                "mean_step_s": summary.get("mean_step_s"),
+                "wall_s": round(wall, 1),
+                "losses": [r["loss"] for r in log],
+            }
+            emit(rows[run])
+        if {"on", "off"} <= rows.keys():
+            on, off = rows["on"], rows["off"]
+            rss_ratio = on["peak_rss_bytes"] / off["peak_rss_bytes"]
+            step_ratio = (on["mean_step_s"] or 0) / (off["mean_step_s"] or 1)
+            loss_diff = max(abs(a - b) / abs(b) for a, b in zip(on["losses"], off["losses"], strict=True))
+            emit({
+                **base, "summary": True, "run": "activation-checkpointing-comparison",
+                "peak_rss_on_bytes": on["peak_rss_bytes"], "peak_rss_off_bytes": off["peak_rss_bytes"],
+                "rss_ratio_on_over_off": round(rss_ratio, 4), "step_time_ratio_on_over_off": round(step_ratio, 4),
+                "max_rel_loss_diff": loss_diff,
+                "peak_rss_on_at_most_2gb": on["peak_rss_bytes"] <= 2 * 10**9,
+                "step_time_within_1_35x": step_ratio <= 1.35, "losses_within_1e_5": loss_diff <= 1e-5,
+            })  # fmt: skip
+
+
 def random_llama(work: Path, size: str, quick: bool) -> Path:
     """A random-initialised Llama of the named size with the bundled tokenizer, pruned by magnitude to 50%."""
     pruned = work / f"random-llama-{size}-magnitude50"
@@ -323,12 +417,16 @@ def summarize(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["quality", "memory"], default="quality")
+    parser.add_argument("--suite", choices=["quality", "memory", "activations"], default="quality")
     parser.add_argument("--quick", action="store_true", help="tiny settings: check the script runs")
     parser.add_argument("--work", default=str(ROOT / "bench" / "cache" / "seft"), help="where models are written")
     parser.add_argument("--methods", default=",".join(QUALITY_RUNS))
-    parser.add_argument("--sparsities", default="0.5,0.7", help="quality: Wanda sparsities of the start models")
-    parser.add_argument("--steps", type=int, default=120, help="quality: steps (6 reselections at the default 20)")
+    parser.add_argument(
+        "--sparsities", default=None, help="Wanda sparsities of the start models (quality: 0.5,0.7; activations: 0.7)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=120, help="quality, activations: steps (6 reselections at the default 20)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=32)
@@ -337,7 +435,14 @@ def main() -> None:
     parser.add_argument("--lr", default="", help="learning-rate overrides, e.g. seft=3e-4,lora-reprune=3e-4")
     parser.add_argument("--summarize", action="store_true", help="only the summary lines, from recorded rows")
     parser.add_argument("--memory-seqlen", type=int, default=256, help="memory: tokens per step")
+    parser.add_argument(
+        "--activation-runs", default="on,off", help=f"activations: runs among {', '.join(ACTIVATION_RUNS)}"
+    )
+    parser.add_argument("--results", default=str(RESULTS), help="the JSONL file rows are appended to")
     args = parser.parse_args()
+    set_results(Path(args.results))
+    if args.sparsities is None and args.suite != "activations":
+        args.sparsities = "0.5,0.7"
     override_learning_rates(args.lr)
     if args.quick:
         args.steps, args.batch_size, args.seqlen, args.eval_windows = 4, 2, 64, 2
@@ -349,7 +454,8 @@ def main() -> None:
     if args.summarize:
         summarize(args)
     else:
-        (quality_suite if args.suite == "quality" else memory_suite)(args, work)
+        suites = {"quality": quality_suite, "memory": memory_suite, "activations": activations_suite}
+        suites[args.suite](args, work)
 
 
 if __name__ == "__main__":
