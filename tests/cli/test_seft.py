@@ -30,7 +30,7 @@ def last_json(output: str) -> dict:
 
 
 def test_help_comes_from_the_schema():
-    result = runner.invoke(app, ["seft", "--help"], terminal_width=200)
+    result = runner.invoke(app, ["seft", "--help"], env={"COLUMNS": "200"})  # rich reads COLUMNS; 80 truncates names
     assert result.exit_code == 0
     flags = ["--delta-rank", "--delta-density", "--reselect-every", "--select-window", "--replace-fraction"]
     flags += ["--replace-schedule", "--base-dtype", "--no-merge", "--targets", "--ignore", "--optim", "--resume"]
