@@ -290,7 +290,7 @@ def test_whole_logits_loss_trains_and_is_recorded(inputs, tmp_path):
         assert f"loss_chunk_tokens: {chunk}" in (out / "recipe.yaml").read_text()
         runs[chunk] = losses(out)
     for chunk in (256, 7):
-        assert max(abs(a - b) / b for a, b in zip(runs[chunk], runs[0], strict=True)) < 1e-5
+        assert max(abs(a - b) / b for a, b in zip(runs[chunk], runs[0], strict=True)) < 1e-6  # measured 8.9e-8
 
 
 @pytest.mark.dist
