@@ -15,13 +15,15 @@ tensors the in-memory path did.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import hashlib
 import json
 import logging
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,34 @@ def build_skeleton(config: Any, dtype: torch.dtype | None, trust_remote_code: bo
     return model.eval()
 
 
+@contextlib.contextmanager
+def _synchronous_loading() -> Iterator[None]:
+    """transformers' loader copies tensors in a thread pool unless HF_DEACTIVATE_ASYNC_LOAD is set. Ours are already
+    read, so the threads gain nothing, and the freed blocks they leave in their malloc arenas made a streamed run's
+    RSS grow by about 60% of a block per block (40 blocks of a 1024-hidden Llama: 0.77 -> 1.37 GB; without the
+    threads it stays at 0.71 GB)."""
+    before = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["HF_DEACTIVATE_ASYNC_LOAD"]
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = before
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim). A block's tensors are freed at once
+    when it is released, but glibc keeps freed heap memory for reuse, fragmented across arenas; over many blocks
+    that showed as RSS creeping up by a fraction of a block per block. A no-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)
+
+
 def _meta(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
@@ -291,7 +321,8 @@ class StreamedModel:
         from transformers.modeling_utils import LoadStateDictConfig
 
         config = LoadStateDictConfig(device_map={"": str(device)}, dtype=self.dtype, weight_mapping=self.mapping)
-        info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+        with _synchronous_loading():
+            info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         return info
 
     def _validate(self) -> None:
@@ -348,6 +379,7 @@ class StreamedModel:
 
     def release_block(self, index: int) -> None:
         release(self.layers[index])
+        trim_heap()
 
     def load_rest(self, device: torch.device | str = "cpu") -> None:
         """Everything outside the decoder blocks except a separate output head: embeddings, final norm, ..."""

@@ -32,7 +32,7 @@ import torch
 from sparsetune.errors import SparsetuneError
 from sparsetune.export.formats import SAFE_INDEX, SAFE_WEIGHTS
 from sparsetune.outputs import write_json
-from sparsetune.streaming import CheckpointFiles, StreamedModel, disk_full_error
+from sparsetune.streaming import CheckpointFiles, StreamedModel, disk_full_error, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,7 @@ class StreamedCheckpoint:
 
     def read(self, segment: Segment) -> dict[str, torch.Tensor]:
         """The segment's tensors in the export dtype (cast as from_pretrained casts), in output order."""
+        trim_heap()  # the previous segment's tensors are freed by now: give their pages back (streaming.trim_heap)
         if not self.direct:
             return self._read_converted(segment)
         # from the files; a buffer the checkpoint does not store is the skeleton's own (built as from_pretrained does)
