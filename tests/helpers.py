@@ -72,7 +72,7 @@ def load_weights(model_dir: Path | str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
+    for path in sorted(Path(model_dir).glob("model*.safetensors")):  # not seft_adapter.safetensors
         out.update(load_file(str(path)))
     return out
 
@@ -81,7 +81,7 @@ def save_weights(model_dir: Path | str, weights: dict[str, torch.Tensor]) -> Non
     """Replace a model dir's weights by one model.safetensors holding `weights`."""
     from safetensors.torch import save_file
 
-    for path in Path(model_dir).glob("*.safetensors"):
+    for path in Path(model_dir).glob("model*.safetensors"):
         path.unlink()
     Path(model_dir, "model.safetensors.index.json").unlink(missing_ok=True)
     save_file(weights, str(Path(model_dir) / "model.safetensors"), metadata={"format": "pt"})
