@@ -83,6 +83,7 @@ ACTIVATION_RUNS = {
     "on": ["--activation-checkpointing"],
     "off": ["--no-activation-checkpointing"],
     "off-whole-logits": ["--no-activation-checkpointing", "--loss-chunk-tokens", "0"],
+    "before": [],  # the code of --baseline-tree (a checkout from before issue 32), which has neither switch
 }
 
 
@@ -99,12 +100,14 @@ def sparsetune(*args: str) -> tuple[dict[str, object], float]:
     return (json.loads(last[-1]) if last else {}), wall
 
 
-def sparsetune_measured(*args: str) -> tuple[dict[str, object], float, int]:
-    """`sparsetune(...)`, also returning the peak RSS of the whole process in bytes (its rusage, from wait4)."""
+def sparsetune_measured(*args: str, tree: Path | None = None) -> tuple[dict[str, object], float, int]:
+    """`sparsetune(...)`, also returning the peak RSS of the whole process in bytes (its rusage, from wait4).
+    `tree`: run the sparsetune package of that checkout instead (same venv)."""
     cmd = [sys.executable, "-m", "sparsetune", *args]
+    env = {**os.environ, "PYTHONPATH": str(tree)} if tree is not None else None
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=tree or ROOT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -300,9 +303,14 @@ def activations_suite(args: argparse.Namespace, work: Path) -> None:
         rows: dict[str, dict[str, object]] = {}
         for run in runs:
             out = work / f"activations-wanda{round(sparsity * 100)}-{run}"
+            tree = None
+            if run == "before":
+                if args.baseline_tree is None:
+                    raise SystemExit("error: the `before` run needs --baseline-tree (a checkout from before issue 32)")
+                tree = Path(args.baseline_tree).resolve()
             summary, wall, rss = sparsetune_measured(
                 "seft", str(pruned), "-o", str(out), *QUALITY_RUNS[name], *schedule, *ACTIVATION_RUNS[run],
-                "--lr", str(LEARNING_RATES[name]), "--overwrite", "--json",
+                "--lr", str(LEARNING_RATES[name]), "--overwrite", "--json", tree=tree,
             )  # fmt: skip
             log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
             rows[run] = {
@@ -317,19 +325,24 @@ def activations_suite(args: argparse.Namespace, work: Path) -> None:
                 "losses": [r["loss"] for r in log],
             }
             emit(rows[run])
-        if {"on", "off"} <= rows.keys():
-            on, off = rows["on"], rows["off"]
-            rss_ratio = on["peak_rss_bytes"] / off["peak_rss_bytes"]
-            step_ratio = (on["mean_step_s"] or 0) / (off["mean_step_s"] or 1)
-            loss_diff = max(abs(a - b) / abs(b) for a, b in zip(on["losses"], off["losses"], strict=True))
-            emit({
-                **base, "summary": True, "run": "activation-checkpointing-comparison",
-                "peak_rss_on_bytes": on["peak_rss_bytes"], "peak_rss_off_bytes": off["peak_rss_bytes"],
-                "rss_ratio_on_over_off": round(rss_ratio, 4), "step_time_ratio_on_over_off": round(step_ratio, 4),
-                "max_rel_loss_diff": loss_diff,
-                "peak_rss_on_at_most_2gb": on["peak_rss_bytes"] <= 2 * 10**9,
-                "step_time_within_1_35x": step_ratio <= 1.35, "losses_within_1e_5": loss_diff <= 1e-5,
-            })  # fmt: skip
+        for reference in ("off", "before"):
+            if {"on", reference} <= rows.keys():
+                compare_activation_runs(base, rows["on"], rows[reference], reference)
+
+
+def compare_activation_runs(base: dict, on: dict, off: dict, reference: str) -> None:
+    """One summary row: checkpointing on against `reference` (off, or `before`: the code before issue 32)."""
+    rss_ratio = on["peak_rss_bytes"] / off["peak_rss_bytes"]
+    step_ratio = (on["mean_step_s"] or 0) / (off["mean_step_s"] or 1)
+    loss_diff = max(abs(a - b) / abs(b) for a, b in zip(on["losses"], off["losses"], strict=True))
+    emit({
+        **base, "summary": True, "run": f"activation-checkpointing-on-vs-{reference}",
+        "peak_rss_on_bytes": on["peak_rss_bytes"], f"peak_rss_{reference}_bytes": off["peak_rss_bytes"],
+        "rss_ratio": round(rss_ratio, 4), "step_time_ratio": round(step_ratio, 4),
+        "max_rel_loss_diff": loss_diff,
+        "peak_rss_on_at_most_2gb": on["peak_rss_bytes"] <= 2 * 10**9,
+        "step_time_within_1_35x": step_ratio <= 1.35, "losses_within_1e_5": loss_diff <= 1e-5,
+    })  # fmt: skip
 
 
 def random_llama(work: Path, size: str, quick: bool) -> Path:
@@ -437,6 +450,9 @@ def main() -> None:
     parser.add_argument("--memory-seqlen", type=int, default=256, help="memory: tokens per step")
     parser.add_argument(
         "--activation-runs", default="on,off", help=f"activations: runs among {', '.join(ACTIVATION_RUNS)}"
+    )
+    parser.add_argument(
+        "--baseline-tree", default=None, help="activations: the checkout the `before` run uses (git worktree add)"
     )
     parser.add_argument("--results", default=str(RESULTS), help="the JSONL file rows are appended to")
     args = parser.parse_args()
