@@ -327,11 +327,12 @@ def llmc_rows(python: Path, work: Path) -> dict[str, dict[str, object]]:
 
 def identity_rows(model: str, calib: list[str], work: Path) -> None:
     """Every setting of tests/data/llama_prune_reference.json and ALPS 70% on the bundled model: the streamed
-    output's tensors against --no-stream's (8 x 512 calibration tokens: identity does not depend on the count)."""
+    output's tensors against --no-stream's (4 x 256 calibration tokens: identity does not depend on the count)."""
     settings = json.loads((ROOT / "tests" / "data" / "llama_prune_reference.json").read_text())
     cases = {k: v["settings"] for k, v in settings.items()} | {"alps-70": {"method": "alps", "sparsity": 0.7}}
     small = [*calib]
-    small[small.index("--calib-samples") + 1] = "8"
+    small[small.index("--calib-samples") + 1] = "4"
+    small[small.index("--seqlen") + 1] = "256"
     for name, cfg in cases.items():
         flags = []
         for key, value in cfg.items():
