@@ -131,13 +131,15 @@ def suite_random(args: argparse.Namespace, work: Path) -> None:
     size = dir_gb(model)
     rows = {}
     for rep in range(args.repeats):
-        for mode in ("streamed", "whole"):
+        for mode in args.modes.split(","):
             out = work / f"out-{mode}"
             extra = [] if mode == "streamed" else ["--no-stream"]
             row = measure(["prune", str(model), *PRUNE_ARGS, "-o", str(out), "--overwrite", *extra])
             row.update(suite="random", config=args.config, mode=mode, repeat=rep, checkpoint_gb=size)
             emit(row)
             rows.setdefault(mode, []).append(row)
+    if set(rows) != {"streamed", "whole"}:
+        return
     same = _same_tensors(work / "out-streamed", work / "out-whole")
     s, w = rows["streamed"], rows["whole"]
     emit(
@@ -386,6 +388,7 @@ def main() -> None:
     p.add_argument("--suite", choices=["random", "large", "bundled"], required=True)
     p.add_argument("--config", choices=list(CONFIGS), default="3b")
     p.add_argument("--repeats", type=int, default=2, help="alternated streamed / whole pairs")
+    p.add_argument("--modes", default="streamed,whole", help="random suite: streamed, whole or both")
     p.add_argument("--work", default=None, help="scratch dir on a disk with room for the checkpoints")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=args.work or ROOT.parent))

@@ -412,16 +412,31 @@ class StreamedModel:
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
         return self.checkpoint_state(self.layers[index], f"{self.decoder_path}.{index}")
 
-    def rest_state(self) -> dict[str, torch.Tensor]:
-        """Everything outside the blocks, tied duplicates dropped as save_pretrained drops them."""
-        block_prefix = self.decoder_path + "."
-        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith(block_prefix)}
-        if models.embeddings_tied(self.model):
-            head = self._module_name(self.model.get_output_embeddings())
-            state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    def rest_state(self, part: str = "all") -> dict[str, torch.Tensor]:
+        """Everything outside the blocks, tied duplicates dropped as save_pretrained drops them. `part`: "all",
+        "body" (all but a separate output head) or "head" (the separate head alone; nothing when tied)."""
         from transformers.core_model_loading import revert_weight_conversion
 
-        return dict(revert_weight_conversion(self.model, state))
+        block_prefix = self.decoder_path + "."
+        head = self._module_name(self.model.get_output_embeddings()) + "."
+        tied = models.embeddings_tied(self.model)
+        state = {}
+        for key, value in self.model.state_dict().items():
+            in_head = key.startswith(head)
+            if key.startswith(block_prefix) or (in_head and tied):
+                continue
+            if part == "all" or (part == "head") == in_head:
+                state[key] = value
+        return dict(revert_weight_conversion(self.model, state)) if state else {}
+
+    def release_input_embeddings(self) -> None:
+        """Free the embedding table (once the calibration inputs are captured and it is written); a head tied to
+        it is freed with it."""
+        head = self.model.get_output_embeddings()
+        if head is not None and models.embeddings_tied(self.model):
+            release(head)  # the same tensor: keep nothing alive through the head
+        release(self.model.get_input_embeddings())
+        trim_heap()
 
     def output_nbytes(self) -> int:
         """Bytes of the model's tensors in its compute dtype (what an output dir of it takes)."""

@@ -465,7 +465,11 @@ def build_report(
         "modules_pruned": len(modules),
         "weights_pruned": stats["zeros"],
         "weights_targeted": stats["numel"],
-        "embedding_sparsity": masks.tensor_sparsity(emb.detach()),
+        "embedding_sparsity": (
+            stream.embedding_sparsity
+            if stream is not None and stream.embedding_sparsity is not None
+            else masks.tensor_sparsity(emb.detach())
+        ),
         "prune_s": round(timings.get("prune_s", 0.0), 3),
     }
     return {
@@ -577,7 +581,7 @@ def _run_streamed(
         tokenizer = models.load_tokenizer(str(source.model_dir), cfg.trust_remote_code)
     else:
         tokenizer = optional_tokenizer(str(source.model_dir), cfg.trust_remote_code)
-    blocks, _ = plan_targets(model, cfg)  # fail on bad targets before any work
+    blocks, head = plan_targets(model, cfg)  # fail on bad targets before any work
     if ctx.is_main:
         check_free_space(out, streamed.output_nbytes(), cfg.checkpoint_dir)
     streamed.load_rest("cpu")  # the embeddings (and norm): capture moves them to the device for its pass
@@ -585,20 +589,23 @@ def _run_streamed(
     t0 = time.perf_counter()
     calib = make_calibration(model, tokenizer, cfg, ctx, records)
     calib_s = time.perf_counter() - t0
-    n_shards = len(blocks) + 1  # one per block, then everything else
+    # One shard per block, then everything else (written, and the embedding table freed, before the first block),
+    # then a separate output head (read and written at the end, or pruned after the blocks).
+    separate_head = bool(streamed.head_keys) or head is not None
+    n_shards = len(blocks) + 1 + int(separate_head)
     with atomic_output_dir(out, overwrite=overwrite) if ctx.is_main else contextlib.nullcontext() as tmp:
         shard_dir = Path(cfg.checkpoint_dir) / "shards" if cfg.checkpoint_dir else tmp
         writer = ShardWriter(shard_dir, n_shards) if ctx.is_main else None
-        stream = PruneStream(streamed, [], writer)
+        stream = PruneStream(streamed, [], writer, body_shard=len(blocks) + 1)
         report = prune_model(model, tokenizer, cfg, calib, show_progress, ctx, method_choice, stream)
         report["timings"].update({"load_s": round(load_s, 3), "calibration_data_s": round(calib_s, 3)})
         report["weights"] = {"streamed": True, "source": str(location), "peak_block_bytes": stream.peak_block_bytes}
         if ctx.is_main:
             assert writer is not None and tmp is not None
             t0 = time.perf_counter()
-            if streamed.head_keys and not models.embeddings_tied(model):
+            if separate_head:
                 streamed.load_head("cpu")  # read once, at the end (or already, when it was pruned)
-            writer.write(n_shards, streamed.rest_state())
+                writer.write(n_shards, streamed.rest_state("head"))
             for path in stream.stats_files():
                 path.unlink()
             if shard_dir != tmp:

@@ -21,13 +21,31 @@ class PruneStream:
     """`engine.BlockWeights` for a prune run. Records each block's target sparsity before (first load) and after
     (commit), and on the writing rank writes the committed block to shard index+1 of `writer`."""
 
-    def __init__(self, streamed: StreamedModel, targets: list[list[tuple[str, Any]]], writer: ShardWriter | None):
-        self.streamed, self.targets, self.writer = streamed, targets, writer
+    def __init__(
+        self,
+        streamed: StreamedModel,
+        targets: list[list[tuple[str, Any]]],
+        writer: ShardWriter | None,
+        body_shard: int | None = None,
+    ):
+        self.streamed, self.targets, self.writer, self.body_shard = streamed, targets, writer, body_shard
         self.before: dict[int, tuple[int, int]] = {}  # block -> (zeros, numel) of its targets before pruning
         self.after: dict[int, dict[str, Any]] = {}  # block -> masks.sparsity_stats of its targets after
         self.peak_block_bytes = 0
+        self.embedding_sparsity: float | None = None
+
+    def blocks_start(self) -> None:
+        """Before the first block is read (the calibration inputs are captured by then): write everything outside
+        the blocks but a separate head to its shard, and free the embedding table for the rest of the run."""
+        emb = self.streamed.model.get_input_embeddings().weight
+        self.embedding_sparsity = masks.tensor_sparsity(emb.detach())
+        if self.writer is not None and self.body_shard is not None:
+            self.writer.write(self.body_shard, self.streamed.rest_state("body"))
+        self.streamed.release_input_embeddings()
 
     def load(self, index: int, device: torch.device) -> None:
+        if self.embedding_sparsity is None:
+            self.blocks_start()
         layer = self.streamed.load_block(index, device)
         block_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
         self.peak_block_bytes = max(self.peak_block_bytes, block_bytes)

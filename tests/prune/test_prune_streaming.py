@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from stream_cases import CALIB, CASES, case_dirs
 from typer.testing import CliRunner
 
-from sparsetune import streaming
+from sparsetune import models, streaming
 from sparsetune.cli.app import app
 from sparsetune.prune.api import run_prune
 from sparsetune.prune.config import PruneConfig
@@ -55,11 +55,14 @@ def test_streamed_prune_writes_the_in_memory_paths_tensors(case, dirs, tmp_path)
     report = run_prune(PruneConfig(model=str(model_dir), output=str(out), calib=str(calib), **settings), False, False)
     assert report["weights"]["streamed"] is True
     assert _hashes(out) == REFERENCE[case]
-    # an ordinary sharded HF dir: one shard per block plus one, and an index naming every tensor once
+    # an ordinary sharded HF dir: one shard per block, one for the rest, one for a separate head; an index naming
+    # every tensor once
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
-    n_layers = make_family_model(family).config.num_hidden_layers
-    assert len(shards) == n_layers + 1 and sorted(set(index["weight_map"].values())) == shards
+    dense = make_family_model(family)
+    separate_head = not models.embeddings_tied(dense)
+    assert len(shards) == dense.config.num_hidden_layers + 1 + separate_head
+    assert sorted(set(index["weight_map"].values())) == shards
     assert set(index["weight_map"]) == set(REFERENCE[case])
     assert not list(out.glob("*stats.json")) and not list(out.glob(".*"))
 
@@ -96,18 +99,20 @@ def test_at_most_one_block_is_in_memory(dirs, tmp_path, monkeypatch):
     """Count the materialised parameters of every block whenever one is loaded: never more than one block's."""
     model_dir, calib = dirs["qwen3_moe"]
     block_numel = sum(p.numel() for p in make_family_model("qwen3_moe").model.layers[0].parameters())
-    seen = []
+    seen, embeddings = [], []
     load = streaming.StreamedModel.load_block
 
     def counting(self, index, device="cpu"):
         layer = load(self, index, device)
         seen.append(sum(p.numel() for p in self.layers.parameters() if p.device.type != "meta"))
+        embeddings.append(self.model.get_input_embeddings().weight.device.type)
         return layer
 
     monkeypatch.setattr(streaming.StreamedModel, "load_block", counting)
     settings = {**CASES["qwen3_moe-wanda50"][1], "owl": True}  # OWL's pass loads every block once more
     run_prune(PruneConfig(model=str(model_dir), output=str(tmp_path / "o"), calib=str(calib), **settings), False, False)
     assert seen == [block_numel] * 4
+    assert embeddings == ["meta"] * 4  # written and freed once the calibration inputs were captured
 
 
 def test_tied_head_pruned_after_untie_matches_the_whole_model_run(tmp_path):
