@@ -460,6 +460,65 @@ def release(module: nn.Module, recurse: bool = True) -> None:
 
 # ----- writing: one shard per block, plus one for everything else --------------------------------------------------
 
+# A shard is written from the tensors' own memory: safetensors' save_file first copies every tensor into Python
+# bytes (and the serializer builds the file in memory), which doubled and tripled a block's bytes at its write.
+# The header and the tensors' order are exactly save_file's (tests/export/test_streaming.py compares the files).
+_DTYPE_NAMES = {  # torch dtype -> safetensors header name
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """A CPU tensor's bytes (no copy when it is contiguous)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def storage_order(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[str]:
+    """The order safetensors stores `entries` in (larger dtypes first, then by name), asked of safetensors itself
+    with empty tensors of the same names and dtypes, so the files equal `save_file`'s."""
+    from safetensors.torch import save
+
+    raw = save({k: torch.empty(0, dtype=dtype) for k, (dtype, _) in entries.items()})
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + size])
+    header.pop("__metadata__", None)
+    return list(header)
+
+
+def safetensors_header(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], order: list[str]) -> bytes:
+    """The header bytes `save_file(..., metadata={"format": "pt"})` writes for tensors stored in `order`."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in order:
+        dtype, shape = entries[key]
+        nbytes = dtype.itemsize * _numel(shape)
+        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
 
 def _no_space(err: BaseException) -> bool:
     text = str(err)
@@ -497,13 +556,16 @@ class ShardWriter:
 
     def write(self, k: int, tensors: dict[str, torch.Tensor]) -> Path:
         """Write shard k (1-based) atomically: a temp name, then a rename."""
-        from safetensors.torch import save_file
-
         path = self.path(k)
         tmp = path.with_name(f".{path.name}.tmp")
         data = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        entries = {name: (t.dtype, tuple(t.shape)) for name, t in data.items()}
+        order = storage_order(entries)
         try:
-            save_file(data, str(tmp), metadata={"format": "pt"})
+            with open(tmp, "wb") as f:
+                f.write(safetensors_header(entries, order))
+                for name in order:
+                    f.write(raw_bytes(data[name]))
             os.replace(tmp, path)
         except Exception as err:  # noqa: BLE001 - safetensors wraps I/O errors in its own type
             tmp.unlink(missing_ok=True)

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,68 +31,21 @@ import torch
 from sparsetune.errors import SparsetuneError
 from sparsetune.export.formats import SAFE_INDEX, SAFE_WEIGHTS
 from sparsetune.outputs import write_json
-from sparsetune.streaming import CheckpointFiles, StreamedModel, disk_full_error, trim_heap
+from sparsetune.streaming import (
+    CheckpointFiles,
+    StreamedModel,
+    disk_full_error,
+    raw_bytes,
+    safetensors_header,
+    storage_order,
+    trim_heap,
+)
 
 log = logging.getLogger(__name__)
 
 # Encoded tensors of the shard being built stay in memory up to this many bytes, then go to a spill file.
 SPILL_BYTES = 256 << 20
 COPY_CHUNK = 16 << 20
-_DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-
-
-def raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """A CPU tensor's bytes (no copy when it is contiguous)."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def storage_order(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[str]:
-    """The order safetensors stores `entries` in (larger dtypes first, then by name), asked of safetensors itself
-    with empty tensors of the same names and dtypes, so the files equal `save_file`'s."""
-    from safetensors.torch import save
-
-    raw = save({k: torch.empty(0, dtype=dtype) for k, (dtype, _) in entries.items()})
-    (size,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + size])
-    header.pop("__metadata__", None)
-    return list(header)
-
-
-def safetensors_header(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], order: list[str]) -> bytes:
-    """The header bytes `save_file(..., metadata={"format": "pt"})` writes for tensors stored in `order`."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key in order:
-        dtype, shape = entries[key]
-        nbytes = dtype.itemsize * _numel(shape)
-        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 @dataclass
