@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sparsetune import __version__, models, stream_inputs
+from sparsetune import __version__, masks, models, stream_inputs
 from sparsetune.errors import SparsetuneError
 from sparsetune.export import print_size_comparison, stream
 from sparsetune.export.codecs import CODECS, force_24, mask_stats
@@ -221,7 +221,7 @@ def encode_tensors(state: dict[str, torch.Tensor], plan: ModulePlan, fmt: str) -
             weight = as_rows(tensor)
             if module in plan.forced:
                 weight = force_24(weight)
-                plan.compress[module] = float((weight == 0).sum()) / weight.numel()
+                plan.compress[module] = masks.zero_count(weight) / weight.numel()
             for part, value in compress(weight).items():
                 if part == "shape" and tensor.dim() == 3:  # the 3-D shape: the loader restores the expert axis
                     value = torch.tensor(list(tensor.shape), dtype=torch.int64).reshape(-1, *value.shape[1:])

@@ -51,7 +51,7 @@ class PruneStream:
         self.peak_block_bytes = max(self.peak_block_bytes, block_bytes)
         if index not in self.before:
             weights = [t.weight() for _, t in self.targets[index]]
-            self.before[index] = (sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights))
+            self.before[index] = (sum(masks.zero_count(w) for w in weights), sum(w.numel() for w in weights))
 
     def commit(self, index: int) -> None:
         stats = masks.sparsity_stats({name: t.weight() for name, t in self.targets[index]})
