@@ -23,7 +23,6 @@ is saved.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from typing import Any
 
@@ -34,22 +33,6 @@ from torch.utils.checkpoint import checkpoint
 from sparsetune import models
 
 _ORIGINAL_FORWARD = "_sparsetune_unchecked_forward"  # set on a block whose forward `torch` mode wrapped
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MMAP_THRESHOLD_BYTES = 64 << 10
-
-
-def bound_heap_retention() -> None:
-    """Serve CPU allocations of 64 KiB and more with their own mappings, returned to the system when freed.
-
-    glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), after which the activations and
-    gradients of a training step come from the heap, and what a step frees stays fragmented there: measured on the
-    bundled model (seft, 8 x 256 tokens, checkpointing on), about 1.2 GB of a 2.58 GB peak. A fixed threshold
-    keeps each step's tensors out of the heap. A no-op off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def _hf_layer_class() -> type | None:

@@ -29,7 +29,7 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory, write_json
 from sparsetune.progress import Progress
 from sparsetune.recipes import dump_yaml
-from sparsetune.train.activations import Checkpointing, bound_heap_retention
+from sparsetune.train.activations import Checkpointing
 from sparsetune.train.common import (
     CKPT_NAME,
     DIVERGENCE_FACTOR,
@@ -198,7 +198,6 @@ class Trainer:
         if self.ckpt_dir is not None:
             check_checkpoint_dir(self.ckpt_dir, cfg.resume)
         self.ctx = dist_context(cfg.device)
-        bound_heap_retention()
         micro = cfg.batch_size // cfg.grad_accum
         if micro < self.ctx.world:
             raise SparsetuneError(
