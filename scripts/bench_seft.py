@@ -84,7 +84,11 @@ ACTIVATION_RUNS = {
     "off": ["--no-activation-checkpointing"],
     "off-whole-logits": ["--no-activation-checkpointing", "--loss-chunk-tokens", "0"],
     "before": [],  # the code of --baseline-tree (a checkout from before issue 32), which has neither switch
+    "on-mmap-4mb": ["--activation-checkpointing"],  # with ACTIVATION_ENV's allocator setting
 }
+# glibc keeps freed 4-8 MB chunks (the hidden states of a step) in its heap; above this threshold they are mapped
+# and unmapped instead: less resident memory, more page faults. The README's memory section quotes both runs.
+ACTIVATION_ENV = {"on-mmap-4mb": {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4194304"}}
 
 
 def sparsetune(*args: str) -> tuple[dict[str, object], float]:
@@ -100,11 +104,13 @@ def sparsetune(*args: str) -> tuple[dict[str, object], float]:
     return (json.loads(last[-1]) if last else {}), wall
 
 
-def sparsetune_measured(*args: str, tree: Path | None = None) -> tuple[dict[str, object], float, int]:
+def sparsetune_measured(
+    *args: str, tree: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[dict[str, object], float, int]:
     """`sparsetune(...)`, also returning the peak RSS of the whole process in bytes (its rusage, from wait4).
-    `tree`: run the sparsetune package of that checkout instead (same venv)."""
+    `tree`: run the sparsetune package of that checkout instead (same venv); `env`: extra environment variables."""
     cmd = [sys.executable, "-m", "sparsetune", *args]
-    env = {**os.environ, "PYTHONPATH": str(tree)} if tree is not None else None
+    env = {**os.environ, **(env or {}), **({"PYTHONPATH": str(tree)} if tree is not None else {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=tree or ROOT, env=env)
@@ -310,7 +316,7 @@ def activations_suite(args: argparse.Namespace, work: Path) -> None:
                 tree = Path(args.baseline_tree).resolve()
             summary, wall, rss = sparsetune_measured(
                 "seft", str(pruned), "-o", str(out), *QUALITY_RUNS[name], *schedule, *ACTIVATION_RUNS[run],
-                "--lr", str(LEARNING_RATES[name]), "--overwrite", "--json", tree=tree,
+                "--lr", str(LEARNING_RATES[name]), "--overwrite", "--json", tree=tree, env=ACTIVATION_ENV.get(run),
             )  # fmt: skip
             log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
             rows[run] = {
@@ -326,17 +332,18 @@ def activations_suite(args: argparse.Namespace, work: Path) -> None:
             }
             emit(rows[run])
         for reference in ("off", "before"):
-            if {"on", reference} <= rows.keys():
-                compare_activation_runs(base, rows["on"], rows[reference], reference)
+            for run in ("on", "on-mmap-4mb"):
+                if {run, reference} <= rows.keys():
+                    compare_activation_runs(base, rows[run], rows[reference], reference, run)
 
 
-def compare_activation_runs(base: dict, on: dict, off: dict, reference: str) -> None:
-    """One summary row: checkpointing on against `reference` (off, or `before`: the code before issue 32)."""
+def compare_activation_runs(base: dict, on: dict, off: dict, reference: str, run: str = "on") -> None:
+    """One summary row: checkpointing `run` against `reference` (off, or `before`: the code before issue 32)."""
     rss_ratio = on["peak_rss_bytes"] / off["peak_rss_bytes"]
     step_ratio = (on["mean_step_s"] or 0) / (off["mean_step_s"] or 1)
     loss_diff = max(abs(a - b) / abs(b) for a, b in zip(on["losses"], off["losses"], strict=True))
     emit({
-        **base, "summary": True, "run": f"activation-checkpointing-on-vs-{reference}",
+        **base, "summary": True, "run": f"activation-checkpointing-{run}-vs-{reference}",
         "peak_rss_on_bytes": on["peak_rss_bytes"], f"peak_rss_{reference}_bytes": off["peak_rss_bytes"],
         "rss_ratio": round(rss_ratio, 4), "step_time_ratio": round(step_ratio, 4),
         "max_rel_loss_diff": loss_diff,
