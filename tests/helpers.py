@@ -3,8 +3,11 @@ argument lists the CLI tests use. Fixtures live in conftest.py; test modules imp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -95,6 +98,24 @@ def random_text(n_words: int, seed: int = 0) -> str:
     return " ".join(words[i] + ("." if i % 13 == 12 else "") for i in range(n_words))
 
 
+@contextlib.contextmanager
+def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's -o size=, e.g. "200k") mounted at `mount` for the block, to test a full disk;
+    skips the test where mounting is not possible (it needs root, as the project's machines and CI run)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
 # Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads slow steps by 30x.
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -171,6 +192,35 @@ def smet_settings(tok_dir: Path, text: Path, out: Path, **extra) -> dict:
         "drop_fraction": 0.3,
     }
     return {**base, **extra}
+
+
+# ---- evaluation tests --------------------------------------------------------------------------------------------
+
+
+def write_choice_task(folder: Path, name: str, questions: list[tuple[str, int]], choices: list[str]) -> Path:
+    """A user task dir for lm-eval's --include_path: `folder`/`name`.yaml, a multiple-choice task (metric acc)
+    over `questions` ((text, index of the right choice) pairs, written beside the dir as `name`.jsonl)."""
+    import yaml
+
+    docs = folder.parent / f"{name}.jsonl"
+    docs.write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in questions))
+    folder.mkdir()
+    (folder / f"{name}.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": name,
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(docs)}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "{{q}}",
+                "doc_to_target": "{{a}}",
+                "doc_to_choice": "{{" + repr(choices) + "}}",
+                "metric_list": [{"metric": "acc"}],
+            }
+        )
+    )
+    return folder
 
 
 # ---- export tests ------------------------------------------------------------------------------------------------

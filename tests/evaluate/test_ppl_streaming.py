@@ -10,9 +10,8 @@ import shutil
 import psutil
 import pytest
 import torch
-import yaml
 from architectures import make_family_model
-from helpers import make_tiny_model, make_tokenizer, random_text
+from helpers import make_tiny_model, make_tokenizer, random_text, write_choice_task
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
@@ -167,27 +166,9 @@ def fake_memory(monkeypatch, available: int) -> None:
 
 @pytest.fixture
 def task_dir(tmp_path):
-    docs = tmp_path / "docs.jsonl"
     words = ["man", "it", "on", "world", "time"]
-    docs.write_text("".join(json.dumps({"q": f"the {w}", "a": i % 2}) + "\n" for i, w in enumerate(words)))
-    folder = tmp_path / "tasks"
-    folder.mkdir()
-    (folder / "tiny_task.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "task": "tiny_task",
-                "dataset_path": "json",
-                "dataset_kwargs": {"data_files": {"test": str(docs)}},
-                "test_split": "test",
-                "output_type": "multiple_choice",
-                "doc_to_text": "{{q}}",
-                "doc_to_target": "{{a}}",
-                "doc_to_choice": "{{['is good', 'was long']}}",
-                "metric_list": [{"metric": "acc"}],
-            }
-        )
-    )
-    return folder
+    questions = [(f"the {w}", i % 2) for i, w in enumerate(words)]
+    return write_choice_task(tmp_path / "tasks", "tiny_task", questions, ["is good", "was long"])
 
 
 def test_tasks_that_do_not_fit_are_refused_before_anything_loads(tmp_path, task_dir, monkeypatch):
