@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from architectures import COMMON, model_from_config
 from torch import nn
 
 # The full offline data (../shared/data beside the checkout on dev and CI machines). A fresh clone has none; the
@@ -46,27 +47,9 @@ def make_tokenizer():
 
 
 def make_tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 256, tie: bool = False, **overrides):
-    """A 2-layer, hidden-64 random model of a supported decoder family."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    kwargs.update(overrides)
-    config = AutoConfig.for_model(family, **kwargs)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
+    """A 2-layer, hidden-64 random model of a supported decoder family (the architecture matrix's common config)."""
+    config = {**COMMON, "vocab_size": vocab_size, "tie_word_embeddings": tie, **overrides}
+    return model_from_config(family, seed, config)
 
 
 def load_weights(model_dir: Path | str) -> dict[str, torch.Tensor]:
