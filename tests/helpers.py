@@ -103,6 +103,15 @@ def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def run_cli(*args):
+    """`sparsetune <args>` through typer's test runner (arguments str()-ed, exceptions raised, not caught)."""
+    from typer.testing import CliRunner
+
+    from sparsetune.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
 # ---- calibration and block Linears (prune tests) -----------------------------------------------------------------
 
 

@@ -11,19 +11,13 @@ import psutil
 import pytest
 import torch
 from architectures import make_family_model
-from helpers import make_tiny_model, make_tokenizer, random_text, write_choice_task
-from typer.testing import CliRunner
+from helpers import make_tiny_model, make_tokenizer, random_text, run_cli, write_choice_task
 
-from sparsetune.cli.app import app
 from sparsetune.evaluate import compare, ppl
 from sparsetune.models import load_model
 from sparsetune.streaming import StreamedModel
 
 TIMING_KEYS = ("seconds", "tokens_per_s")
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def save_dir(model, path):
