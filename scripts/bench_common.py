@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,6 +47,20 @@ def perplexity(model, eval_ids: torch.Tensor, batch_size: int = 4) -> float:
         total += float(loss) * n
         count += n
     return math.exp(total / count)
+
+
+def tensor_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every tensor's raw bytes in a dir's safetensors files, by name, read one tensor at a time (the big
+    outputs do not fit in memory)."""
+    from safetensors import safe_open
+
+    hashes = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                t = f.get_tensor(key).contiguous()
+                hashes[key] = hashlib.sha256(t.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return dict(sorted(hashes.items()))
 
 
 class Timer:

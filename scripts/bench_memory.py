@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import hashlib
 import json
 import os
 import re
@@ -359,24 +358,11 @@ def identity_rows(model: str, calib: list[str], work: Path) -> None:
 
 
 def _same_tensors(a: Path, b: Path) -> bool | None:
+    from bench_common import tensor_hashes
+
     if not (a.exists() and b.exists()):
         return None
-    return _tensor_hashes(a) == _tensor_hashes(b)
-
-
-def _tensor_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every tensor's bytes, read one at a time (the big suites' outputs do not fit in memory)."""
-    from safetensors import safe_open
-
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                import torch
-
-                t = f.get_tensor(key).contiguous()
-                out[key] = hashlib.sha256(t.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-    return out
+    return tensor_hashes(a) == tensor_hashes(b)
 
 
 def main() -> None:

@@ -199,6 +199,15 @@ def seft_run(model: Path, out: Path, name: str, schedule: list[str]) -> tuple[di
     )  # fmt: skip
 
 
+def seft_schedule(args: argparse.Namespace, calib_windows: int) -> list[str]:
+    """The `sparsetune seft` data and schedule options of a run: C4 past the tokens the pruning calibrated on."""
+    return [
+        "--data", "c4", "--skip-tokens", str(calib_windows * CALIB_SEQLEN), "--seqlen", str(args.seqlen),
+        "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+        "--warmup-steps", str(min(10, args.steps // 10)),
+    ]  # fmt: skip
+
+
 def override_learning_rates(spec: str) -> None:
     """`--lr seft=3e-4,lora-reprune=3e-4`: replace the default learning rate of the named runs."""
     for item in filter(None, spec.split(",")):
@@ -223,11 +232,7 @@ def quality_suite(args: argparse.Namespace, work: Path) -> None:
         if start is None:
             start = {**base, "run": "untrained", **evaluate(pruned, eval_ids, args.arc_limit)}
             emit(start)
-        schedule = [
-            "--data", "c4", "--skip-tokens", str(calib_windows * CALIB_SEQLEN), "--seqlen", str(args.seqlen),
-            "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-            "--warmup-steps", str(min(10, args.steps // 10)),
-        ]  # fmt: skip
+        schedule = seft_schedule(args, calib_windows)
         rows: dict[str, dict[str, object]] = {}
         for name in args.methods.split(","):
             out = work / f"quality-wanda{round(sparsity * 100)}-{name}"
@@ -301,11 +306,7 @@ def activations_suite(args: argparse.Namespace, work: Path) -> None:
         pruned = prune_testbed(work, calib_windows, sparsity)
         base = {"suite": "activations", "start": f"wanda{round(sparsity * 100)}", "steps": args.steps}
         base |= {"batch_size": args.batch_size, "seqlen": args.seqlen, "method": name, "lr": LEARNING_RATES[name]}
-        schedule = [
-            "--data", "c4", "--skip-tokens", str(calib_windows * CALIB_SEQLEN), "--seqlen", str(args.seqlen),
-            "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-            "--warmup-steps", str(min(10, args.steps // 10)),
-        ]  # fmt: skip
+        schedule = seft_schedule(args, calib_windows)
         rows: dict[str, dict[str, object]] = {}
         for run in runs:
             out = work / f"activations-wanda{round(sparsity * 100)}-{run}"

@@ -8,7 +8,6 @@ tests/prune/test_streaming.py prunes the same dirs with the streamed path and co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import tempfile
@@ -17,22 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_common import tensor_hashes  # noqa: E402
 from stream_cases import CASES, case_dirs  # noqa: E402
 
 from sparsetune.prune.api import run_prune  # noqa: E402
 from sparsetune.prune.config import PruneConfig  # noqa: E402
-
-
-def tensor_hashes(out: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    hashes = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                t = f.get_tensor(key).contiguous()
-                hashes[key] = hashlib.sha256(t.view(-1).view(__import__("torch").uint8).numpy().tobytes()).hexdigest()
-    return dict(sorted(hashes.items()))
 
 
 def main() -> None:

@@ -61,10 +61,14 @@ MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3")
 FUSED_ON_DISK = ("gpt_oss",)
 
 
-def make_family_model(family: str, seed: int = 0):
+def model_from_config(family: str, seed: int, config: dict):
+    """A random fp32 model of `family` with these config fields, in eval mode; its weights depend on `seed` only."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, **{**COMMON, **FAMILY_CONFIGS[family]})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **config), dtype=torch.float32)
     return model.eval()
+
+
+def make_family_model(family: str, seed: int = 0):
+    return model_from_config(family, seed, {**COMMON, **FAMILY_CONFIGS[family]})

@@ -3,11 +3,15 @@ argument lists the CLI tests use. Fixtures live in conftest.py; test modules imp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from architectures import COMMON, model_from_config
 from torch import nn
 
 # The full offline data (../shared/data beside the checkout on dev and CI machines). A fresh clone has none; the
@@ -43,27 +47,9 @@ def make_tokenizer():
 
 
 def make_tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 256, tie: bool = False, **overrides):
-    """A 2-layer, hidden-64 random model of a supported decoder family."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    kwargs.update(overrides)
-    config = AutoConfig.for_model(family, **kwargs)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
+    """A 2-layer, hidden-64 random model of a supported decoder family (the architecture matrix's common config)."""
+    config = {**COMMON, "vocab_size": vocab_size, "tie_word_embeddings": tie, **overrides}
+    return model_from_config(family, seed, config)
 
 
 def load_weights(model_dir: Path | str) -> dict[str, torch.Tensor]:
@@ -95,8 +81,35 @@ def random_text(n_words: int, seed: int = 0) -> str:
     return " ".join(words[i] + ("." if i % 13 == 12 else "") for i in range(n_words))
 
 
+@contextlib.contextmanager
+def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's -o size=, e.g. "200k") mounted at `mount` for the block, to test a full disk;
+    skips the test where mounting is not possible (it needs root, as the project's machines and CI run)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
 # Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads slow steps by 30x.
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_cli(*args):
+    """`sparsetune <args>` through typer's test runner (arguments str()-ed, exceptions raised, not caught)."""
+    from typer.testing import CliRunner
+
+    from sparsetune.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 # ---- calibration and block Linears (prune tests) -----------------------------------------------------------------
@@ -171,6 +184,35 @@ def smet_settings(tok_dir: Path, text: Path, out: Path, **extra) -> dict:
         "drop_fraction": 0.3,
     }
     return {**base, **extra}
+
+
+# ---- evaluation tests --------------------------------------------------------------------------------------------
+
+
+def write_choice_task(folder: Path, name: str, questions: list[tuple[str, int]], choices: list[str]) -> Path:
+    """A user task dir for lm-eval's --include_path: `folder`/`name`.yaml, a multiple-choice task (metric acc)
+    over `questions` ((text, index of the right choice) pairs, written beside the dir as `name`.jsonl)."""
+    import yaml
+
+    docs = folder.parent / f"{name}.jsonl"
+    docs.write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in questions))
+    folder.mkdir()
+    (folder / f"{name}.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": name,
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(docs)}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "{{q}}",
+                "doc_to_target": "{{a}}",
+                "doc_to_choice": "{{" + repr(choices) + "}}",
+                "metric_list": [{"metric": "acc"}],
+            }
+        )
+    )
+    return folder
 
 
 # ---- export tests ------------------------------------------------------------------------------------------------

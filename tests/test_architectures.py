@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from architectures import FAMILY_CONFIGS, FUSED_ON_DISK, MOE_FAMILIES, make_family_model
-from helpers import load_weights, make_tiny_model, random_text
+from helpers import load_weights, make_tiny_model, tiny_args, write_text
 from helpers import random_calibration as _calib
 from torch.nn import functional as F
 
@@ -260,8 +260,8 @@ def test_a_fused_3d_expert_parameter_is_stored_stacked_and_restored():
     assert torch.equal(back[key], param.detach())
 
 
-def test_masked_ft_two_steps_keep_the_sparsity(family, wanda_50, tiny_tokenizer, tmp_path):
-    from transformers import AutoModelForCausalLM
+def _seft_on_wanda_50(wanda_50, tokenizer, tmp_path: Path, out_name: str, *options: str) -> tuple[Path, Path]:
+    """The Wanda 50% model saved, then a tiny `sparsetune seft` run on it with `options`: (pruned dir, output)."""
     from typer.testing import CliRunner
 
     from sparsetune.cli.app import app
@@ -269,13 +269,18 @@ def test_masked_ft_two_steps_keep_the_sparsity(family, wanda_50, tiny_tokenizer,
 
     model, report = wanda_50
     pruned = tmp_path / "pruned"
-    save_pruned(copy.deepcopy(model), tiny_tokenizer, PruneConfig(model="x", **WANDA), dict(report), pruned, False)
-    data = tmp_path / "t.txt"
-    data.write_text("\n\n".join(random_text(300, seed=i) for i in range(8)))
-    out = tmp_path / "ft"
-    args = ["seft", str(pruned), "-o", str(out), "--data", str(data), "--seqlen", "32", "--batch-size", "4"]
-    result = CliRunner().invoke(app, [*args, "--method", "masked-ft", "--steps", "2"])
+    save_pruned(copy.deepcopy(model), tokenizer, PruneConfig(model="x", **WANDA), dict(report), pruned, False)
+    out = tmp_path / out_name
+    result = CliRunner().invoke(app, tiny_args(pruned, out, write_text(tmp_path / "t.txt"), *options))
     assert result.exit_code == 0, result.output
+    return pruned, out
+
+
+def test_masked_ft_two_steps_keep_the_sparsity(family, wanda_50, tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = wanda_50
+    pruned, out = _seft_on_wanda_50(wanda_50, tiny_tokenizer, tmp_path, "ft", "--method", "masked-ft", "--steps", "2")
     # Loaded back, not read from the files: save_pretrained unfuses some families' experts into per-expert keys.
     before, after = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (pruned, out))
     changed = 0
@@ -289,20 +294,9 @@ def test_lora_reprune_two_steps_restores_the_sparsity(family, wanda_50, tiny_tok
     """LoRA* on every family: LoRA on the blocks' Linears / Conv1Ds, merged and re-pruned per row (so each matrix
     ends within one zero per row of its start); fused expert slices stay exactly as pruned."""
     from transformers import AutoModelForCausalLM
-    from typer.testing import CliRunner
 
-    from sparsetune.cli.app import app
-    from sparsetune.prune.api import save_pruned
-
-    model, report = wanda_50
-    pruned = tmp_path / "pruned"
-    save_pruned(copy.deepcopy(model), tiny_tokenizer, PruneConfig(model="x", **WANDA), dict(report), pruned, False)
-    data = tmp_path / "t.txt"
-    data.write_text("\n\n".join(random_text(300, seed=i) for i in range(8)))
-    out = tmp_path / "lora"
-    args = ["seft", str(pruned), "-o", str(out), "--data", str(data), "--seqlen", "32", "--batch-size", "4"]
-    result = CliRunner().invoke(app, [*args, "--method", "lora-reprune", "--steps", "2", "--lr", "1e-2"])
-    assert result.exit_code == 0, result.output
+    options = ("--method", "lora-reprune", "--steps", "2", "--lr", "1e-2")
+    pruned, out = _seft_on_wanda_50(wanda_50, tiny_tokenizer, tmp_path, "lora", *options)
     before = _matrices(AutoModelForCausalLM.from_pretrained(pruned))
     after = _matrices(AutoModelForCausalLM.from_pretrained(out))
     changed = 0

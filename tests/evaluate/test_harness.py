@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SHARED_DATA, TEST_DATA, make_tiny_model
+from helpers import SHARED_DATA, TEST_DATA, make_tiny_model, write_choice_task
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate import harness
@@ -147,25 +147,8 @@ def test_include_path_adds_user_tasks(tmp_path, tiny_tokenizer):
     equals the one computed by scoring each choice with the model directly."""
     words, gold = ["man", "it", "on", "world", "time"], [0, 1, 1, 0, 1]
     choices = ["is good", "was long"]
-    docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"q": f"the {w}", "a": a}) + "\n" for w, a in zip(words, gold, strict=True)))
-    task_dir = tmp_path / "mytasks"
-    task_dir.mkdir()
-    (task_dir / "my_task.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "task": "my_task",
-                "dataset_path": "json",
-                "dataset_kwargs": {"data_files": {"test": str(docs)}},
-                "test_split": "test",
-                "output_type": "multiple_choice",
-                "doc_to_text": "{{q}}",
-                "doc_to_target": "{{a}}",
-                "doc_to_choice": "{{" + repr(choices) + "}}",
-                "metric_list": [{"metric": "acc"}],
-            }
-        )
-    )
+    questions = [(f"the {w}", a) for w, a in zip(words, gold, strict=True)]
+    task_dir = write_choice_task(tmp_path / "mytasks", "my_task", questions, choices)
     model = make_tiny_model()
     scores = [choice_loglikelihoods(model, tiny_tokenizer, f"the {w}", choices) for w in words]
     picked = [max(range(len(choices)), key=s.__getitem__) for s in scores]

@@ -10,21 +10,14 @@ import shutil
 import psutil
 import pytest
 import torch
-import yaml
 from architectures import make_family_model
-from helpers import make_tiny_model, make_tokenizer, random_text
-from typer.testing import CliRunner
+from helpers import make_tiny_model, make_tokenizer, random_text, run_cli, write_choice_task
 
-from sparsetune.cli.app import app
 from sparsetune.evaluate import compare, ppl
 from sparsetune.models import load_model
 from sparsetune.streaming import StreamedModel
 
 TIMING_KEYS = ("seconds", "tokens_per_s")
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def save_dir(model, path):
@@ -167,27 +160,9 @@ def fake_memory(monkeypatch, available: int) -> None:
 
 @pytest.fixture
 def task_dir(tmp_path):
-    docs = tmp_path / "docs.jsonl"
     words = ["man", "it", "on", "world", "time"]
-    docs.write_text("".join(json.dumps({"q": f"the {w}", "a": i % 2}) + "\n" for i, w in enumerate(words)))
-    folder = tmp_path / "tasks"
-    folder.mkdir()
-    (folder / "tiny_task.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "task": "tiny_task",
-                "dataset_path": "json",
-                "dataset_kwargs": {"data_files": {"test": str(docs)}},
-                "test_split": "test",
-                "output_type": "multiple_choice",
-                "doc_to_text": "{{q}}",
-                "doc_to_target": "{{a}}",
-                "doc_to_choice": "{{['is good', 'was long']}}",
-                "metric_list": [{"metric": "acc"}],
-            }
-        )
-    )
-    return folder
+    questions = [(f"the {w}", i % 2) for i, w in enumerate(words)]
+    return write_choice_task(tmp_path / "tasks", "tiny_task", questions, ["is good", "was long"])
 
 
 def test_tasks_that_do_not_fit_are_refused_before_anything_loads(tmp_path, task_dir, monkeypatch):

@@ -5,14 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import random_text
-from typer.testing import CliRunner
-
-from sparsetune.cli.app import app
-
-
-def run(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+from helpers import random_text, run_cli
 
 
 @pytest.fixture
@@ -38,7 +31,7 @@ def test_sweep_points_equal_separate_prune_runs(tmp_path, tiny_model_dir, eval_t
     from sparsetune.prune.config import PruneConfig
 
     out = tmp_path / "sweep"
-    result = run(*sweep_args(tiny_model_dir, out, eval_text, text_file))
+    result = run_cli(*sweep_args(tiny_model_dir, out, eval_text, text_file))
     assert result.exit_code == 0, result.output
     report = json.loads((out / "sweep.json").read_text())
     keys = [p["key"] for p in report["points"]]
@@ -79,21 +72,21 @@ def test_sweep_resume_skips_finished_points(tmp_path, tiny_model_dir, eval_text,
 
     monkeypatch.setattr(api, "prune_model", failing_prune)
     with pytest.raises(RuntimeError, match="killed"):
-        run(*sweep_args(tiny_model_dir, out, eval_text, text_file))
+        run_cli(*sweep_args(tiny_model_dir, out, eval_text, text_file))
     partial = tmp_path / "sweep.partial"
     assert not out.exists() and sorted(p.name for p in (partial / "points").iterdir()) == [
         "dense.json", "magnitude-0.5.json", "magnitude-0.7.json",
     ]  # fmt: skip
-    refused = run(*sweep_args(tiny_model_dir, out, eval_text, text_file))
+    refused = run_cli(*sweep_args(tiny_model_dir, out, eval_text, text_file))
     assert refused.exit_code == 2 and "--resume" in refused.output
 
     calls.clear()
     monkeypatch.setattr(api, "prune_model", real_prune)
     monkeypatch.setattr(api, "prune_model", lambda *a, **k: calls.append("x") or real_prune(*a, **k))
-    resumed = run(*sweep_args(tiny_model_dir, out, eval_text, text_file, "--resume"))
+    resumed = run_cli(*sweep_args(tiny_model_dir, out, eval_text, text_file, "--resume"))
     assert resumed.exit_code == 0, resumed.output
     assert len(calls) == 4  # magnitude-2:4 and the three wanda points; nothing finished is redone
     assert len(json.loads((out / "sweep.json").read_text())["points"]) == 7
 
-    other = run(*sweep_args(tiny_model_dir, tmp_path / "s2", eval_text, text_file, "--resume"))
+    other = run_cli(*sweep_args(tiny_model_dir, tmp_path / "s2", eval_text, text_file, "--resume"))
     assert other.exit_code == 2 and "no unfinished sweep" in other.output

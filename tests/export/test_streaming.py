@@ -15,6 +15,7 @@ import pytest
 import torch
 from architectures import FAMILY_CONFIGS, make_family_model
 from export_stream_cases import CARRIED, CASES, PRUNED, file_hashes, pruned_dirs, tensor_hashes
+from helpers import small_tmpfs
 from safetensors.torch import save_file
 
 from sparsetune.errors import SparsetuneError
@@ -202,15 +203,8 @@ def test_shard_truncated_while_read_is_refused(inputs, tmp_path, monkeypatch):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+    with small_tmpfs(tmp_path / "small", "200k") as mount:
+        yield mount
 
 
 def test_too_little_free_space_is_refused_before_any_work(inputs, small_disk):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from architectures import make_family_model
-from helpers import load_weights, make_tiny_model, make_tokenizer
+from helpers import load_weights, make_tiny_model, make_tokenizer, small_tmpfs
 from safetensors.torch import save_file
 from stream_cases import CALIB, CASES, case_dirs
 from typer.testing import CliRunner
@@ -246,16 +246,9 @@ def test_a_shard_truncated_while_the_run_reads_it_is_one_error(dirs, tmp_path, m
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1 MiB tmpfs (needs root, as the project's machines and CI run)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    """A 1 MiB tmpfs."""
+    with small_tmpfs(tmp_path / "disk", "1m") as mount:
+        yield mount
 
 
 def test_too_little_free_space_is_refused_before_any_work(dirs, small_disk, tmp_path):
