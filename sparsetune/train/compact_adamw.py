@@ -78,7 +78,8 @@ def _compact_into(t: torch.Tensor, keep: torch.Tensor, tail: torch.Tensor | floa
 
 
 class SparseState:
-    """Compact optimizer state of one sparse weight: moments, cohorts, the gradient and (SEFT) the tracked update."""
+    """Compact optimizer state of one sparse weight: moments, cohorts, the gradient and (with `track_updates`) the
+    summed update."""
 
     def __init__(self, weight: SparseWeight, eight_bit: bool, track_updates: bool) -> None:
         device = weight.param.device
