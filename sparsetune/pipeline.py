@@ -61,9 +61,9 @@ from sparsetune.recipes import (
     substitute,
     validate_stage,
 )
-from sparsetune.train.common import CKPT_NAME
-from sparsetune.train.finetune import print_summary as print_seft
-from sparsetune.train.finetune import run_seft
+from sparsetune.train.checkpoint import CKPT_NAME
+from sparsetune.train.seft import print_summary as print_seft
+from sparsetune.train.seft import run_seft
 from sparsetune.train.seft_config import SeftConfig
 from sparsetune.train.smet import print_summary as print_smet
 from sparsetune.train.smet import run_smet

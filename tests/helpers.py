@@ -52,13 +52,13 @@ def make_tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 256,
     return model_from_config(family, seed, config)
 
 
-def load_weights(model_dir: Path | str) -> dict[str, torch.Tensor]:
+def load_weights(model_dir: Path | str, files: str = "model*.safetensors") -> dict[str, torch.Tensor]:
     """Every tensor of a model dir's safetensors files (one model.safetensors, or the shards a streamed run
-    writes), read with safetensors itself."""
+    writes; not seft_adapter.safetensors unless `files` says so), read with safetensors itself."""
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
-    for path in sorted(Path(model_dir).glob("model*.safetensors")):  # not seft_adapter.safetensors
+    for path in sorted(Path(model_dir).glob(files)):
         out.update(load_file(str(path)))
     return out
 
@@ -168,6 +168,12 @@ def tiny_args(pruned: Path, out: Path, data: Path, *extra: str) -> list[str]:
     return ["seft", str(pruned), "-o", str(out), "--data", str(data), "--seqlen", "32", "--batch-size", "4", *extra]
 
 
+def seft_settings(pruned: Path, data: Path, out: Path, **extra) -> dict:
+    """SeftConfig fields for a tiny run: 8 steps of 4 sequences of 32 tokens (the method's settings in `extra`)."""
+    base = {"model": str(pruned), "output": str(out), "data": str(data), "seqlen": 32, "batch_size": 4, "steps": 8}
+    return {**base, "lr": 5e-3, **extra}
+
+
 def smet_settings(tok_dir: Path, text: Path, out: Path, **extra) -> dict:
     """SmetConfig fields for a 12-step run of the tiny preset."""
     base = {
@@ -269,6 +275,88 @@ def token_batches(n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, 256, (n, 4, 32), generator=g)
     return [{"input_ids": x, "labels": x} for x in ids]
+
+
+def in_memory_seft(model: nn.Module, settings, steps: int, out: Path, lr: float = 1e-2, on_topology=None, **cfg):
+    """A `seft` run (the real loop, `FinetuneRun`) over the in-memory pruned `model`, not yet set up: `steps` optimizer
+    steps at a constant `lr` on the sequences of `token_batches()`, with the method settings `settings` (a
+    DeltaSettings; `method`, `optim`, `seed`, checkpointing ... as `cfg`). `on_topology(method, stats)` sees every
+    topology update. Only `finish` writes `out`."""
+    from sparsetune.train.examples import Examples
+    from sparsetune.train.loop import Trainer
+    from sparsetune.train.seft import FinetuneRun
+    from sparsetune.train.seft_config import SeftConfig
+    from sparsetune.train.sparse_start import find_sparse_start
+
+    class InMemoryRun(FinetuneRun):
+        def setup(self, inputs: tuple[str, ...] = ()) -> None:
+            Trainer.setup(self)  # no input dir to keep apart from the output
+
+        def load(self) -> None:
+            torch.manual_seed(self.cfg.seed)
+            self.model, self.tokenizer, self.pad_id = model, None, 0
+            self.start = find_sparse_start(model, None)
+            self.train_data = Examples("text", [row for b in token_batches() for row in b["input_ids"]], None)
+            self.val_data = None
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.train()
+
+        def topology_update(self, step: int):
+            stats = super().topology_update(step)
+            if stats is not None and on_topology is not None:
+                on_topology(self.method, stats)
+            return stats
+
+    base = {"seqlen": 32, "batch_size": 4, "warmup_steps": 0, "min_lr_ratio": 1.0}
+    values = {**base, **settings.model_dump(exclude_unset=True), **cfg}
+    seft_cfg = SeftConfig(model="(in memory)", data="(in memory)", output=str(out), steps=steps, lr=lr, **values)
+    return InMemoryRun(seft_cfg, show_progress=False)
+
+
+def delta_run(model: nn.Module, settings, steps: int, out: Path, lr: float = 1e-2, on_topology=None, **cfg):
+    """`in_memory_seft`, set up and trained (the model is trained in place; nothing is written)."""
+    run = in_memory_seft(model, settings, steps, out, lr, on_topology, **cfg)
+    run.setup()
+    run.train()
+    return run
+
+
+def cli_flags(settings: dict) -> list[str]:
+    """Command-line flags for config `settings` (booleans as --x / --no-x)."""
+    flags: list[str] = []
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            flags += [f"--{'' if value else 'no-'}{key.replace('_', '-')}"]
+        else:
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def torchrun_or_skip() -> str:
+    """The torchrun next to this python (the multi-process tests skip without one)."""
+    import shutil
+    import sys
+
+    import pytest
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this python")
+    return torchrun
+
+
+def run_sparsetune(args: list[str], processes: int = 1):
+    """`python -m sparsetune ARGS` in a subprocess (under torchrun with 2+ `processes`, gloo on the CPU), one thread
+    per process; returns the CompletedProcess (output captured as text)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, **ONE_THREAD_ENV, "ACCELERATE_USE_CPU": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher = [torchrun_or_skip(), "--standalone", "--nproc_per_node", str(processes)]
+    return subprocess.run([*launcher, "-m", "sparsetune", *args], capture_output=True, text=True, env=env)
 
 
 def kill_after_logged_step(proc, live_log: Path, step: int, timeout_s: float = 300.0) -> None:

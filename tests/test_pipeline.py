@@ -350,7 +350,7 @@ def test_refuses_a_foreign_output_dir_and_an_input_overlap(tmp_path, tiny_inputs
 def test_a_crash_mid_stage_resumes_from_the_stage_checkpoint_exactly(tmp_path, tiny_inputs, monkeypatch, caplog):
     """Kill the seft stage after its step-2 checkpoint; the re-run skips prune, resumes seft from step 2, and
     ends with weights bit-identical to an uninterrupted run."""
-    from sparsetune.train import finetune
+    from sparsetune.train import seft as seft_run
 
     def plan(out: Path) -> pipeline.Plan:
         args = tiny_pse_args(tiny_inputs, out)[4:]
@@ -362,17 +362,17 @@ def test_a_crash_mid_stage_resumes_from_the_stage_checkpoint_exactly(tmp_path, t
     pipeline.run_plan(plan(clean), verbose_output=False)
 
     crashed = tmp_path / "crashed"
-    original = finetune.FinetuneRun.save_checkpoint
+    original = seft_run.FinetuneRun.save_checkpoint
 
     def save_then_crash(self):
         original(self)
         if self.state.step == 2:
             raise RuntimeError("simulated crash after the step-2 checkpoint")
 
-    monkeypatch.setattr(finetune.FinetuneRun, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(seft_run.FinetuneRun, "save_checkpoint", save_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pipeline.run_plan(plan(crashed), verbose_output=False)
-    monkeypatch.setattr(finetune.FinetuneRun, "save_checkpoint", original)
+    monkeypatch.setattr(seft_run.FinetuneRun, "save_checkpoint", original)
     assert json.loads((crashed / ".stages" / "02-seft.json").read_text())["status"] == "running"
     assert not (crashed / "02-seft").exists()  # no half-written stage output
 

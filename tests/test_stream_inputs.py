@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from architectures import make_family_model
-from helpers import load_weights, make_tiny_model, make_tokenizer, pruned_tiny, random_text, token_batches
+from helpers import delta_run, load_weights, make_tiny_model, make_tokenizer, pruned_tiny, random_text
 from stream_cases import CALIB
 from torch import nn
 from typer.testing import CliRunner
@@ -30,7 +30,6 @@ from sparsetune.prune.config import PruneConfig
 from sparsetune.streaming import StreamedModel
 from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE
 from sparsetune.train.sparse_delta.config import DeltaSettings
-from sparsetune.train.sparse_delta.fit import fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -87,7 +86,7 @@ def adapter_dir(root, family, base_dtype):
     model.save_pretrained(base)
     make_tokenizer().save_pretrained(base)
     settings = DeltaSettings(delta_rank=2, reselect_every=3, select_window=1, reactivate=True, base_dtype=base_dtype)
-    method, _ = fit(model, token_batches(), settings, 6, lr=1e-2)
+    method = delta_run(model, settings, 6, root / f"run-{family}-{base_dtype}").method  # the real loop, in memory
     out.mkdir()
     method.save_adapter(str(out / ADAPTER_FILE), {"base_model": str(base)})
     return out

@@ -4,10 +4,10 @@
 NLL, the loss guard, gradient averaging over processes, the optimizer step, the weight guard, the scheduled
 topology (or reselection) update, logging, checkpoint -> finish (write the output and the report).
 
-A task (`finetune.FinetuneRun` for `seft`, `smet.PretrainRun` for `smet-pretrain`) subclasses `Trainer` for what
-differs between them: what it loads (`load`), which strategy it trains with (`build_method`), which settings a
-checkpoint must match (`identity`) and what it writes (`finish`). A training method subclasses `TrainingMethod`
-and is one entry in its task's method table (`finetune.METHODS`, `smet.METHODS`).
+A task (`seft.FinetuneRun` for `seft`, `smet.PretrainRun` for `smet-pretrain`) subclasses `Trainer` for what
+differs between them: what it loads (`load`), which method it trains with (`build_method`), which settings a
+checkpoint must match (`identity`) and what it writes (`finish`). A training method subclasses `TrainingMethod`,
+is built from a `TrainingContext` and is one entry in its task's method table (`seft.METHODS`, `smet.METHODS`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,38 +32,73 @@ from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory,
 from sparsetune.progress import Progress
 from sparsetune.recipes import dump_yaml
 from sparsetune.train.activations import Checkpointing
-from sparsetune.train.common import (
+from sparsetune.train.checkpoint import (
     CKPT_NAME,
+    IDENTITY_ADDED,
+    LOG_FILE,
+    TrainingState,
+    check_checkpoint_dir,
+    replace_dir,
+)
+from sparsetune.train.examples import IGNORE, DataOrder, Examples, collate, label_count
+from sparsetune.train.guard import (
     DIVERGENCE_FACTOR,
     DIVERGENCE_MARGIN,
     DIVERGENCE_STEPS,
-    IDENTITY_ADDED,
-    IGNORE,
-    LOG_FILE,
     WEIGHT_LIMIT_FACTOR,
-    DataOrder,
-    Examples,
-    TrainingState,
-    check_checkpoint_dir,
-    collate,
-    label_count,
     loss_bound,
-    lr_at,
-    replace_dir,
-    token_nll_sum,
 )
+from sparsetune.train.loss import token_nll_sum
+from sparsetune.train.schedule import lr_at
+from sparsetune.train.sparse_start import SparseStart
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "sparsity_report.json"
 
 
-class TrainingMethod:
-    """The method-specific parts of a run. A method builds its trainable state and `optimizer` in `__init__(run)`
-    (`run` is the task's Trainer, set up up to its data and model) and overrides what it needs of the rest.
+@dataclass
+class TrainingContext:
+    """What a training method is built from, and may read while it trains: the run's settings, model and data."""
 
-    The optimizer needs `param_groups` (a list of dicts whose "lr" the loop sets every step), `step()`,
-    `zero_grad(set_to_none=True)`, `state_dict()` and `load_state_dict()`.
+    cfg: Any  # the command's settings (SeftConfig or SmetConfig): optimizer, steps, seed and the method's options
+    model: nn.Module  # the model to train; a method that wraps it (LoRA) puts the wrapped model here
+    tokenizer: Any
+    pad_id: int
+    data: Examples  # the training examples
+    dist: DistContext  # the process group: rank, world size, device
+    state: TrainingState  # the run's progress (step, logged rows, topology history); read only
+    nll: Callable[[list[int]], torch.Tensor]  # summed token NLL of training examples `idx` (this rank's share)
+    start: SparseStart | None = None  # `seft`: the pruned input's sparse matrices, masks and counts to keep
+
+
+@dataclass
+class MethodReport:
+    """What a method adds to the run's report (and `smet-pretrain`'s logged rows), measured from the live state."""
+
+    memory: dict[str, Any] = field(default_factory=dict)  # trainable_params, grad_bytes, optimizer_state_bytes, ...
+    fields: dict[str, Any] = field(default_factory=dict)  # extra fields of the summary (and of the history entry)
+
+
+@dataclass
+class Finished:
+    """What a method's end did (`TrainingMethod.finish`), and what the run's end-of-run check and output need."""
+
+    reprune: dict[str, Any] | None = None  # the report of an end-of-run re-prune (LoRA*)
+    write_model: bool = True  # False: the output holds no model (seft --no-merge writes the adapter only)
+    write_files: Callable[[Path], None] | None = None  # writes the method's own files into the output dir
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # trained weights the model does not hold
+    untrained_zeros: dict[str, int] = field(default_factory=dict)  # zeros the sparsity check does not count
+    zero_tolerance: dict[str, int] = field(default_factory=dict)  # how far a module's zero count may move
+
+
+class TrainingMethod:
+    """The method-specific parts of a run. A method builds its trainable state and `optimizer` in
+    `__init__(context)` and overrides what it needs of the hooks below (only `checkpoint_tensors` is required).
+
+    The optimizer needs `param_groups` (a list of dicts whose "lr" the loop sets before every step: the learning
+    rate has no other source), `step()`, `zero_grad(set_to_none=True)`, `state_dict()` and `load_state_dict()`;
+    its state dict is saved with every checkpoint as of the step the checkpoint belongs to.
     """
 
     optimizer: Any
@@ -76,60 +113,32 @@ class TrainingMethod:
 
     def reduce_grads(self) -> None:
         """After backward, before the optimizer step: average gradients over processes (the loss was scaled by the
-        number of processes), unless the optimizer does so itself (SparseAdamW)."""
+        number of processes), unless the optimizer does so itself (SparseAdamW), and measure them while they
+        exist."""
 
-    def topology_due(self, step: int) -> bool:
-        """Whether a topology update (or reselection) follows optimizer step `step` (1-based: steps done)."""
-        return False
-
-    def topology_update(self, step: int) -> dict[str, Any]:
-        """Change the trainable topology after step `step`; return its statistics (logged in the row and kept in
-        `state.topology`, so they must be plain data)."""
-        raise NotImplementedError
+    def update_topology(self, step: int) -> dict[str, Any] | None:
+        """After optimizer step `step` (1-based: steps done): change the trainable topology (or reselect) when one
+        is due, and return its statistics (logged in the row and kept in `state.topology`, so plain data); None
+        when none is due."""
+        return None
 
     def sparsity(self) -> float:
         """The sparsity of the trained modules after a step (and the place to verify per-step invariants)."""
         return 0.0
 
-    def step_fields(self, step: int) -> dict[str, Any]:
+    def log_fields(self, step: int) -> dict[str, Any]:
         """Extra fields of the log row of step `step`."""
         return {}
 
-    def always_log(self, step: int) -> bool:
-        """Whether step `step` is logged whatever --log-every says."""
-        return False
+    def report(self) -> MethodReport:
+        """The method's memory (bytes of gradient and optimizer state held for the trainable state, measured from
+        the live tensors) and its extra report fields."""
+        return MethodReport()
 
-    def logged_fields(self) -> dict[str, Any]:
-        """Extra fields of the rows that are written to the log (computed only for those)."""
-        return {}
-
-    def memory_report(self) -> dict[str, Any]:
-        """Bytes of gradient and optimizer state held for the trainable state (`trainable_params`, `grad_bytes`,
-        `optimizer_state_bytes`, ...), measured from the live tensors."""
-        return {}
-
-    def report_fields(self) -> dict[str, Any]:
-        """Extra fields of the run's report summary (and of its history entry), measured at the end of the run."""
-        return {}
-
-    def after_resume(self) -> None:
-        """After a checkpoint was loaded into the tensors and the optimizer."""
-
-    def finish(self) -> dict[str, Any] | None:
+    def finish(self) -> Finished:
         """After the last step, before the end-of-run checks and the output: e.g. merge adapters into the model
-        (replacing `run.model`). May return a report of what it did."""
-        return None
-
-    def untrained_zeros(self, name: str) -> int:
-        """Zeros of module `name` the end-of-run sparsity check does not count (no sign of divergence)."""
-        return 0
-
-    def zero_tolerance(self, name: str, weight: torch.Tensor) -> int:
-        """How far module `name`'s zero count may end from its start (0: exactly)."""
-        return 0
-
-    def write_files(self, out_dir: Path) -> None:
-        """Write extra files into the output dir (a temp dir, renamed into place after)."""
+        (putting the merged model in `context.model`)."""
+        return Finished()
 
 
 class Trainer:
@@ -145,12 +154,15 @@ class Trainer:
     model: nn.Module
     tokenizer: Any
     method: TrainingMethod
+    context: TrainingContext
+    start: SparseStart | None = None  # `seft`: what the run starts from and must preserve
     ckpt_dir: Path | None
     train_data: Examples
     val_data: Examples | None
     pad_id: int
     _last_ckpt_step = 0
     _pending_rng: torch.Tensor | None = None  # a checkpoint is due: the RNG state at the end of its step
+    _pending_optimizer: dict[str, Any] | None = None  # ... and the optimizer state at the end of its step
     _weight_limits: dict[str, float] | None = None
     _uniform_loss: float | None = None  # ln(vocab): the loss of uniform guessing
     activation_checkpointing: Checkpointing | None = None  # the decoder blocks' activation checkpointing while training
@@ -165,7 +177,7 @@ class Trainer:
         """Set model, tokenizer, pad_id, train_data and val_data (the process group is joined: `self.ctx`)."""
         raise NotImplementedError
 
-    def build_method(self) -> TrainingMethod:
+    def build_method(self, context: TrainingContext) -> TrainingMethod:
         raise NotImplementedError
 
     def identity(self) -> dict[str, Any]:
@@ -212,31 +224,24 @@ class Trainer:
             int((lab[1:] != IGNORE).sum()) if self.train_data.labels is not None else len(lab) - 1
             for lab in (self.train_data.labels or self.train_data.inputs)
         ]
-        self.method = self.build_method()
+        # the settings as the task's load left them (smet-pretrain resolves --density auto)
+        loaded = (self.cfg, self.model, self.tokenizer, self.pad_id, self.train_data)
+        self.context = TrainingContext(*loaded, dist=self.ctx, state=self.state, nll=self.train_nll, start=self.start)
+        self.method = self.build_method(self.context)
+        self.model = self.context.model  # as the method left it (LoRA wraps it)
         self.init_guard()
         if cfg.resume:
             self.load_checkpoint()
 
     @property
-    def checkpoint_pending(self) -> bool:
-        """A checkpoint of the step just done waits for the next step's loss (it is written during that step, after
-        its backward pass): state that backward changes must be copied now to be saved as of this step."""
-        return self._pending_rng is not None
-
-    @property
     def optimizer(self) -> Any:
         return self.method.optimizer
-
-    @property
-    def sparse(self) -> dict[str, Any]:
-        """The method's sparse weights (SparseWeight by name; empty for dense and LoRA methods)."""
-        return getattr(self.method, "sparse", {})
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return self.method.checkpoint_tensors()
 
     def memory_report(self) -> dict[str, Any]:
-        return {**self.method.memory_report(), **self.activation_memory(), **peak_memory()}
+        return {**self.method.report().memory, **self.activation_memory(), **peak_memory()}
 
     def activation_memory(self) -> dict[str, Any]:
         """How the run bounds its activations: the checkpointing mechanism ("transformers", "torch" or "off") and
@@ -250,12 +255,20 @@ class Trainer:
         if self.activation_checkpointing is not None:
             self.activation_checkpointing.disable()
 
+    def finish_method(self) -> Finished:
+        """The method's end; the run goes on with the model as the method left it (LoRA* merged)."""
+        finished = self.method.finish()
+        self.model = self.context.model
+        return finished
+
     def sparsity(self) -> float:
         return self.method.sparsity()
 
-    def topology_update(self, step: int) -> dict[str, Any]:
-        stats = self.method.topology_update(step)
-        self.state.topology.append(stats)
+    def topology_update(self, step: int) -> dict[str, Any] | None:
+        """The method's topology update after step `step` when one is due (kept in `state.topology`), else None."""
+        stats = self.method.update_topology(step)
+        if stats is not None:
+            self.state.topology.append(stats)
         return stats
 
     def batch(self, examples: Examples, idx: list[int]) -> dict[str, torch.Tensor]:
@@ -265,6 +278,10 @@ class Trainer:
     def nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed token NLL of one micro-batch: what every training step minimises."""
         return token_nll_sum(self.model, batch, self.cfg.loss_chunk_tokens)
+
+    def train_nll(self, idx: list[int]) -> torch.Tensor:
+        """Summed token NLL of this rank's share of the training examples `idx` (a method's growth scoring)."""
+        return self.nll(self.batch(self.train_data, idx))
 
     def train(self) -> None:
         cfg, method = self.cfg, self.method
@@ -278,20 +295,21 @@ class Trainer:
                 self.state.step = done = step + 1
                 self.state.tokens += tokens
                 row: dict[str, Any] = {"step": done, "loss": loss, "lr": lr_at(step, cfg)}
-                if done < cfg.steps and method.topology_due(done):
-                    row["topology"] = self.topology_update(done)
+                topology = self.topology_update(done)
+                if topology is not None:
+                    row["topology"] = topology
                 sparsity = self.sparsity()
                 step_s = time.perf_counter() - t0  # a topology update counts towards the step it follows
                 row.update(sparsity=sparsity, tokens=self.state.tokens, step_s=step_s)
                 row["tokens_per_s"] = tokens / max(step_s, 1e-9)
-                row.update(method.step_fields(done))
+                row.update(method.log_fields(done))
                 if cfg.eval_every and done % cfg.eval_every == 0 and self.val_data is not None:
                     row["val_loss"] = self.validation_loss()
                 if self.probe_due(done):
                     row["probe_loss"] = self.validation_loss(examples=cfg.batch_size)
-                logged = "topology" in row or "probe_loss" in row or method.always_log(done)
+                logged = "topology" in row or "probe_loss" in row or self.log_due(done)
                 if done % cfg.log_every == 0 or done == cfg.steps or logged:
-                    row.update(method.logged_fields())
+                    row.update(self.logged_fields())
                     self.log_row(row)
                 info = f"loss {loss:.4f} lr {row['lr']:.2e} sparsity {sparsity:.4f} {row['tokens_per_s']:.0f} tok/s"
                 bar.update(completed=done, info=info)
@@ -366,7 +384,7 @@ class Trainer:
                     loss,
                     bound,
                 )
-                self._pending_rng = None
+                self._pending_rng = self._pending_optimizer = None
             else:
                 self.save_checkpoint()  # the state as of the end of `step` (its RNG included), before this loss
         guard["strikes"] = guard["strikes"] + 1 if high else 0
@@ -409,10 +427,21 @@ class Trainer:
             self.save_checkpoint()
         else:
             self._pending_rng = torch.get_rng_state()
+            # as of this step: the next step's backward changes state that its optimizer step has not consumed yet
+            # (seft's open selection window)
+            self._pending_optimizer = self.optimizer.state_dict()
 
     def probe_due(self, step: int) -> bool:
         """Whether the row of `step` carries `probe_loss`: the loss of one fixed held-out batch (a task's choice)."""
         return False
+
+    def log_due(self, step: int) -> bool:
+        """Whether step `step` is logged whatever --log-every says (a task's choice)."""
+        return False
+
+    def logged_fields(self) -> dict[str, Any]:
+        """Extra fields of the rows that are written to the log, computed only for those (a task's choice)."""
+        return {}
 
     @torch.no_grad()
     def validation_loss(self, examples: int | None = None) -> float:
@@ -441,8 +470,9 @@ class Trainer:
         checkpoint waited since, else the current one): temp dir, then renamed."""
         assert self.ckpt_dir is not None
         rng = self._pending_rng if self._pending_rng is not None else torch.get_rng_state()
+        optimizer = self._pending_optimizer if self._pending_optimizer is not None else self.optimizer.state_dict()
         self.state.rng = {"torch": rng}
-        self._pending_rng = None
+        self._pending_rng = self._pending_optimizer = None
         if self.ctx.is_main:
             from safetensors.torch import save_file
 
@@ -451,7 +481,7 @@ class Trainer:
             tmp.mkdir(parents=True)
             weights = {n: t.detach().contiguous().cpu() for n, t in self.checkpoint_tensors().items()}
             save_file(weights, str(tmp / "weights.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer, tmp / "optimizer.pt")
             torch.save({"identity": self.identity(), "state": self.state.state_dict()}, tmp / "state.pt")
             replace_dir(tmp, self.ckpt_dir / CKPT_NAME)
         self._last_ckpt_step = self.state.step
@@ -480,7 +510,6 @@ class Trainer:
         self.state.load_state_dict(saved["state"])
         torch.set_rng_state(self.state.rng["torch"])
         self._last_ckpt_step = self.state.step
-        self.method.after_resume()
         if self.ctx.is_main:  # the live log loses any lines written after the checkpoint
             (self.ckpt_dir / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
         log.info("resumed from step %d in %s", self.state.step, path)
@@ -506,32 +535,34 @@ class Trainer:
             f"diverged; nothing was written; lower --lr"
         )
 
-    def check_final_sparsity(self, weights: dict[str, torch.Tensor], start_zeros: dict[str, int]) -> None:
-        """`check_sparsity_kept` over `weights` (name -> weight), less the method's untrained zeros, within the
-        method's tolerance."""
-        counts, tolerance = {}, {}
+    def check_final_sparsity(
+        self, weights: dict[str, torch.Tensor], start_zeros: dict[str, int], finished: Finished
+    ) -> None:
+        """`check_sparsity_kept` over `weights` (name -> weight), less the untrained zeros the method's end counted,
+        within its tolerance."""
+        counts = {}
         for name, weight in weights.items():
             w = weight.detach()
-            zeros = w.numel() - int(w.count_nonzero()) - self.method.untrained_zeros(name)
+            zeros = w.numel() - int(w.count_nonzero()) - finished.untrained_zeros.get(name, 0)
             counts[name] = (w.numel(), start_zeros[name], zeros)
-            tolerance[name] = self.method.zero_tolerance(name, w)
-        self.check_sparsity_kept(counts, tolerance)
+        self.check_sparsity_kept(counts, finished.zero_tolerance)
 
     def cleanup(self) -> None:
         self.ctx.barrier()
 
-    def write_output(self, report: dict[str, Any], command: str, model: bool = True) -> None:
-        """Rank 0 writes the HF model dir (unless not `model`: e.g. an adapter only), the log, the report and the
-        recipe that reproduces the run."""
+    def write_output(self, report: dict[str, Any], command: str, finished: Finished) -> None:
+        """Rank 0 writes the HF model dir (unless the method's end says not to: an adapter only), the log, the
+        report, the recipe that reproduces the run and the method's own files."""
         if self.ctx.is_main:
             with atomic_output_dir(self.out, overwrite=self.overwrite) as tmp:
-                if model:
+                if finished.write_model:
                     models.save_model(self.model, self.tokenizer, tmp)
                 (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
                 write_json(tmp / REPORT_FILE, report)
                 header = f"sparsetune {command} --recipe recipe.yaml reproduces this run"
                 dump_yaml(self.cfg, tmp / "recipe.yaml", header=header)
-                self.method.write_files(tmp)
+                if finished.write_files is not None:
+                    finished.write_files(tmp)
         self.ctx.barrier()
         report["rank"] = self.ctx.rank
 

@@ -26,19 +26,23 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern
 from sparsetune.prune.api import prune_model
 from sparsetune.prune.config import PruneConfig
-from sparsetune.train.common import DataOrder, Examples, dense_adamw
-from sparsetune.train.loop import TrainingMethod
+from sparsetune.train.adamw import dense_adamw
+from sparsetune.train.examples import DataOrder, Examples
+from sparsetune.train.loop import Finished, MethodReport, TrainingContext, TrainingMethod
+from sparsetune.train.sparse_start import SparseStart
 
 log = logging.getLogger(__name__)
 
 
 class LoraReprune(TrainingMethod):
-    """LoRA adapters on `run.model` (the `seft` task, finetune.FinetuneRun), merged and re-pruned at the end."""
+    """LoRA adapters on `context.model` (the `seft` run's), merged and re-pruned at the end."""
 
-    def __init__(self, run: Any) -> None:
-        self.run = run
-        cfg, start = run.cfg, run.start
-        self.lora_modules = lora_target_names(run.model)
+    def __init__(self, context: TrainingContext) -> None:
+        assert context.start is not None
+        self.context = context
+        cfg, start = context.cfg, context.start
+        self.start: SparseStart = start
+        self.lora_modules = lora_target_names(context.model)
         # The sparse matrices LoRA trains and the re-prune restores; fused expert slices stay as they are.
         self.repruned = [n for n in start.masks if start.kind(n) != "expert"]
         self.frozen = [n for n in start.masks if start.kind(n) == "expert"]
@@ -50,12 +54,12 @@ class LoraReprune(TrainingMethod):
             )
         if not self.lora_modules:
             raise SparsetuneError(
-                f"lora-reprune: model type {models.model_type(run.model)!r} has no Linear or Conv1D weight in its "
+                f"lora-reprune: model type {models.model_type(context.model)!r} has no Linear or Conv1D weight in its "
                 "decoder blocks for LoRA to wrap; use --method masked-ft"
             )
-        run.model = attach_lora(run.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, self.lora_modules)
-        run.model.train()
-        self.trainable = dict(lora_parameters(run.model))
+        context.model = attach_lora(context.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, self.lora_modules)
+        context.model.train()
+        self.trainable = dict(lora_parameters(context.model))
         self.optimizer = dense_adamw(list(self.trainable.values()), cfg)
         self.peak_grad_bytes = 0
 
@@ -69,48 +73,53 @@ class LoraReprune(TrainingMethod):
         self.peak_grad_bytes = max(self.peak_grad_bytes, sum(g.numel() * g.element_size() for g in grads))
 
     def sparsity(self) -> float:
-        start = self.run.start
-        return start.sparsity_of(start.nonzeros())
+        return self.start.sparsity_of(self.start.nonzeros())
 
-    def memory_report(self) -> dict[str, Any]:
+    def report(self) -> MethodReport:
         state_bytes = sum(
             t.numel() * t.element_size()
             for s in self.optimizer.state.values()
             for t in s.values()
             if torch.is_tensor(t)
         )
-        return {
+        memory = {
             "trainable_params": sum(p.numel() for p in self.trainable.values()),
             "grad_bytes": self.peak_grad_bytes,
             "optimizer_state_bytes": state_bytes,
         }
+        return MethodReport(
+            memory, {"lora_modules": len(self.lora_modules), "frozen_sparse_matrices": len(self.frozen)}
+        )
 
-    def report_fields(self) -> dict[str, Any]:
-        return {"lora_modules": len(self.lora_modules), "frozen_sparse_matrices": len(self.frozen)}
+    def finish(self) -> Finished:
+        """Merge the adapters, then re-prune the merged Linears / Conv1Ds to the start's sparsity or pattern.
 
-    def zero_tolerance(self, name: str, weight: torch.Tensor) -> int:
-        """Wanda's re-prune picks int(in_features * s) per row, so it may differ by up to one weight per row from a
-        start that was pruned per matrix."""
-        return weight.shape[0] if self.run.start.pattern is None else 0
+        Wanda's re-prune picks int(in_features * s) per row, so a matrix may end up to one weight per row off a
+        start that was pruned per matrix (the end-of-run check's tolerance)."""
+        report = self.merge_and_reprune()
+        tolerance = {}
+        if self.start.pattern is None:
+            tolerance = {name: module.weight.shape[0] for name, module in self.start.modules.items()}
+        return Finished(reprune=report, zero_tolerance=tolerance)
 
-    def finish(self) -> dict[str, Any] | None:
-        """Merge the adapters, then re-prune the merged Linears / Conv1Ds to the start's sparsity or pattern."""
-        run, cfg, start = self.run, self.run.cfg, self.run.start
-        run.model = merge_lora(run.model)
-        run.model.eval()
+    def merge_and_reprune(self) -> dict[str, Any] | None:
+        context, cfg, start = self.context, self.context.cfg, self.start
+        context.model = merge_lora(context.model)
+        context.model.eval()
         if not self.repruned:  # only expert slices were sparse: LoRA trained dense weights, nothing to re-prune
-            start.rebind(run.model)
+            start.rebind(context.model)
             return None
-        n = min(cfg.reprune_samples, len(run.train_data))
-        order = DataOrder(len(run.train_data), n, cfg.seed + 1)
-        windows = calibration_windows(run.train_data, order.batch(0), cfg.seqlen, run.pad_id)
+        data = context.data
+        n = min(cfg.reprune_samples, len(data))
+        order = DataOrder(len(data), n, cfg.seed + 1)
+        windows = calibration_windows(data, order.batch(0), cfg.seqlen, context.pad_id)
         calib = calibration_from_windows(windows, cfg.data, cfg.seed)
         layerwise = (start.report or {}).get("layerwise")
         block_sparsity = None
         if layerwise and start.report:
             block_sparsity = [b["sparsity"] for b in start.report["blocks"]]
             if self.frozen:  # the blocks' sparsity over the re-pruned matrices alone
-                block_sparsity = subset_block_sparsity(run.model, start, self.repruned, block_sparsity)
+                block_sparsity = subset_block_sparsity(context.model, start, self.repruned, block_sparsity)
         prune_cfg = reprune_config(
             cfg.model,
             self.repruned,
@@ -120,8 +129,8 @@ class LoraReprune(TrainingMethod):
             windows.shape[0],
             windows.shape[1],
         )
-        report = reprune(run.model, run.tokenizer, prune_cfg, calib, run.ctx)
-        start.rebind(run.model)  # the merged model's weights
+        report = reprune(context.model, context.tokenizer, prune_cfg, calib, context.dist)
+        start.rebind(context.model)  # the merged model's weights
         return report
 
 

@@ -1,7 +1,7 @@
 """`seft --method masked-ft`: train the active weights of the pruned model's sparse matrices under a fixed mask.
 
 Each sparse weight stays a dense parameter with zeros at inactive positions, plus a compact index set; its gradient
-and AdamW state exist only for the active entries (`sparse_optim.SparseAdamW`), which also averages the compact
+and AdamW state exist only for the active entries (`compact_adamw.SparseAdamW`), which also averages the compact
 gradients over processes at every step. The sparse matrices are Linears, Conv1D weights (masked in their stored
 [in, out] layout) and expert slices: a fused 3-D expert parameter is one sparse weight whose mask is the stack of
 its slices' masks, so every slice keeps its own zeros and active count (a slice left dense by `--ignore` trains
@@ -10,21 +10,20 @@ densely with its parameter).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from sparsetune.train.common import untrained_zeros
-from sparsetune.train.loop import TrainingMethod
-from sparsetune.train.sparse_optim import SparseAdamW, SparseWeight
+from sparsetune.train.compact_adamw import SparseAdamW, SparseWeight, untrained_zeros
+from sparsetune.train.loop import Finished, MethodReport, TrainingContext, TrainingMethod
+from sparsetune.train.sparse_start import SparseStart
 
 
 class MaskedFineTuning(TrainingMethod):
-    """The start masks stay fixed; `run` is the `seft` task (finetune.FinetuneRun) after loading."""
+    """The start masks (`context.start`, the `seft` run's) stay fixed."""
 
-    def __init__(self, run: Any) -> None:
-        self.run = run
-        cfg, start = run.cfg, run.start
+    def __init__(self, context: TrainingContext) -> None:
+        assert context.start is not None
+        cfg, self.start = context.cfg, context.start
+        start: SparseStart = self.start
         # One sparse weight per stored parameter: a Linear or Conv1D weight, or a whole fused expert parameter.
         self.groups = {g.name: g for g in start.parameter_groups()}
         weights = []
@@ -34,7 +33,6 @@ class MaskedFineTuning(TrainingMethod):
         self.optimizer = SparseAdamW(
             weights,
             dense_params=[],
-            lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
@@ -56,7 +54,7 @@ class MaskedFineTuning(TrainingMethod):
     def sparsity(self) -> float:
         """The sparsity of the sparse matrices now; also verify that every matrix keeps exactly its starting number
         of active slots and has no more non-zeros than that."""
-        start = self.run.start
+        start = self.start
         nonzeros = start.nonzeros()
         for name in self.sparse:
             for member, slots in self.member_slots(name).items():
@@ -84,19 +82,20 @@ class MaskedFineTuning(TrainingMethod):
         if owner is None:
             return {group.members[0]: weight.active.numel()}
         per_expert = torch.bincount(owner, minlength=group.param.shape[0]).tolist()
-        return {m: per_expert[self.run.start.matrices[m].expert] for m in group.members}
+        return {m: per_expert[self.start.matrices[m].expert] for m in group.members}
 
-    def memory_report(self) -> dict[str, Any]:
+    def report(self) -> MethodReport:
         report = dict(self.optimizer.memory_report())
         report.pop("gradient_bytes", None)  # the optimizer's count; grad_bytes is the measured one
-        return {
+        memory = {
             "trainable_params": sum(w.nnz for w in self.sparse.values()),
             "grad_bytes": self.peak_grad_bytes,
             **report,
         }
+        return MethodReport(memory, {"sparse_matrices": self.start.kind_counts()})
 
-    def report_fields(self) -> dict[str, Any]:
-        return {"sparse_matrices": self.run.start.kind_counts()}
+    def finish(self) -> Finished:
+        return Finished(untrained_zeros={name: self.untrained_zeros(name) for name in self.group_of})
 
     def untrained_zeros(self, name: str) -> int:
         """Zeros among matrix `name`'s active entries that never had a gradient."""
@@ -107,5 +106,5 @@ class MaskedFineTuning(TrainingMethod):
             return untrained_zeros(self.optimizer, weight)
         _, v = self.optimizer.sparse_state[group_name].moments.load()
         values = weight.param.detach().view(-1)[weight.active]
-        inside = owner == self.run.start.matrices[name].expert
+        inside = owner == self.start.matrices[name].expert
         return int(((values == 0) & (v == 0) & inside).sum())

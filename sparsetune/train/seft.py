@@ -1,224 +1,283 @@
-"""`seft --method seft` (the default): sparse-delta fine-tuning on the one training loop.
+"""`sparsetune seft`: fine-tune a pruned model and keep its sparsity exact, on the one training loop (`loop.py`).
 
-The pruned model's targeted Linears become a frozen base plus a budget of trainable (index, delta) entries
-(`sparse_delta.SparseDelta`, which holds the method: budget, windows, reselection, re-prune, optimizer, merge). This
-strategy adapts it to `loop.Trainer`: the loop's 0-based steps, the gradient average over processes, checkpoints,
-the per-step invariant checks, the measured memory and the output (merged model and/or adapter).
+Methods (the strategy objects in METHODS; adding one is a class and a table entry):
+- `seft` (the default): sparse-delta fine-tuning, a budget of trainable entries over the frozen pruned base
+  (`sparse_delta.method.SparseDelta`);
+- `masked-ft`: the active weights under a fixed mask (`masked_ft.py`);
+- `lora-reprune` (LoRA*): dense LoRA, merge, Wanda re-prune to the starting sparsity/pattern (`lora_reprune.py`).
 
-Checkpoints: the loop writes the checkpoint due after step s during step s + 1, after that step's backward. The
-optimizer state is still that of step s then, but an open selection window has already seen step s + 1's
-gradients, so the window statistics are copied at the step boundary when a checkpoint is pending and saved instead.
+A start whose mask drifted from its target counts (a dense edit after pruning) is first restored by a
+sensitivity re-prune. Multi-process runs (torchrun / accelerate launch) join the process group through accelerate.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
-from sparsetune import distributed
-from sparsetune.train.loop import TrainingMethod
-from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE
-from sparsetune.train.sparse_delta.config import DeltaSettings
-from sparsetune.train.sparse_delta.delta_linear import DeltaLinear
+from sparsetune import data, masks, models
+from sparsetune.distributed import sum_in_place
+from sparsetune.outputs import package_versions, peak_memory
+from sparsetune.train.checkpoint import NOT_IDENTITY
+from sparsetune.train.examples import DataOrder, Examples, instruction_examples, packed_windows
+from sparsetune.train.loop import Trainer, TrainingContext, TrainingMethod, mean_step_s
+from sparsetune.train.loop import print_summary as print_table
+from sparsetune.train.lora_reprune import LoraReprune
+from sparsetune.train.masked_ft import MaskedFineTuning
+from sparsetune.train.seft_config import SeftConfig
 from sparsetune.train.sparse_delta.method import SparseDelta
-from sparsetune.train.sparse_delta.wrap import merged_counts, merged_weight
+from sparsetune.train.sparse_start import SparseStart, find_sparse_start, read_input_report, sensitivity_mask
+
+log = logging.getLogger(__name__)
+
+# --method -> the method that trains it, built as METHOD(context) once the model and data are loaded.
+METHODS: dict[str, Callable[[TrainingContext], TrainingMethod]] = {
+    "seft": SparseDelta,
+    "masked-ft": MaskedFineTuning,
+    "lora-reprune": LoraReprune,
+}
 
 
-def delta_settings(cfg: Any) -> DeltaSettings:
-    """The method's settings out of a SeftConfig (which extends DeltaSettings): the fields that were set, so that
-    a density budget does not also pass the default rank."""
-    names = set(DeltaSettings.model_fields)
-    values = {name: getattr(cfg, name) for name in names & cfg.model_fields_set}
-    return DeltaSettings(**values)
+def load_examples(tokenizer: Any, source: str, cfg: SeftConfig, skip_tokens: int = 0) -> Examples:
+    """Packed LM windows for text, Alpaca examples with the loss on the response only."""
+    records = data.load_records(source, "train", cfg.data_dir)
+    if all(data.is_instruction_record(r) for r in records):
+        return instruction_examples(tokenizer, records, cfg.seqlen)
+    return packed_windows(tokenizer, records, cfg.seqlen, skip_tokens, source)
 
 
-class DeltaOptimizer:
-    """The loop's view of the method's optimizer: AdamW over the entries, and a state dict that holds everything a
-    resume needs besides the checkpoint tensors (re-pruned positions, the open window, the totals)."""
+class FinetuneRun(Trainer):
+    """The `seft` task: a pruned model, its start masks (`start`), text or instruction data, and the method."""
 
-    def __init__(self, method: SeftFineTuning) -> None:
-        self.method = method
-        self.param_groups = method.delta.optimizer.param_groups
+    RESUME_HINT = "resume with the same model and settings"
 
-    def step(self) -> None:
-        self.method.delta.optimizer.step()
-        self.method.delta.count_window_step()
-        self.method.saved_window = None  # a pending checkpoint was written (or dropped) before this step
+    def setup(self, inputs: tuple[str, ...] = ()) -> None:
+        super().setup(inputs=(self.cfg.model,))
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.method.delta.optimizer.zero_grad(set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.method.delta.state_dict(window=self.method.saved_window)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.method.delta.load_state_dict(state)
-
-
-class MergedView:
-    """Stands for a trained module where the run reads `.weight`: the merged weight, built on each read."""
-
-    def __init__(self, layer: DeltaLinear) -> None:
-        self.layer = layer
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return merged_weight(self.layer)
-
-
-class SeftFineTuning(TrainingMethod):
-    """Sparse-delta fine-tuning of `run.model` (the `seft` task, finetune.FinetuneRun, after loading)."""
-
-    def __init__(self, run: Any) -> None:
-        self.run = run
-        cfg = run.cfg
-        self.settings = delta_settings(cfg)
-        reduce = None
-        if run.ctx.world > 1:
-
-            def reduce(t: torch.Tensor) -> None:
-                distributed.mean_in_place([t])
-
-        self.delta = SparseDelta(
-            run.model,
-            self.settings,
-            cfg.steps,
-            lr=cfg.lr,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            eight_bit=cfg.optim == "adamw8bit",
-            seed=cfg.seed,
-            reduce=reduce,
+    def load(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = models.load_model(
+            cfg.model, dtype=cfg.dtype, device=str(self.ctx.device), trust_remote_code=cfg.trust_remote_code
         )
-        self.optimizer = DeltaOptimizer(self)
-        # The run's view of the trained modules is their merged weight, computed when read (the end-of-run checks
-        # and the report); it must not keep the input Linears alive (an NF4 or bf16 base replaced them), and the
-        # start masks (a byte per weight) are not needed past this point (the resume identity was taken).
-        start = run.start
-        start.modules = {
-            name: MergedView(self.delta.layers[name]) if name in self.delta.layers else module
-            for name, module in start.modules.items()
-        }
-        start.release_masks()
-        # What seft keeps is each module's non-zero count as loaded (a 2:4 start whose dense model held zeros has
-        # fewer than N per group in places; nothing can fill those), so the end-of-run check compares with it.
-        for name, target in self.delta.targets().items():
-            if name in start.active_counts:
-                start.active_counts[name] = target
-        self.saved_window: dict[str, Any] | None = None
-        self.peak: dict[str, int] = {"grad_bytes": 0, "window_bytes": 0}
-        self._sparsity: float | None = None
-        self.merged = False
-        self.nf4_zeroed: int | None = None
+        self.model, self.tokenizer = model, tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.start = find_sparse_start(model, read_input_report(cfg.model))
+        self.train_data = load_examples(tokenizer, cfg.data, cfg, cfg.skip_tokens)
+        self.val_data = load_examples(tokenizer, cfg.val_data, cfg) if cfg.val_data else None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.train()
 
-    # -- the loop's hooks -------------------------------------------------------------------------------------
+    def build_method(self, context: TrainingContext) -> TrainingMethod:
+        if self.start.drifted():
+            self.restore_target_counts()
+        self._identity = run_identity(self.cfg, self.start)  # the start masks are final here; a resume must match
+        return METHODS[self.cfg.method](context)
 
-    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        for name, layer in self.delta.layers.items():
-            tensors[f"{name}.delta"] = layer.delta
-            tensors[f"{name}.indices"] = layer.indices
-        return tensors
+    def identity(self) -> dict[str, Any]:
+        return self._identity
 
-    def before_step(self, step: int) -> None:
-        if self.run.checkpoint_pending:
-            self.saved_window = self.delta.window_state()
-        self.delta.before_step(step + 1)
+    def restore_target_counts(self) -> None:
+        """Sensitivity re-prune of the modules whose mask drifted from the target count or pattern."""
+        names = self.start.drifted()
+        new_masks: dict[str, torch.Tensor] = {}
 
-    def reduce_grads(self) -> None:
-        layers = list(self.delta.layers.values())
-        if self.run.ctx.world > 1:  # every rank must reduce the same tensors
-            for layer in layers:
-                if layer.delta.grad is None:
-                    layer.delta.grad = torch.zeros_like(layer.delta)
-        distributed.mean_in_place([layer.delta.grad for layer in layers if layer.delta.grad is not None])
-        # measured while the gradients exist (after backward, before the optimizer step frees them)
-        self.peak["grad_bytes"] = max(self.peak["grad_bytes"], self.delta.optimizer.grad_bytes())
-        window = sum(stats.nbytes() for stats in self.delta.windows.values())
-        self.peak["window_bytes"] = max(self.peak["window_bytes"], window)
+        def choose(name: str, grad: torch.Tensor) -> None:
+            w = self.start.modules[name].weight.detach()
+            new_masks[name] = sensitivity_mask(w, grad, self.start.targets[name], self.start.pattern)
 
-    def topology_due(self, step: int) -> bool:
-        return self.delta.reselection_due(step)
+        self.growth_gradients(0, {n: self.start.modules[n].weight for n in names}, choose)
+        event: dict[str, Any] = {"step": 0, "modules": len(names), "before": 0, "after": 0}
+        with torch.no_grad():
+            for name in names:
+                mask = new_masks[name]
+                event["before"] += int(self.start.masks[name].sum())
+                event["after"] += int(mask.sum())
+                self.start.modules[name].weight.masked_fill_(~mask, 0.0)
+                self.start.set_mask(name, mask)
+                self.start.modules[name].weight.requires_grad_(False)
+        log.info("sensitivity re-prune restored the target count of %d modules", len(names))
+        self.state.reprunes.append(event)
 
-    def topology_update(self, step: int) -> dict[str, Any]:
-        row = self.delta.reselect(step)
-        row.pop("modules")  # the per-module counts would make every log row hundreds of lines long
-        self._sparsity = None
-        return row
+    def growth_gradients(
+        self,
+        step: int,
+        weights: dict[str, torch.Tensor],
+        consume: Callable[[str, torch.Tensor], None],
+    ) -> None:
+        """Hand `consume(name, dense gradient)` each weight's dense gradient on the training batch of `step`
+        (all-reduced over ranks), module by module during the backward pass.
 
-    def sparsity(self) -> float:
-        """The sparsity of the targeted modules (the input's, exactly); verifies after every reselection that every
-        module's non-zero count (base non-zeros plus reactivated entries) equals its count in the input."""
-        if self._sparsity is None:
-            counts, targets = self.delta.nonzero_counts(), self.delta.targets()
-            for name, count in counts.items():
-                if count != targets[name]:
-                    raise RuntimeError(
-                        f"internal error: {name} has {count} non-zeros after a reselection, expected {targets[name]}; "
-                        "please report this bug"
-                    )
-            numel = sum(layer.numel for layer in self.delta.layers.values())
-            self._sparsity = (numel - sum(counts.values())) / max(1, numel)
-        return self._sparsity
+        Each gradient is consumed and freed as soon as backward has finished it, so at most one module's dense
+        gradient exists at a time."""
+        batches = grow_batches(self.order, step, 1)
+        total = sum(self.example_labels[i] for idx in batches for i in idx)
+        hooks = []
 
-    def memory_report(self) -> dict[str, Any]:
-        report = self.delta.memory_report()
-        report["grad_bytes"] = self.peak["grad_bytes"]  # the gradients are freed by now: their measured peak
-        report["window_bytes"] = self.peak["window_bytes"]
+        def consume_hook(name: str) -> Callable[[torch.Tensor], None]:
+            def hook(param: torch.Tensor) -> None:
+                assert param.grad is not None
+                grad = sum_in_place(param.grad.detach())
+                param.grad = None
+                consume(name, grad)
+
+            return hook
+
+        for w in weights.values():
+            w.requires_grad_(True)
+        try:
+            for j, idx in enumerate(batches):
+                if j == len(batches) - 1:
+                    hooks += [w.register_post_accumulate_grad_hook(consume_hook(n)) for n, w in weights.items()]
+                (self.nll(self.batch(self.train_data, idx)) / total).backward()
+        finally:
+            for h in hooks:
+                h.remove()
+            for w in weights.values():
+                w.grad = None
+
+    # -- output -----------------------------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        """The method's end (LoRA*: merge and re-prune), the end-of-run sparsity check, then rank 0 writes the HF
+        dir, the updated report and the log."""
+        t0 = time.perf_counter()
+        finished = self.finish_method()
+        finish_s = time.perf_counter() - t0
+        start = self.start
+        weights = {n: finished.weights[n] if n in finished.weights else start.modules[n].weight for n in start.numel}
+        start_zeros = {n: w.numel() - start.active_counts[n] for n, w in weights.items()}
+        self.check_final_sparsity(weights, start_zeros, finished)
+        report = build_report(self, weights, self.memory_report(), finished.reprune, finish_s)
+        self.write_output(report, "seft", finished)
         return report
 
-    def report_fields(self) -> dict[str, Any]:
-        memory = self.memory_report()
-        return {
-            "trainable_params": memory["trainable_params"],
-            "grad_bytes": memory["grad_bytes"],
-            "optimizer_state_bytes": memory["optimizer_state_bytes"],
-            "reactivated": self.delta.reactivated_count(),
-            "repruned": self.delta.repruned_count(),
-            "reselections": len(self.run.state.topology),
-            "reselection_totals": dict(self.delta.totals),
-            "budget": sum(self.delta.budgets.values()),
-            "base_dtype": self.settings.base_dtype,
-            "merged": self.merged,
-            **({"nf4_zeroed": self.nf4_zeroed} if self.nf4_zeroed is not None else {}),
-        }
 
-    def finish(self) -> dict[str, Any] | None:
-        """Merge the deltas into the model (unless --no-merge); the run then checks and writes the merged Linears."""
-        if self.settings.base_dtype == "nf4":
-            self.nf4_zeroed = self.count_nf4_zeroed()
-        if not self.settings.merge:
-            return None
-        self.sparsity()  # checked and cached while the bases exist: the merge releases them
-        self.delta.merge()
-        self.merged = True
-        self.run.start.rebind(self.run.model)  # the merged weights: Linears, and any frozen Conv1D / expert slices
-        return None
+def grow_batches(order: DataOrder, step: int, count: int) -> list[list[int]]:
+    """The batches that score growth at topology step `step`: the last `count` training batches (the first ones
+    before training), so the growth pass holds activations of exactly the shapes a training step holds."""
+    first = max(0, step - count)
+    return [order.batch(first + j) for j in range(count)]
 
-    def count_nf4_zeroed(self) -> int:
-        """Input non-zeros the NF4 base read as 0 during training and the merge gives back (those not re-pruned);
-        the re-prune removes such weights first (their sensitivity is 0), so usually few are left."""
-        total = 0
-        for layer in self.delta.layers.values():
-            if layer.nf4_zeroed is not None:
-                positions = layer.nf4_zeroed[0]
-                total += int((~torch.isin(positions, layer.repruned)).sum())
-        return total
 
-    def untrained_zeros(self, name: str) -> int:
-        """Entries that read exactly 0 in the merged weight although they count as non-zeros: a reactivated entry
-        whose delta never moved, or a delta that cancels its base value. Neither is a sign of divergence."""
-        layer = self.delta.layers.get(name)
-        if layer is None:
-            return 0
-        if layer.merged_counts is None:
-            with torch.no_grad():
-                return merged_counts(layer, merged_weight(layer))["untrained_zeros"]
-        return layer.merged_counts["untrained_zeros"]
+def run_identity(cfg: SeftConfig, start: SparseStart) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the settings that change the result and the starting masks."""
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
+    digest = hashlib.blake2b(digest_size=8)
+    for name, mask in start.masks.items():  # one module at a time, packed to bits on the CPU: no model-sized copy
+        digest.update(name.encode())
+        digest.update(np.packbits(mask.detach().reshape(-1).cpu().numpy()).tobytes())
+    return {**settings, "start_mask": digest.hexdigest()}
 
-    def write_files(self, out_dir: Path) -> None:
-        config_extra = {"base_model": str(Path(self.run.cfg.model).expanduser().resolve())}
-        self.delta.save_adapter(str(out_dir / ADAPTER_FILE), extra=config_extra)
+
+def build_report(
+    recipe: FinetuneRun,
+    weights: dict[str, torch.Tensor],
+    memory: dict[str, Any],
+    reprune: dict[str, Any] | None,
+    finish_s: float,
+) -> dict[str, Any]:
+    """The input's sparsity report, with this run's module stats (of the trained `weights`) and one more entry in
+    `finetune_history`."""
+    cfg, start, state = recipe.cfg, recipe.start, recipe.state
+    stats = masks.sparsity_stats(weights)
+    before = start.global_sparsity()
+    losses = [r["loss"] for r in state.log]
+    totals = topology_totals(state.topology)
+    fields = recipe.method.report().fields
+    entry = {
+        "method": cfg.method,
+        "data": cfg.data,
+        "steps": state.step,
+        "tokens": state.tokens,
+        "processes": recipe.ctx.world,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "final_val_loss": next((r["val_loss"] for r in reversed(state.log) if "val_loss" in r), None),
+        "sparsity_before": before,
+        "sparsity_after": stats["global_sparsity"],
+        "topology_updates": len(state.topology),
+        "topology_totals": totals,
+        **fields,
+        "memory": memory,
+        "mean_step_s": mean_step_s(state),
+        "finish_s": round(finish_s, 3),
+        "reprune": reprune["summary"] if reprune else None,
+        "settings": cfg.model_dump(mode="json"),
+        "versions": package_versions(),
+    }
+    report = dict(start.report or {"method": "unknown", "pattern": str(start.pattern or "unstructured")})
+    report.pop("summary", None)
+    report.update(
+        global_sparsity=stats["global_sparsity"],
+        modules=stats["modules"],
+        memory=peak_memory(),
+        finetune_history=[*report.get("finetune_history", []), entry],
+    )
+    summary = {
+        "method": cfg.method,
+        "steps": state.step,
+        "tokens": state.tokens,
+        "first_loss": entry["first_loss"],
+        "final_loss": entry["final_loss"],
+        "final_val_loss": entry["final_val_loss"],
+        "sparsity_before": before,
+        "sparsity_after": stats["global_sparsity"],
+        "topology_totals": totals,
+        "trainable_params": memory.get("trainable_params"),
+        "grad_bytes": memory.get("grad_bytes"),
+        "optimizer_state_bytes": memory.get("optimizer_state_bytes"),
+        "peak_rss_bytes": memory.get("peak_rss_bytes"),
+        "cuda_peak_bytes": memory.get("cuda_peak_bytes"),
+        "activation_checkpointing": memory.get("activation_checkpointing"),
+        "loss_chunk_tokens": memory.get("loss_chunk_tokens"),
+        "sparsity": stats["global_sparsity"],
+        **fields,
+        "mean_step_s": entry["mean_step_s"],
+        "output": str(recipe.out),
+    }
+    return {"summary": summary, **report}
+
+
+def topology_totals(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Sums of the integer counts of every topology update (seft: grown, dropped, reactivated, repruned, restored)."""
+    totals: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, int) and not isinstance(value, bool):
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def run_seft(cfg: SeftConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """The whole `sparsetune seft` flow: setup, train (checkpointing), finish (save), cleanup."""
+    return FinetuneRun(cfg, overwrite, show_progress).run()
+
+
+def activation_row(s: dict[str, Any]) -> str:
+    chunk = s["loss_chunk_tokens"]
+    return f"{s['activation_checkpointing']} / " + (f"{chunk} tokens" if chunk else "off (whole logits)")
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    s = report["summary"]
+    rows = [("sparsity before -> after", f"{s['sparsity_before']:.4f} -> {s['sparsity_after']:.4f}")]
+    t = s["topology_totals"]
+    if t.get("grown"):
+        counts = " / ".join(f"{t.get(k, 0):,}" for k in ("grown", "dropped", "reactivated", "repruned"))
+        rows.append(("grown / dropped / reactivated / re-pruned", counts))
+    if s.get("trainable_params") is not None:
+        rows.append(("trainable params", f"{s['trainable_params']:,}"))
+    for key in ("grad_bytes", "optimizer_state_bytes", "peak_rss_bytes"):
+        if s.get(key) is not None:
+            rows.append((key.removesuffix("_bytes").replace("_", " "), f"{s[key] / 2**20:.1f} MiB"))
+    if s.get("activation_checkpointing") is not None:
+        rows.append(("activation checkpointing / loss chunk", activation_row(s)))
+    print_table(f"sparsetune seft: {s['method']}", s, rows)

@@ -1,7 +1,7 @@
 """`sparsetune smet-pretrain`: memory-efficient dynamic sparse pretraining of a Llama model from scratch (SMET).
 
 Every decoder Linear is sparse (embeddings, lm_head and norms stay dense). Sparse weights keep a compact index set,
-compact gradients and compact Adam state (`sparse_optim.SparseAdamW`). Every `update_interval` steps each sparse
+compact gradients and compact Adam state (`compact_adamw.SparseAdamW`). Every `update_interval` steps each sparse
 layer drops the `drop_fraction` (cosine-decayed) of its active weights with the smallest |w| and grows as many
 inactive positions, at random (SET), by the largest dense-gradient magnitude (RigL) or, gradient-free, by the cosine
 similarity of the activations of the two neurons a connection would join (CTRE; `ctre-sim` with its random
@@ -41,19 +41,14 @@ from sparsetune.distributed import mean_in_place, reduce_sum
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import package_versions
 from sparsetune.train import topology
-from sparsetune.train.common import (
-    NOT_IDENTITY,
-    Examples,
-    dense_adamw,
-    drop_fraction_at,
-    packed_windows,
-    random_batch,
-    untrained_zeros,
-)
-from sparsetune.train.loop import Trainer, TrainingMethod, mean_step_s
+from sparsetune.train.adamw import dense_adamw
+from sparsetune.train.checkpoint import NOT_IDENTITY
+from sparsetune.train.compact_adamw import SparseAdamW, SparseWeight, untrained_zeros
+from sparsetune.train.examples import Examples, packed_windows, random_batch
+from sparsetune.train.loop import Finished, MethodReport, Trainer, TrainingContext, TrainingMethod, mean_step_s
 from sparsetune.train.loop import print_summary as print_table
+from sparsetune.train.schedule import drop_fraction_at
 from sparsetune.train.smet_config import PRESETS, SmetConfig
-from sparsetune.train.sparse_optim import SparseAdamW, SparseWeight
 
 log = logging.getLogger(__name__)
 
@@ -219,25 +214,22 @@ def spike_ratio(losses: list[float], update_steps: list[int], window: int = UPDA
 
 
 class PretrainMethod(TrainingMethod):
-    """What the `smet-pretrain` methods share: every logged row carries the memory report (less its per-layer part),
-    and every parameter of the model is trained and checkpointed."""
+    """What the `smet-pretrain` methods share: every parameter of the model is trained and checkpointed."""
 
-    def __init__(self, run: Any) -> None:
-        self.run = run
+    def __init__(self, context: TrainingContext) -> None:
+        self.context = context
+        self.cfg: SmetConfig = context.cfg
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.run.model.named_parameters())
-
-    def logged_fields(self) -> dict[str, Any]:
-        return {"memory": {k: v for k, v in self.run.memory_report().items() if k != "layers"}}
+        return dict(self.context.model.named_parameters())
 
 
 class SparsePretraining(PretrainMethod):
     """Density < 1: SMET, naive DST (--regrow-warmup 0), static sparse (--update-interval 0); SET or RigL growth."""
 
-    def __init__(self, run: Any) -> None:
-        super().__init__(run)
-        cfg, model = run.cfg, run.model
+    def __init__(self, context: TrainingContext) -> None:
+        super().__init__(context)
+        cfg, model = context.cfg, context.model
         self.itop: dict[str, torch.Tensor] = {}
         self._itop_rate: float | None = None
         linears = sparse_linears(model)
@@ -262,7 +254,6 @@ class SparsePretraining(PretrainMethod):
             regrow_warmup=cfg.regrow_warmup,
             eight_bit=cfg.optim == "adamw8bit",
             measure_steps=UPDATE_WINDOW,
-            lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
@@ -272,34 +263,20 @@ class SparsePretraining(PretrainMethod):
         """The parameters and the ITOP bitmaps (restored in place on resume)."""
         return {**super().checkpoint_tensors(), **{ITOP_PREFIX + n: b for n, b in self.itop.items()}}
 
-    def after_resume(self) -> None:
-        self._itop_rate = None  # the bitmaps were overwritten
-
     # -- topology ---------------------------------------------------------------------------------------------
 
     def topology_due(self, step: int) -> bool:
-        interval = self.run.cfg.update_interval
-        return interval > 0 and step % interval == 0 and step < self.run.cfg.steps
-
-    def always_log(self, step: int) -> bool:
-        """Whether `step` lies within UPDATE_WINDOW steps before (up to and including) or after a topology update."""
-        interval = self.run.cfg.update_interval
-        if interval <= 0:
-            return False
-        previous, upcoming = step // interval * interval, -(-step // interval) * interval
-        return (self.topology_due(upcoming) and upcoming - step < UPDATE_WINDOW) or (
-            previous > 0 and self.topology_due(previous) and step - previous <= UPDATE_WINDOW
-        )
+        return topology_due(self.cfg, step)
 
     def growth_grads(self, step: int) -> dict[str, torch.Tensor]:
         """RigL scores: the dense gradient of every sparse weight on one seeded batch, averaged over ranks."""
-        run, cfg = self.run, self.run.cfg
-        idx = random_batch(len(run.train_data), cfg.batch_size, cfg.seed, step, 0)
-        total = sum(len(run.train_data.inputs[i]) - 1 for i in idx)
+        context, cfg = self.context, self.cfg
+        idx = random_batch(len(context.data), cfg.batch_size, cfg.seed, step, 0)
+        total = sum(len(context.data.inputs[i]) - 1 for i in idx)
         with self.optimizer.dense_grads():
-            (run.nll(run.batch(run.train_data, idx)) / total).backward()
+            (context.nll(idx) / total).backward()
             grads = {name: reduce_sum(w.param.grad.detach()) for name, w in self.sparse.items()}
-        for p in run.model.parameters():
+        for p in context.model.parameters():
             p.grad = None
         return grads
 
@@ -307,8 +284,8 @@ class SparsePretraining(PretrainMethod):
     def growth_activations(self, step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """CTRE's inputs: every sparse Linear's input and output activations, (tokens, in) and (tokens, out), on
         this rank's share of one seeded micro-batch, from one forward pass without gradients."""
-        run, cfg = self.run, self.run.cfg
-        idx = random_batch(len(run.train_data), cfg.batch_size // cfg.grad_accum, cfg.seed, step, 0)
+        context, cfg = self.context, self.cfg
+        idx = random_batch(len(context.data), cfg.batch_size // cfg.grad_accum, cfg.seed, step, 0)
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def keep(name: str) -> Callable[..., None]:
@@ -318,10 +295,10 @@ class SparsePretraining(PretrainMethod):
 
             return hook
 
-        linears = sparse_linears(run.model)
+        linears = sparse_linears(context.model)
         hooks = [linears[name].register_forward_hook(keep(name)) for name in self.sparse]
         try:
-            run.nll(run.batch(run.train_data, idx))
+            context.nll(idx)
         finally:
             for h in hooks:
                 h.remove()
@@ -336,7 +313,7 @@ class SparsePretraining(PretrainMethod):
         inactive positions the cosine did not pick). Returns the positions and how many were random."""
         blocked = torch.zeros(w.param.numel(), dtype=torch.bool, device=w.param.device)
         blocked[w.active] = True
-        explore = self.run.cfg.growth == "ctre-sim"
+        explore = self.cfg.growth == "ctre-sim"
         dropped = w.active[drop_slots.to(w.active.device)]
         if explore:
             blocked[dropped] = False
@@ -361,7 +338,7 @@ class SparsePretraining(PretrainMethod):
         acts: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> dict[str, Any]:
         stats: dict[str, Any] = {"step": step, "drop_fraction": fraction, "dropped": 0, "grown": 0}
-        if self.run.cfg.growth == "ctre-sim":
+        if self.cfg.growth == "ctre-sim":
             stats["grown_at_random"] = 0
         for i, (name, w) in enumerate(self.sparse.items()):
             active = w.active
@@ -369,7 +346,7 @@ class SparsePretraining(PretrainMethod):
             if k <= 0:
                 continue
             drop_slots = topology.drop(w.param.view(-1)[active].abs(), k)
-            seed = (self.run.cfg.seed * 1_000_003 + step * 7_919 + i) % 2**63
+            seed = (self.cfg.seed * 1_000_003 + step * 7_919 + i) % 2**63
             if grads is not None:
                 grow_pos = topology.grow(grads[name].abs(), k, exclude=active)
             elif acts is not None:
@@ -385,9 +362,11 @@ class SparsePretraining(PretrainMethod):
             stats["grown"] += int(grow_pos.numel())
         return stats
 
-    def topology_update(self, step: int) -> dict[str, Any]:
-        fraction = drop_fraction_at(step, self.run.cfg)
-        growth = self.run.cfg.growth
+    def update_topology(self, step: int) -> dict[str, Any] | None:
+        if not self.topology_due(step):
+            return None
+        fraction = drop_fraction_at(step, self.cfg)
+        growth = self.cfg.growth
         grads = self.growth_grads(step) if growth == "gradient" else None
         acts = self.growth_activations(step) if growth in ("ctre", "ctre-sim") else None
         stats = self._swap(step, fraction, grads, acts)
@@ -396,12 +375,13 @@ class SparsePretraining(PretrainMethod):
 
     # -- invariants and logging -------------------------------------------------------------------------------
 
-    def step_fields(self, step: int) -> dict[str, Any]:
+    def log_fields(self, step: int) -> dict[str, Any]:
         """The log fields about topology updates: steps since the last one, the regrown/established update
         magnitudes the optimizer measured in this step, and the ITOP rate."""
         fields: dict[str, Any] = {}
-        if self.run.state.topology:
-            since = step - self.run.state.topology[-1]["step"]
+        topology_rows = self.context.state.topology
+        if topology_rows:
+            since = step - topology_rows[-1]["step"]
             fields["steps_since_update"] = since
             measured = self.optimizer.update_magnitudes
             if measured is not None and measured["steps_since_update"] == since:
@@ -427,43 +407,53 @@ class SparsePretraining(PretrainMethod):
             numel += w.param.numel()
         return zeros / numel
 
-    def untrained_zeros(self, name: str) -> int:
-        return untrained_zeros(self.optimizer, self.sparse[name])
-
-    def memory_report(self) -> dict[str, Any]:
+    def report(self) -> MethodReport:
         mem = dict(self.optimizer.memory_report())
         mem["itop_bitmap_bytes"] = sum(b.numel() * b.element_size() for b in self.itop.values())
-        return mem
+        return MethodReport(mem)
+
+    def finish(self) -> Finished:
+        return Finished(untrained_zeros={name: untrained_zeros(self.optimizer, w) for name, w in self.sparse.items()})
 
 
 class DensePretraining(PretrainMethod):
     """Density 1.0: the dense baseline, on torch's AdamW (or bitsandbytes' AdamW8bit)."""
 
-    def __init__(self, run: Any) -> None:
-        super().__init__(run)
-        decay = [p for p in run.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in run.model.parameters() if p.dim() < 2]
-        self.optimizer = dense_adamw([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], run.cfg)
+    def __init__(self, context: TrainingContext) -> None:
+        super().__init__(context)
+        decay = [p for p in context.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in context.model.parameters() if p.dim() < 2]
+        self.optimizer = dense_adamw([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], context.cfg)
 
     def reduce_grads(self) -> None:
-        mean_in_place([p.grad for p in self.run.model.parameters() if p.grad is not None])
+        mean_in_place([p.grad for p in self.context.model.parameters() if p.grad is not None])
 
-    def memory_report(self) -> dict[str, Any]:
-        linears = sparse_linears(self.run.model)
+    def report(self) -> MethodReport:
+        linears = sparse_linears(self.context.model)
         numel = sum(m.weight.numel() for m in linears.values())
-        per_entry = 2 if self.run.cfg.optim == "adamw8bit" else 8
+        per_entry = 2 if self.cfg.optim == "adamw8bit" else 8
         element = next(iter(linears.values())).weight.element_size()
-        return {
+        memory = {
             "optimizer_state_bytes": numel * per_entry,
             "gradient_bytes": numel * element,
             "dense_adamw_state_and_grad_bytes": numel * (per_entry + element),
             "state_and_grad_vs_dense": 1.0,
             "itop_bitmap_bytes": 0,
         }
+        return MethodReport(memory)
 
 
-# density < 1 or = 1 -> the strategy that trains it, built as METHOD(run) once the model and data exist.
-METHODS: dict[str, Callable[[Any], TrainingMethod]] = {"sparse": SparsePretraining, "dense": DensePretraining}
+def topology_due(cfg: SmetConfig, step: int) -> bool:
+    """Whether a sparse run's topology update follows step `step` (every --update-interval, before the last)."""
+    interval = cfg.update_interval
+    return interval > 0 and step % interval == 0 and step < cfg.steps
+
+
+# density < 1 or = 1 -> the method that trains it, built as METHOD(context) once the model and data exist.
+METHODS: dict[str, Callable[[TrainingContext], TrainingMethod]] = {
+    "sparse": SparsePretraining,
+    "dense": DensePretraining,
+}
 
 
 class PretrainRun(Trainer):
@@ -487,14 +477,34 @@ class PretrainRun(Trainer):
             self.density_plan = planned_density(cfg, params, sum(len(x) for x in self.train_data.inputs))
             self.cfg = cfg.model_copy(update={"density": self.density_plan["density"]})
 
-    def build_method(self) -> TrainingMethod:
-        return METHODS["sparse" if self.cfg.sparse else "dense"](self)
+    def build_method(self, context: TrainingContext) -> TrainingMethod:
+        return METHODS["sparse" if self.cfg.sparse else "dense"](context)
 
     def update_steps(self) -> list[int]:
         """The steps a topology update follows (every --update-interval, before the last step); a dense run
         probes at the same steps, so its ratios are what the batches alone give."""
         interval, steps = self.cfg.update_interval, self.cfg.steps
         return list(range(interval, steps, interval)) if interval > 0 else []
+
+    @property
+    def sparse(self) -> dict[str, SparseWeight]:
+        """The sparse weights by name (empty when dense)."""
+        return self.method.sparse if isinstance(self.method, SparsePretraining) else {}
+
+    def log_due(self, step: int) -> bool:
+        """A sparse run logs every step within UPDATE_WINDOW steps before (up to and including) or after a topology
+        update."""
+        interval = self.cfg.update_interval
+        if not isinstance(self.method, SparsePretraining) or interval <= 0:
+            return False
+        previous, upcoming = step // interval * interval, -(-step // interval) * interval
+        return (topology_due(self.cfg, upcoming) and upcoming - step < UPDATE_WINDOW) or (
+            previous > 0 and topology_due(self.cfg, previous) and step - previous <= UPDATE_WINDOW
+        )
+
+    def logged_fields(self) -> dict[str, Any]:
+        """Every logged row carries the memory report, less its per-layer part."""
+        return {"memory": {k: v for k, v in self.memory_report().items() if k != "layers"}}
 
     def probe_due(self, step: int) -> bool:
         """--spike-probe: the models after steps u-10..u+9 of every update step u."""
@@ -515,21 +525,22 @@ class PretrainRun(Trainer):
     @property
     def itop(self) -> dict[str, torch.Tensor]:
         """The ITOP bitmaps by sparse weight (empty when dense)."""
-        return getattr(self.method, "itop", {})
+        return self.method.itop if isinstance(self.method, SparsePretraining) else {}
 
     def itop_rate(self) -> float | None:
         """The fraction of sparse-weight positions ever active (None when dense)."""
-        return self.method.itop_rate() if self.itop else None
+        return self.method.itop_rate() if isinstance(self.method, SparsePretraining) and self.itop else None
 
     def finish(self) -> dict[str, Any]:
         # Each sparse layer ends with exactly its active count of non-zeros (its zeros are what it started with).
+        finished = self.finish_method()
         weights = {name: w.param for name, w in self.sparse.items()}
-        self.check_final_sparsity(weights, {n: w.param.numel() - w.nnz for n, w in self.sparse.items()})
+        self.check_final_sparsity(weights, {n: w.param.numel() - w.nnz for n, w in self.sparse.items()}, finished)
         val_loss = self.validation_loss() if self.val_data is not None else None
         report = self.build_report(self.memory_report(), val_loss)
         if self.ctx.is_main and isinstance(self.optimizer, SparseAdamW):
             self.optimizer.remove_hooks()
-        self.write_output(report, "smet-pretrain")
+        self.write_output(report, "smet-pretrain", finished)
         return report
 
     def build_report(self, memory: dict[str, Any], val_loss: float | None) -> dict[str, Any]:
@@ -570,7 +581,7 @@ class PretrainRun(Trainer):
             "peak_rss_bytes": memory.get("peak_rss_bytes"),
             "mean_step_s": mean_step_s(state),
             "median_step_s": statistics.median(r["step_s"] for r in state.log) if state.log else None,
-            **self.method.report_fields(),
+            **self.method.report().fields,
             "output": str(self.out),
         }
         layers = {

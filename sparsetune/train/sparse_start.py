@@ -141,8 +141,8 @@ class SparseStart:
         return mask
 
     def rebind(self, model: nn.Module) -> None:
-        """Point `modules` and `matrices` at `model`'s weights again (after LoRA* merged its adapters)."""
-        found = _resolve(model, list(self.modules))  # names from modules: seft releases the masks
+        """Point `modules` and `matrices` at `model`'s weights again (after LoRA* or seft merged their adapters)."""
+        found = _resolve(model, list(self.numel))  # every start matrix (seft releases the masks and its modules)
         self.matrices = found
         self.modules = {n: _entry(t) for n, t in found.items()}
 

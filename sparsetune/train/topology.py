@@ -1,5 +1,5 @@
-"""Sparse topology: initial layouts (uniform, ERK), drop and grow choices (random, gradient, CTRE's cosine
-similarity of activations), N:M-preserving swaps.
+"""Sparse topology of `smet-pretrain`: initial layouts (uniform, ERK), drop and grow choices (random, gradient, CTRE's
+cosine similarity of activations), the ITOP bitmap.
 
 Every function is deterministic given its inputs (random choices take an explicit generator), so all ranks that
 see the same scores make the same choice; `verify_same_across_ranks` checks that they did.
@@ -13,7 +13,6 @@ import math
 import torch
 
 from sparsetune import distributed
-from sparsetune.masks import NMPattern
 
 
 def erk_densities(shapes: dict[str, tuple[int, int]], density: float) -> dict[str, float]:
@@ -100,41 +99,6 @@ def grow_cosine(
     if best_score.numel() < k or bool(torch.isinf(best_score).any()):
         raise ValueError(f"cannot grow {k} connections: fewer positions are open")
     return best_pos
-
-
-def nm_drop_grow(
-    active: torch.Tensor,
-    drop_score: torch.Tensor,
-    grow_score: torch.Tensor,
-    k: int,
-    pattern: NMPattern,
-    shape: torch.Size | tuple[int, ...],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the k lowest-scoring active entries and regrow, inside each dropped entry's group of M consecutive input
-    positions, the best inactive positions of that group, so every group keeps exactly N active entries.
-
-    A group re-grows a position it just dropped only when it has no other inactive position (never with N <= M/2).
-    Returns (slots to drop, flat positions to grow)."""
-    m = pattern.m
-    numel = math.prod(shape)
-    if shape[-1] % m:
-        raise ValueError(f"an {pattern} pattern needs input dims divisible by {m}, got {tuple(shape)}")
-    drop_slots = drop(drop_score, k)
-    dropped_pos = active[drop_slots]
-    state = torch.zeros(numel, dtype=torch.int8, device=active.device)  # 0 inactive, 1 active, 2 just dropped
-    state[active] = 1
-    state[dropped_pos] = 2
-    score = grow_score.detach().reshape(-1).float().clone().to(active.device)
-    score[state == 1] = -math.inf
-    score[state == 2] = torch.finfo(torch.float32).min  # last resort only
-    groups = score.view(-1, m)
-    need = torch.zeros(numel // m, dtype=torch.long, device=active.device)
-    need.index_add_(0, dropped_pos // m, torch.ones_like(dropped_pos))
-    order = groups.argsort(dim=1, descending=True, stable=True)
-    rank_ok = torch.arange(m, device=active.device).expand_as(order) < need[:, None]
-    group_base = (torch.arange(numel // m, device=active.device) * m)[:, None]
-    grow_pos = (order + group_base)[rank_ok]
-    return drop_slots, grow_pos
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_an_adapter_on_another_base_is_refused(tmp_path):
 
 def test_instruction_examples_train_on_the_response_only(tiny_tokenizer):
     from sparsetune.data import alpaca_prompt
-    from sparsetune.train.common import IGNORE, collate, instruction_examples
+    from sparsetune.train.examples import IGNORE, collate, instruction_examples
 
     records = [{"instruction": "make a list", "input": "", "output": "one two three"}]
     ex = instruction_examples(tiny_tokenizer, records, seqlen=64)
@@ -142,7 +142,7 @@ def test_instruction_examples_train_on_the_response_only(tiny_tokenizer):
 
 
 def test_packed_windows_skip_leading_tokens(tiny_tokenizer):
-    from sparsetune.train.common import packed_windows
+    from sparsetune.train.examples import packed_windows
 
     records = [{"text": random_text(200, seed=1)}, {"text": random_text(200, seed=2)}]
     full = packed_windows(tiny_tokenizer, records, 16, 0, "x")
@@ -152,7 +152,7 @@ def test_packed_windows_skip_leading_tokens(tiny_tokenizer):
 
 
 def test_data_order_is_a_function_of_the_step():
-    from sparsetune.train.common import DataOrder
+    from sparsetune.train.examples import DataOrder
 
     a, b = DataOrder(10, 4, seed=3), DataOrder(10, 4, seed=3)
     seen = [a.batch(s) for s in range(5)]

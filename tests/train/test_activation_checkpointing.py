@@ -10,13 +10,14 @@ import json
 import pytest
 import torch
 from architectures import FAMILY_CONFIGS, make_family_model
-from helpers import make_pruned, make_tokenizer, smet_settings, write_alpaca, write_text
+from helpers import load_weights, make_pruned, make_tokenizer, smet_settings, write_alpaca, write_text
+from helpers import seft_settings as tiny_seft_settings
 
 from sparsetune import models
 from sparsetune.errors import SparsetuneError
 from sparsetune.train.activations import Checkpointing
-from sparsetune.train.common import token_nll_sum
-from sparsetune.train.finetune import FinetuneRun
+from sparsetune.train.loss import token_nll_sum
+from sparsetune.train.seft import FinetuneRun
 from sparsetune.train.seft_config import SeftConfig
 from sparsetune.train.smet import PretrainRun
 from sparsetune.train.smet_config import SmetConfig
@@ -62,27 +63,8 @@ def probed(base: type) -> type:
 
 
 def seft_settings(pruned, data, out, **extra) -> dict:
-    base = {
-        "model": str(pruned),
-        "output": str(out),
-        "data": str(data),
-        "seqlen": 32,
-        "batch_size": 4,
-        "grad_accum": 2,
-        "steps": 8,
-        "lr": 5e-3,
-        "delta_rank": 4,
-        "reselect_every": 4,
-        "select_window": 2,
-    }
-    return {**base, **extra}
-
-
-def load_weights(model_dir) -> dict[str, torch.Tensor]:
-    """Every tensor of a model dir's safetensors files (one model.safetensors, or the shards of a streamed run)."""
-    from safetensors.torch import load_file
-
-    return {k: v for path in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(str(path)).items()}
+    seft = {"grad_accum": 2, "delta_rank": 4, "reselect_every": 4, "select_window": 2}
+    return tiny_seft_settings(pruned, data, out, **{**seft, **extra})
 
 
 def losses(out) -> list[float]:
@@ -99,7 +81,7 @@ def run_pair(make_run, out_root, name: str) -> tuple[dict, dict]:
         results[on] = {
             "report": report,
             "losses": losses(out),
-            "weights": load_weights(out),
+            "weights": load_weights(out, "*.safetensors"),
             "config": json.loads((out / "config.json").read_text()),
             "probe": run.probe,
         }
@@ -253,7 +235,7 @@ def test_resume_across_the_switch_is_bit_identical(inputs, tmp_path, first, seco
     assert state["state"]["step"] == 6
     FinetuneRun(SeftConfig(**cut, activation_checkpointing=second, resume=True), show_progress=False).run()
     assert losses(tmp_path / "cut") == losses(tmp_path / "ref")
-    ref, out = load_weights(tmp_path / "ref"), load_weights(tmp_path / "cut")
+    ref, out = load_weights(tmp_path / "ref", "*.safetensors"), load_weights(tmp_path / "cut", "*.safetensors")
     assert all(torch.equal(ref[k], out[k]) for k in ref)
 
 
@@ -318,7 +300,7 @@ def test_two_processes_equal_with_checkpointing_on_and_off(inputs, tmp_path, met
         cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "sparsetune", *args, switch, "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-        runs[switch] = (losses(out), load_weights(out))
+        runs[switch] = (losses(out), load_weights(out, "*.safetensors"))
     (on_losses, on), (off_losses, off) = runs.values()
     assert on_losses == off_losses
     assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import load_weights, make_pruned, tiny_args, write_text
+from helpers import load_weights, make_pruned, seft_settings, tiny_args, write_text
 from helpers import smet_settings as settings
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from sparsetune.cli.app import app
 from sparsetune.errors import SparsetuneError
 from sparsetune.train import loop
-from sparsetune.train.common import DIVERGENCE_STEPS, loss_bound
-from sparsetune.train.finetune import FinetuneRun, run_seft
+from sparsetune.train.guard import DIVERGENCE_STEPS, loss_bound
+from sparsetune.train.seft import FinetuneRun, run_seft
 from sparsetune.train.seft_config import SeftConfig
 from sparsetune.train.smet import PretrainRun
 from sparsetune.train.smet_config import SmetConfig
@@ -54,9 +54,8 @@ def test_lr_1e30_leaves_no_checkpoint_holding_the_diverged_weights(tmp_path):
 
 
 def guard_settings(tmp_path, pruned, data, out, **extra) -> SeftConfig:
-    base = {"seqlen": 32, "batch_size": 4, "steps": 8, "lr": 5e-3, "method": "masked-ft", "checkpoint_every": 2}
-    base["checkpoint_dir"] = str(tmp_path / f"{out}.ckpt")
-    return SeftConfig(model=str(pruned), output=str(tmp_path / out), data=str(data), **{**base, **extra})
+    base = {"method": "masked-ft", "checkpoint_every": 2, "checkpoint_dir": str(tmp_path / f"{out}.ckpt")}
+    return SeftConfig(**seft_settings(pruned, data, tmp_path / out, **{**base, **extra}))
 
 
 def test_a_divergence_after_a_checkpoint_keeps_the_sane_one_which_resumes(tmp_path, monkeypatch):
@@ -144,7 +143,7 @@ class ZeroesActiveWeightsAtTheEnd(FinetuneRun):
         super().train()
         w = self.start.modules["model.layers.0.self_attn.q_proj"].weight
         with torch.no_grad():
-            w.view(-1)[self.sparse["model.layers.0.self_attn.q_proj"].active[:1000]] = 0.0
+            w.view(-1)[self.method.sparse["model.layers.0.self_attn.q_proj"].active[:1000]] = 0.0
 
 
 def test_the_end_sparsity_must_equal_the_start_sparsity(tmp_path):

@@ -8,7 +8,8 @@ from architectures import COMMON, FAMILY_CONFIGS
 from helpers import make_tiny_model
 from torch import nn
 
-from sparsetune.train import common
+from sparsetune.train.examples import IGNORE
+from sparsetune.train.loss import token_nll_sum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,7 +18,7 @@ def reference_nll_sum(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     labels = batch["labels"][:, 1:].reshape(-1)
-    return nn.functional.cross_entropy(logits, labels, ignore_index=common.IGNORE, reduction="sum")
+    return nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
 
 
 def make_batch(vocab: int, ignore_prompt: bool) -> dict[str, torch.Tensor]:
@@ -26,9 +27,9 @@ def make_batch(vocab: int, ignore_prompt: bool) -> dict[str, torch.Tensor]:
     mask = torch.ones_like(ids)
     mask[2, 30:] = 0  # a padded row
     labels = ids.clone()
-    labels[mask == 0] = common.IGNORE
+    labels[mask == 0] = IGNORE
     if ignore_prompt:
-        labels[:, :12] = common.IGNORE
+        labels[:, :12] = IGNORE
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -44,7 +45,7 @@ def test_chunked_loss_matches_full_logits(ignore_prompt, tie, chunk):
 
     want = reference_nll_sum(model, batch)
     want_grads = torch.autograd.grad(want, params)
-    got = common.token_nll_sum(model, batch, chunk)
+    got = token_nll_sum(model, batch, chunk)
     got_grads = torch.autograd.grad(got, params)
 
     assert isinstance(model.get_output_embeddings(), nn.Linear)  # the head is back in place
@@ -56,8 +57,8 @@ def test_chunked_loss_matches_full_logits(ignore_prompt, tie, chunk):
 def test_chunked_loss_without_labels_is_zero_and_backpropagates():
     model = make_tiny_model("llama").float()
     batch = make_batch(model.config.vocab_size, ignore_prompt=False)
-    batch["labels"][:] = common.IGNORE
-    loss = common.token_nll_sum(model, batch)
+    batch["labels"][:] = IGNORE
+    loss = token_nll_sum(model, batch)
     assert float(loss.detach()) == 0.0
     loss.backward()  # no label anywhere must not break the training step
 
@@ -69,7 +70,7 @@ def test_chunked_loss_through_a_lora_model():
     batch = make_batch(model.config.vocab_size, ignore_prompt=True)
     want = reference_nll_sum(model, batch)
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    got = common.token_nll_sum(lora, batch)
+    got = token_nll_sum(lora, batch)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # LoRA B starts at 0: same function
     got.backward()
     assert any(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)
@@ -96,5 +97,5 @@ def test_chunked_loss_matches_full_logits_in_every_family(family, overrides):
     batch = make_batch(model.config.vocab_size, ignore_prompt=True)
     with torch.no_grad():
         want = reference_nll_sum(model, batch)
-        got = common.token_nll_sum(model, batch, 7)
+        got = token_nll_sum(model, batch, 7)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=0)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sparsetune.train.common import drop_fraction_at, lr_at
+from sparsetune.train.schedule import drop_fraction_at, lr_at
 
 
 def transformers_factor(warmup: int, steps: int, floor: float):

@@ -11,7 +11,7 @@ import torch
 from architectures import make_family_model
 from helpers import make_tokenizer, write_text
 
-from sparsetune.train.finetune import run_seft
+from sparsetune.train.seft import run_seft
 from sparsetune.train.seft_config import SeftConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,7 +156,7 @@ class _Interrupted(Exception):
 def test_masked_ft_on_fused_experts_resumes_bit_identically(tmp_path):
     from safetensors.torch import load_file
 
-    from sparsetune.train.finetune import FinetuneRun
+    from sparsetune.train.seft import FinetuneRun
 
     class StopsAtStep4(FinetuneRun):
         def train_step(self, step: int):
@@ -182,7 +182,7 @@ def test_masked_ft_on_fused_experts_resumes_bit_identically(tmp_path):
 
 def test_the_end_of_run_check_counts_the_zeros_of_each_expert_slice(tmp_path):
     from sparsetune.errors import SparsetuneError
-    from sparsetune.train.finetune import FinetuneRun
+    from sparsetune.train.seft import FinetuneRun
 
     class ZeroesOneKeptExpertWeight(FinetuneRun):
         def finish(self):

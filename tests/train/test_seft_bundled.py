@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_seft_on_smollm2_keeps_the_pattern(tmp_path, bundled_model_dir):
     from sparsetune.prune.api import run_prune
     from sparsetune.prune.config import PruneConfig
-    from sparsetune.train.finetune import run_seft
+    from sparsetune.train.seft import run_seft
     from sparsetune.train.seft_config import SeftConfig
 
     pruned = tmp_path / "pruned"

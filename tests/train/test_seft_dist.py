@@ -4,14 +4,10 @@ global batch (the window statistics are all-reduced, so both choose the same ent
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ONE_THREAD_ENV, load_weights, make_pruned, write_text
+from helpers import load_weights, make_pruned, run_sparsetune, torchrun_or_skip, write_text
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,29 +16,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.dist
 @pytest.mark.parametrize("method", ["seft", "masked-ft"])
 def test_two_processes_match_one(tmp_path, method):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed next to this python")
+    torchrun_or_skip()
     pruned = make_pruned(tmp_path)
     data = write_text(tmp_path / "t.txt")
     common = ["seft", str(pruned), "--data", str(data), "--seqlen", "32", "--batch-size", "4", "--steps", "7",
               "--lr", "5e-3", "--delta-rank", "4", "--reselect-every", "3", "--select-window", "2",
               *(["--reactivate"] if method == "seft" else []),
               "--method", method]  # fmt: skip
-    env = {**os.environ, **ONE_THREAD_ENV, "ACCELERATE_USE_CPU": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "sparsetune", *common, "-o", str(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    one = run_sparsetune([*common, "-o", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "sparsetune", *common, "-o", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    two = run_sparsetune([*common, "-o", str(tmp_path / "two")], processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_weights(tmp_path / "one")
     b = load_weights(tmp_path / "two")

@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-from helpers import load_weights, make_pruned, save_weights, write_alpaca, write_text
+from helpers import load_weights, make_pruned, save_weights, seft_settings, write_alpaca, write_text
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern, nm_violations
-from sparsetune.train.finetune import FinetuneRun
+from sparsetune.train.seft import FinetuneRun
 from sparsetune.train.seft_config import SeftConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,7 +27,9 @@ class WatchedRun(FinetuneRun):
         self.problems: list[str] = []
 
     def topology_update(self, step: int):
-        layers = self.method.delta.layers
+        if not self.method.reselection_due(step):
+            return super().topology_update(step)
+        layers = self.method.layers
         before = {n: (set(l.indices.tolist()), set(l.repruned.tolist())) for n, l in layers.items()}
         stats = super().topology_update(step)
         reactivated_at_least = repruned = restored = 0
@@ -60,9 +62,8 @@ SEFT = {"delta_rank": 4, "reselect_every": 3, "select_window": 2, "reactivate": 
 
 
 def run(tmp_path, pruned, data, run_cls=WatchedRun, **settings):
-    base = {"seqlen": 32, "batch_size": 4, "steps": 8, "lr": 5e-3, **(SEFT if settings.get("method", "seft") == "seft"
-            else {})}  # fmt: skip
-    cfg = SeftConfig(model=str(pruned), output=str(tmp_path / "out"), data=str(data), **{**base, **settings})
+    method_settings = SEFT if settings.get("method", "seft") == "seft" else {}
+    cfg = SeftConfig(**seft_settings(pruned, data, tmp_path / "out", **{**method_settings, **settings}))
     recipe = run_cls(cfg, overwrite=True, show_progress=False)
     recipe.setup()
     recipe.train()
@@ -86,7 +87,7 @@ def test_seft_keeps_every_count_and_pattern_and_returns_dropped_weights_to_the_b
     assert summary["trainable_params"] == k and summary["grad_bytes"] == 4 * k
     # fp32 m and v and a one-byte step cohort per entry (13 bytes with the gradient, a LoRA's 12 plus one), and an
     # int64 start per cohort: the start, each reselection's grown entries (ids of emptied cohorts are reused)
-    cohorts = sum(c.starts.numel() for c in recipe.method.delta.optimizer.steps.values())
+    cohorts = sum(c.starts.numel() for c in recipe.method.adamw.steps.values())
     assert cohorts <= 3 * 14
     assert summary["optimizer_state_bytes"] == 9 * k + 8 * cohorts
     assert summary["final_loss"] < summary["first_loss"]
@@ -98,7 +99,7 @@ def test_seft_keeps_every_count_and_pattern_and_returns_dropped_weights_to_the_b
     # the entries; the same non-zero count as the input, and the same N:M pattern.
     original = load_weights(pruned)
     merged = load_weights(tmp_path / "out")
-    for name, layer in recipe.method.delta.layers.items():
+    for name, layer in recipe.method.layers.items():
         w0, w1 = original[name + ".weight"].reshape(-1), merged[name + ".weight"].reshape(-1)
         entries, repruned = layer.indices.long(), layer.repruned
         untouched = torch.ones_like(w0, dtype=torch.bool)
@@ -125,7 +126,7 @@ def test_no_reactivate_grows_only_on_input_nonzeros_and_never_reprunes(tmp_path,
     original = load_weights(pruned)
     merged = load_weights(tmp_path / "out")
     moved = 0
-    for name, layer in recipe.method.delta.layers.items():
+    for name, layer in recipe.method.layers.items():
         w0, w1 = original[name + ".weight"].reshape(-1), merged[name + ".weight"].reshape(-1)
         entries = layer.indices.long()
         assert bool((w0[entries] != 0).all()), name  # every entry on a non-zero of the input
@@ -162,7 +163,7 @@ def test_merged_model_and_adapter_give_the_training_time_logits(tmp_path, base_d
     recipe, report = run(tmp_path, pruned, data, LogitsAtTheEnd, steps=4, base_dtype=base_dtype)
     original = load_weights(pruned)
     merged_weights = load_weights(tmp_path / "out")
-    for name in recipe.method.delta.layers:  # the input's sparsity, with any base precision
+    for name in recipe.method.layers:  # the input's sparsity, with any base precision
         assert int((merged_weights[name + ".weight"] == 0).sum()) == int((original[name + ".weight"] == 0).sum())
     if base_dtype == "nf4":
         # input non-zeros not re-pruned that NF4 rounds to 0 (bitsandbytes directly, 64-weight blocks): the merge
@@ -170,7 +171,7 @@ def test_merged_model_and_adapter_give_the_training_time_logits(tmp_path, base_d
         import bitsandbytes.functional as bnbf
 
         zeroed = 0
-        for name, layer in recipe.method.delta.layers.items():
+        for name, layer in recipe.method.layers.items():
             w0 = original[name + ".weight"].reshape(-1)
             packed, state = bnbf.quantize_4bit(w0.view_as(original[name + ".weight"]), blocksize=64, quant_type="nf4")
             back = (w0 != 0) & (bnbf.dequantize_4bit(packed, state).reshape(-1) == 0)
@@ -203,8 +204,8 @@ def test_adamw8bit_keeps_the_counts_with_a_smaller_state(tmp_path):
     assert eight.problems == [] and len(eight.state.topology) == 2
     k = report["summary"]["trainable_params"]
     # 8-bit m and v (1 byte each) plus a float32 absmax per 256-entry block of each, per module; step cohorts
-    blocks = sum(-(-layer.k // 256) for layer in eight.method.delta.layers.values())
-    cohorts = sum(c.starts.numel() for c in eight.method.delta.optimizer.steps.values())
+    blocks = sum(-(-layer.k // 256) for layer in eight.method.layers.values())
+    cohorts = sum(c.starts.numel() for c in eight.method.adamw.steps.values())
     assert report["summary"]["optimizer_state_bytes"] == 2 * k + 2 * 4 * blocks + k + 8 * cohorts
     assert report["summary"]["optimizer_state_bytes"] < fp32["summary"]["optimizer_state_bytes"]
     assert report["summary"]["final_loss"] < report["summary"]["first_loss"]

@@ -10,43 +10,43 @@ import sys
 
 import pytest
 import torch
-from helpers import ONE_THREAD_ENV, kill_after_logged_step, load_weights, make_pruned, write_text
+from helpers import (
+    ONE_THREAD_ENV,
+    cli_flags,
+    kill_after_logged_step,
+    load_weights,
+    make_pruned,
+    seft_settings,
+    write_text,
+)
 from safetensors.torch import load_file
 
 from sparsetune.errors import SparsetuneError
-from sparsetune.train.finetune import FinetuneRun, run_seft
+from sparsetune.train.seft import FinetuneRun, run_seft
 from sparsetune.train.seft_config import SeftConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def settings(pruned, data, out, ckpt) -> dict:
-    return {
-        "model": str(pruned),
-        "output": str(out),
-        "data": str(data),
-        "seqlen": 32,
-        "batch_size": 4,
-        "grad_accum": 2,
-        "steps": 60,
-        "lr": 5e-3,
-        "delta_rank": 4,
-        "reselect_every": 4,
-        "select_window": 3,
-        "reactivate": True,
-        "checkpoint_every": 5,
-        "checkpoint_dir": str(ckpt),
-    }
+    return seft_settings(
+        pruned,
+        data,
+        out,
+        grad_accum=2,
+        steps=60,
+        delta_rank=4,
+        reselect_every=4,
+        select_window=3,
+        reactivate=True,
+        checkpoint_every=5,
+        checkpoint_dir=str(ckpt),
+    )
 
 
 def cli_args(s: dict) -> list[str]:
-    args = [sys.executable, "-m", "sparsetune", "seft", s["model"], "--json"]
-    for key, value in s.items():
-        if isinstance(value, bool):
-            args += [f"--{'' if value else 'no-'}{key.replace('_', '-')}"]
-        elif key != "model":
-            args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
+    flags = cli_flags({k: v for k, v in s.items() if k != "model"})
+    return [sys.executable, "-m", "sparsetune", "seft", s["model"], "--json", *flags]
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
@@ -62,7 +62,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     # The checkpoint of step 5 is written during step 6, so once step 7 is logged it is on disk and the kill lands
     # between checkpoints: the steps after it are lost and the resume must redo them. Most checkpoints (10, 15, ...)
     # are taken with a selection window open (windows are steps 2-4, 6-8, 10-12, ...), and written after the next
-    # step's backward has already added to it: the window saved is the one copied at the step boundary.
+    # step's backward has already added to it: the state saved is the one captured at the step boundary.
     kill_after_logged_step(proc, tmp_path / "out.ckpt" / "train_log.jsonl", 7)
     assert proc.returncode == -signal.SIGKILL and not (tmp_path / "out").exists(), "the run finished before the kill"
     step = torch.load(state, weights_only=True)["state"]["step"]

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import ONE_THREAD_ENV, kill_after_logged_step, load_weights
+from helpers import ONE_THREAD_ENV, cli_flags, kill_after_logged_step, load_weights, run_sparsetune, torchrun_or_skip
 from helpers import smet_settings as settings
 from typer.testing import CliRunner
 
@@ -187,7 +186,8 @@ class Recording(PretrainRun):
 
     def topology_update(self, step):
         stats = super().topology_update(step)
-        self.masks[step] = {n: w.mask().clone() for n, w in self.sparse.items()}
+        if stats is not None:
+            self.masks[step] = {n: w.mask().clone() for n, w in self.sparse.items()}
         return stats
 
 
@@ -369,10 +369,7 @@ def test_resume_after_a_crash_restores_the_itop_bitmap(corpus, tmp_path):
 
 
 def cli_args(s: dict) -> list[str]:
-    args = [sys.executable, "-m", "sparsetune", "smet-pretrain", "--json"]
-    for key, value in s.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
+    return [sys.executable, "-m", "sparsetune", "smet-pretrain", "--json", *cli_flags(s)]
 
 
 def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path):
@@ -413,26 +410,13 @@ def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path):
 
 @pytest.mark.dist
 def test_two_processes_match_one(corpus, tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed next to this python")
+    torchrun_or_skip()
     tok_dir, text = corpus
     common = cli_args(settings(tok_dir, text, tmp_path / "unused", steps=8, growth="gradient"))[3:]
     common = common[: common.index("--output")] + common[common.index("--output") + 2 :]
-    env = {**os.environ, **ONE_THREAD_ENV, "ACCELERATE_USE_CPU": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "sparsetune", *common, "-o", str(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    one = run_sparsetune([*common, "-o", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "sparsetune", *common, "-o", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    two = run_sparsetune([*common, "-o", str(tmp_path / "two")], processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
     reports = [json.loads((tmp_path / d / "sparsity_report.json").read_text())["summary"] for d in ("one", "two")]
     assert reports[0]["itop_rate"] == reports[1]["itop_rate"] > 0.5  # the same topology history on every rank

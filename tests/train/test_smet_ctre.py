@@ -20,9 +20,9 @@ from helpers import smet_settings as settings
 from safetensors.torch import load_file
 
 from sparsetune.train import topology
+from sparsetune.train.compact_adamw import SparseAdamW
 from sparsetune.train.smet import PretrainRun, run_smet
 from sparsetune.train.smet_config import SmetConfig
-from sparsetune.train.sparse_optim import SparseAdamW
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,7 +4,7 @@ the model's sparsity (and N:M pattern) exact.
 
 Files: config (settings), budget (entries per module), delta_linear (the layer and its autograd function),
 wrap (module surgery, merge), selection (schedule, window statistics, drop/grow), reprune, optimizer (AdamW over
-entries), adapter (seft_adapter.safetensors), method (the object a loop drives), fit (a minimal driver).
+entries), adapter (seft_adapter.safetensors), method (`SparseDelta`, the training method the loop drives).
 """
 
 from sparsetune.train.sparse_delta.config import DeltaSettings

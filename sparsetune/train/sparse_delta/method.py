@@ -1,32 +1,40 @@
-"""Sparse-delta fine-tuning as one object a training loop drives.
+"""`seft --method seft` (the default): sparse-delta fine-tuning, a training method of the one loop (`loop.py`).
 
-method = SparseDelta(model, settings, total_steps, lr=...)   # wraps the targeted Linears, builds the optimizer
-for step in range(1, total_steps + 1):
-    method.before_step(step)            # opens the selection window when this step is in one
-    loss = ...; loss.backward()         # micro-batches: several backwards
-    method.optimizer.step()             # set method.optimizer.param_groups[0]["lr"] for a schedule
-    log = method.after_step(step)       # a reselection + re-prune when one is due, else None
-    method.optimizer.zero_grad()
-method.merge() / method.save_adapter(path)
+The pruned model's targeted Linears become a frozen base plus a budget of trainable (index, delta) entries
+(`SparseDelta`: budget, selection windows, reselection, re-prune, AdamW over the entries, merge, adapter). The loop
+drives it through the `TrainingMethod` hooks and steps and checkpoints it as its optimizer: AdamW over the entries
+plus the window's step count, with a state dict that holds everything a resume needs besides the checkpoint tensors
+(re-pruned positions, the open window, the totals).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from sparsetune import distributed
 from sparsetune.errors import SparsetuneError
+from sparsetune.train.loop import Finished, MethodReport, TrainingContext, TrainingMethod
 from sparsetune.train.sparse_delta import reprune as rp
 from sparsetune.train.sparse_delta import selection
+from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE, save_adapter
 from sparsetune.train.sparse_delta.budget import module_budgets
 from sparsetune.train.sparse_delta.config import DeltaSettings
 from sparsetune.train.sparse_delta.delta_linear import DeltaLinear
 from sparsetune.train.sparse_delta.optimizer import DeltaAdamW
-from sparsetune.train.sparse_delta.wrap import ModulePlan, merge_model, plan_modules, wrap_model
+from sparsetune.train.sparse_delta.wrap import (
+    ModulePlan,
+    merge_model,
+    merged_counts,
+    merged_weight,
+    plan_modules,
+    wrap_model,
+)
 
 log = logging.getLogger(__name__)
 Reduce = Callable[[torch.Tensor], None]  # in-place all-reduce (mean) over processes
@@ -59,34 +67,37 @@ def select_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> d
     return linears
 
 
-class SparseDelta:
-    """The trainable state (entries), its optimizer, the selection windows and the re-prune of one model.
+def delta_settings(cfg: Any) -> DeltaSettings:
+    """The method's settings out of a SeftConfig (which extends DeltaSettings): the fields that were set, so that
+    a density budget does not also pass the default rank."""
+    names = set(DeltaSettings.model_fields)
+    values = {name: getattr(cfg, name) for name in names & cfg.model_fields_set}
+    return DeltaSettings(**values)
 
-    Args:
-        model: a pruned HF causal LM; its targeted Linears are replaced in place by DeltaLinear.
-        settings: the method's settings.
-        total_steps: optimizer steps of the run (the replace fraction decays to 0 at the end).
-        lr, betas, eps, weight_decay, eight_bit: AdamW over the deltas.
-        seed: the random start positions.
-        reduce: multi-process only, an in-place mean all-reduce; applied to every window gradient (each module's
-            dense gradient inside its backward) so the window statistics, and every choice made from them, are the
-            same on every rank. The loop all-reduces delta.grad itself.
+
+def mean_over_processes(t: torch.Tensor) -> None:
+    distributed.mean_in_place([t])
+
+
+class SparseDelta(TrainingMethod):
+    """Sparse-delta fine-tuning of `context.model`: the trainable entries, their AdamW, the selection windows and
+    the re-prune.
+
+    Built from the run's context: its model (a pruned HF causal LM, whose targeted Linears are replaced in place by
+    DeltaLinear), the settings (`DeltaSettings` fields, steps, AdamW's betas/eps/weight decay, --optim, the seed of
+    the random start positions), the process group and the start (`sparse_start.SparseStart`).
+
+    Multi-process: every window gradient (each module's dense gradient inside its backward) is mean all-reduced, so
+    the window statistics, and every choice made from them, are the same on every rank; `reduce_grads` averages
+    delta.grad.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        settings: DeltaSettings,
-        total_steps: int,
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        eight_bit: bool = False,
-        seed: int = 0,
-        reduce: Reduce | None = None,
-    ) -> None:
-        self.settings, self.total_steps, self.reduce = settings, total_steps, reduce
+    def __init__(self, context: TrainingContext) -> None:
+        cfg, model = context.cfg, context.model
+        self.context = context
+        self.settings = settings = delta_settings(cfg)
+        self.total_steps = cfg.steps
+        self.reduce: Reduce | None = mean_over_processes if context.dist.world > 1 else None
         modules = select_targets(model, settings.targets, settings.ignore)
         self.plans: dict[str, ModulePlan] = plan_modules(modules)
         self.budgets = module_budgets(
@@ -96,21 +107,62 @@ class SparseDelta:
             capacity={name: plan.target for name, plan in self.plans.items()},
         )
         self.model = model
-        self.layers: dict[str, DeltaLinear] = wrap_model(model, modules, self.budgets, settings.base_dtype, seed)
-        self.optimizer = DeltaAdamW(self.layers, lr, betas, eps, weight_decay, eight_bit)
+        self.layers: dict[str, DeltaLinear] = wrap_model(model, modules, self.budgets, settings.base_dtype, cfg.seed)
+        betas = (cfg.beta1, cfg.beta2)
+        self.adamw = DeltaAdamW(self.layers, betas, cfg.eps, cfg.weight_decay, cfg.optim == "adamw8bit")
         self.windows: dict[str, selection.WindowStats] = {}
         self.window_steps = 0
         self.totals = {"grown": 0, "dropped": 0, "reactivated": 0, "repruned": 0, "restored": 0}
+        self.peak: dict[str, int] = {"grad_bytes": 0, "window_bytes": 0}
+        self._sparsity: float | None = None
+        self.merged = False
+        self.nf4_zeroed: int | None = None
+        start = context.start
+        if start is not None:
+            # The trained modules' weights are the layers' from here (base plus deltas): the start must not keep
+            # the input Linears alive (an NF4 or bf16 base replaced them), and its masks (a byte per weight) are not
+            # needed past this point (the resume identity was taken).
+            for name in self.layers:
+                start.modules.pop(name, None)
+                start.matrices.pop(name, None)
+            start.release_masks()
+            # What seft keeps is each module's non-zero count as loaded (a 2:4 start whose dense model held zeros
+            # has fewer than N per group in places; nothing can fill those), so the end-of-run check compares with it.
+            for name, target in self.targets().items():
+                if name in start.active_counts:
+                    start.active_counts[name] = target
 
-    # -- what the loop calls ----------------------------------------------------------------------------------
+    # -- the loop's optimizer: AdamW over the entries, and the window's step count ------------------------------
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [layer.delta for layer in self.layers.values()]
+    @property
+    def optimizer(self) -> SparseDelta:
+        return self
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.adamw.param_groups
+
+    def step(self) -> None:
+        self.adamw.step()
+        if self.windows:  # one more step behind the open window's statistics
+            self.window_steps += 1
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none)
+
+    # -- the loop's hooks -------------------------------------------------------------------------------------
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            tensors[f"{name}.delta"] = layer.delta
+            tensors[f"{name}.indices"] = layer.indices
+        return tensors
 
     def before_step(self, step: int) -> None:
-        """Open the selection window at its first step (1-based step about to run)."""
+        """Open the selection window at its first step (`step` 0-based: optimizer step step + 1 is about to run)."""
         s = self.settings
-        if not self.windows and selection.in_window(step, s.reselect_every, s.select_window, self.total_steps):
+        if not self.windows and selection.in_window(step + 1, s.reselect_every, s.select_window, self.total_steps):
             for name, layer in self.layers.items():
                 stats = self.new_window(name, layer)
                 self.windows[name] = stats
@@ -124,15 +176,98 @@ class SparseDelta:
         stats.reduce = self.reduce
         return stats
 
-    def after_step(self, step: int) -> dict[str, Any] | None:
-        """After optimizer step `step`: count the window step; reselect and re-prune when due."""
-        self.count_window_step()
-        return self.reselect(step) if self.reselection_due(step) else None
+    def reduce_grads(self) -> None:
+        layers = list(self.layers.values())
+        if self.context.dist.world > 1:  # every rank must reduce the same tensors
+            for layer in layers:
+                if layer.delta.grad is None:
+                    layer.delta.grad = torch.zeros_like(layer.delta)
+        distributed.mean_in_place([layer.delta.grad for layer in layers if layer.delta.grad is not None])
+        # measured while the gradients exist (after backward, before the optimizer step frees them)
+        self.peak["grad_bytes"] = max(self.peak["grad_bytes"], self.adamw.grad_bytes())
+        window = sum(stats.nbytes() for stats in self.windows.values())
+        self.peak["window_bytes"] = max(self.peak["window_bytes"], window)
 
-    def count_window_step(self) -> None:
-        """After an optimizer step: one more step behind the open window's statistics."""
-        if self.windows:
-            self.window_steps += 1
+    def update_topology(self, step: int) -> dict[str, Any] | None:
+        """The reselection and re-prune after optimizer step `step` when one is due; its counts less the per-module
+        ones (they would make every log row hundreds of lines long)."""
+        if not self.reselection_due(step):
+            return None
+        row = self.reselect(step)
+        row.pop("modules")
+        self._sparsity = None
+        return row
+
+    def sparsity(self) -> float:
+        """The sparsity of the targeted modules (the input's, exactly); verifies after every reselection that every
+        module's non-zero count (base non-zeros plus reactivated entries) equals its count in the input."""
+        if self._sparsity is None:
+            counts, targets = self.nonzero_counts(), self.targets()
+            for name, count in counts.items():
+                if count != targets[name]:
+                    raise RuntimeError(
+                        f"internal error: {name} has {count} non-zeros after a reselection, expected {targets[name]}; "
+                        "please report this bug"
+                    )
+            numel = sum(layer.numel for layer in self.layers.values())
+            self._sparsity = (numel - sum(counts.values())) / max(1, numel)
+        return self._sparsity
+
+    def report(self) -> MethodReport:
+        memory = self.memory_report()
+        memory["grad_bytes"] = self.peak["grad_bytes"]  # the gradients are freed by now: their measured peak
+        memory["window_bytes"] = self.peak["window_bytes"]
+        fields = {
+            "trainable_params": memory["trainable_params"],
+            "grad_bytes": memory["grad_bytes"],
+            "optimizer_state_bytes": memory["optimizer_state_bytes"],
+            "reactivated": self.reactivated_count(),
+            "repruned": self.repruned_count(),
+            "reselections": len(self.context.state.topology),
+            "reselection_totals": dict(self.totals),
+            "budget": sum(self.budgets.values()),
+            "base_dtype": self.settings.base_dtype,
+            "merged": self.merged,
+            **({"nf4_zeroed": self.nf4_zeroed} if self.nf4_zeroed is not None else {}),
+        }
+        return MethodReport(memory, fields)
+
+    def finish(self) -> Finished:
+        """Merge the deltas into the model (unless --no-merge: then the merged weights are computed for the
+        end-of-run check and the report only); the adapter is written either way."""
+        if self.settings.base_dtype == "nf4":
+            self.nf4_zeroed = self.count_nf4_zeroed()
+        weights: dict[str, torch.Tensor] = {}
+        if self.settings.merge:
+            self.sparsity()  # checked and cached while the bases exist: the merge releases them
+            self.merge()
+            self.merged = True
+            if self.context.start is not None:  # the merged weights: Linears, and any frozen Conv1D / expert slices
+                self.context.start.rebind(self.context.model)
+            untrained = {name: layer.merged_counts["untrained_zeros"] for name, layer in self.layers.items()}
+        else:
+            weights = {name: merged_weight(layer) for name, layer in self.layers.items()}
+            untrained = {
+                name: merged_counts(layer, weights[name])["untrained_zeros"] for name, layer in self.layers.items()
+            }
+        base_model = str(Path(self.context.cfg.model).expanduser().resolve())
+
+        def write_adapter(out_dir: Path) -> None:
+            self.save_adapter(str(out_dir / ADAPTER_FILE), extra={"base_model": base_model})
+
+        return Finished(write_model=self.merged, write_files=write_adapter, weights=weights, untrained_zeros=untrained)
+
+    def count_nf4_zeroed(self) -> int:
+        """Input non-zeros the NF4 base read as 0 during training and the merge gives back (those not re-pruned);
+        the re-prune removes such weights first (their sensitivity is 0), so usually few are left."""
+        total = 0
+        for layer in self.layers.values():
+            if layer.nf4_zeroed is not None:
+                positions = layer.nf4_zeroed[0]
+                total += int((~torch.isin(positions, layer.repruned)).sum())
+        return total
+
+    # -- the schedule -----------------------------------------------------------------------------------------
 
     def reselection_due(self, step: int) -> bool:
         """Whether a reselection follows optimizer step `step` (1-based, steps done)."""
@@ -174,7 +309,7 @@ class SparseDelta:
         layer.delta[change.slots] = 0  # the drop: the weight at the old position is its base value again
         layer.indices[change.slots] = change.positions.to(layer.indices.dtype)
         layer.delta.grad = None
-        self.optimizer.reseed(name, change.slots, change.sum_g, change.sum_g2, change.observed)
+        self.adamw.reseed(name, change.slots, change.sum_g, change.sum_g2, change.observed)
 
         counts = {"grown": int(change.positions.numel()), "dropped": change.dropped, "reactivated": reactivated}
         if not self.settings.reactivate:  # every entry sits on an input non-zero: nothing to re-prune or restore
@@ -216,8 +351,8 @@ class SparseDelta:
         layers = self.layers.values()
         return {
             "trainable_params": sum(layer.k for layer in layers),
-            "grad_bytes": self.optimizer.grad_bytes(),
-            "optimizer_state_bytes": self.optimizer.state_bytes(),
+            "grad_bytes": self.adamw.grad_bytes(),
+            "optimizer_state_bytes": self.adamw.state_bytes(),
             "delta_bytes": sum(layer.delta.numel() * layer.delta.element_size() for layer in layers),
             "index_bytes": sum(layer.indices.numel() * layer.indices.element_size() for layer in layers),
             "repruned_bytes": sum(layer.repruned.numel() * layer.repruned.element_size() for layer in layers),
@@ -248,19 +383,19 @@ class SparseDelta:
         }
         return {"windows": windows, "window_steps": self.window_steps}
 
-    def state_dict(self, window: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Everything resume needs besides the frozen base: entries, optimizer, an open window, the totals.
-        `window` (a `window_state()` taken earlier) replaces the live window, e.g. one copied at a step boundary."""
+    def state_dict(self) -> dict[str, Any]:
+        """Everything resume needs besides the frozen base: entries, optimizer, an open window, the totals (copies
+        where a later step changes them in place)."""
         return {
             "trainable": {key: t.clone() for key, t in self.trainable_state().items()},
-            "optimizer": self.optimizer.state_dict(),
-            **(window if window is not None else self.window_state()),
+            "optimizer": self.adamw.state_dict(),
+            **self.window_state(),
             "totals": dict(self.totals),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load_trainable_state(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.adamw.load_state_dict(state["optimizer"])
         self.windows = {}
         for layer in self.layers.values():
             layer.observer = None
@@ -292,8 +427,6 @@ class SparseDelta:
 
     def save_adapter(self, path: str, extra: dict[str, Any] | None = None) -> None:
         """Write `seft_adapter.safetensors` at `path`; `extra` joins its config (e.g. `base_model`, the base dir)."""
-        from sparsetune.train.sparse_delta.adapter import save_adapter
-
         save_adapter(path, self.trainable_state(), {**self.adapter_config(), **(extra or {})})
 
     def merge(self) -> nn.Module:

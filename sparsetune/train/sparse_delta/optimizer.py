@@ -1,6 +1,7 @@
 """AdamW over the entries of every DeltaLinear: per-entry step counts, compact fp32 (or 8-bit) m and v.
 
-State per entry: m, v (fp32, or 8-bit blockwise through `sparse_optim.Moments`) and a step count, so bias
+State per entry: m, v (fp32, or 8-bit blockwise through `train.adamw`, the per-entry AdamW core shared with
+SMET's compact state) and a step count, so bias
 correction is per entry. The step counts take one byte per entry (`StepCounts`): entries that arrive together
 share one count, so each entry stores the id (uint8) of its cohort and the module keeps each cohort's start. That
 keeps the state at 9 bytes per entry (13 with the gradient) against a LoRA's 8 (12), instead of 12 (16) with an
@@ -23,8 +24,8 @@ from typing import Any
 
 import torch
 
+from sparsetune.train.adamw import Moments, adam_direction, bias_corrections
 from sparsetune.train.sparse_delta.delta_linear import DeltaLinear
-from sparsetune.train.sparse_optim import Moments
 
 
 class StepCounts:
@@ -49,12 +50,11 @@ class StepCounts:
         """Every entry's step count (int64)."""
         return self.clock - self.starts[self.ids.long()]
 
-    def bias_corrections(self, b1: float, b2: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per entry 1 - b1^t and 1 - b2^t (float32), computed once per cohort (in float64: 1 - 0.999^t in float32
-        is off by ~1e-5 relative at small t) and gathered: no per-entry power."""
-        t = (self.clock - self.starts).double()
+    def bias_corrections(self, betas: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per entry 1 - b1^t and 1 - b2^t (float32), computed once per cohort and gathered: no per-entry power."""
         ids = self.ids.long()
-        return (1 - torch.pow(b1, t)).float()[ids], (1 - torch.pow(b2, t)).float()[ids]
+        bias1, bias2 = bias_corrections(self.clock - self.starts, betas)
+        return bias1[ids], bias2[ids]
 
     def advance(self) -> None:
         self.clock += 1
@@ -100,7 +100,6 @@ class DeltaAdamW:
     def __init__(
         self,
         layers: dict[str, DeltaLinear],
-        lr: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -108,7 +107,8 @@ class DeltaAdamW:
     ) -> None:
         self.layers = layers
         self.betas, self.eps, self.weight_decay, self.eight_bit = betas, eps, weight_decay, eight_bit
-        self.param_groups: list[dict[str, Any]] = [{"lr": lr, "params": [layer.delta for layer in layers.values()]}]
+        # "lr" is the loop's to set before every step (`schedule.lr_at`)
+        self.param_groups: list[dict[str, Any]] = [{"lr": 0.0, "params": [layer.delta for layer in layers.values()]}]
         self.moments = {name: Moments(layer.k, layer.device, eight_bit) for name, layer in layers.items()}
         self.steps = {name: StepCounts(layer.k, layer.device) for name, layer in layers.items()}
 
@@ -119,19 +119,15 @@ class DeltaAdamW:
     @torch.no_grad()
     def step(self) -> None:
         lr = self.param_groups[0]["lr"]
-        b1, b2 = self.betas
         for name, layer in self.layers.items():
             g = layer.delta.grad
             if g is None or layer.k == 0:
                 continue
             self.steps[name].advance()
             m, v = self.moments[name].load()
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            c1, c2 = self.steps[name].bias_corrections(b1, b2)
-            m_hat = m / c1
-            v_hat = v / c2
-            layer.delta.mul_(1 - lr * self.weight_decay).sub_(lr * m_hat / (v_hat.sqrt() + self.eps))
+            bias1, bias2 = self.steps[name].bias_corrections(self.betas)
+            m_hat, denominator = adam_direction(m, v, g, bias1, bias2, self.betas, self.eps)
+            layer.delta.mul_(1 - lr * self.weight_decay).sub_(lr * m_hat / denominator)
             self.moments[name].store(m, v)
 
     def step_counts(self, name: str) -> torch.Tensor:

@@ -164,8 +164,9 @@ def merge_model(model: nn.Module, layers: dict[str, DeltaLinear]) -> nn.Module:
         if isinstance(layer.base, nn.Linear) and layer.base.weight.dtype == layer.input_dtype:
             # The base is the input Linear: merge into its own storage. A weight loaded from safetensors on CPU is a
             # copy-on-write view of the file's mapping, which other tensors keep alive, so swapping in a new tensor
-            # would leave the old pages resident (1B config: peak RSS 9.6 GB against 6.7 GB in training); the
-            # write copies each page once, and the file is never written.
+            # would leave the old pages resident (bench/results/seft.jsonl, suite memory, config 1B, run seft: the
+            # peak_rss_bytes of the rows before and after this merge went in place); the write copies each page
+            # once, and the file is never written.
             linear = layer.base
             linear.weight.copy_(weight)
             del weight

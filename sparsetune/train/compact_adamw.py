@@ -1,10 +1,10 @@
-"""Sparse AdamW with compact state, shared by `seft` and `smet-pretrain`.
+"""AdamW with compact state for sparse weights held as dense parameters (`smet-pretrain`, `seft --method masked-ft`).
 
 A sparse weight stays an ordinary dense `nn.Parameter` (zeros at inactive positions, so the model is a plain HF
 model), plus a compact index set of its active positions. Its gradient is gathered to a compact vector of active
 entries by a post-accumulate hook, which frees the dense `.grad` right after autograd writes it, so no dense
 gradient buffer survives between layers or steps. Adam's m and v exist only for active entries (fp32, or 8-bit
-blockwise through bitsandbytes).
+blockwise through bitsandbytes; the per-entry AdamW core of `adamw.py`).
 
 Per-entry step counters without per-entry bytes: entries are kept grouped in *cohorts* by the optimizer step at
 which they became active (the initial entries are cohort 0, every topology update appends one cohort of grown
@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from sparsetune import distributed
-
-BLOCKSIZE_8BIT = 256  # bitsandbytes' block size for 8-bit optimizer state
+from sparsetune.train.adamw import Moments, adam_direction, bias_corrections
 
 
 @dataclass
@@ -71,68 +70,6 @@ class SparseWeight:
         return m.view_as(self.param)
 
 
-class Moments:
-    """Adam's m and v for one tensor (flat): fp32, or 8-bit blockwise (signed map for m, unsigned for v)."""
-
-    def __init__(self, n: int, device: torch.device, eight_bit: bool) -> None:
-        self.eight_bit = eight_bit
-        self.store(torch.zeros(n, device=device), torch.zeros(n, device=device))
-
-    def store(self, m: torch.Tensor, v: torch.Tensor) -> None:
-        if self.eight_bit:
-            self.m, self.m_absmax = _quantize(m, signed=True)
-            self.v, self.v_absmax = _quantize(v, signed=False)
-        else:
-            self.m, self.v = m, v
-
-    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.eight_bit:
-            return _dequantize(self.m, self.m_absmax, signed=True), _dequantize(self.v, self.v_absmax, signed=False)
-        return self.m, self.v
-
-    def nbytes(self) -> int:
-        tensors = [self.m, self.v] + ([self.m_absmax, self.v_absmax] if self.eight_bit else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.eight_bit:
-            return {"m": self.m, "v": self.v, "m_absmax": self.m_absmax, "v_absmax": self.v_absmax}
-        return {"m": self.m, "v": self.v}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
-        for k, t in state.items():
-            setattr(self, k, t.to(device))
-
-
-_CODES: dict[tuple[bool, str], torch.Tensor] = {}
-
-
-def _code(signed: bool, device: torch.device) -> torch.Tensor:
-    key = (signed, str(device))
-    if key not in _CODES:
-        from bitsandbytes.functional import create_dynamic_map
-
-        _CODES[key] = create_dynamic_map(signed=signed).to(device)
-    return _CODES[key]
-
-
-def _quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from bitsandbytes.functional import quantize_blockwise
-
-    if x.numel() == 0:
-        return torch.zeros(0, dtype=torch.uint8, device=x.device), torch.zeros(0, device=x.device)
-    q, state = quantize_blockwise(x.contiguous(), code=_code(signed, x.device), blocksize=BLOCKSIZE_8BIT)
-    return q, state.absmax
-
-
-def _dequantize(q: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
-    from bitsandbytes.functional import dequantize_blockwise
-
-    if q.numel() == 0:
-        return torch.zeros(0, device=q.device)
-    return dequantize_blockwise(q, absmax=absmax, code=_code(signed, q.device), blocksize=BLOCKSIZE_8BIT).float()
-
-
 def _compact_into(t: torch.Tensor, keep: torch.Tensor, tail: torch.Tensor | float) -> None:
     """In place: t[:kept] = t[keep] (order preserved), t[kept:] = tail."""
     kept = int(keep.sum())
@@ -141,7 +78,8 @@ def _compact_into(t: torch.Tensor, keep: torch.Tensor, tail: torch.Tensor | floa
 
 
 class SparseState:
-    """Compact optimizer state of one sparse weight: moments, cohorts, the gradient and (SEFT) the tracked update."""
+    """Compact optimizer state of one sparse weight: moments, cohorts, the gradient and (with `track_updates`) the
+    summed update."""
 
     def __init__(self, weight: SparseWeight, eight_bit: bool, track_updates: bool) -> None:
         device = weight.param.device
@@ -176,7 +114,6 @@ class SparseAdamW:
         self,
         sparse_weights: list[SparseWeight],
         dense_params: list[nn.Parameter],
-        lr: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -191,9 +128,10 @@ class SparseAdamW:
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.regrow_warmup, self.eight_bit = regrow_warmup, eight_bit
         self.regrow_lr_scale = regrow_lr_scale
+        # "lr" is the loop's to set before every step (`schedule.lr_at`)
         self.param_groups: list[dict[str, Any]] = [
-            {"name": "sparse", "lr": lr, "params": [w.param for w in sparse_weights]},
-            {"name": "dense", "lr": lr, "params": self.dense_params},
+            {"name": "sparse", "lr": 0.0, "params": [w.param for w in sparse_weights]},
+            {"name": "dense", "lr": 0.0, "params": self.dense_params},
         ]
         self.step_count = 0
         self.measure_steps = measure_steps
@@ -327,13 +265,9 @@ class SparseAdamW:
         scale: torch.Tensor | None,
     ) -> torch.Tensor:
         """One AdamW step on flat fp32 tensors; m and v are updated in place. Returns the new weights."""
-        b1, b2 = self.betas
-        m.mul_(b1).add_(g, alpha=1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        # bias corrections in float64: 1 - 0.999**t in float32 is off by ~1e-5 relative at small t
-        bias1 = (1 - torch.pow(b1, local_step.double())).float()
-        bias2 = (1 - torch.pow(b2, local_step.double())).float()
-        update = (m / bias1) / ((v / bias2).sqrt_().add_(self.eps))
+        bias1, bias2 = bias_corrections(local_step, self.betas)
+        m_hat, denominator = adam_direction(m, v, g, bias1, bias2, self.betas, self.eps)
+        update = m_hat / denominator
         if scale is not None:
             update.mul_(scale)
         return w * (1 - lr * decay) - lr * update
@@ -467,3 +401,12 @@ class SparseAdamW:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def untrained_zeros(optimizer: SparseAdamW, weight: SparseWeight) -> int:
+    """Active entries of a SparseWeight that hold exactly 0 and never had a non-zero gradient (Adam's v is 0): grown
+    at 0 where no gradient reaches (in tiny models, a unit whose output nothing reads). Unlike weights that
+    overflowed or cancelled to 0, they are no sign of divergence."""
+    _, v = optimizer.sparse_state[weight.name].moments.load()  # per slot, in the order of weight.active
+    values = weight.param.detach().view(-1)[weight.active]
+    return int(((values == 0) & (v == 0)).sum())

@@ -1,4 +1,4 @@
-"""The shared sparse AdamW (compact state) and topology functions, against torch's AdamW and closed forms."""
+"""SparseAdamW (compact state for sparse weights held as dense parameters), against torch's AdamW and closed forms."""
 
 from __future__ import annotations
 
@@ -8,9 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from sparsetune.masks import NMPattern, nm_violations
 from sparsetune.train import topology
-from sparsetune.train.sparse_optim import SparseAdamW, SparseWeight
+from sparsetune.train.compact_adamw import SparseAdamW, SparseWeight
+
+
+def sparse_adamw(weights: list[SparseWeight], dense: list[nn.Parameter], lr: float, **kwargs) -> SparseAdamW:
+    """A SparseAdamW at learning rate `lr` (the training loop sets it before every step)."""
+    opt = SparseAdamW(weights, dense, **kwargs)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return opt
 
 
 def quadratic_loss(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -36,7 +43,7 @@ def test_matches_torch_adamw_on_the_active_entries(weight_decay):
     with torch.no_grad():
         ref.weight.copy_(lin.weight * mask)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=weight_decay, foreach=False)
-    opt = SparseAdamW([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2, weight_decay=weight_decay)
+    opt = sparse_adamw([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2, weight_decay=weight_decay)
     for _ in range(7):
         quadratic_loss(lin, x, y).backward()
         assert lin.weight.grad is None  # compacted and freed by the hook
@@ -56,7 +63,7 @@ def test_dense_params_follow_torch_adamw():
     lin, x, y, mask = make_problem()
     bias = nn.Parameter(torch.zeros(12))
     ref_bias = nn.Parameter(torch.zeros(12))
-    opt = SparseAdamW([SparseWeight.from_mask("w", lin.weight, mask)], [bias], lr=1e-2, weight_decay=0.1)
+    opt = sparse_adamw([SparseWeight.from_mask("w", lin.weight, mask)], [bias], lr=1e-2, weight_decay=0.1)
     ref_opt = torch.optim.AdamW([ref_bias], lr=1e-2, weight_decay=0.0, foreach=False)  # no decay on 1-D params
     for _ in range(5):
         ((lin(x).detach() + ref_bias - y).pow(2).mean()).backward()  # before the sparse weight moves
@@ -70,7 +77,7 @@ def test_dense_params_follow_torch_adamw():
 
 def test_gradient_accumulation_sums_compact_gradients():
     lin, x, y, mask = make_problem()
-    opt = SparseAdamW([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2)
+    opt = sparse_adamw([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2)
     quadratic_loss(lin, x[:16], y[:16]).backward()
     quadratic_loss(lin, x[16:], y[16:]).backward()
     accumulated = opt.sparse_state["w"].grad.clone()
@@ -92,7 +99,7 @@ def constant_gradient_run(regrow_warmup: int, steps_after: int, b1=0.9, b2=0.999
     mask[0, :2] = True
     mask[1, 1] = True
     weight = SparseWeight.from_mask("w", w, mask)
-    opt = SparseAdamW(
+    opt = sparse_adamw(
         [weight], [], lr=lr, betas=(b1, b2), eps=1e-12, regrow_warmup=regrow_warmup, regrow_lr_scale=regrow_lr_scale
     )
     for _ in range(5):
@@ -143,7 +150,7 @@ def test_regrow_lr_scale_multiplies_only_regrown_updates():
 def test_swap_keeps_count_and_other_entries_state():
     lin, x, y, mask = make_problem()
     weight = SparseWeight.from_mask("w", lin.weight, mask)
-    opt = SparseAdamW([weight], [], lr=1e-2, track_updates=True)
+    opt = sparse_adamw([weight], [], lr=1e-2, track_updates=True)
     for _ in range(3):
         quadratic_loss(lin, x, y).backward()
         opt.step()
@@ -175,7 +182,7 @@ def test_state_dict_round_trip_continues_identically():
     runs = []
     for restore in (False, True):
         lin, x, y, mask = make_problem()
-        opt = SparseAdamW([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2, regrow_warmup=3)
+        opt = sparse_adamw([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2, regrow_warmup=3)
         for step in range(6):
             if step == 2:
                 opt.swap_entries(
@@ -185,7 +192,7 @@ def test_state_dict_round_trip_continues_identically():
                 saved = {k: v for k, v in opt.state_dict().items()}
                 weights = lin.weight.detach().clone()
                 lin2, *_ = make_problem()
-                opt = SparseAdamW([SparseWeight.from_mask("w", lin2.weight, mask)], [], lr=1e-2, regrow_warmup=3)
+                opt = sparse_adamw([SparseWeight.from_mask("w", lin2.weight, mask)], [], lr=1e-2, regrow_warmup=3)
                 with torch.no_grad():
                     lin2.weight.copy_(weights)
                 opt.load_state_dict(saved)
@@ -201,7 +208,7 @@ def test_eight_bit_state_is_a_quarter_and_still_trains():
     losses, state_bytes = {}, {}
     for eight_bit in (False, True):
         lin, x, y, mask = make_problem(shape=(64, 128))
-        opt = SparseAdamW([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2, eight_bit=eight_bit)
+        opt = sparse_adamw([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2, eight_bit=eight_bit)
         first = float(quadratic_loss(lin, x, y))
         for _ in range(30):
             quadratic_loss(lin, x, y).backward()
@@ -217,50 +224,12 @@ def test_eight_bit_state_is_a_quarter_and_still_trains():
 def test_memory_report_counts_only_active_entries():
     lin, x, y, _ = make_problem(shape=(256, 512))
     mask = topology.random_layout((256, 512), 256 * 256, torch.Generator().manual_seed(0))
-    opt = SparseAdamW([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2)
+    opt = sparse_adamw([SparseWeight.from_mask("w", lin.weight, mask)], [], lr=1e-2)
     report = opt.memory_report()
     assert report["optimizer_state_bytes"] >= 256 * 256 * 8
     assert report["gradient_bytes"] == 256 * 256 * 4
     assert report["dense_adamw_state_and_grad_bytes"] == 256 * 512 * 12
     assert report["state_and_grad_vs_dense"] <= 0.5 + 0.02
-
-
-def test_erk_densities_hit_the_budget_and_cap_at_one():
-    shapes = {"tiny": (8, 8), "wide": (64, 1024), "square": (512, 512)}
-    d = topology.erk_densities(shapes, 0.3)
-    total = sum(a * b for a, b in shapes.values())
-    assert sum(d[n] * a * b for n, (a, b) in shapes.items()) == pytest.approx(0.3 * total)
-    assert d["tiny"] == 1.0  # would exceed 1
-    assert d["wide"] > d["square"]  # (n_in + n_out) / (n_in * n_out) is larger for the thin layer
-
-
-def test_nm_drop_grow_keeps_the_pattern():
-    pattern = NMPattern(2, 4)
-    g = torch.Generator().manual_seed(0)
-    scores = torch.rand(8, 16, generator=g)
-    mask = torch.zeros(8, 16, dtype=torch.bool)
-    top = scores.view(-1, 4).topk(2, dim=1).indices
-    mask.view(-1, 4).scatter_(1, top, True)
-    active = mask.view(-1).nonzero().squeeze(1)
-    drop_slots, grow_pos = topology.nm_drop_grow(
-        active, torch.rand(active.numel(), generator=g), torch.rand(128, generator=g), 10, pattern, (8, 16)
-    )
-    assert drop_slots.numel() == grow_pos.numel() == 10
-    new = mask.view(-1).clone()
-    new[active[drop_slots]] = False
-    assert not new[grow_pos].any()  # grows only inactive positions
-    new[grow_pos] = True
-    assert nm_violations(new.view(8, 16).float(), pattern) == 0
-    assert int(new.sum()) == int(mask.sum())
-    assert set((active[drop_slots] // 4).tolist()) == set((grow_pos // 4).tolist())
-
-
-def test_grow_random_is_seeded_and_avoids_active():
-    active = torch.arange(0, 100, 2)
-    a = topology.grow_random(100, 20, active, torch.Generator().manual_seed(3))
-    b = topology.grow_random(100, 20, active, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
-    assert all(p % 2 == 1 for p in a.tolist())
 
 
 def scalar_adam_updates(grads: list[float], lr: float, b1: float, b2: float, eps: float) -> list[float]:
@@ -285,7 +254,7 @@ def test_regrown_update_ratio_matches_a_hand_computed_adam_step(regrow_warmup):
     w = nn.Parameter(torch.zeros(2, 4))
     mask = torch.zeros(2, 4, dtype=torch.bool)
     mask.view(-1)[[0, 1, 2]] = True
-    opt = SparseAdamW(
+    opt = sparse_adamw(
         [SparseWeight.from_mask("w", w, mask)],
         [],
         lr=lr,
@@ -326,19 +295,3 @@ def test_regrown_update_ratio_matches_a_hand_computed_adam_step(regrow_warmup):
             assert measured["regrown_update_ratio"] == pytest.approx(expected, rel=1e-5)
     step(7)
     assert opt.update_magnitudes is None  # measured for measure_steps=2 steps only
-
-
-def test_itop_bitmap_packs_like_numpy_and_counts_exactly():
-    np = pytest.importorskip("numpy")
-    g = torch.Generator().manual_seed(0)
-    for numel in (1, 7, 8, 9, 1003):
-        union = torch.zeros(numel, dtype=torch.bool)
-        bitmap = topology.empty_bitmap(numel)
-        for _ in range(3):  # three layouts marked one after the other: the bitmap holds their union
-            mask = torch.rand(numel, generator=g) < 0.3
-            topology.mark_bits(bitmap, mask.nonzero().squeeze(1))
-            union |= mask
-        assert bitmap.numel() == (numel + 7) // 8
-        assert bitmap.tolist() == np.packbits(union.numpy(), bitorder="little").tolist()
-        assert torch.equal(topology.unpack_bits(bitmap, numel), union)
-        assert topology.count_bits(bitmap, chunk=2) == int(union.sum())

@@ -1,10 +1,10 @@
-"""Sparse-delta fine-tuning end to end on a tiny Llama pruned to 50% and to 2:4."""
+"""Sparse-delta fine-tuning (`SparseDelta` on the real loop) end to end on a tiny Llama pruned to 50% and to 2:4."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_tiny_model, pruned_tiny, token_batches
+from helpers import delta_run, in_memory_seft, make_tiny_model, pruned_tiny, token_batches
 from torch import nn
 
 from sparsetune import masks
@@ -12,7 +12,6 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.patterns import NMPattern
 from sparsetune.train.sparse_delta.config import DeltaSettings
 from sparsetune.train.sparse_delta.delta_linear import DeltaLinear
-from sparsetune.train.sparse_delta.fit import fit
 from sparsetune.train.sparse_delta.reprune import support_counts
 
 TINY_LORA_R2 = (
@@ -29,7 +28,7 @@ SETTINGS = DeltaSettings(delta_rank=2, reselect_every=10, select_window=3, react
 
 
 @pytest.mark.parametrize("target", [0.5, NMPattern(2, 4)], ids=["50%", "2:4"])
-def test_fit_keeps_sparsity_exact_and_learns(target, one_thread):
+def test_training_keeps_sparsity_exact_and_learns(target, one_thread, tmp_path):
     model = pruned_tiny(target)
     batches = token_batches()
     before = batch_loss(model, batches[0])
@@ -53,9 +52,10 @@ def test_fit_keeps_sparsity_exact_and_learns(target, one_thread):
             assert layer.base.weight.grad is None and not layer.base.weight.requires_grad
         checks.append(row["step"])
 
-    method, result = fit(model, batches, SETTINGS, 30, lr=1e-2, on_reselection=check)
+    run = delta_run(model, SETTINGS, 30, tmp_path / "out", on_topology=check)
+    method = run.method
     assert checks == [10, 20]
-    first, second = result.reselections
+    first, second = run.state.topology
     assert first["replace_fraction"] == 1.0 and first["grown"] == first["dropped"] == TINY_LORA_R2
     assert first["reactivated"] > 0 and first["repruned"] > 0
     # later reselections replace round(k * 0.2 * (1 - step / steps)) entries per module
@@ -67,15 +67,17 @@ def test_fit_keeps_sparsity_exact_and_learns(target, one_thread):
         assert p.grad is None, name  # optimizer.zero_grad cleared the deltas; nothing else ever had one
         assert p.requires_grad == name.endswith(".delta"), name
 
-    # bytes measured from the tensors that exist, against the budget by hand: 4 B of fp32 gradient per entry;
-    # m, v fp32 and a one-byte step cohort per entry, plus an int64 start per cohort (a few per module)
+    # bytes measured from the tensors that exist, against the budget by hand: 4 B of fp32 gradient per entry (its
+    # peak, measured while the gradients existed); m, v fp32 and a one-byte step cohort per entry, plus an int64
+    # start per cohort (a few per module)
+    memory = method.report().memory
     assert sum(method.budgets.values()) == TINY_LORA_R2
-    assert result.memory["trainable_params"] == TINY_LORA_R2
-    assert result.memory["grad_bytes"] == 4 * TINY_LORA_R2
-    cohorts = sum(counts.starts.numel() for counts in method.optimizer.steps.values())
+    assert memory["trainable_params"] == TINY_LORA_R2
+    assert memory["grad_bytes"] == 4 * TINY_LORA_R2
+    cohorts = sum(counts.starts.numel() for counts in method.adamw.steps.values())
     assert cohorts <= 3 * len(method.layers)
-    assert result.memory["optimizer_state_bytes"] == 9 * TINY_LORA_R2 + 8 * cohorts
-    assert result.memory["index_bytes"] == 4 * TINY_LORA_R2
+    assert memory["optimizer_state_bytes"] == 9 * TINY_LORA_R2 + 8 * cohorts
+    assert memory["index_bytes"] == 4 * TINY_LORA_R2
 
     merged = method.merge()
     for name, mod in merged.named_modules():
@@ -87,50 +89,52 @@ def test_fit_keeps_sparsity_exact_and_learns(target, one_thread):
                     assert masks.nm_violations(mod.weight, pattern) == 0
 
 
-def test_dense_input_is_refused(one_thread):
+def test_dense_input_is_refused(one_thread, tmp_path):
     with pytest.raises(SparsetuneError, match="seft repairs a pruned model; run `sparsetune prune"):
-        fit(make_tiny_model("llama"), token_batches(1), SETTINGS, 2)
+        delta_run(make_tiny_model("llama"), SETTINGS, 2, tmp_path / "out")
 
 
-def test_budget_larger_than_a_module_is_refused(one_thread):
+def test_budget_larger_than_a_module_is_refused(one_thread, tmp_path):
     with pytest.raises(SparsetuneError, match=r"entries but it has only \d+ non-zero weights"):
-        fit(pruned_tiny(0.5), token_batches(1), DeltaSettings(delta_density=0.6), 2)
+        delta_run(pruned_tiny(0.5), DeltaSettings(delta_density=0.6), 2, tmp_path / "out")
 
 
-def test_nf4_without_working_bitsandbytes_is_refused(monkeypatch, one_thread):
+def test_nf4_without_working_bitsandbytes_is_refused(monkeypatch, one_thread, tmp_path):
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes.functional", None)
     with pytest.raises(SparsetuneError, match="--base-dtype nf4 needs a working bitsandbytes") as err:
-        fit(pruned_tiny(0.5), token_batches(1), DeltaSettings(delta_rank=2, base_dtype="nf4"), 2)
+        delta_run(pruned_tiny(0.5), DeltaSettings(delta_rank=2, base_dtype="nf4"), 2, tmp_path / "out")
     assert "\n" not in str(err.value)
 
 
-def _run(method, model, batches, steps, start=1):
-    for step in range(start, steps + 1):
-        method.before_step(step)
-        model(**batches[(step - 1) % len(batches)]).loss.backward()
-        method.optimizer.step()
-        method.after_step(step)
-        method.optimizer.zero_grad()
+class StopAfter18(Exception):
+    pass
 
 
-def test_resume_mid_window_is_bit_identical(one_thread):
-    from sparsetune.train.sparse_delta.method import SparseDelta
+def test_resume_mid_window_is_bit_identical(one_thread, tmp_path):
+    straight = delta_run(pruned_tiny(0.5), SETTINGS, 25, tmp_path / "straight").method
 
-    batches = token_batches()
-    straight_model = pruned_tiny(0.5)
-    straight = SparseDelta(straight_model, SETTINGS, 25, lr=1e-2)
-    _run(straight, straight_model, batches, 25)
+    ckpt = {"checkpoint_every": 18, "checkpoint_dir": str(tmp_path / "ckpt")}
+    first = in_memory_seft(pruned_tiny(0.5), SETTINGS, 25, tmp_path / "first", **ckpt)
+    first.setup()
+    train_step = first.train_step
 
-    first_model = pruned_tiny(0.5)
-    first = SparseDelta(first_model, SETTINGS, 25, lr=1e-2)
-    _run(first, first_model, batches, 18)  # stop inside the window of steps 18-20
-    saved = first.state_dict()
-    assert saved["windows"] and saved["window_steps"] == 1
-    resumed_model = pruned_tiny(0.5)
-    resumed = SparseDelta(resumed_model, SETTINGS, 25, lr=1e-2, seed=7)  # another start: the state overrides it
-    resumed.load_state_dict(saved)
-    _run(resumed, resumed_model, batches, 25, start=19)
+    def stop_after_18(step: int):
+        result = train_step(step)
+        if step == 18:  # the checkpoint of step 18, inside the window of steps 18-20, is written during step 19
+            raise StopAfter18
+        return result
+
+    first.train_step = stop_after_18
+    with pytest.raises(StopAfter18):
+        first.train()
+    saved = torch.load(tmp_path / "ckpt" / "checkpoint" / "optimizer.pt", weights_only=True)
+    assert saved["windows"] and saved["window_steps"] == 1  # as of the end of step 18, before step 19's backward
+    resumed_run = in_memory_seft(pruned_tiny(0.5), SETTINGS, 25, tmp_path / "resumed", resume=True, **ckpt)
+    resumed_run.setup()
+    assert resumed_run.state.step == 18
+    resumed_run.train()
+    resumed = resumed_run.method
     for name, layer in straight.layers.items():
         assert torch.equal(layer.indices, resumed.layers[name].indices)
         assert torch.equal(layer.delta, resumed.layers[name].delta)
@@ -138,17 +142,18 @@ def test_resume_mid_window_is_bit_identical(one_thread):
     assert straight.totals == resumed.totals
 
 
-def test_targets_and_eight_bit_state(one_thread):
+def test_targets_and_eight_bit_state(one_thread, tmp_path):
     pytest.importorskip("bitsandbytes")
     settings = DeltaSettings(delta_rank=2, reselect_every=5, select_window=2, targets=["self_attn"], ignore=["o_proj"])
-    method, result = fit(pruned_tiny(0.5), token_batches(), settings, 8, lr=1e-2, eight_bit=True)
+    run = delta_run(pruned_tiny(0.5), settings, 8, tmp_path / "out", optim="adamw8bit")
+    method, memory = run.method, run.method.report().memory
     assert sorted(method.layers) == [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "kqv"]
     total = 2 * 2 * (128 + 96 + 96)  # rank 2 * layers * (in + out) of q, k, v
     assert sum(method.budgets.values()) == total
-    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert all(torch.isfinite(torch.tensor([row["loss"] for row in run.state.log])))
     # 8-bit m and v (1 byte each) plus a one-byte step cohort per entry, one fp32 absmax per 256-entry block of m
     # and v, and an int64 start per step cohort
     blocks = sum(-(-k // 256) for k in method.budgets.values())
-    cohorts = sum(counts.starts.numel() for counts in method.optimizer.steps.values())
-    assert result.memory["optimizer_state_bytes"] == total * 3 + blocks * 2 * 4 + 8 * cohorts
-    assert result.memory["grad_bytes"] == total * 4
+    cohorts = sum(counts.starts.numel() for counts in method.adamw.steps.values())
+    assert memory["optimizer_state_bytes"] == total * 3 + blocks * 2 * 4 + 8 * cohorts
+    assert memory["grad_bytes"] == total * 4

@@ -5,17 +5,17 @@ from __future__ import annotations
 import copy
 import gc
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import pruned_tiny, token_batches
+from helpers import delta_run, pruned_tiny, token_batches
 from safetensors import safe_open
 from torch import nn
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE, apply_adapter, load_with_adapter
 from sparsetune.train.sparse_delta.config import DeltaSettings
-from sparsetune.train.sparse_delta.fit import fit
 
 SETTINGS = DeltaSettings(delta_rank=2, reselect_every=5, select_window=2, reactivate=True)
 
@@ -25,17 +25,18 @@ def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(input_ids=batch["input_ids"]).logits
 
 
-def _trained(base_dtype: str = "auto", target=0.5, steps: int = 12):
+def _trained(out: Path, base_dtype: str = "auto", target=0.5, steps: int = 12):
+    """The input model, the model trained on the real loop (not merged) and its method."""
     model = pruned_tiny(target)
     base = copy.deepcopy(model)
     settings = SETTINGS.model_copy(update={"base_dtype": base_dtype})
-    method, _ = fit(model, token_batches(), settings, steps, lr=1e-2)
+    method = delta_run(model, settings, steps, out).method
     return base, model, method
 
 
 @pytest.mark.parametrize("base_dtype", ["auto", "bf16"])
 def test_merged_and_applied_logits_equal_training_time(tmp_path, base_dtype, one_thread):
-    base, model, method = _trained(base_dtype)
+    base, model, method = _trained(tmp_path / "run", base_dtype)
     batch = token_batches(1, seed=5)[0]
     training_time = logits(model, batch)
     path = tmp_path / ADAPTER_FILE
@@ -54,12 +55,12 @@ def test_merged_and_applied_logits_equal_training_time(tmp_path, base_dtype, one
 
 
 @pytest.mark.parametrize("base_dtype", ["auto", "bf16"])
-def test_merge_releases_the_bases_and_keeps_the_counts(base_dtype, one_thread):
+def test_merge_releases_the_bases_and_keeps_the_counts(base_dtype, one_thread, tmp_path):
     """After the merge no weight is held twice (the model is not held twice at the end of a run): a base in the
     input's dtype holds the merged weight in its own storage (a safetensors-loaded weight is a view of the file's
     mapping, whose pages a new tensor would not free), any other base is released. What a run reads after the merge
     (non-zeros, reactivated entries, untrained zeros) is what it read before."""
-    _, _, method = _trained(base_dtype)
+    _, _, method = _trained(tmp_path / "run", base_dtype)
     before = (method.nonzero_counts(), method.reactivated_count())
     assert before[1] > 0  # the run reactivated pruned weights: the counts below are not trivially 0
     layer = next(iter(method.layers.values()))
@@ -88,7 +89,7 @@ def test_merge_releases_the_bases_and_keeps_the_counts(base_dtype, one_thread):
 
 
 def test_adapter_file_contents(tmp_path, one_thread):
-    _, _, method = _trained(target=0.5)
+    _, _, method = _trained(tmp_path / "run", target=0.5)
     path = tmp_path / ADAPTER_FILE
     method.save_adapter(str(path))
     with safe_open(str(path), framework="pt") as f:
@@ -110,7 +111,7 @@ def test_adapter_file_contents(tmp_path, one_thread):
 
 
 def test_adapter_on_a_different_base_is_refused(tmp_path, one_thread):
-    _, _, method = _trained()
+    _, _, method = _trained(tmp_path / "run")
     path = tmp_path / ADAPTER_FILE
     method.save_adapter(str(path))
     with pytest.raises(SparsetuneError, match="different base: .* differs in its zero pattern"):
@@ -129,7 +130,7 @@ def test_adapter_on_a_different_base_is_refused(tmp_path, one_thread):
 
 
 def test_load_with_adapter_from_a_model_dir(tmp_path, one_thread):
-    base, model, method = _trained()
+    base, model, method = _trained(tmp_path / "run")
     base.save_pretrained(tmp_path / "base")
     method.save_adapter(str(tmp_path / ADAPTER_FILE))
     batch = token_batches(1, seed=5)[0]
@@ -139,7 +140,7 @@ def test_load_with_adapter_from_a_model_dir(tmp_path, one_thread):
 
 def test_nf4_base_trains_keeps_sparsity_and_merges_dequantized(tmp_path, one_thread):
     pytest.importorskip("bitsandbytes")
-    base, model, method = _trained("nf4", target=0.5)
+    base, model, method = _trained(tmp_path / "run", "nf4", target=0.5)
     for layer in method.layers.values():
         assert type(layer.base.weight).__name__ == "Params4bit"
     assert method.nonzero_counts() == method.targets()

@@ -9,6 +9,13 @@ from sparsetune.train.sparse_delta.delta_linear import DeltaLinear
 from sparsetune.train.sparse_delta.optimizer import DeltaAdamW
 
 
+def delta_adamw(layers: dict[str, DeltaLinear], lr: float, **kwargs) -> DeltaAdamW:
+    """A DeltaAdamW at learning rate `lr` (the training loop sets it before every step)."""
+    opt = DeltaAdamW(layers, **kwargs)
+    opt.param_groups[0]["lr"] = lr
+    return opt
+
+
 def _layers(k: int = 10) -> dict[str, DeltaLinear]:
     torch.manual_seed(0)
     return {"a": DeltaLinear(nn.Linear(8, 4), k, torch.float32), "b": DeltaLinear(nn.Linear(4, 4), 3, torch.float32)}
@@ -16,7 +23,7 @@ def _layers(k: int = 10) -> dict[str, DeltaLinear]:
 
 def test_matches_torch_adamw_with_weight_decay():
     layers = _layers()
-    opt = DeltaAdamW(layers, lr=0.01, weight_decay=0.1)
+    opt = delta_adamw(layers, lr=0.01, weight_decay=0.1)
     ref_params = [nn.Parameter(torch.zeros(layer.k)) for layer in layers.values()]
     ref = torch.optim.AdamW(ref_params, lr=0.01, weight_decay=0.1)
     torch.manual_seed(1)
@@ -33,7 +40,7 @@ def test_matches_torch_adamw_with_weight_decay():
 
 def test_reseed_keeps_kept_entries_and_seeds_grown_from_window_means():
     layers = _layers()
-    opt = DeltaAdamW(layers, lr=0.01)
+    opt = delta_adamw(layers, lr=0.01)
     for _ in range(3):
         for layer in layers.values():
             layer.delta.grad = torch.randn(layer.k)
@@ -57,7 +64,7 @@ def test_reseed_keeps_kept_entries_and_seeds_grown_from_window_means():
 
 def test_per_entry_bias_correction():
     layer = DeltaLinear(nn.Linear(2, 2), 2, torch.float32)
-    opt = DeltaAdamW({"x": layer}, lr=0.1, eps=0.0)
+    opt = delta_adamw({"x": layer}, lr=0.1, eps=0.0)
     opt.reseed("x", torch.tensor([1]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0], dtype=torch.int32))
     opt.steps["x"].assign(torch.tensor([0]), torch.tensor([9]))  # entry 0 has seen 9 steps of zero gradient (m = v
     # = 0), entry 1 is new
@@ -71,7 +78,7 @@ def test_per_entry_bias_correction():
 
 def test_memory_bytes_are_the_tensors():
     layers = _layers()
-    opt = DeltaAdamW(layers, lr=0.01)
+    opt = delta_adamw(layers, lr=0.01)
     assert opt.grad_bytes() == 0
     layers["a"].delta.grad = torch.zeros(10)
     assert opt.grad_bytes() == 40
@@ -81,7 +88,7 @@ def test_memory_bytes_are_the_tensors():
 
 def test_eight_bit_moments_step_and_bytes():
     layers = _layers(k=300)
-    opt = DeltaAdamW(layers, lr=0.01, eight_bit=True)
+    opt = delta_adamw(layers, lr=0.01, eight_bit=True)
     for layer in layers.values():
         layer.delta.grad = torch.randn(layer.k)
     opt.step()
