@@ -73,6 +73,7 @@ NOT_IDENTITY = {
     "log_every",
     "data_dir",
     "activation_checkpointing",
+    "stream",
 }
 # Settings that joined the identity after checkpoints were written, with the value those checkpoints ran with: a
 # checkpoint whose identity lacks one resumes a run that sets it to that value.

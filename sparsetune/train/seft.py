@@ -24,6 +24,7 @@ import torch
 from sparsetune import data, masks, models
 from sparsetune.distributed import sum_in_place
 from sparsetune.outputs import package_versions, peak_memory
+from sparsetune.streaming import trim_heap
 from sparsetune.train.checkpoint import NOT_IDENTITY
 from sparsetune.train.examples import DataOrder, Examples, instruction_examples, packed_windows
 from sparsetune.train.loop import Trainer, TrainingContext, TrainingMethod, mean_step_s
@@ -31,6 +32,7 @@ from sparsetune.train.loop import print_summary as print_table
 from sparsetune.train.lora_reprune import LoraReprune
 from sparsetune.train.masked_ft import MaskedFineTuning
 from sparsetune.train.seft_config import SeftConfig
+from sparsetune.train.sparse_delta import streamed_base
 from sparsetune.train.sparse_delta.method import SparseDelta
 from sparsetune.train.sparse_start import SparseStart, find_sparse_start, read_input_report, sensitivity_mask
 
@@ -63,17 +65,44 @@ class FinetuneRun(Trainer):
     def load(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        model, tokenizer = models.load_model(
-            cfg.model, dtype=cfg.dtype, device=str(self.ctx.device), trust_remote_code=cfg.trust_remote_code
-        )
+        report = read_input_report(cfg.model)
+        loaded = self.load_streamed(report)
+        if loaded is None:
+            model, tokenizer = models.load_model(
+                cfg.model, dtype=cfg.dtype, device=str(self.ctx.device), trust_remote_code=cfg.trust_remote_code
+            )
+            self.start = find_sparse_start(model, report)
+        else:
+            model, tokenizer, self.start = loaded
         self.model, self.tokenizer = model, tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self.start = find_sparse_start(model, read_input_report(cfg.model))
         self.train_data = load_examples(tokenizer, cfg.data, cfg, cfg.skip_tokens)
         self.val_data = load_examples(tokenizer, cfg.val_data, cfg) if cfg.val_data else None
         for p in model.parameters():
             p.requires_grad_(False)
         model.train()
+
+    def load_streamed(self, report: dict[str, Any] | None) -> tuple[torch.nn.Module, Any, SparseStart] | None:
+        """`--base-dtype nf4`: the model read block by block, its targeted Linears wrapped over NF4 bases as each
+        block is read (`streamed_base`); None where the run loads the whole model (an input that does not stream,
+        --no-stream, or a start whose masks drifted from their targets: their re-prune runs the model in full
+        precision)."""
+        source, why = streamed_base.streamable(self.cfg)
+        if source is None:
+            log.debug("seft loads the whole model: %s", why)
+            return None
+        try:
+            model, tokenizer, deltas = streamed_base.load_streamed(self.cfg, self.ctx.device, source, report)
+            start = find_sparse_start(model, report, deltas.packed(), deltas.target_order)
+            if start.drifted():
+                raise streamed_base.StartDrifted(start.drifted()[0])
+        except streamed_base.StartDrifted as drifted:
+            log.info("%s is off its target count or pattern: seft loads the whole model to restore it", drifted)
+        else:
+            start.deltas = deltas
+            return model, tokenizer, start
+        trim_heap()  # the streamed model is gone with the exception
+        return None
 
     def build_method(self, context: TrainingContext) -> TrainingMethod:
         if self.start.drifted():
@@ -171,9 +200,9 @@ def run_identity(cfg: SeftConfig, start: SparseStart) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the settings that change the result and the starting masks."""
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
     digest = hashlib.blake2b(digest_size=8)
-    for name, mask in start.masks.items():  # one module at a time, packed to bits on the CPU: no model-sized copy
+    for name in start.numel:  # one module at a time, packed to bits on the CPU: no model-sized copy
         digest.update(name.encode())
-        digest.update(np.packbits(mask.detach().reshape(-1).cpu().numpy()).tobytes())
+        digest.update(np.packbits(start.mask(name).detach().reshape(-1).cpu().numpy()).tobytes())
     return {**settings, "start_mask": digest.hexdigest()}
 
 

@@ -67,6 +67,12 @@ class SeftConfig(DeltaSettings):
     )
     device: str = Field("auto", description="Compute device: auto, cpu, cuda, cuda:N")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it)")
+    stream: bool = Field(
+        True,
+        description="--base-dtype nf4: read the model block by block and quantize each block as it loads, so the "
+        "full-precision model is never in memory (--no-stream loads it whole first; a start whose masks drifted "
+        "from their targets, and an input that does not stream, always do)",
+    )
     activation_checkpointing: bool = activation_checkpointing_field()
     loss_chunk_tokens: int = loss_chunk_tokens_field()
     log_every: int = Field(1, ge=1, description="Write a train_log.jsonl line every N steps")

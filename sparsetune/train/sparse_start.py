@@ -14,6 +14,7 @@ from torch import nn
 
 from sparsetune import masks, models
 from sparsetune.errors import SparsetuneError
+from sparsetune.train.sparse_delta.delta_linear import unpack_bits
 
 REPORT_FILE = "sparsity_report.json"
 
@@ -53,7 +54,10 @@ class ParameterGroup:
 class SparseStart:
     """What the run must preserve: which matrices are sparse, their masks and active counts, the N:M pattern.
 
-    `modules[name]` is the nn.Linear itself for a Linear, else a `TargetView` (same `.weight` / `.in_features`)."""
+    `modules[name]` is the nn.Linear itself for a Linear, else a `TargetView` (same `.weight` / `.in_features`).
+    A matrix whose input weight was let go as it loaded (seft over a streamed NF4 base: its module is a DeltaLinear
+    already) has its mask in `packed` instead of `masks`, as the packed bitmap its layer keeps; `mask(name)`
+    reads either."""
 
     modules: dict[str, nn.Linear | TargetView]
     masks: dict[str, torch.Tensor]  # name -> bool [out, in] (True = active), the mask the run starts from
@@ -61,10 +65,22 @@ class SparseStart:
     pattern: masks.NMPattern | None
     report: dict[str, Any] | None  # the input dir's sparsity_report.json
     matrices: dict[str, models.Target] = field(default_factory=dict)  # name -> where the matrix is stored
+    packed: dict[str, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)  # name -> (bitmap, shape)
+    deltas: Any = None  # `sparse_delta.streamed_base.LoadedDeltas`: the Linears the load already wrapped
 
     def __post_init__(self) -> None:
-        self.active_counts = {name: int(m.sum()) for name, m in self.masks.items()}
-        self.numel = {name: m.numel() for name, m in self.masks.items()}
+        self.active_counts, self.numel = {}, {}
+        for name in self.modules:  # one unpacked mask at a time
+            mask = self.mask(name)
+            self.active_counts[name] = int(mask.sum())
+            self.numel[name] = mask.numel()
+
+    def mask(self, name: str) -> torch.Tensor:
+        """The bool [out, in] start mask of `name` (unpacked anew for a packed one)."""
+        if name in self.masks:
+            return self.masks[name]
+        bitmap, shape = self.packed[name]
+        return unpack_bits(bitmap, shape[0] * shape[1]).view(shape)
 
     def set_mask(self, name: str, mask: torch.Tensor) -> None:
         self.masks[name] = mask
@@ -73,6 +89,7 @@ class SparseStart:
     def release_masks(self) -> None:
         """Drop the masks (one byte per weight) once nothing needs them: counts and sizes stay."""
         self.masks = {}
+        self.packed = {}
 
     def global_sparsity(self, names: list[str] | None = None) -> float:
         """The sparsity of the start (of the matrices `names`, else of all)."""
@@ -94,18 +111,18 @@ class SparseStart:
 
     def kind_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for name in self.masks:
+        for name in self.numel:
             counts[self.kind(name)] = counts.get(self.kind(name), 0) + 1
         return counts
 
     def drifted(self) -> list[str]:
         """Modules whose mask is off target: a wrong count, or a broken N:M pattern. The sensitivity re-prune that
         restores them scores Linears only, so a drifted Conv1D or expert slice is refused here."""
-        bad = []
-        for name, m in self.masks.items():
-            broken_nm = self.pattern is not None and masks.nm_violations(m.float(), self.pattern) > 0
-            if self.active_counts[name] != self.targets[name] or broken_nm:
-                bad.append(name)
+        bad = [
+            name
+            for name in self.numel
+            if mask_drifted(self.mask(name), self.active_counts[name], self.targets[name], self.pattern)
+        ]
         other = [n for n in bad if self.kind(n) != "linear"]
         if other:
             name = other[0]
@@ -179,39 +196,73 @@ def read_input_report(model_spec: str) -> dict[str, Any] | None:
         ) from err
 
 
-def find_sparse_start(model: nn.Module, report: dict[str, Any] | None) -> SparseStart:
+def find_sparse_start(
+    model: nn.Module,
+    report: dict[str, Any] | None,
+    packed: dict[str, tuple[torch.Tensor, tuple[int, int]]] | None = None,
+    order: list[str] | None = None,
+) -> SparseStart:
     """The sparse matrices (those the report lists, else every decoder matrix holding zeros: Linears, Conv1D
-    weights, expert slices) and their masks."""
+    weights, expert slices) and their masks.
+
+    `packed`: the non-zero bitmaps (and shapes) of matrices already wrapped as they loaded, whose input weights are
+    gone; `order`: the decoder matrices' names as `models.named_targets` lists them before that wrapping."""
+    packed = packed or {}
     if report and report.get("modules"):
         names = list(report["modules"])
-        matrices = _resolve(model, names)
-        missing = [n for n in names if n not in matrices]
+        matrices = _resolve(model, [n for n in names if n not in packed])
+        missing = [n for n in names if n not in matrices and n not in packed]
         if missing:
             raise SparsetuneError(
                 f"{REPORT_FILE} names {missing[0]}, which is not a prunable weight (Linear, Conv1D or expert slice) "
                 "of this model; pass the model dir the report was written with"
             )
     else:
-        matrices = {n: t for n, t in models.named_targets(model).items() if bool((t.weight() == 0).any())}
-    modules = {n: _entry(t) for n, t in matrices.items()}
+        found = models.named_targets(model)
+        names = [
+            n
+            for n in (order or list(found))
+            if (n in packed and not bool(unpack_bits(packed[n][0], packed[n][1][0] * packed[n][1][1]).all()))
+            or (n in found and bool((found[n].weight() == 0).any()))
+        ]
+        matrices = {n: found[n] for n in names if n not in packed}
+    modules = {n: _entry(matrices[n]) if n in matrices else model.get_submodule(n) for n in names}
     start_masks = {n: (t.weight() != 0).contiguous() for n, t in matrices.items()}
-    if report is None and all(bool(m.all()) for m in start_masks.values()):
+    pattern = start_pattern(report)
+    start = SparseStart(
+        modules, start_masks, {}, pattern, report, matrices, {n: packed[n] for n in names if n in packed}
+    )
+    if report is None and all(start.active_counts[n] == start.numel[n] for n in names):
         raise SparsetuneError(
             "the model has no zero weights in its decoder matrices (Linears, Conv1D, experts): seft repairs a pruned "
             "model; run `sparsetune prune MODEL -o PRUNED` first and fine-tune PRUNED"
         )
-    pattern = None
+    start.targets = {n: start_target(n, start.numel[n], start.active_counts[n], report, pattern) for n in names}
+    return start
+
+
+def start_pattern(report: dict[str, Any] | None) -> masks.NMPattern | None:
+    """The N:M pattern the input's report names, or None."""
     if report and report.get("pattern") not in (None, "unstructured"):
-        pattern = masks.parse_pattern(report["pattern"])
-    targets = {}
-    for n, m in start_masks.items():
-        if pattern is not None:
-            targets[n] = m.numel() // pattern.m * pattern.n
-        elif report and report.get("modules"):
-            targets[n] = m.numel() - int(report["modules"][n]["zeros"])
-        else:
-            targets[n] = int(m.sum())
-    return SparseStart(modules, start_masks, targets, pattern, report, matrices)
+        return masks.parse_pattern(report["pattern"])
+    return None
+
+
+def start_target(
+    name: str, numel: int, active: int, report: dict[str, Any] | None, pattern: masks.NMPattern | None
+) -> int:
+    """The active count the run keeps for a matrix of `numel` weights, `active` of them non-zero: N per M-group,
+    else the report's, else the non-zeros."""
+    if pattern is not None:
+        return numel // pattern.m * pattern.n
+    if report and report.get("modules"):
+        return numel - int(report["modules"][name]["zeros"])
+    return active
+
+
+def mask_drifted(mask: torch.Tensor, active: int, target: int, pattern: masks.NMPattern | None) -> bool:
+    """Whether a start mask is off its target: a wrong count, or a broken N:M pattern."""
+    return active != target or (pattern is not None and masks.nm_violations(mask.float(), pattern) > 0)
 
 
 def sensitivity_mask(

@@ -46,21 +46,30 @@ def module_budgets(
     `capacity` is how many entries a module can hold: its non-zero weights, since entries start on non-zeros and
     the re-prune must find a non-zero without an entry for every reactivation. A share above it is an error.
     """
-    if delta_density is not None:
-        total = density_count(shapes, delta_density)
-        flag = f"--delta-density {delta_density}"
-    elif delta_rank is not None:
-        total = lora_count(shapes, delta_rank)
-        flag = f"--delta-rank {delta_rank}"
-    else:
-        raise SparsetuneError("no delta budget: pass --delta-rank R or --delta-density D")
+    total, flag = budget_total(shapes, delta_rank, delta_density)
     shares = split_proportional(total, {name: out_f * in_f for name, (out_f, in_f) in shapes.items()})
     for name, k in shares.items():
         out_f, in_f = shapes[name]
-        limit = out_f * in_f if capacity is None else capacity[name]
-        if k > limit:
-            raise SparsetuneError(
-                f"{flag} gives {name} {k} entries but it has only {limit} non-zero weights of {out_f * in_f}; "
-                "lower --delta-rank or --delta-density (or --ignore that module)"
-            )
+        check_capacity(flag, name, k, shapes[name], out_f * in_f if capacity is None else capacity[name])
     return shares
+
+
+def budget_total(
+    shapes: dict[str, tuple[int, int]], delta_rank: int | None, delta_density: float | None
+) -> tuple[int, str]:
+    """The total entries of a rank or density budget, and the flag that set it (for errors)."""
+    if delta_density is not None:
+        return density_count(shapes, delta_density), f"--delta-density {delta_density}"
+    if delta_rank is not None:
+        return lora_count(shapes, delta_rank), f"--delta-rank {delta_rank}"
+    raise SparsetuneError("no delta budget: pass --delta-rank R or --delta-density D")
+
+
+def check_capacity(flag: str, name: str, k: int, shape: tuple[int, int], limit: int) -> None:
+    """Refuse a share `k` above the `limit` entries the module can hold (its non-zero weights)."""
+    if k > limit:
+        out_f, in_f = shape
+        raise SparsetuneError(
+            f"{flag} gives {name} {k} entries but it has only {limit} non-zero weights of {out_f * in_f}; "
+            "lower --delta-rank or --delta-density (or --ignore that module)"
+        )

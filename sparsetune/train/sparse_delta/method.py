@@ -29,6 +29,7 @@ from sparsetune.train.sparse_delta.delta_linear import DeltaLinear
 from sparsetune.train.sparse_delta.optimizer import DeltaAdamW
 from sparsetune.train.sparse_delta.wrap import (
     ModulePlan,
+    check_sparse,
     merge_model,
     merged_counts,
     merged_weight,
@@ -98,16 +99,26 @@ class SparseDelta(TrainingMethod):
         self.settings = settings = delta_settings(cfg)
         self.total_steps = cfg.steps
         self.reduce: Reduce | None = mean_over_processes if context.dist.world > 1 else None
-        modules = select_targets(model, settings.targets, settings.ignore)
-        self.plans: dict[str, ModulePlan] = plan_modules(modules)
-        self.budgets = module_budgets(
-            {name: plan.shape for name, plan in self.plans.items()},
-            delta_rank=settings.delta_rank,
-            delta_density=settings.delta_density,
-            capacity={name: plan.target for name, plan in self.plans.items()},
-        )
         self.model = model
-        self.layers: dict[str, DeltaLinear] = wrap_model(model, modules, self.budgets, settings.base_dtype, cfg.seed)
+        loaded = context.start.deltas if context.start is not None else None
+        if loaded is not None:  # wrapped as the blocks loaded (a streamed NF4 base), from the same facts
+            self.plans: dict[str, ModulePlan] = check_sparse(loaded.plans)
+            self.budgets = loaded.budgets
+            self.layers: dict[str, DeltaLinear] = loaded.layers
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for layer in self.layers.values():  # the run's load froze every parameter, the entries' too
+                layer.delta.requires_grad_(True)
+        else:
+            modules = select_targets(model, settings.targets, settings.ignore)
+            self.plans = plan_modules(modules)
+            self.budgets = module_budgets(
+                {name: plan.shape for name, plan in self.plans.items()},
+                delta_rank=settings.delta_rank,
+                delta_density=settings.delta_density,
+                capacity={name: plan.target for name, plan in self.plans.items()},
+            )
+            self.layers = wrap_model(model, modules, self.budgets, settings.base_dtype, cfg.seed)
         betas = (cfg.beta1, cfg.beta2)
         self.adamw = DeltaAdamW(self.layers, betas, cfg.eps, cfg.weight_decay, cfg.optim == "adamw8bit")
         self.windows: dict[str, selection.WindowStats] = {}
@@ -126,6 +137,7 @@ class SparseDelta(TrainingMethod):
                 start.modules.pop(name, None)
                 start.matrices.pop(name, None)
             start.release_masks()
+            start.deltas = None
             # What seft keeps is each module's non-zero count as loaded (a 2:4 start whose dense model held zeros
             # has fewer than N per group in places; nothing can fill those), so the end-of-run check compares with it.
             for name, target in self.targets().items():

@@ -47,12 +47,19 @@ def detect_pattern(weight: torch.Tensor) -> NMPattern | None:
     return None
 
 
+def module_plan(name: str, weight: torch.Tensor) -> ModulePlan:
+    """The target (non-zero count) and N:M pattern read off one input weight."""
+    w = weight.detach()
+    return ModulePlan(name, tuple(w.shape), int((w != 0).sum()), detect_pattern(w))
+
+
 def plan_modules(modules: dict[str, nn.Linear]) -> dict[str, ModulePlan]:
     """Targets and patterns read off the input weights; refuse a dense input model."""
-    plans = {}
-    for name, mod in modules.items():
-        w = mod.weight.detach()
-        plans[name] = ModulePlan(name, tuple(w.shape), int((w != 0).sum()), detect_pattern(w))
+    return check_sparse({name: module_plan(name, mod.weight) for name, mod in modules.items()})
+
+
+def check_sparse(plans: dict[str, ModulePlan]) -> dict[str, ModulePlan]:
+    """`plans`, unless every targeted Linear is dense (the input was not pruned)."""
     if not any(p.target <= (1 - DENSE_BELOW) * p.shape[0] * p.shape[1] for p in plans.values()):
         raise SparsetuneError(
             "the targeted Linears are dense (under 1% zeros): seft repairs a pruned model; "
@@ -110,21 +117,32 @@ def wrap_model(
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, linear in modules.items():
-        input_dtype = linear.weight.dtype
-        identity = weight_identity(linear.weight)
-        base, support = make_base(linear, base_dtype)
-        layer = DeltaLinear(base, budgets[name], input_dtype, support)
-        layer.identity = identity
-        with torch.no_grad():
-            layer.indices.copy_(random_entries(linear.weight.detach() != 0, budgets[name], generator))
-            if support is not None:
-                layer.nf4_zeroed = nf4_zeroed_weights(linear.weight.detach(), layer.base_weight(torch.float32))
-        parent, child = _parent(model, name)
-        setattr(parent, child, layer)
-        layers[name] = layer
-    return layers
+    return {
+        name: swap_in_delta(model, name, linear, budgets[name], base_dtype, generator)
+        for name, linear in modules.items()
+    }
+
+
+def swap_in_delta(
+    model: nn.Module, name: str, linear: nn.Linear, k: int, base_dtype: str, generator: torch.Generator
+) -> DeltaLinear:
+    """Replace the Linear `name` of `model` by its DeltaLinear: everything seft derives from the input weight (its
+    identity, the base, the non-zero bitmap of an NF4 base and the non-zeros NF4 reads as 0, and k entries drawn
+    from `generator` at random non-zero positions) is taken here, so the caller may let the input weight go.
+    Both loading paths (the whole model, or one block at a time) wrap through this, in the same module order and
+    with one generator, so their draws are the same."""
+    input_dtype = linear.weight.dtype
+    identity = weight_identity(linear.weight)
+    base, support = make_base(linear, base_dtype)
+    layer = DeltaLinear(base, k, input_dtype, support)
+    layer.identity = identity
+    with torch.no_grad():
+        layer.indices.copy_(random_entries(linear.weight.detach() != 0, k, generator))
+        if support is not None:
+            layer.nf4_zeroed = nf4_zeroed_weights(linear.weight.detach(), layer.base_weight(torch.float32))
+    parent, child = _parent(model, name)
+    setattr(parent, child, layer)
+    return layer
 
 
 def nf4_zeroed_weights(weight: torch.Tensor, dequantized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,169 @@
+"""`seft --base-dtype nf4` reads the model block by block and quantizes each block as it loads: its results equal
+the whole-model load's (`--no-stream`) bit for bit, and at most one block's full-precision targeted Linears exist
+at a time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import load_weights, make_pruned, make_pruned_dir, make_tokenizer, seft_settings, write_text
+from safetensors.torch import load_file
+from torch import nn
+
+from sparsetune.streaming import StreamedModel
+from sparsetune.train.seft import FinetuneRun, run_seft
+from sparsetune.train.seft_config import SeftConfig
+from sparsetune.train.sparse_delta.delta_linear import DeltaLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def nf4_settings(pruned, data, out, **extra) -> dict:
+    return seft_settings(
+        pruned, data, out, base_dtype="nf4", delta_rank=4, reselect_every=3, select_window=2, reactivate=True, **extra
+    )
+
+
+def losses(out) -> list[float]:
+    return [json.loads(r)["loss"] for r in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def assert_same_outputs(a, b, merged: bool = True) -> None:
+    assert losses(a) == losses(b)
+    if merged:
+        wa, wb = load_weights(a), load_weights(b)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k].view(torch.uint8), wb[k].view(torch.uint8)) for k in wa)
+    ra, rb = load_file(str(a / "seft_adapter.safetensors")), load_file(str(b / "seft_adapter.safetensors"))
+    assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
+    report_a, report_b = (json.loads((d / "sparsity_report.json").read_text()) for d in (a, b))
+    assert report_a["modules"] == report_b["modules"]
+    assert report_a["finetune_history"][-1]["nf4_zeroed"] == report_b["finetune_history"][-1]["nf4_zeroed"]
+
+
+class Recorder:
+    """Counts the load paths: whole-model loads and streamed blocks."""
+
+    def __init__(self, monkeypatch) -> None:
+        from sparsetune import models
+
+        self.whole, self.blocks = 0, []
+        load_model, load_block = models.load_model, StreamedModel.load_block
+
+        def counting_load(*args, **kwargs):
+            self.whole += 1
+            return load_model(*args, **kwargs)
+
+        def counting_block(streamed, index, device="cpu"):
+            self.blocks.append(index)
+            return load_block(streamed, index, device)
+
+        monkeypatch.setattr(models, "load_model", counting_load)
+        monkeypatch.setattr(StreamedModel, "load_block", counting_block)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_streamed_nf4_base_equals_the_whole_load(tmp_path, monkeypatch, merge):
+    """A magnitude-pruned input with its report and an untied head; --no-merge compares the adapters."""
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+    calls = Recorder(monkeypatch)
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "whole", stream=False, merge=merge)), False, False)
+    assert calls.whole == 1 and calls.blocks == []
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "streamed", merge=merge)), False, False)
+    assert calls.whole == 1 and calls.blocks == [0, 1]  # each block read once, the model never whole
+    assert_same_outputs(tmp_path / "whole", tmp_path / "streamed", merged=merge)
+
+
+def test_tied_embeddings_and_no_report(tmp_path):
+    """A tied head, and masks read from the zeros (no sparsity report): the start's matrices in named order."""
+    pruned = make_pruned_dir(tmp_path / "tied", make_tokenizer(), tie=True)
+    assert not (pruned / "sparsity_report.json").exists()
+    data = write_text(tmp_path / "t.txt")
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "whole", stream=False)), False, False)
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "streamed")), False, False)
+    assert_same_outputs(tmp_path / "whole", tmp_path / "streamed")
+
+
+def test_resume_of_a_streamed_run_is_bit_identical(tmp_path):
+    """Stopped after step 5 (checkpoint of step 4), resumed streamed: equals the uninterrupted whole-load run; the
+    run identity ignores --no-stream, so a whole-load checkpoint resumes streamed."""
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+    reference = nf4_settings(pruned, data, tmp_path / "ref", stream=False, steps=8)
+    run_seft(SeftConfig(**reference), False, False)
+    cut = {**reference, "output": str(tmp_path / "cut"), "checkpoint_dir": str(tmp_path / "cut.ckpt")}
+    cut["checkpoint_every"] = 4
+
+    class Stop(Exception):
+        pass
+
+    class StopAfter5(FinetuneRun):
+        def train_step(self, step):
+            if step == 5:
+                raise Stop
+            return super().train_step(step)
+
+    with pytest.raises(Stop):
+        StopAfter5(SeftConfig(**cut), show_progress=False).run()
+    run_seft(SeftConfig(**{**cut, "resume": True}), False, False)
+    assert_same_outputs(tmp_path / "ref", tmp_path / "cut")
+    cut2 = {**cut, "output": str(tmp_path / "cut2"), "checkpoint_dir": str(tmp_path / "cut2.ckpt")}
+    with pytest.raises(Stop):
+        StopAfter5(SeftConfig(**{**cut2, "stream": False}), False, False).run()
+    run_seft(SeftConfig(**{**cut2, "resume": True}), False, False)
+    assert_same_outputs(tmp_path / "ref", tmp_path / "cut2")
+
+
+def test_at_most_one_block_of_full_precision_linears_exists(tmp_path, monkeypatch):
+    """As each block loads, every earlier block's targeted Linears are NF4 DeltaLinears already: the full-precision
+    targeted weights in memory never exceed one block's."""
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+    load_block = StreamedModel.load_block
+    seen: list[int] = []
+
+    def full_precision_linears(model: nn.Module) -> int:
+        return sum(
+            1
+            for name, m in model.named_modules()
+            if type(m) is nn.Linear and ".layers." in name and m.weight.device.type != "meta"
+        )
+
+    def checked(streamed, index, device="cpu"):
+        assert full_precision_linears(streamed.model) == 0  # the blocks before were wrapped and let go
+        layer = load_block(streamed, index, device)
+        seen.append(full_precision_linears(streamed.model))
+        return layer
+
+    monkeypatch.setattr(StreamedModel, "load_block", checked)
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "out", steps=2)), False, False)
+    assert seen == [7, 7]  # one block's q, k, v, o, gate, up, down
+
+    class Inspect(FinetuneRun):
+        def build_method(self, context):
+            method = super().build_method(context)
+            layers = [m for n, m in self.model.named_modules() if isinstance(m, DeltaLinear)]
+            assert len(layers) == 14 and all(type(m.base).__name__ == "Linear4bit" for m in layers)
+            return method
+
+    Inspect(SeftConfig(**nf4_settings(pruned, data, tmp_path / "out2", steps=1)), show_progress=False).run()
+
+
+def test_a_drifted_start_loads_the_whole_model(tmp_path, monkeypatch):
+    """A mask off its report's target needs the whole model in full precision for its re-prune: the run falls back
+    to the whole load, and equals --no-stream."""
+    pruned = make_pruned(tmp_path)
+    report_path = pruned / "sparsity_report.json"
+    report = json.loads(report_path.read_text())
+    name = next(iter(report["modules"]))
+    report["modules"][name]["zeros"] -= 3  # the report says 3 more weights are active than the model holds
+    report_path.write_text(json.dumps(report))
+    data = write_text(tmp_path / "t.txt")
+    calls = Recorder(monkeypatch)
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "streamed")), False, False)
+    assert calls.whole == 1
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "whole", stream=False)), False, False)
+    assert_same_outputs(tmp_path / "whole", tmp_path / "streamed")
