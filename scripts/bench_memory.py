@@ -8,6 +8,10 @@ Suites (one JSON line per measurement, appended to bench/results/memory.jsonl):
 - `large`: the same for a checkpoint larger than this machine's RAM (`--config 13b`: 26 GB): streamed prune, then
   `export --format sparse-bitmask` and `eval --ppl` on 4 windows of 128 tokens, each a whole process, then the
   pruned dir loaded in plain transformers (accelerate offload, since it does not fit) for one forward pass.
+- `seft-nf4`: the random checkpoint pruned by magnitude to 50% (streamed), then `seft --base-dtype nf4 --steps 1
+  --batch-size 1 --seqlen 128 --dtype bfloat16` with its base quantized block by block as it loads (streamed) and
+  with `--no-stream` (the whole model in RAM, then quantized), alternated; the summary sets the streamed peak
+  beside the NF4 base's and one block's size (the issue's target: the NF4 base plus two blocks plus activations).
 - `bundled`: the bundled SmolLM2-135M: streamed vs `--no-stream` prune time and RSS (Wanda 50%, 32 x 512 C4
   tokens), llm-compressor's Wanda 50% and SparseGPT 70% beside them (.venv-bench, `make bench-env`), and the
   outputs of every setting of tests/data/llama_prune_reference.json plus ALPS 70% compared tensor by tensor.
@@ -18,6 +22,7 @@ read and wrote through read/write calls (/proc/self/io rchar / wchar, page-cache
     .venv/bin/python scripts/bench_memory.py --suite random --config 3b     # about 8 min, alone on the machine
     .venv/bin/python scripts/bench_memory.py --suite large --config 13b     # about 40 min, 60 GB of free disk
     .venv/bin/python scripts/bench_memory.py --suite bundled
+    .venv/bin/python scripts/bench_memory.py --suite seft-nf4 --config 3b
 """
 
 from __future__ import annotations
@@ -199,6 +204,57 @@ def suite_large(args: argparse.Namespace, work: Path) -> None:
     )
 
 
+def suite_seft_nf4(args: argparse.Namespace, work: Path) -> None:
+    model = random_checkpoint(work, args.config)
+    pruned = work / "pruned"
+    row = measure(["prune", str(model), "--method", "magnitude", "--sparsity", "0.5", "-o", str(pruned)])
+    emit({**row, "suite": "seft-nf4", "config": args.config, "command": "prune magnitude 50%"})
+    if row["exit"] != 0:
+        return
+    shutil.rmtree(model)
+    text = work / "train.txt"
+    text.write_text(Path(ROOT / "sparsetune" / "samples" / "wikitext-2-raw" / "wiki.test.raw").read_text()[:200_000])
+    seft = ["seft", str(pruned), "--data", str(text), "--base-dtype", "nf4", "--steps", "1", "--batch-size", "1"]
+    seft += ["--seqlen", "128", "--dtype", "bfloat16", "--overwrite"]
+    rows: dict[str, list[dict[str, object]]] = {}
+    for rep in range(args.repeats):
+        for mode in args.modes.split(","):
+            extra = [] if mode == "streamed" else ["--no-stream"]
+            row = measure([*seft, "-o", str(work / f"seft-{mode}"), *extra])
+            row.update(suite="seft-nf4", config=args.config, mode=mode, repeat=rep)
+            emit(row)
+            rows.setdefault(mode, []).append(row)
+    nf4_gb, block_gb = nf4_sizes(pruned)
+    summary: dict[str, object] = {
+        "suite": "seft-nf4",
+        "config": args.config,
+        "summary": True,
+        "nf4_base_gb": nf4_gb,
+        "block_gb": block_gb,
+    }
+    for mode, measured in rows.items():
+        summary[f"rss_{mode}_gb"] = min(r["peak_rss_gb"] for r in measured)
+        summary[f"wall_{mode}_s"] = sorted(r["wall_s"] for r in measured)[len(measured) // 2]
+    if set(rows) == {"streamed", "whole"}:
+        summary["outputs_identical"] = _same_tensors(work / "seft-streamed", work / "seft-whole")
+    emit(summary)
+
+
+def nf4_sizes(pruned: Path) -> tuple[float, float]:
+    """(GB of the NF4 base: the decoder blocks' 2-D weights at 4 bits plus one fp32 scale per 64, everything else
+    as stored; GB of one decoder block as stored), from the checkpoint's headers."""
+    from sparsetune.streaming import CheckpointFiles
+
+    entries = CheckpointFiles(pruned).entries
+    base = block = 0
+    for name, e in entries.items():
+        in_block = ".layers." in name
+        numel = e.nbytes // e.dtype.itemsize
+        base += numel // 2 + numel // 64 * 4 if in_block and len(e.shape) == 2 else e.nbytes
+        block += e.nbytes if ".layers.0." in name else 0
+    return round(base / 1e9, 3), round(block / 1e9, 3)
+
+
 def plain_load(path: str, offload: str) -> None:
     """The pruned dir in plain transformers (accelerate's offload: it is larger than RAM), one forward pass."""
     import psutil
@@ -371,15 +427,16 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--plain-load":
         return plain_load(sys.argv[2], sys.argv[4])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", choices=["random", "large", "bundled"], required=True)
+    p.add_argument("--suite", choices=["random", "large", "bundled", "seft-nf4"], required=True)
     p.add_argument("--config", choices=list(CONFIGS), default="3b")
     p.add_argument("--repeats", type=int, default=2, help="alternated streamed / whole pairs")
-    p.add_argument("--modes", default="streamed,whole", help="random suite: streamed, whole or both")
+    p.add_argument("--modes", default="streamed,whole", help="random, seft-nf4: streamed, whole or both")
     p.add_argument("--work", default=None, help="scratch dir on a disk with room for the checkpoints")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=args.work or ROOT.parent))
     try:
-        {"random": suite_random, "large": suite_large, "bundled": suite_bundled}[args.suite](args, work)
+        suites = {"random": suite_random, "large": suite_large, "bundled": suite_bundled, "seft-nf4": suite_seft_nf4}
+        suites[args.suite](args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -56,10 +56,13 @@ def streamable(cfg: Any) -> tuple[stream_inputs.StreamInput | None, str]:
     kind, location = models.resolve_model_path(cfg.model)
     if kind == "bundled":
         location = str(models.bundled_model_dir())
-    elif kind == "gguf":
+    elif kind == "gguf":  # converted once, tensor by tensor, into a cached HF dir
         location = str(models.gguf_dir(Path(location)))
-    elif kind != "dir":
-        return None, "the model is not a local dir"
+    elif kind == "hub":
+        snapshot = models.hub_snapshot(location)
+        if snapshot is None:
+            return None, "the hub id has no complete local snapshot of safetensors files"
+        location = str(snapshot)
     return stream_inputs.stream_input(Path(location))
 
 
