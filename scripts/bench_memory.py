@@ -207,7 +207,9 @@ def suite_large(args: argparse.Namespace, work: Path) -> None:
 def suite_seft_nf4(args: argparse.Namespace, work: Path) -> None:
     model = random_checkpoint(work, args.config)
     pruned = work / "pruned"
-    row = measure(["prune", str(model), "--method", "magnitude", "--sparsity", "0.5", "-o", str(pruned)])
+    row = measure(
+        ["prune", str(model), "--method", "magnitude", "--sparsity", "0.5", "--dtype", "bfloat16", "-o", str(pruned)]
+    )
     emit({**row, "suite": "seft-nf4", "config": args.config, "command": "prune magnitude 50%"})
     if row["exit"] != 0:
         return
