@@ -4,7 +4,9 @@ at a time."""
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -118,29 +120,37 @@ def test_resume_of_a_streamed_run_is_bit_identical(tmp_path):
 
 
 def test_at_most_one_block_of_full_precision_linears_exists(tmp_path, monkeypatch):
-    """As each block loads, every earlier block's targeted Linears are NF4 DeltaLinears already: the full-precision
-    targeted weights in memory never exceed one block's."""
+    """As each block loads, every earlier block's targeted Linears are NF4 DeltaLinears already and their
+    full-precision weights are freed (nothing keeps them alive): the full-precision targeted weights in memory never
+    exceed one block's."""
     pruned = make_pruned(tmp_path)
     data = write_text(tmp_path / "t.txt")
     load_block = StreamedModel.load_block
     seen: list[int] = []
+    loaded: list[weakref.ref] = []  # every full-precision targeted weight read so far
 
-    def full_precision_linears(model: nn.Module) -> int:
-        return sum(
-            1
+    def full_precision_linears(model: nn.Module) -> dict[str, nn.Linear]:
+        return {
+            name: m
             for name, m in model.named_modules()
             if type(m) is nn.Linear and ".layers." in name and m.weight.device.type != "meta"
-        )
+        }
 
     def checked(streamed, index, device="cpu"):
-        assert full_precision_linears(streamed.model) == 0  # the blocks before were wrapped and let go
+        gc.collect()
+        assert not full_precision_linears(streamed.model)  # the blocks before were wrapped
+        assert all(ref() is None for ref in loaded)  # and their input weights let go
         layer = load_block(streamed, index, device)
-        seen.append(full_precision_linears(streamed.model))
+        linears = full_precision_linears(streamed.model)
+        seen.append(len(linears))
+        loaded.extend(weakref.ref(m.weight) for m in linears.values())
         return layer
 
     monkeypatch.setattr(StreamedModel, "load_block", checked)
     run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "out", steps=2)), False, False)
     assert seen == [7, 7]  # one block's q, k, v, o, gate, up, down
+    gc.collect()
+    assert len(loaded) == 14 and all(ref() is None for ref in loaded)
 
     class Inspect(FinetuneRun):
         def build_method(self, context):

@@ -77,8 +77,11 @@ def load_streamed(
     model = streamed.model
     settings = delta_settings(cfg)
     target_order = list(models.named_targets(model))
-    modules = select_targets(model, settings.targets, settings.ignore)  # on the skeleton: names and shapes
-    shapes = {name: (linear.out_features, linear.in_features) for name, linear in modules.items()}
+    # on the skeleton, names and shapes only: holding the modules would keep their weights alive once loaded
+    shapes = {
+        name: (linear.out_features, linear.in_features)
+        for name, linear in select_targets(model, settings.targets, settings.ignore).items()
+    }
     budgets = module_budgets(shapes, delta_rank=settings.delta_rank, delta_density=settings.delta_density)
     flag = budget_total(shapes, settings.delta_rank, settings.delta_density)[1]
     pattern = start_pattern(report)
@@ -101,10 +104,10 @@ def load_streamed(
             layers[name] = swap_in_delta(model, name, linear, budgets[name], "nf4", generator)
 
     prefixes = [f"{streamed.decoder_path}.{i}." for i in range(len(streamed.layers))]
-    in_block = [[name for name in modules if name.startswith(prefix)] for prefix in prefixes]
-    outside = [name for name in modules if not any(name.startswith(prefix) for prefix in prefixes)]
-    # wrapped in `modules` order (blocks in order, then a head), as the whole-model path wraps: the same draws
-    assert [name for names in in_block for name in names] + outside == list(modules)
+    in_block = [[name for name in shapes if name.startswith(prefix)] for prefix in prefixes]
+    outside = [name for name in shapes if not any(name.startswith(prefix) for prefix in prefixes)]
+    # wrapped in `select_targets` order (blocks in order, then a head), as the whole-model path wraps: same draws
+    assert [name for names in in_block for name in names] + outside == list(shapes)
     streamed.load_rest(device)
     for index, names in enumerate(in_block):
         streamed.load_block(index, device)
