@@ -10,10 +10,12 @@ import weakref
 
 import pytest
 import torch
+from architectures import make_family_model
 from helpers import load_weights, make_pruned, make_pruned_dir, make_tokenizer, seft_settings, write_text
 from safetensors.torch import load_file
 from torch import nn
 
+from sparsetune.errors import SparsetuneError
 from sparsetune.streaming import StreamedModel
 from sparsetune.train.seft import FinetuneRun, run_seft
 from sparsetune.train.seft_config import SeftConfig
@@ -23,9 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nf4_settings(pruned, data, out, **extra) -> dict:
-    return seft_settings(
-        pruned, data, out, base_dtype="nf4", delta_rank=4, reselect_every=3, select_window=2, reactivate=True, **extra
-    )
+    method = {"base_dtype": "nf4", "delta_rank": 4, "reselect_every": 3, "select_window": 2, "reactivate": True}
+    return seft_settings(pruned, data, out, **{**method, **extra})
 
 
 def losses(out) -> list[float]:
@@ -177,3 +178,36 @@ def test_a_drifted_start_loads_the_whole_model(tmp_path, monkeypatch):
     assert calls.whole == 1
     run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "whole", stream=False)), False, False)
     assert_same_outputs(tmp_path / "whole", tmp_path / "streamed")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "mixtral"])
+def test_other_families_equal_the_whole_load(tmp_path, monkeypatch, family):
+    """Biased q/k/v (qwen2), fused qkv and gate_up Linears (phi3), and fused 3-D experts that stay frozen beside the
+    wrapped attention Linears (mixtral): the masks come from the zeros of every decoder matrix."""
+    model = make_family_model(family)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".layers." in name and param.dim() >= 2:
+                param.masked_fill_(torch.rand(param.shape, generator=gen) < 0.5, 0.0)
+    pruned = tmp_path / family
+    model.save_pretrained(pruned)
+    make_tokenizer().save_pretrained(pruned)
+    data = write_text(tmp_path / "t.txt")
+    calls = Recorder(monkeypatch)
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "whole", stream=False)), False, False)
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "streamed")), False, False)
+    assert calls.whole == 1 and calls.blocks == list(range(model.config.num_hidden_layers))
+    assert_same_outputs(tmp_path / "whole", tmp_path / "streamed")
+
+
+def test_a_budget_larger_than_a_module_is_refused_as_it_loads(tmp_path):
+    """The same one-line refusal as the whole load's (tests/cli/test_seft.py), and nothing written."""
+    pruned = make_pruned(tmp_path, sparsity=0.7)
+    data = write_text(tmp_path / "t.txt")
+    for out, stream in ((tmp_path / "whole", False), (tmp_path / "streamed", True)):
+        with pytest.raises(SparsetuneError) as err:
+            run_seft(SeftConfig(**nf4_settings(pruned, data, out, delta_rank=16, stream=stream)), False, False)
+        assert "--delta-rank 16 gives model.layers.0.self_attn.q_proj 1821 entries" in str(err.value)
+        assert "only 1229 non-zero weights of 4096" in str(err.value)
+        assert not out.exists()
