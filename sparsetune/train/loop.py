@@ -26,9 +26,10 @@ from torch import nn
 from sparsetune import models
 from sparsetune.distributed import DistContext, dist_context, reduce_sum
 from sparsetune.errors import SparsetuneError
-from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory, write_json
+from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory
 from sparsetune.progress import Progress
 from sparsetune.recipes import dump_yaml
+from sparsetune.reports import write_report
 from sparsetune.train.activations import Checkpointing
 from sparsetune.train.common import (
     CKPT_NAME,
@@ -52,8 +53,6 @@ from sparsetune.train.common import (
 )
 
 log = logging.getLogger(__name__)
-
-REPORT_FILE = "sparsity_report.json"
 
 
 class TrainingMethod:
@@ -528,7 +527,7 @@ class Trainer:
                 if model:
                     models.save_model(self.model, self.tokenizer, tmp)
                 (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
-                write_json(tmp / REPORT_FILE, report)
+                write_report(tmp, report)
                 header = f"sparsetune {command} --recipe recipe.yaml reproduces this run"
                 dump_yaml(self.cfg, tmp / "recipe.yaml", header=header)
                 self.method.write_files(tmp)
