@@ -86,7 +86,7 @@ def test_help_lists_every_flag_with_defaults():
         "--pattern",
         "--calib",
         "--calib-samples",
-        "--seqlen",
+        "--calib-seqlen",
         "--seed",
         "--calib-sampling",
         "--no-sequential",
@@ -103,6 +103,7 @@ def test_help_lists_every_flag_with_defaults():
     ):
         assert flag in result.output, flag
     assert "default: auto" in result.output and "default: 128" in result.output
+    assert "--seqlen" not in result.output  # the old name of --calib-seqlen: accepted, not listed
 
 
 def _corrupt_model(tiny_model_dir):
