@@ -402,6 +402,11 @@ def fingerprint(spec: str) -> str:
 
 def stage_hashes(stage: Stage) -> dict[str, str]:
     settings = {k: v for k, v in stage.settings().items() if k not in UNHASHED}
+    # a renamed setting counts under its old name, so a run dir from before the rename resumes (where the unit
+    # changed too, as smet's warmup, the value differs and the stage runs again)
+    for old, new in getattr(STAGES[stage.kind].schema, "RENAMED", {}).items():
+        if new in settings:
+            settings[old] = settings.pop(new)
     settings_hash = hashlib.sha256(json.dumps([stage.kind, settings], sort_keys=True).encode()).hexdigest()[:16]
     input_hash = hashlib.sha256(json.dumps([fingerprint(s) for s in stage.inputs]).encode()).hexdigest()[:16]
     return {"settings_hash": settings_hash, "input_hash": input_hash}

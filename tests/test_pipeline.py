@@ -102,6 +102,13 @@ def test_an_override_under_a_renamed_settings_old_name_replaces_the_recipes_valu
     assert _plan("smet-tiny").stages[0].config.warmup == 200 // 20  # the default: 5% of the steps, as before
 
 
+def test_a_run_dir_from_before_a_rename_still_resumes():
+    """Stage hashes from before `prune --seqlen` became `--calib-seqlen` (the shipped recipes then said `seqlen`)."""
+    hashes = [pipeline.stage_hashes(s)["settings_hash"] for s in _plan("prune-seft-export").stages]
+    assert hashes == ["93a88569c1d2083d", "50fc6cd49c032aad", "97cbbc3078a07dca", "26705b5c8799797f"]
+    assert pipeline.stage_hashes(_plan("wanda-50", "prune.seqlen=2048").stages[0])["settings_hash"] == hashes[0]
+
+
 def test_a_command_recipe_can_be_a_run_recipe():
     """`sparsetune prune --recipe recipes/wanda-50.yaml` reads the recipe's one prune stage (vars at defaults)."""
     settings = recipe_settings(RECIPES / "wanda-50.yaml", "prune")
