@@ -37,7 +37,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sparsetune import sweep
+from sparsetune import reports, sweep
 from sparsetune.distributed import dist_context, launched_distributed
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate.compare import print_comparison, run_eval
@@ -61,6 +61,7 @@ from sparsetune.recipes import (
     substitute,
     validate_stage,
 )
+from sparsetune.settings import without_renamed
 from sparsetune.train.checkpoint import CKPT_NAME
 from sparsetune.train.seft import print_summary as print_seft
 from sparsetune.train.seft import run_seft
@@ -75,7 +76,6 @@ PREV = "@prev"
 RUN_FILE = "run.json"  # marks OUT as a sparsetune run dir: resuming into it needs no --overwrite
 STATE_DIR = ".stages"
 SUMMARY_FILE = "summary.json"
-SPARSITY_REPORT = "sparsity_report.json"
 # Settings that neither change a stage's result nor name its input (the input hash covers the model files).
 UNHASHED = {"output", "model", "models", "resume", "device", "log_every", "checkpoint_every", "checkpoint_dir"}
 
@@ -203,6 +203,7 @@ def _apply_overrides(
     entries: list[tuple[str, str, dict[str, Any]]], gates: dict[str, Any], overrides: list[str]
 ) -> None:
     names = [e[0] for e in entries]
+    schemas = {name: STAGES[kind].schema for name, kind, _ in entries}
     for text in overrides:
         key, value = parse_assignment(text, "override")
         stage_name, dot, setting = key.partition(".")
@@ -213,10 +214,14 @@ def _apply_overrides(
                 f"override {text!r}: no stage named {stage_name!r}; stages are {', '.join(names)} (or gates)"
             )
         settings = gates if stage_name == "gates" else entries[names.index(stage_name)][2]
+        base = dict(settings)
+        if stage_name != "gates":  # a renamed setting's old name replaces its new one, and the other way round
+            base = without_renamed(schemas[stage_name], base, {setting: setting})
         if value is None:  # key=null restores the command's default (or drops the gate)
-            settings.pop(setting, None)
-            continue
-        merged = merge_settings(settings, {setting: value})  # as a flag over a --recipe: a pattern replaces a sparsity
+            base.pop(setting, None)
+            merged = base
+        else:  # as a flag over a --recipe: a pattern replaces a sparsity
+            merged = merge_settings(base, {setting: value})
         settings.clear()
         settings.update(merged)
 
@@ -367,11 +372,8 @@ def plan_recipe(
 
 
 def model_sparsity(model_dir: Path) -> float | None:
-    path = model_dir / SPARSITY_REPORT
-    if not path.is_file():
-        return None
-    value = json.loads(path.read_text()).get("global_sparsity")
-    return None if value is None else float(value)
+    report = reports.read_report(model_dir)
+    return None if report is None else report.global_sparsity
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -400,6 +402,11 @@ def fingerprint(spec: str) -> str:
 
 def stage_hashes(stage: Stage) -> dict[str, str]:
     settings = {k: v for k, v in stage.settings().items() if k not in UNHASHED}
+    # a renamed setting counts under its old name, so a run dir from before the rename resumes (where the unit
+    # changed too, as smet's warmup, the value differs and the stage runs again)
+    for old, new in getattr(STAGES[stage.kind].schema, "RENAMED", {}).items():
+        if new in settings:
+            settings[old] = settings.pop(new)
     settings_hash = hashlib.sha256(json.dumps([stage.kind, settings], sort_keys=True).encode()).hexdigest()[:16]
     input_hash = hashlib.sha256(json.dumps([fingerprint(s) for s in stage.inputs]).encode()).hexdigest()[:16]
     return {"settings_hash": settings_hash, "input_hash": input_hash}

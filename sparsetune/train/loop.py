@@ -28,9 +28,10 @@ from torch import nn
 from sparsetune import models
 from sparsetune.distributed import DistContext, dist_context, reduce_sum
 from sparsetune.errors import SparsetuneError
-from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory, write_json
+from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory
 from sparsetune.progress import Progress
 from sparsetune.recipes import dump_yaml
+from sparsetune.reports import write_report
 from sparsetune.train.activations import Checkpointing
 from sparsetune.train.checkpoint import (
     CKPT_NAME,
@@ -53,8 +54,6 @@ from sparsetune.train.schedule import lr_at
 from sparsetune.train.sparse_start import SparseStart
 
 log = logging.getLogger(__name__)
-
-REPORT_FILE = "sparsity_report.json"
 
 
 @dataclass
@@ -558,7 +557,7 @@ class Trainer:
                 if finished.write_model:
                     models.save_model(self.model, self.tokenizer, tmp)
                 (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
-                write_json(tmp / REPORT_FILE, report)
+                write_report(tmp, report)
                 header = f"sparsetune {command} --recipe recipe.yaml reproduces this run"
                 dump_yaml(self.cfg, tmp / "recipe.yaml", header=header)
                 if finished.write_files is not None:

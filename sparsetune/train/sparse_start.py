@@ -4,18 +4,14 @@ and the N:M pattern, read from its zeros and its sparsity report."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsetune import masks, models
+from sparsetune import masks, models, reports
 from sparsetune.errors import SparsetuneError
-
-REPORT_FILE = "sparsity_report.json"
 
 
 class TargetView:
@@ -59,7 +55,7 @@ class SparseStart:
     masks: dict[str, torch.Tensor]  # name -> bool [out, in] (True = active), the mask the run starts from
     targets: dict[str, int]  # name -> the active count to keep (from the report; else the non-zeros)
     pattern: masks.NMPattern | None
-    report: dict[str, Any] | None  # the input dir's sparsity_report.json
+    report: dict[str, Any] | None  # the input dir's sparsity report (`sparsetune.reports`)
     matrices: dict[str, models.Target] = field(default_factory=dict)  # name -> where the matrix is stored
 
     def __post_init__(self) -> None:
@@ -168,15 +164,7 @@ def _resolve(model: nn.Module, names: list[str]) -> dict[str, models.Target]:
 
 
 def read_input_report(model_spec: str) -> dict[str, Any] | None:
-    path = Path(model_spec).expanduser() / REPORT_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SparsetuneError(
-            f"{path} is not valid JSON ({err}); fix or delete it to take the mask from zeros"
-        ) from err
+    return reports.read_raw(model_spec, fix="fix or delete it to take the mask from zeros")
 
 
 def find_sparse_start(model: nn.Module, report: dict[str, Any] | None) -> SparseStart:
@@ -188,8 +176,8 @@ def find_sparse_start(model: nn.Module, report: dict[str, Any] | None) -> Sparse
         missing = [n for n in names if n not in matrices]
         if missing:
             raise SparsetuneError(
-                f"{REPORT_FILE} names {missing[0]}, which is not a prunable weight (Linear, Conv1D or expert slice) "
-                "of this model; pass the model dir the report was written with"
+                f"{reports.REPORT_FILE} names {missing[0]}, which is not a prunable weight (Linear, Conv1D or expert "
+                "slice) of this model; pass the model dir the report was written with"
             )
     else:
         matrices = {n: t for n, t in models.named_targets(model).items() if bool((t.weight() == 0).any())}
