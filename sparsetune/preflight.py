@@ -1,7 +1,8 @@
 """What a stage checks before the library (torch, transformers) is imported: its output dir (absent unless
---overwrite, outside its input, its parent creatable) and its local input files (existing, of a supported kind,
-text). A refused command then costs about what `sparsetune --version` does. The library repeats these checks
-where it does the work, so a stage called from Python refuses the same input with the same error.
+--overwrite, outside its input, its parent creatable) and its local data files (--calib, --data, --val-data,
+--ppl: existing, of a supported kind, text). A refused command then costs about what `sparsetune --version`
+does. The library repeats these checks where it does the work, so a stage called from Python refuses the same
+input with the same error.
 
 One `check(cfg, overwrite)` per stage kind; the `STAGES` table (sparsetune/pipeline.py) names which. Torch-free.
 """
@@ -53,5 +54,9 @@ def check_training(cfg: SeftConfig | SmetConfig, overwrite: bool) -> None:
 
 
 def check_eval(cfg: EvalConfig, overwrite: bool) -> None:
-    if cfg.output and (cfg.ppl or cfg.tasks):  # with nothing to evaluate the library's refusal names what to pass
+    if not cfg.ppl and not cfg.tasks:  # nothing to evaluate: the library's refusal names what to pass
+        return
+    if cfg.output:
         check_output_dir(cfg.output, overwrite, inputs=tuple(cfg.models))
+    for source in cfg.ppl:
+        data.check_source(source)

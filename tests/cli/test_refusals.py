@@ -98,6 +98,10 @@ CASES = {
         lambda tmp: ["smet-pretrain", "--data", tmp / "none.txt", "-o", tmp / "out"],
         "none.txt' not found; pass an existing file",
     ),
+    "eval: binary --ppl": (
+        lambda tmp: ["eval", "smollm2", "--ppl", binary_file(tmp / "p.txt")],
+        "p.txt is a binary file, not text",
+    ),
     "eval: existing output": (
         lambda tmp: ["eval", "smollm2", "--ppl", "wikitext2", "-o", tmp],
         "already exists; pass --overwrite or choose another --output",
