@@ -166,7 +166,7 @@ STAGES: dict[str, StageKind] = {
     "sweep": StageKind(
         SweepConfig,
         sweep_library,
-        preflight.check_stage_output,
+        preflight.check_sweep,
         makes_model=False,
         checkpoint=sweep_checkpoint,
         resumes="the unfinished sweep",

@@ -8,6 +8,7 @@ import pytest
 
 from sparsetune import preflight
 from sparsetune.errors import SparsetuneError
+from sparsetune.evaluate.config import SweepConfig
 from sparsetune.prune import api, auto
 from sparsetune.prune.config import PruneConfig
 from sparsetune.train.seft_config import SeftConfig
@@ -47,3 +48,14 @@ def test_checks_refuse_a_bad_output_and_then_bad_data(tmp_path):
     with pytest.raises(SparsetuneError, match="bin.txt is a binary file"):
         preflight.check_prune(prune.model_copy(update={"method": "wanda"}), overwrite=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin.txt", "exists"]
+
+
+def test_a_sweep_checks_its_calib_only_when_a_point_calibrates(tmp_path):
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(bytes(range(256)))
+    sweep = SweepConfig(model="m", output=str(tmp_path / "out"), calib=str(binary), methods=["magnitude"])
+    preflight.check_sweep(sweep, overwrite=False)
+    for update in ({"methods": ["magnitude", "wanda"]}, {"refine": ["none", "dsnot-dense"]}):
+        with pytest.raises(SparsetuneError, match="bin.txt is a binary file"):
+            preflight.check_sweep(sweep.model_copy(update=update), overwrite=False)
+    preflight.check_sweep(sweep.model_copy(update={"methods": ["wanda"], "sparsities": [0.0]}), overwrite=False)

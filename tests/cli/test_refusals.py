@@ -90,6 +90,10 @@ CASES = {
         lambda tmp: ["prune", "smollm2", "--calib", binary_file(tmp / "c.txt"), "-o", tmp / "out"],
         "c.txt is a binary file, not text",
     ),
+    "sweep: binary --calib": (
+        lambda tmp: ["sweep", "smollm2", "--calib", binary_file(tmp / "c.jsonl"), "-o", tmp / "out"],
+        "c.jsonl is a binary file, not text",
+    ),
     "seft: binary --data": (
         lambda tmp: ["seft", "pruned", "--data", binary_file(tmp / "d.jsonl"), "-o", tmp / "out"],
         "d.jsonl is a binary file, not text",
