@@ -11,7 +11,8 @@ A renamed setting (`RENAMED` of the schema, `sparsetune.settings`) keeps its old
 `--help`, its value passed on under the old key, which the schema reads as the new one.
 
 Typer builds a command from a function's signature, so `schema_command` gives a `**values` function a generated
-`__signature__`. Torch-free: this imports the schemas only; the library is imported when a command runs.
+`__signature__`. Torch-free: this imports the schemas and the stage table only; a stage's checks run before
+its library is imported.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pydantic.fields import FieldInfo
 
 from sparsetune.cli.common import setup_logging, split_list, user_errors
 from sparsetune.errors import SparsetuneError
+from sparsetune.pipeline import STAGES
 from sparsetune.recipes import merge_settings, recipe_settings, validate_config
 from sparsetune.settings import without_renamed
 
@@ -209,9 +211,8 @@ def run_stage(kind: str, schema: type[BaseModel], values: dict[str, Any], requir
             if not settings.get(key):
                 raise SparsetuneError(f"missing {missing}")
         cfg = validate_config(schema, settings, where=f"recipe {recipe}" if recipe else kind)
-        from sparsetune.pipeline import STAGES  # the library (torch): only now, so --help and bad flags are quick
-
         stage = STAGES[kind]
+        stage.check(cfg, overwrite)  # the output dir and local input files, before the library (torch) import
         report = stage.run(cfg, overwrite=overwrite, show_progress=not json_out)
         if report.get("rank", 0) != 0:  # in multi-process runs only rank 0 reports
             return
