@@ -14,7 +14,7 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate.config import EvalConfig, SweepConfig
 from sparsetune.export.config import ExportConfig
 from sparsetune.outputs import check_output_dir
-from sparsetune.prune import auto
+from sparsetune.prune import auto, registry
 from sparsetune.prune.config import PruneConfig
 from sparsetune.train.seft_config import SeftConfig
 from sparsetune.train.smet_config import SmetConfig
@@ -35,9 +35,10 @@ def check_stage_output(
 
 def reads_calibration(cfg: PruneConfig) -> bool:
     """Whether pruning reads its `calib` (prune.api.needs_calibration after `--method auto` is resolved), known
-    without importing the methods: every method but magnitude calibrates, and OWL and DSnoT measure activations."""
+    without importing the methods: the registry says which methods calibrate, and OWL and DSnoT measure
+    activations."""
     resolved, _ = auto.resolve(cfg)
-    return resolved.method != "magnitude" or resolved.owl or resolved.refine != "none"
+    return registry.METHODS[resolved.method].calibrates or resolved.owl or resolved.refine != "none"
 
 
 def check_prune(cfg: PruneConfig, overwrite: bool) -> None:

@@ -9,13 +9,15 @@ import pytest
 from sparsetune import preflight
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate.config import SweepConfig
-from sparsetune.prune import api, auto
+from sparsetune.prune import api, auto, registry
 from sparsetune.prune.config import PruneConfig
 from sparsetune.train.seft_config import SeftConfig
 from sparsetune.train.smet_config import SmetConfig
 
 
-@pytest.mark.parametrize(("method", "owl", "refine"), itertools.product(api.METHODS, [False, True], ["none", "dsnot"]))
+@pytest.mark.parametrize(
+    ("method", "owl", "refine"), itertools.product(registry.METHODS, [False, True], ["none", "dsnot"])
+)
 def test_reads_calibration_is_the_library_s_needs_calibration(method, owl, refine):
     cfg = PruneConfig(model="m", output="o", method=method, owl=owl, refine=refine)
     assert preflight.reads_calibration(cfg) == api.needs_calibration(cfg)

@@ -17,10 +17,11 @@ from types import ModuleType
 class MethodEntry:
     module: str  # the method's module: `init_stats`/`accumulate`, `NEEDS_CALIBRATION`, `prune_group`
     summary: str  # what it does, as the README's list of methods says it
+    calibrates: bool = True  # its module's NEEDS_CALIBRATION, known here without importing it (tested equal)
 
 
 METHODS: dict[str, MethodEntry] = {
-    "magnitude": MethodEntry("sparsetune.prune.magnitude", "|W|, one threshold per matrix"),
+    "magnitude": MethodEntry("sparsetune.prune.magnitude", "|W|, one threshold per matrix", calibrates=False),
     "wanda": MethodEntry("sparsetune.prune.wanda", "|W|·‖X‖, per output row or per N:M group"),
     "sparsegpt": MethodEntry(
         "sparsetune.prune.sparsegpt",

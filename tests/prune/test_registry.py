@@ -49,3 +49,8 @@ def test_every_registered_module_is_a_pruning_method():
         assert isinstance(module.NEEDS_CALIBRATION, bool) and callable(module.prune_group), name
         assert callable(module.init_stats) and callable(module.accumulate), name
     assert not registry.load("magnitude").NEEDS_CALIBRATION and registry.load("wanda").NEEDS_CALIBRATION
+
+
+def test_calibrates_is_each_method_module_s_needs_calibration():
+    for name, entry in registry.METHODS.items():
+        assert entry.calibrates == registry.load(name).NEEDS_CALIBRATION, name
