@@ -17,6 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from sparsetune import data
 from sparsetune.errors import SparsetuneError
 from sparsetune.train import memory_config
+from sparsetune.train.distill_config import DistillSettings
+from sparsetune.train.granet.config import GranetSettings
 
 IGNORE = -100
 LOG_FILE = "train_log.jsonl"
@@ -354,3 +356,7 @@ NOT_IDENTITY = {
 # Settings that joined the identity after checkpoints were written, with the value those checkpoints ran with: a
 # checkpoint whose identity lacks one resumes a run that sets it to that value.
 IDENTITY_ADDED: dict[str, Any] = {"loss_chunk_tokens": LOSS_CHUNK_TOKENS}
+# GraNet's and distillation's settings joined with their defaults (a checkpoint written before ran without both).
+IDENTITY_ADDED.update(
+    {name: field.default for name, field in {**GranetSettings.model_fields, **DistillSettings.model_fields}.items()}
+)

@@ -154,6 +154,7 @@ class Trainer:
     _weight_limits: dict[str, float] | None = None
     _uniform_loss: float | None = None  # ln(vocab): the loss of uniform guessing
     activation_checkpointing: Checkpointing | None = None  # the decoder blocks' activation checkpointing while training
+    distiller: Any = None  # distill.Distiller when the run distils from a teacher (set by the task's `load`)
 
     def __init__(self, cfg: Any, overwrite: bool = False, show_progress: bool = True) -> None:
         self.cfg, self.overwrite, self.show_progress = cfg, overwrite, show_progress
@@ -266,6 +267,14 @@ class Trainer:
         """Summed token NLL of one micro-batch: what every training step minimises."""
         return token_nll_sum(self.model, batch, self.cfg.loss_chunk_tokens)
 
+    def objective(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed token NLL, the summed loss to minimise) of one micro-batch: the NLL both, unless distilling (the
+        logged loss and the divergence guard stay on the NLL)."""
+        if self.distiller is None:
+            nll = self.nll(batch)
+            return nll, nll
+        return self.distiller.objective(self.model, batch, self.cfg.loss_chunk_tokens)
+
     def train(self) -> None:
         cfg, method = self.cfg, self.method
         with Progress(
@@ -307,9 +316,9 @@ class Trainer:
         micro = cfg.batch_size // cfg.grad_accum
         nll = torch.zeros((), dtype=torch.float64)
         for start in range(0, cfg.batch_size, micro):
-            loss_sum = self.nll(self.batch(self.train_data, idx[start : start + micro]))
+            loss_sum, objective = self.objective(self.batch(self.train_data, idx[start : start + micro]))
             # Gradients are averaged over processes: scale the loss so the average is the global mean.
-            (loss_sum * self.ctx.world / total).backward()
+            (objective * self.ctx.world / total).backward()
             nll += loss_sum.detach().double().cpu()
         loss = float(reduce_sum(nll)) / total
         self.check_loss(step, loss)
