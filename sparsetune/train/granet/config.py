@@ -42,7 +42,9 @@ class GranetSettings(BaseModel):
         "summed over the batches of every update)",
     )
     granet_scope: Literal["layer", "global"] = Field(
-        "layer", description="granet: one sparsity per matrix (layer), or one threshold over all of them (global)"
+        "layer",
+        description="granet: one sparsity per matrix (layer), or one threshold over all of them (global; with "
+        "wanda it compares matrices whose inputs differ in scale, and may empty whole matrices)",
     )
     granet_regrow_fraction: float = Field(
         0.5,

@@ -45,9 +45,15 @@ def prune_to(score: torch.Tensor, active: torch.Tensor, keep: int) -> torch.Tens
 
 def regenerate(score: torch.Tensor, active: torch.Tensor, grad_abs: torch.Tensor, count: int) -> torch.Tensor:
     """GraNet's zero-cost neuroregeneration: drop the `count` lowest-scoring active entries, then grow the `count`
-    inactive entries (the just-dropped ones included, as in GraNet) with the largest |gradient|."""
-    after_drop = active & ~bottom_entries(score, count, active)
-    return after_drop | top_entries(grad_abs, count, ~after_drop)
+    inactive entries (the just-dropped ones included, as in GraNet) with the largest |gradient|.
+
+    An entry whose gradient is 0 never grows (it would stay at 0: no gradient would move it); when fewer than
+    `count` entries have a gradient, the highest-scoring dropped entries stay instead, so the count is kept."""
+    dropped = bottom_entries(score, count, active)
+    after_drop = active & ~dropped
+    grown = top_entries(grad_abs, count, ~after_drop & (grad_abs > 0))
+    kept_back = top_entries(score, count - int(grown.sum()), dropped & ~grown)
+    return after_drop | grown | kept_back
 
 
 def nm_fill(first: torch.Tensor, key: torch.Tensor, pattern: NMPattern, shape: tuple[int, int]) -> torch.Tensor:
@@ -71,9 +77,17 @@ def regenerate_nm(
     shape: tuple[int, int],
 ) -> torch.Tensor:
     """Regeneration that keeps an N:M mask: drop the `count` lowest-scoring active entries, then refill every
-    group to N with its inactive entries of the largest |gradient| (the just-dropped ones included)."""
-    after_drop = active & ~bottom_entries(score, count, active)
-    return nm_fill(after_drop, grad_abs, pattern, shape)
+    group to N with its inactive entries of the largest |gradient| (the just-dropped ones included; entries
+    without a gradient last, the dropped ones among them first)."""
+    dropped = bottom_entries(score, count, active)
+    after_drop = active & ~dropped
+    # refill order after the surviving entries: a gradient (largest first), then a dropped entry without one (it
+    # keeps its value; highest score first, mapped into [-2, -1)), then any other entry without one (-3: it would
+    # start at 0 and nothing would move it)
+    score = score.float()
+    back = -2.0 + 0.999 * score / (score.max() + 1e-30)
+    key = torch.where(grad_abs > 0, grad_abs.float(), torch.where(dropped, back, -3.0))
+    return nm_fill(after_drop, key, pattern, shape)
 
 
 @dataclass

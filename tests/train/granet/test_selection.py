@@ -44,6 +44,19 @@ def test_drop_and_grow():
     assert (change.pruned, change.dropped, change.grown) == (0, 1, 1)
 
 
+def test_entries_without_a_gradient_never_grow():
+    # drop 3: 7, 1, 4 (as above); only 5 (|g| 0.8) and 2 (0.5) of the inactive {1, 2, 4, 5, 7} have a gradient now;
+    # the third slot goes back to the best dropped entry, 4 (|w| 0.3 beats 0.1 and 0.05): {0, 2, 3, 4, 5, 6}
+    grad = torch.tensor([0.2, 0.0, 0.5, 0.0, 0.0, -0.8, 0.3, 0.0])
+    assert positions(regenerate(WEIGHT.abs(), ACTIVE, grad.abs(), 3)) == [0, 2, 3, 4, 5, 6]
+    # N:M: group 1 (4-7) dropped 5 and 7 and only 6 has a gradient: 6 grows, then dropped 7 stays before 4
+    weight = torch.tensor([0.9, 0.0, 0.2, 0.0, 0.0, 0.5, 0.0, 0.6])
+    grad = torch.tensor([0.0, 0.3, 0.1, 0.7, 0.0, 0.0, 0.2, 0.0])
+    new = regenerate_nm(weight.abs(), weight != 0, grad.abs(), 3, NMPattern(2, 4), (1, 8))
+    # drop 3 lowest |w|: 2 (0.2), 5 (0.5), 7 (0.6); group 0 keeps 0, grows 3 (0.7); group 1 grows 6, keeps 7 back
+    assert positions(new) == [0, 3, 6, 7]
+
+
 def test_prune_then_regenerate_in_one_update():
     # prune to 4: {0, 3, 4, 6}; regrow ceil(0.25 * 4) = 1: drop 4 (|w| 0.3), grow the largest |g| among
     # {1, 2, 4, 5, 7}: 7 (0.9) -> {0, 3, 6, 7}
