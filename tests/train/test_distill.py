@@ -129,3 +129,38 @@ def test_squarehead_needs_the_same_layers(tmp_path):
     teacher = load_teacher(str(teacher_dir), "bf16", torch.device("cpu"), student, make_tokenizer(), False)
     assert next(teacher.model.parameters()).dtype == torch.bfloat16
     assert not any(p.requires_grad for p in teacher.model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("method", "loss"), [("seft", "squarehead"), ("lora-reprune", "kl"), ("masked-ft", "squarehead")]
+)
+def test_every_method_distils(tmp_path, method, loss):
+    from helpers import make_pruned, write_text
+
+    from sparsetune.train.finetune import run_seft
+    from sparsetune.train.seft_config import SeftConfig
+
+    pruned = make_pruned(tmp_path, sparsity=0.5)  # the teacher is the recorded source, dense-0
+    settings = {"model": str(pruned), "output": str(tmp_path / "out"), "data": str(write_text(tmp_path / "t.txt"))}
+    settings.update(seqlen=32, batch_size=4, grad_accum=2, steps=3, lr=1e-3, method=method, distill_loss=loss)
+    report = run_seft(SeftConfig(**settings), show_progress=False)
+    distill = report["summary"]["distillation"]
+    assert distill["teacher"] == str(tmp_path / "dense-0") and distill["loss"] == loss
+    assert distill["mean_kl_per_token"] > 0 and 0 < distill["teacher_step_share"] < 1
+    assert (distill["mean_feature_loss"] is not None) == (loss == "squarehead")
+    entry = report["finetune_history"][-1]
+    assert entry["distillation"]["teacher_weight_bytes"] == distill["teacher_weight_bytes"]
+
+
+def test_an_nf4_teacher_holds_less_and_distils(tmp_path):
+    dense = tmp_path / "dense"
+    make_tiny_model("llama").save_pretrained(dense)
+    make_tokenizer().save_pretrained(dense)
+    student = make_tiny_model("llama")
+    bf16 = load_teacher(str(dense), "bf16", torch.device("cpu"), student, make_tokenizer(), True)
+    nf4 = load_teacher(str(dense), "nf4", torch.device("cpu"), student, make_tokenizer(), True)
+    assert type(nf4.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert nf4.weight_bytes < 0.6 * bf16.weight_bytes  # 4-bit decoder Linears; embeddings and head stay bf16
+    nll, objective = Distiller(nf4, "squarehead", weight=1.0, temperature=1.0).objective(student, batch(), 0)
+    # the student is the teacher's dense original: only the 4-bit rounding separates them
+    assert 0 < float((objective - nll).detach()) < 0.1 * float(nll.detach())
