@@ -1,5 +1,6 @@
-"""Two gloo processes (torchrun) running GraNet give the masks and weights of one process with the same global
-batch: every mask update reads all-reduced gradients and input norms and breaks ties by position."""
+"""Two gloo processes (torchrun) running GraNet, distilling from the dense model, give the masks and weights of one
+process with the same global batch: every mask update reads all-reduced gradients and input norms and breaks ties by
+position, and each rank's teacher sees that rank's share of the batch."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_two_processes_match_one(tmp_path):
     data = write_text(tmp_path / "t.txt")
     common = ["seft", str(pruned), "--data", str(data), "--seqlen", "32", "--batch-size", "4", "--steps", "7",
               "--lr", "1e-3", "--method", "granet", "--target-sparsity", "0.7", "--granet-interval", "3",
-              "--granet-end", "6", "--granet-score", "wanda"]  # fmt: skip
+              "--granet-end", "6", "--granet-score", "wanda", "--distill-loss", "kl"]  # fmt: skip
     env = {**os.environ, **ONE_THREAD_ENV, "ACCELERATE_USE_CPU": "1"}
     one = subprocess.run(
         [sys.executable, "-m", "sparsetune", *common, "-o", str(tmp_path / "one")],
