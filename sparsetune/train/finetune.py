@@ -299,4 +299,9 @@ def print_summary(report: dict[str, Any]) -> None:
             rows.append((key.removesuffix("_bytes").replace("_", " "), f"{s[key] / 2**20:.1f} MiB"))
     if s.get("activation_checkpointing") is not None:
         rows.append(("activation checkpointing / loss chunk", activation_row(s)))
+    d = s.get("distillation")
+    if d:
+        share = f"{d['teacher_step_share']:.0%} of the step" if d["teacher_step_share"] is not None else ""
+        teacher = f"{d['teacher']} ({d['teacher_dtype']}, {d['teacher_weight_bytes'] / 2**20:.1f} MiB) {share}"
+        rows.append((f"distillation: {d['loss']}", teacher))
     print_table(f"sparsetune seft: {s['method']}", s, rows)
