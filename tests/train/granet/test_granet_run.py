@@ -210,3 +210,21 @@ def test_other_methods_still_refuse_a_dense_input(tmp_path, tiny_model_dir):
     data = write_text(tmp_path / "t.txt")
     result = runner.invoke(app, tiny_args(tiny_model_dir, tmp_path / "out", data, "--method", "masked-ft"))
     assert result.exit_code == 2 and "no zero weights" in result.output
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--optim", "adamw8bit"], ["--dtype", "bfloat16"], ["--granet-start", "3", "--initial-sparsity", "0.3"]],
+    ids=["adamw8bit", "bf16", "late-start"],
+)
+def test_variants_reach_the_exact_target(tmp_path, tiny_model_dir, extra):
+    data = write_text(tmp_path / "t.txt")
+    out = tmp_path / "out"
+    summary = run_cli(tiny_args(tiny_model_dir, out, data, *GRANET, "--target-sparsity", "0.6", *extra))
+    for name, w in decoder_weights(out).items():
+        assert int((w == 0).sum()) == int(w.numel() * 0.6), name
+    if "--granet-start" in extra:  # updates at 3, 6, 9: s = 0.3, 0.6 - 0.3 / 8 = 0.5625, 0.6
+        rows = [json.loads(r) for r in (out / "train_log.jsonl").read_text().splitlines()]
+        sparsities = [r["topology"]["sparsity"] for r in rows if "topology" in r]
+        assert sparsities == pytest.approx([0.3, 0.5625, 0.6], abs=3e-4)
+        assert summary["granet"]["step0_update"] is None
