@@ -1,8 +1,9 @@
 """The one training loop of `seft` and `smet-pretrain`, with the method-specific parts as strategy objects.
 
 `Trainer.run()`: setup -> for each step: the rank's share of the batch, forward/backward through the shared token
-NLL, the loss guard, gradient averaging over processes, the optimizer step, the weight guard, the scheduled
-topology (or reselection) update, logging, checkpoint -> finish (write the output and the report).
+NLL (plus a teacher's distillation loss when the task set `distiller`, `distill.py`), the loss guard, gradient
+averaging over processes, the optimizer step, the weight guard, the scheduled topology (or reselection) update,
+logging, checkpoint -> finish (write the output and the report).
 
 A task (`seft.FinetuneRun` for `seft`, `smet.PretrainRun` for `smet-pretrain`) subclasses `Trainer` for what
 differs between them: what it loads (`load`), which method it trains with (`build_method`), which settings a
@@ -41,6 +42,7 @@ from sparsetune.train.checkpoint import (
     check_checkpoint_dir,
     replace_dir,
 )
+from sparsetune.train.distill import Distiller
 from sparsetune.train.examples import IGNORE, DataOrder, Examples, collate, label_count
 from sparsetune.train.guard import (
     DIVERGENCE_FACTOR,
@@ -68,6 +70,8 @@ class TrainingContext:
     dist: DistContext  # the process group: rank, world size, device
     state: TrainingState  # the run's progress (step, logged rows, topology history); read only
     nll: Callable[[list[int]], torch.Tensor]  # summed token NLL of training examples `idx` (this rank's share)
+    order: DataOrder  # which training examples each step's global batch holds
+    example_labels: list[int]  # label tokens of each training example (a batch's sum normalises its loss)
     start: SparseStart | None = None  # `seft`: the pruned input's sparse matrices, masks and counts to keep
 
 
@@ -165,6 +169,7 @@ class Trainer:
     _weight_limits: dict[str, float] | None = None
     _uniform_loss: float | None = None  # ln(vocab): the loss of uniform guessing
     activation_checkpointing: Checkpointing | None = None  # the decoder blocks' activation checkpointing while training
+    distiller: Distiller | None = None  # the teacher's objective when the run distils (set by the task's `load`)
 
     def __init__(self, cfg: Any, overwrite: bool = False, show_progress: bool = True) -> None:
         self.cfg, self.overwrite, self.show_progress = cfg, overwrite, show_progress
@@ -225,7 +230,15 @@ class Trainer:
         ]
         # the settings as the task's load left them (smet-pretrain resolves --density auto)
         loaded = (self.cfg, self.model, self.tokenizer, self.pad_id, self.train_data)
-        self.context = TrainingContext(*loaded, dist=self.ctx, state=self.state, nll=self.train_nll, start=self.start)
+        self.context = TrainingContext(
+            *loaded,
+            dist=self.ctx,
+            state=self.state,
+            nll=self.train_nll,
+            order=self.order,
+            example_labels=self.example_labels,
+            start=self.start,
+        )
         self.method = self.build_method(self.context)
         self.model = self.context.model  # as the method left it (LoRA wraps it)
         self.init_guard()
@@ -282,6 +295,14 @@ class Trainer:
         """Summed token NLL of this rank's share of the training examples `idx` (a method's growth scoring)."""
         return self.nll(self.batch(self.train_data, idx))
 
+    def objective(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed token NLL, the summed loss to minimise) of one micro-batch: the NLL both, unless distilling (the
+        logged loss and the divergence guard stay on the NLL)."""
+        if self.distiller is None:
+            nll = self.nll(batch)
+            return nll, nll
+        return self.distiller.objective(self.model, batch, self.cfg.loss_chunk_tokens)
+
     def train(self) -> None:
         cfg, method = self.cfg, self.method
         with Progress(
@@ -324,9 +345,9 @@ class Trainer:
         micro = cfg.batch_size // cfg.grad_accum
         nll = torch.zeros((), dtype=torch.float64)
         for start in range(0, cfg.batch_size, micro):
-            loss_sum = self.nll(self.batch(self.train_data, idx[start : start + micro]))
+            loss_sum, objective = self.objective(self.batch(self.train_data, idx[start : start + micro]))
             # Gradients are averaged over processes: scale the loss so the average is the global mean.
-            (loss_sum * self.ctx.world / total).backward()
+            (objective * self.ctx.world / total).backward()
             nll += loss_sum.detach().double().cpu()
         loss = float(reduce_sum(nll)) / total
         self.check_loss(step, loss)

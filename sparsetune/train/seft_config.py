@@ -6,21 +6,25 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from sparsetune.train.distill_config import DistillSettings
+from sparsetune.train.granet.config import GranetSettings
 from sparsetune.train.sparse_delta.config import DeltaSettings
 from sparsetune.train.training_config import TrainingSettings, batch_size_field, steps_field
 
 
-class SeftConfig(TrainingSettings, DeltaSettings):
+class SeftConfig(TrainingSettings, DeltaSettings, GranetSettings, DistillSettings):
     """The run's settings; the sparse-delta method's own (budget, schedule, base precision, merge, targets) come
-    from `DeltaSettings` and apply to `--method seft` only, the training loop's from `TrainingSettings`."""
+    from `DeltaSettings` and apply to `--method seft` only, GraNet's from `GranetSettings` (`--method granet`),
+    distillation's (every method) from `DistillSettings`, the training loop's from `TrainingSettings`."""
 
     model: str = Field(description="Pruned HF model dir (e.g. `sparsetune prune` output); its zeros are the mask")
     output: str | None = Field(None, description="Output dir for the fine-tuned sparse model")
-    method: Literal["seft", "masked-ft", "lora-reprune"] = Field(
+    method: Literal["seft", "masked-ft", "lora-reprune", "granet"] = Field(
         "seft",
         description="seft: sparse-delta fine-tuning (a budget of trainable entries over the frozen pruned base, "
         "moved by periodic reselection, with a sensitivity re-prune); masked-ft: every active weight under a fixed "
-        "mask; lora-reprune: LoRA, merge, re-prune with Wanda (LoRA*)",
+        "mask; lora-reprune: LoRA, merge, re-prune with Wanda (LoRA*); granet: gradual pruning to --target-sparsity or "
+        "--pattern with zero-cost neuroregeneration (GraNet), every active weight trained; the input may be dense",
     )
     data: str = Field(
         "c4",

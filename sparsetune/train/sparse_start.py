@@ -167,9 +167,10 @@ def read_input_report(model_spec: str) -> dict[str, Any] | None:
     return reports.read_raw(model_spec, fix="fix or delete it to take the mask from zeros")
 
 
-def find_sparse_start(model: nn.Module, report: dict[str, Any] | None) -> SparseStart:
+def find_sparse_start(model: nn.Module, report: dict[str, Any] | None, allow_dense: bool = False) -> SparseStart:
     """The sparse matrices (those the report lists, else every decoder matrix holding zeros: Linears, Conv1D
-    weights, expert slices) and their masks."""
+    weights, expert slices) and their masks. With `allow_dense` (a method that prunes, GraNet), a model without a
+    report listing its matrices starts from every decoder matrix, dense or not."""
     if report and report.get("modules"):
         names = list(report["modules"])
         matrices = _resolve(model, names)
@@ -179,11 +180,13 @@ def find_sparse_start(model: nn.Module, report: dict[str, Any] | None) -> Sparse
                 f"{reports.REPORT_FILE} names {missing[0]}, which is not a prunable weight (Linear, Conv1D or expert "
                 "slice) of this model; pass the model dir the report was written with"
             )
+    elif allow_dense:
+        matrices = models.named_targets(model)
     else:
         matrices = {n: t for n, t in models.named_targets(model).items() if bool((t.weight() == 0).any())}
     modules = {n: _entry(t) for n, t in matrices.items()}
     start_masks = {n: (t.weight() != 0).contiguous() for n, t in matrices.items()}
-    if report is None and all(bool(m.all()) for m in start_masks.values()):
+    if report is None and not allow_dense and all(bool(m.all()) for m in start_masks.values()):
         raise SparsetuneError(
             "the model has no zero weights in its decoder matrices (Linears, Conv1D, experts): seft repairs a pruned "
             "model; run `sparsetune prune MODEL -o PRUNED` first and fine-tune PRUNED"
