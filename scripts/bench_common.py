@@ -213,13 +213,17 @@ def recorded_rows(results: Path, match: dict[str, object]) -> dict[str, dict[str
     return rows
 
 
+def testbed_prune_dir(work: Path, calib_windows: int, sparsity: float, method: str, model: str) -> Path:
+    label = "smollm2" if model == "smollm2" else Path(model).name
+    return work / f"{label}-{method}{round(sparsity * 100)}-calib{calib_windows}x{CALIB_SEQLEN}"
+
+
 def prune_testbed(
     work: Path, calib_windows: int, sparsity: float, method: str = "wanda", model: str = "smollm2", tree=None
 ) -> Path:
     """`model` (the bundled SmolLM2-135M by default) pruned by `method` to `sparsity` on the testbed's calibration
     (the first `calib_windows` x 512 tokens of the C4 sample, consecutive); reused when already written."""
-    label = "smollm2" if model == "smollm2" else Path(model).name
-    out = work / f"{label}-{method}{round(sparsity * 100)}-calib{calib_windows}x{CALIB_SEQLEN}"
+    out = testbed_prune_dir(work, calib_windows, sparsity, method, model)
     if not (out / "sparsity_report.json").exists():
         sparsetune(
             "prune", model, "-o", str(out), "--method", method, "--sparsity", str(sparsity),
