@@ -76,6 +76,7 @@ REPORT = {
 # seft's default method and rate as bench_seft measured them best at the Wanda 70% start; GraNet trains every
 # active weight like masked-ft, at masked-ft's measured rate there.
 SEFT_FLAGS = ["--method", "seft", "--delta-rank", "16"]
+QUICK_DELTA_RANK = "2"  # the tiny model's matrices hold fewer non-zeros at 70% than rank 16's budget
 LEARNING_RATES = {"1": 1e-3, "2": 1e-3, "3": 1e-4, "4": 1e-4, "5": 1e-4}
 PIPELINES = ("1", "2", "3", "4", "5")
 DISTILLED = ("2", "5")  # the pipelines that distil from the dense model
@@ -145,6 +146,8 @@ def pipeline_flags(pid: str, args: argparse.Namespace, teacher: str) -> list[str
     """The method flags of pipeline `pid` (the data and schedule flags come from `training_schedule`)."""
     if pid in ("1", "2"):
         flags = list(SEFT_FLAGS)
+        if args.quick:
+            flags[flags.index("--delta-rank") + 1] = QUICK_DELTA_RANK
     else:
         flags = [FLAGS["method"], "granet", FLAGS["target_sparsity"], str(TARGET_SPARSITY)]
         for key in ("granet_score", "granet_scope", "granet_interval", "granet_end"):
