@@ -324,12 +324,18 @@ def pipelines_summary(args: argparse.Namespace, base: dict[str, object], rows: d
     emit({**base, "summary": True, **checks})
 
 
+def refuse(message: str) -> None:
+    """Bad input: one `error:` line, exit 2, nothing written."""
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
+
+
 def override_learning_rates(spec: str) -> None:
     """`--lr 1=3e-4,3=2e-4`: replace the default learning rate of the numbered pipelines."""
     for item in filter(None, spec.split(",")):
         pid, _, value = item.partition("=")
         if pid not in LEARNING_RATES:
-            raise SystemExit(f"error: --lr names an unknown pipeline {pid!r}; pipelines: {', '.join(PIPELINES)}")
+            refuse(f"--lr names an unknown pipeline {pid!r}; pipelines: {', '.join(PIPELINES)}")
         LEARNING_RATES[pid] = float(value)
 
 
@@ -360,7 +366,7 @@ def main() -> None:
     args = parser.parse_args()
     unknown = set(args.pipelines.split(",")) - set(PIPELINES)
     if unknown:
-        raise SystemExit(f"error: --pipelines names {sorted(unknown)}; pipelines: {', '.join(PIPELINES)}")
+        refuse(f"--pipelines names {sorted(unknown)}; pipelines: {', '.join(PIPELINES)}")
     set_results(Path(args.results))
     override_learning_rates(args.lr)
     if args.quick:
