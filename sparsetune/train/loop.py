@@ -514,8 +514,12 @@ class Trainer:
         path = self.ckpt_dir / CKPT_NAME
         saved = torch.load(path / "state.pt", weights_only=True)
         identity = self.identity()
-        # a checkpoint written before a setting joined the identity ran with the value IDENTITY_ADDED gives it
+        # a checkpoint written before a setting joined the identity ran with the value IDENTITY_ADDED gives it, and
+        # one written before a setting was renamed holds its old name (and, for a changed meaning, its old value)
         saved_identity = {**{k: v for k, v in IDENTITY_ADDED.items() if k in identity}, **saved["identity"]}
+        for old, new in type(self.cfg).RENAMED.items():
+            if old in saved_identity and new not in saved_identity:
+                saved_identity[new] = type(self.cfg).renamed_value(old, saved_identity.pop(old), saved_identity)
         if saved_identity != identity:
             diff = sorted(k for k in identity if saved_identity.get(k) != identity[k])
             raise SparsetuneError(
