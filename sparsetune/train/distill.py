@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from sparsetune import models
 from sparsetune.errors import SparsetuneError
 from sparsetune.train.examples import IGNORE
-from sparsetune.train.loss import LOSS_CHUNK_TOKENS, _CaptureHead, logit_transform
+from sparsetune.train.loss import LOSS_CHUNK_TOKENS, final_hidden, logit_transform
 
 FEATURE_EPS = 1e-6  # keeps the normalised feature error finite for an all-zero teacher layer
 
@@ -89,20 +89,6 @@ def captured_layers(model: nn.Module, enabled: bool = True) -> Iterator[list[tor
         recording[0] = False
         for h in handles:
             h.remove()
-
-
-def final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's forward pass with its output head bypassed: the hidden states the head would read."""
-    head = model.get_output_embeddings()
-    capture = _CaptureHead()
-    model.set_output_embeddings(capture)
-    kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
-    try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-    finally:
-        model.set_output_embeddings(head)
-    assert capture.hidden is not None, "the model's forward pass did not run its output head"
-    return capture.hidden
 
 
 # ---- the teacher ----------------------------------------------------------------------------------------------

@@ -230,15 +230,8 @@ class Trainer:
         ]
         # the settings as the task's load left them (smet-pretrain resolves --density auto)
         loaded = (self.cfg, self.model, self.tokenizer, self.pad_id, self.train_data)
-        self.context = TrainingContext(
-            *loaded,
-            dist=self.ctx,
-            state=self.state,
-            nll=self.train_nll,
-            order=self.order,
-            example_labels=self.example_labels,
-            start=self.start,
-        )
+        progress = (self.ctx, self.state, self.train_nll, self.order, self.example_labels)  # dist ... example_labels
+        self.context = TrainingContext(*loaded, *progress, start=self.start)
         self.method = self.build_method(self.context)
         self.model = self.context.model  # as the method left it (LoRA wraps it)
         self.init_guard()

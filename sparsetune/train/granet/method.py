@@ -37,10 +37,11 @@ from sparsetune.distributed import sum_in_place
 from sparsetune.errors import SparsetuneError
 from sparsetune.patterns import NMPattern, parse_pattern
 from sparsetune.prune import wanda
-from sparsetune.train.compact_adamw import SparseAdamW, SparseWeight, untrained_zeros
+from sparsetune.train.compact_adamw import SparseAdamW, untrained_zeros
 from sparsetune.train.granet import selection
 from sparsetune.train.granet.schedule import GranetSchedule, keep_count
 from sparsetune.train.loop import Finished, MethodReport, TrainingContext, TrainingMethod
+from sparsetune.train.masked_ft import active_weights_adamw
 from sparsetune.train.sparse_start import SparseStart
 
 log = logging.getLogger(__name__)
@@ -136,30 +137,11 @@ class GranetTraining(TrainingMethod):
                     f"M={self.pattern.m}; pick another --pattern"
                 )
         initial = cfg.initial_sparsity if cfg.initial_sparsity is not None else min(self.input_sparsity, final)
-        self.schedule = GranetSchedule(
-            initial_sparsity=initial,
-            final_sparsity=final,
-            start=cfg.granet_start,
-            end=cfg.granet_end_step,
-            interval=cfg.granet_interval,
-            steps=cfg.steps,
-            regrow_fraction=cfg.granet_regrow_fraction,
-            regrow_fraction_end=cfg.granet_regrow_fraction_end,
-        )
-        weights = []
-        for group in groups:
-            group.param.requires_grad_(True)
-            weights.append(SparseWeight.from_mask(group.name, group.param, start.parameter_mask(group)))
-        self.adam = SparseAdamW(
-            weights,
-            dense_params=[],
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            eight_bit=cfg.optim == "adamw8bit",
-        )
+        regrowth = (cfg.granet_regrow_fraction, cfg.granet_regrow_fraction_end)
+        timing = (cfg.granet_start, cfg.granet_end_step, cfg.granet_interval, cfg.steps)  # start, end, interval, steps
+        self.schedule = GranetSchedule(initial, final, *timing, *regrowth)
+        self.sparse, self.adam = active_weights_adamw(start, groups, cfg)
         self.optimizer = GranetOptimizer(self)
-        self.sparse = {w.name: w for w in weights}
         self.trainable = {name: w.param for name, w in self.sparse.items()}
         self.numel = {name: w.param.numel() for name, w in self.sparse.items()}
         self.input_counts = {name: w.nnz for name, w in self.sparse.items()}
