@@ -1,11 +1,16 @@
-"""Testbed pieces shared by the benchmark drivers and their workers (plain torch: importable from any venv)."""
+"""Testbed pieces shared by the benchmark drivers and their workers (plain torch at import: importable from any
+venv; the helpers that run or load sparsetune import it when called)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +18,7 @@ import torch
 
 CALIB_WINDOWS, CALIB_SEQLEN = 32, 512
 EVAL_WINDOWS, EVAL_SEQLEN = 32, 1024
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_gb() -> float:
@@ -147,3 +153,136 @@ def make_random_checkpoint(
             if (Path(tokenizer_from) / name).is_file():
                 shutil.copy2(Path(tokenizer_from) / name, folder / name)
     return folder
+
+
+def sparsetune(*args: str, tree: Path | None = None) -> tuple[dict[str, object], float]:
+    """Run the CLI in its own process; returns its --json summary and the wall time. `tree`: run the sparsetune
+    package of that checkout instead (same venv)."""
+    cmd = [sys.executable, "-m", "sparsetune", *args]
+    env = {**os.environ, "PYTHONPATH": str(tree)} if tree is not None else None
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tree or ROOT, env=env)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-4000:])
+        raise SystemExit(f"command failed ({done.returncode}): {' '.join(cmd)}")
+    last = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return (json.loads(last[-1]) if last else {}), wall
+
+
+def sparsetune_measured(
+    *args: str, tree: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[dict[str, object], float, int]:
+    """`sparsetune(...)`, also returning the peak RSS of the whole process in bytes (its rusage, from wait4).
+    `tree`: run the sparsetune package of that checkout instead (same venv); `env`: extra environment variables."""
+    cmd = [sys.executable, "-m", "sparsetune", *args]
+    env = {**os.environ, **(env or {}), **({"PYTHONPATH": str(tree)} if tree is not None else {})}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=tree or ROOT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        sys.stderr.write(stderr[-4000:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    last = [line for line in stdout.splitlines() if line.startswith("{")]
+    return (json.loads(last[-1]) if last else {}), wall, int(usage.ru_maxrss) * 1024  # Linux: KiB
+
+
+def append_row(results: Path, row: dict[str, object]) -> None:
+    """Print one JSON line and append it to the results file as it lands."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results, "a") as f:
+        f.write(line + "\n")
+
+
+def recorded_rows(results: Path, match: dict[str, object]) -> dict[str, dict[str, object]]:
+    """The latest recorded row of each run whose settings equal `match`, so a suite can run in several sittings."""
+    rows: dict[str, dict[str, object]] = {}
+    if results.exists():
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            if "run" in row and all(row.get(k) == v for k, v in match.items()):
+                rows[str(row["run"])] = row
+    return rows
+
+
+def testbed_prune_dir(work: Path, calib_windows: int, sparsity: float, method: str, model: str) -> Path:
+    label = "smollm2" if model == "smollm2" else Path(model).name
+    return work / f"{label}-{method}{round(sparsity * 100)}-calib{calib_windows}x{CALIB_SEQLEN}"
+
+
+def prune_testbed(
+    work: Path, calib_windows: int, sparsity: float, method: str = "wanda", model: str = "smollm2", tree=None
+) -> Path:
+    """`model` (the bundled SmolLM2-135M by default) pruned by `method` to `sparsity` on the testbed's calibration
+    (the first `calib_windows` x 512 tokens of the C4 sample, consecutive); reused when already written."""
+    out = testbed_prune_dir(work, calib_windows, sparsity, method, model)
+    if not (out / "sparsity_report.json").exists():
+        sparsetune(
+            "prune", model, "-o", str(out), "--method", method, "--sparsity", str(sparsity),
+            "--calib", "c4", "--calib-samples", str(calib_windows), "--seqlen", str(CALIB_SEQLEN),
+            "--calib-sampling", "consecutive", "--overwrite", "--json", tree=tree,
+        )  # fmt: skip
+    return out
+
+
+def training_schedule(steps: int, batch_size: int, seqlen: int, calib_windows: int) -> list[str]:
+    """The `sparsetune seft` data and schedule options of a run: C4 past the tokens the pruning calibrated on."""
+    return [
+        "--data", "c4", "--skip-tokens", str(calib_windows * CALIB_SEQLEN), "--seqlen", str(seqlen),
+        "--batch-size", str(batch_size), "--steps", str(steps), "--warmup-steps", str(min(10, steps // 10)),
+    ]  # fmt: skip
+
+
+def decoder_zero_counts(model) -> list[tuple[int, int]]:
+    """(zeros, entries) of every Linear weight inside the decoder blocks."""
+    lin = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    return [(int((w == 0).sum()), w.numel()) for w in lin]
+
+
+def decoder_sparsity(model) -> float:
+    counts = decoder_zero_counts(model)
+    return sum(z for z, _ in counts) / sum(n for _, n in counts)
+
+
+def sparsity_check(counts: list[tuple[int, int]], target: float) -> dict[str, object]:
+    """The decoder's zeros against `target`, counted as sparsetune's pruners count (int(entries * target) per
+    matrix, or once over all of them for a global threshold): exact when they equal either count."""
+    zeros, entries = sum(z for z, _ in counts), sum(n for _, n in counts)
+    per_matrix = sum(int(n * target + 1e-9) for _, n in counts)
+    total = int(entries * target + 1e-9)
+    return {
+        "decoder_zeros": zeros,
+        "decoder_weights": entries,
+        "target_zeros_per_matrix": per_matrix,
+        "target_zeros_total": total,
+        "zeros_off_target": zeros - total,
+        "sparsity_exact": zeros in (per_matrix, total),
+    }
+
+
+def evaluate(model_dir, eval_ids, arc_limit: float | None, sparsity_target: float | None = None) -> dict[str, object]:
+    """Testbed perplexity and ARC-Easy accuracy (offline lm-eval task) of a saved model; with `sparsity_target`,
+    also its decoder's zeros against that sparsity (`sparsity_check`)."""
+    from sparsetune import models
+    from sparsetune.evaluate import harness
+
+    model, tok = models.load_model(str(model_dir), dtype="float32", device="cpu")
+    result: dict[str, object] = {
+        "wikitext2_ppl": round(perplexity(model, eval_ids), 4),
+        "decoder_sparsity": decoder_sparsity(model),
+    }
+    if sparsity_target is not None:
+        result |= sparsity_check(decoder_zero_counts(model), sparsity_target)
+    if arc_limit != 0:
+        with harness.prepared_tasks(["arc_easy"]) as setup:
+            tasks = harness.run_tasks(model, tok, setup, limit=arc_limit)
+        result["arc_easy_acc"] = tasks["arc_easy"].get("acc")
+    return result

@@ -42,7 +42,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from sparsetune import models
     from sparsetune.data import CalibrationSet, token_hash
-    from sparsetune.prune.api import prune_model
+    from sparsetune.prune.api import prune_and_report
     from sparsetune.prune.config import PruneConfig
 
     ids = load_file(args.ids)
@@ -64,7 +64,7 @@ def worker(args: argparse.Namespace) -> None:
                 calib = make_calibration(model, tok, cfg)
             result["self_calibration_s"] = t.seconds
         with Timer() as t:
-            report = prune_model(model, tok, cfg, calib, show_progress=False)
+            report = prune_and_report(model, tok, cfg, calib, show_progress=False)
         result.update(prune_s=t.seconds, global_sparsity=report["global_sparsity"], down_stats=report["down_stats"])
         if "layerwise" in report:
             result["block_targets"] = report["layerwise"]["block_targets"]

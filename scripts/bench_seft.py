@@ -38,16 +38,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import CALIB_SEQLEN, CALIB_WINDOWS, perplexity, wikitext_eval_ids  # noqa: E402
+import bench_common  # noqa: E402
+from bench_common import (  # noqa: E402
+    CALIB_WINDOWS,
+    ROOT,
+    evaluate,
+    prune_testbed,
+    sparsetune,
+    sparsetune_measured,
+    training_schedule,
+    wikitext_eval_ids,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "seft.jsonl"
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -91,42 +97,6 @@ ACTIVATION_RUNS = {
 ACTIVATION_ENV = {"on-mmap-4mb": {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4194304"}}
 
 
-def sparsetune(*args: str) -> tuple[dict[str, object], float]:
-    """Run the CLI in its own process; returns its --json summary and the wall time."""
-    cmd = [sys.executable, "-m", "sparsetune", *args]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr[-4000:])
-        raise SystemExit(f"command failed ({done.returncode}): {' '.join(cmd)}")
-    last = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    return (json.loads(last[-1]) if last else {}), wall
-
-
-def sparsetune_measured(
-    *args: str, tree: Path | None = None, env: dict[str, str] | None = None
-) -> tuple[dict[str, object], float, int]:
-    """`sparsetune(...)`, also returning the peak RSS of the whole process in bytes (its rusage, from wait4).
-    `tree`: run the sparsetune package of that checkout instead (same venv); `env`: extra environment variables."""
-    cmd = [sys.executable, "-m", "sparsetune", *args]
-    env = {**os.environ, **(env or {}), **({"PYTHONPATH": str(tree)} if tree is not None else {})}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=tree or ROOT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if proc.returncode != 0:
-        sys.stderr.write(stderr[-4000:])
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    last = [line for line in stdout.splitlines() if line.startswith("{")]
-    return (json.loads(last[-1]) if last else {}), wall, int(usage.ru_maxrss) * 1024  # Linux: KiB
-
-
 def set_results(path: Path) -> None:
     global RESULTS
     RESULTS = path.expanduser().resolve()
@@ -134,46 +104,7 @@ def set_results(path: Path) -> None:
 
 def emit(row: dict[str, object]) -> None:
     """Print one JSON line and append it to bench/results/seft.jsonl as it lands."""
-    line = json.dumps(row)
-    print(line, flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(line + "\n")
-
-
-def prune_testbed(work: Path, calib_windows: int, sparsity: float) -> Path:
-    out = work / f"smollm2-wanda{round(sparsity * 100)}-calib{calib_windows}x{CALIB_SEQLEN}"
-    if not (out / "sparsity_report.json").exists():
-        sparsetune(
-            "prune", "smollm2", "-o", str(out), "--method", "wanda", "--sparsity", str(sparsity),
-            "--calib", "c4", "--calib-samples", str(calib_windows), "--seqlen", str(CALIB_SEQLEN),
-            "--calib-sampling", "consecutive", "--overwrite", "--json",
-        )  # fmt: skip
-    return out
-
-
-def decoder_sparsity(model) -> float:
-    import torch
-
-    lin = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    return sum(int((w == 0).sum()) for w in lin) / sum(w.numel() for w in lin)
-
-
-def evaluate(model_dir: Path, eval_ids, arc_limit: float | None) -> dict[str, object]:
-    """Testbed perplexity and ARC-Easy accuracy (offline lm-eval task) of a saved model."""
-    from sparsetune import models
-    from sparsetune.evaluate import harness
-
-    model, tok = models.load_model(str(model_dir), dtype="float32", device="cpu")
-    result: dict[str, object] = {
-        "wikitext2_ppl": round(perplexity(model, eval_ids), 4),
-        "decoder_sparsity": decoder_sparsity(model),
-    }
-    if arc_limit != 0:
-        with harness.prepared_tasks(["arc_easy"]) as setup:
-            tasks = harness.run_tasks(model, tok, setup, limit=arc_limit)
-        result["arc_easy_acc"] = tasks["arc_easy"].get("acc")
-    return result
+    bench_common.append_row(RESULTS, row)
 
 
 def memory_fields(summary: dict[str, object]) -> dict[str, object]:
@@ -201,11 +132,7 @@ def seft_run(model: Path, out: Path, name: str, schedule: list[str]) -> tuple[di
 
 def seft_schedule(args: argparse.Namespace, calib_windows: int) -> list[str]:
     """The `sparsetune seft` data and schedule options of a run: C4 past the tokens the pruning calibrated on."""
-    return [
-        "--data", "c4", "--skip-tokens", str(calib_windows * CALIB_SEQLEN), "--seqlen", str(args.seqlen),
-        "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-        "--warmup-steps", str(min(10, args.steps // 10)),
-    ]  # fmt: skip
+    return training_schedule(args.steps, args.batch_size, args.seqlen, calib_windows)
 
 
 def override_learning_rates(spec: str) -> None:
@@ -246,13 +173,7 @@ def quality_suite(args: argparse.Namespace, work: Path) -> None:
 
 def recorded_rows(match: dict[str, object]) -> dict[str, dict[str, object]]:
     """The latest committed row of each run whose settings equal `match`, so a suite can run in several sittings."""
-    rows: dict[str, dict[str, object]] = {}
-    if RESULTS.exists():
-        for line in RESULTS.read_text().splitlines():
-            row = json.loads(line)
-            if "run" in row and all(row.get(k) == v for k, v in match.items()):
-                rows[str(row["run"])] = row
-    return rows
+    return bench_common.recorded_rows(RESULTS, match)
 
 
 def quality_summary(base: dict[str, object], start: dict[str, object], rows: dict[str, dict[str, object]]) -> None:

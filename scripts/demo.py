@@ -32,7 +32,7 @@ def main() -> None:
 
     setup_logging()  # the one-line notices (hub offline, embedded sample) and progress lines go to stderr
     from sparsetune import models
-    from sparsetune.prune.api import make_calibration, print_summary, prune_model, save_pruned
+    from sparsetune.prune.api import make_calibration, print_summary, prune_and_report, save_pruned
     from sparsetune.prune.config import PruneConfig
 
     t0 = step("import torch, transformers and sparsetune", start)
@@ -54,7 +54,7 @@ def main() -> None:
     dense = _perplexity_or_none(model, tok)
     t0 = step("WikiText-2 perplexity before pruning", t0) if dense is not None else t0
 
-    report = prune_model(model, tok, cfg, calib)
+    report = prune_and_report(model, tok, cfg, calib)
     t0 = step("prune (Wanda, 50%)", t0)
     pruned = _perplexity_or_none(model, tok)
     t0 = step("WikiText-2 perplexity after pruning", t0) if pruned is not None else t0

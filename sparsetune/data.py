@@ -7,6 +7,7 @@ given (`--data-dir` or `SPARSETUNE_DATA_DIR`) they resolve to files laid out lik
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -14,12 +15,13 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sparsetune import hub
 from sparsetune.errors import SparsetuneError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so the CLI checks data files before importing it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +109,7 @@ def load_records(
     """Load a source as a list of dict records, each with `text` or Alpaca `instruction/input/output`."""
     if source in NAMED_DATASETS:
         return _load_named(source, split, mirror_dir(data_dir))
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise SparsetuneError(
-            f"data source {source!r} not found; pass an existing file or one of {', '.join(NAMED_DATASETS)}"
-        )
-    records = read_records_file(path)
+    records = read_records_file(existing_source(source))
     if not records:
         raise SparsetuneError(f"data source {source} is empty; pass a file with text in it")
     return records
@@ -149,21 +146,67 @@ def _load_from_hub(name: str, where: NamedSplit) -> list[dict[str, Any]]:
     return [dict(r) for r in ds]
 
 
-def read_text_file(path: Path) -> str:
-    """A data file's text as UTF-8; a binary or otherwise encoded file is one error naming the fix."""
+def existing_source(source: str) -> Path:
+    """A local data source's path; a missing one is one error naming the choices."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SparsetuneError(
+            f"data source {source!r} not found; pass an existing file or one of {', '.join(NAMED_DATASETS)}"
+        )
+    return path
+
+
+TEXT_SUFFIXES = (".txt", ".raw", ".jsonl", ".json")
+
+
+def check_suffix(path: Path) -> None:
+    if path.suffix.lower() not in (*TEXT_SUFFIXES, ".parquet"):
+        raise SparsetuneError(f"unsupported data file {path}; use .txt, .jsonl, .json or .parquet")
+
+
+def check_source(source: str) -> None:
+    """Refuse a local data file that `load_records` would refuse for its name or its encoding (missing, an
+    unsupported suffix, binary, UTF-16, not UTF-8 at the start) with the same error, reading only its head. Named
+    datasets pass: they are looked up when they load. A file that passes may still fail to parse then."""
+    if source in NAMED_DATASETS:
+        return
+    path = existing_source(source)
+    check_suffix(path)
+    if path.suffix.lower() in TEXT_SUFFIXES and path.is_file():
+        head = _head(path)
+        _check_text_head(path, head)
+        try:  # an incomplete character at the end of the head is not an error: the decoder waits for more
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, err) from err
+
+
+def _head(path: Path) -> bytes:
     with open(path, "rb") as f:
-        head = f.read(8192)
+        return f.read(8192)
+
+
+def _check_text_head(path: Path, head: bytes) -> None:
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise SparsetuneError(f"{path} is UTF-16 text; convert it, e.g. iconv -f utf-16 -t utf-8 {path.name}")
     if b"\0" in head:  # text never holds NUL bytes; looked for before a large binary file is read whole
         raise SparsetuneError(f"{path} is a binary file, not text; pass a UTF-8 .txt/.jsonl/.json or a .parquet")
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> SparsetuneError:
+    return SparsetuneError(
+        f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+        f"convert it, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}"
+    )
+
+
+def read_text_file(path: Path) -> str:
+    """A data file's text as UTF-8; a binary or otherwise encoded file is one error naming the fix."""
+    _check_text_head(path, _head(path))
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise SparsetuneError(
-            f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
-            f"convert it, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}"
-        ) from err
+        raise _not_utf8(path, err) from err
 
 
 def _jsonl_rows(path: Path) -> list[Any]:
@@ -189,6 +232,7 @@ def read_records_file(path: Path) -> list[dict[str, Any]]:
     # text=None), parses timestamp strings to datetimes, and reports a bad .jsonl line as "row N" of a pyarrow
     # error instead of the line and column, with no UTF-16 / binary / non-UTF-8 diagnosis.
     suffix = path.suffix.lower()
+    check_suffix(path)
     if suffix in (".txt", ".raw"):
         if path.name.startswith("wiki.") and suffix == ".raw":
             return wikitext_rows(read_text_file(path))
@@ -204,7 +248,7 @@ def read_records_file(path: Path) -> list[dict[str, Any]]:
                 "one record per line as .jsonl"
             ) from err
         rows = loaded if isinstance(loaded, list) else loaded.get("data", []) if isinstance(loaded, dict) else []
-    elif suffix == ".parquet":
+    else:  # .parquet
         import pyarrow
         import pyarrow.parquet as pq
 
@@ -214,8 +258,6 @@ def read_records_file(path: Path) -> list[dict[str, Any]]:
             raise SparsetuneError(
                 f"{path} is not a readable parquet file ({_first_line(err)}); re-write it, or pass .txt/.jsonl/.json"
             ) from err
-    else:
-        raise SparsetuneError(f"unsupported data file {path}; use .txt, .jsonl, .json or .parquet")
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not ("text" in row or is_instruction_record(row)):
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
@@ -237,6 +279,8 @@ def wikitext_rows(raw: str) -> list[dict[str, Any]]:
 
 
 def token_hash(ids: torch.Tensor) -> str:
+    import torch
+
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -286,6 +330,8 @@ def calibration_set(
     `random` (the Wanda/SparseGPT reference): pick a random document longer than `seqlen`, then a random
     window inside it. `consecutive`: join all documents with "\\n\\n", tokenize once, take windows from the start.
     """
+    import torch
+
     if n_samples < 1 or seqlen < 1:
         raise SparsetuneError("--calib-samples and --seqlen must be at least 1")
     if records is None:
@@ -310,6 +356,8 @@ def calibration_set(
 def _random_windows(
     tokenizer: Any, texts: list[str], source: str, n_samples: int, seqlen: int, seed: int
 ) -> torch.Tensor:
+    import torch
+
     rng = random.Random(seed)
     lengths: dict[int, list[int]] = {}
     too_short: set[int] = set()

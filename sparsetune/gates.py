@@ -14,7 +14,6 @@ from typing import Any
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate.config import EvalConfig
-from sparsetune.evaluate.harness import metric_names
 
 
 def metric_key(text: str) -> str:
@@ -68,6 +67,7 @@ def check_gate_names(
 
 def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
     """Metrics of the last model of an eval report, plus `<metric>_vs_baseline` against the first model."""
+    from sparsetune.evaluate.harness import metric_names  # torch: after a run; planning a recipe checks gates first
 
     def flat(result: dict[str, Any]) -> dict[str, float]:
         values = {ppl_metric(source): float(v["ppl"]) for source, v in result["ppl"].items()}

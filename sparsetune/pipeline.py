@@ -12,9 +12,13 @@ A recipe is one YAML file:
     gates: {wikitext2_ppl_max: 90, sparsity_min: 0.5}
 
 Each stage's settings are exactly those of its command: the same pydantic schema behind the flags and
-`--recipe`. One table, `STAGES`, says per kind what its schema is, which library function runs it and prints
-its summary, what it reads, and how it resumes; the CLI commands run through it too. The YAML reader and the
-stage validation live in sparsetune/recipes.py, the gates in sparsetune/gates.py.
+`--recipe`. One table, `STAGES`, says per kind what its schema is, what it checks before any work, which library
+function runs it and prints its summary, what it reads, and how it resumes; the CLI commands run through it too.
+The YAML reader and the stage validation live in sparsetune/recipes.py, the checks in sparsetune/preflight.py, the
+gates in sparsetune/gates.py.
+
+This module imports no torch: planning, validating and the checks of a stage all run before the library is
+imported (a refused command costs what `--version` does), and each stage imports its library when it runs.
 
 `plan_recipe` resolves variables, overrides and stage chaining into validated configs without loading any
 model; `run_plan` runs them. Stage outputs go to OUT/<nn>-<name>; a stage that finished with the same settings
@@ -37,19 +41,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sparsetune import sweep
-from sparsetune.distributed import dist_context, launched_distributed
+from sparsetune import preflight, reports
 from sparsetune.errors import SparsetuneError
-from sparsetune.evaluate.compare import print_comparison, run_eval
 from sparsetune.evaluate.config import EvalConfig, SweepConfig
 from sparsetune.export.config import ExportConfig
-from sparsetune.export.writer import print_summary as print_export
-from sparsetune.export.writer import run_export
 from sparsetune.gates import check_gate_names, check_gates, eval_metrics
-from sparsetune.models import BUNDLED_ALIASES, bundled_gguf_path
 from sparsetune.outputs import check_parent_writable, write_json_atomic
-from sparsetune.prune.api import print_summary as print_prune
-from sparsetune.prune.api import run_prune
 from sparsetune.prune.config import PruneConfig
 from sparsetune.recipes import (
     VAR,
@@ -61,12 +58,8 @@ from sparsetune.recipes import (
     substitute,
     validate_stage,
 )
-from sparsetune.train.checkpoint import CKPT_NAME
-from sparsetune.train.seft import print_summary as print_seft
-from sparsetune.train.seft import run_seft
+from sparsetune.settings import without_renamed
 from sparsetune.train.seft_config import SeftConfig
-from sparsetune.train.smet import print_summary as print_smet
-from sparsetune.train.smet import run_smet
 from sparsetune.train.smet_config import SmetConfig
 
 log = logging.getLogger(__name__)
@@ -75,7 +68,6 @@ PREV = "@prev"
 RUN_FILE = "run.json"  # marks OUT as a sparsetune run dir: resuming into it needs no --overwrite
 STATE_DIR = ".stages"
 SUMMARY_FILE = "summary.json"
-SPARSITY_REPORT = "sparsity_report.json"
 # Settings that neither change a stage's result nor name its input (the input hash covers the model files).
 UNHASHED = {"output", "model", "models", "resume", "device", "log_every", "checkpoint_every", "checkpoint_dir"}
 
@@ -84,21 +76,62 @@ Scalar = str | int | float | bool | None
 
 def training_checkpoint(cfg: SeftConfig | SmetConfig, output: Path) -> tuple[Path, bool]:
     """(checkpoint dir, whether it holds a state the run can continue from)."""
+    from sparsetune.train.checkpoint import CKPT_NAME  # the library (torch): only when a stage runs
+
     ckpt = Path(cfg.checkpoint_path() or (str(output) + ".ckpt")).expanduser().resolve()
     has_state = (ckpt / CKPT_NAME / "state.pt").exists() or (ckpt / f".{CKPT_NAME}.old" / "state.pt").exists()
     return ckpt, has_state and bool(cfg.checkpoint_every or cfg.resume)
 
 
 def sweep_checkpoint(cfg: SweepConfig, output: Path) -> tuple[Path, bool]:
+    from sparsetune.sweep import STATE_FILE  # the library (torch): only when a stage runs
+
     ckpt = output.with_name(output.name + ".partial")
-    return ckpt, (ckpt / sweep.STATE_FILE).exists()
+    return ckpt, (ckpt / STATE_FILE).exists()
 
 
-def run_without_progress(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-    def runner(cfg: Any, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
-        return run(cfg, overwrite=overwrite)
+Runner = Callable[..., dict[str, Any]]  # run(cfg, overwrite=..., show_progress=...) -> report
+Summary = Callable[[dict[str, Any]], None]  # prints the report as the command does
 
-    return runner
+
+# Each stage kind's library: (run, summary), imported when the stage runs.
+def prune_library() -> tuple[Runner, Summary]:
+    from sparsetune.prune.api import print_summary, run_prune
+
+    return run_prune, print_summary
+
+
+def seft_library() -> tuple[Runner, Summary]:
+    from sparsetune.train.seft import print_summary, run_seft
+
+    return run_seft, print_summary
+
+
+def smet_library() -> tuple[Runner, Summary]:
+    from sparsetune.train.smet import print_summary, run_smet
+
+    return run_smet, print_summary
+
+
+def eval_library() -> tuple[Runner, Summary]:
+    from sparsetune.evaluate.compare import print_comparison, run_eval
+
+    return run_eval, print_comparison
+
+
+def sweep_library() -> tuple[Runner, Summary]:
+    from sparsetune.sweep import print_summary, run_sweep
+
+    return run_sweep, print_summary
+
+
+def export_library() -> tuple[Runner, Summary]:
+    from sparsetune.export.writer import print_summary, run_export
+
+    def run(cfg: ExportConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
+        return run_export(cfg, overwrite=overwrite)  # export shows no progress bars
+
+    return run, print_summary
 
 
 @dataclass(frozen=True)
@@ -106,31 +139,39 @@ class StageKind:
     """One command, as the pipeline and the CLI run it."""
 
     schema: type[BaseModel]
-    run: Callable[..., dict[str, Any]]  # run(cfg, overwrite=..., show_progress=...) -> report
-    summary: Callable[[dict[str, Any]], None]  # prints the report as the command does
+    library: Callable[[], tuple[Runner, Summary]]  # imports the library (torch): (run, summary)
+    check: Callable[[Any, bool], None]  # check(cfg, overwrite): output dir and local inputs, before the library
     reads: str | None = "model"  # the setting naming its input model(s): model, models (a list), or None
     makes_model: bool = True  # its output dir is a model a later stage can read
     distributed: bool = False  # under torchrun every process runs it (they share the work); else only rank 0
     checkpoint: Callable[[Any, Path], tuple[Path, bool]] | None = None  # (dir, resumable) of an interrupted run
     resumes: str = "from the checkpoint"  # the log line's words when it continues from that dir
 
+    def run(self, cfg: Any, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
+        return self.library()[0](cfg, overwrite=overwrite, show_progress=show_progress)
+
+    def summary(self, report: dict[str, Any]) -> None:
+        self.library()[1](report)
+
 
 STAGES: dict[str, StageKind] = {
-    "prune": StageKind(PruneConfig, run_prune, print_prune, distributed=True),
-    "seft": StageKind(SeftConfig, run_seft, print_seft, distributed=True, checkpoint=training_checkpoint),
-    "smet-pretrain": StageKind(
-        SmetConfig, run_smet, print_smet, reads=None, distributed=True, checkpoint=training_checkpoint
+    "prune": StageKind(PruneConfig, prune_library, preflight.check_prune, distributed=True),
+    "seft": StageKind(
+        SeftConfig, seft_library, preflight.check_training, distributed=True, checkpoint=training_checkpoint
     ),
-    "eval": StageKind(EvalConfig, run_eval, print_comparison, reads="models", makes_model=False),
+    "smet-pretrain": StageKind(
+        SmetConfig, smet_library, preflight.check_training, reads=None, distributed=True, checkpoint=training_checkpoint
+    ),
+    "eval": StageKind(EvalConfig, eval_library, preflight.check_eval, reads="models", makes_model=False),
     "sweep": StageKind(
         SweepConfig,
-        sweep.run_sweep,
-        sweep.print_summary,
+        sweep_library,
+        preflight.check_sweep,
         makes_model=False,
         checkpoint=sweep_checkpoint,
         resumes="the unfinished sweep",
     ),
-    "export": StageKind(ExportConfig, run_without_progress(run_export), print_export),
+    "export": StageKind(ExportConfig, export_library, preflight.check_stage_output),
 }
 
 
@@ -203,6 +244,7 @@ def _apply_overrides(
     entries: list[tuple[str, str, dict[str, Any]]], gates: dict[str, Any], overrides: list[str]
 ) -> None:
     names = [e[0] for e in entries]
+    schemas = {name: STAGES[kind].schema for name, kind, _ in entries}
     for text in overrides:
         key, value = parse_assignment(text, "override")
         stage_name, dot, setting = key.partition(".")
@@ -213,10 +255,14 @@ def _apply_overrides(
                 f"override {text!r}: no stage named {stage_name!r}; stages are {', '.join(names)} (or gates)"
             )
         settings = gates if stage_name == "gates" else entries[names.index(stage_name)][2]
+        base = dict(settings)
+        if stage_name != "gates":  # a renamed setting's old name replaces its new one, and the other way round
+            base = without_renamed(schemas[stage_name], base, {setting: setting})
         if value is None:  # key=null restores the command's default (or drops the gate)
-            settings.pop(setting, None)
-            continue
-        merged = merge_settings(settings, {setting: value})  # as a flag over a --recipe: a pattern replaces a sparsity
+            base.pop(setting, None)
+            merged = base
+        else:  # as a flag over a --recipe: a pattern replaces a sparsity
+            merged = merge_settings(base, {setting: value})
         settings.clear()
         settings.update(merged)
 
@@ -367,11 +413,8 @@ def plan_recipe(
 
 
 def model_sparsity(model_dir: Path) -> float | None:
-    path = model_dir / SPARSITY_REPORT
-    if not path.is_file():
-        return None
-    value = json.loads(path.read_text()).get("global_sparsity")
-    return None if value is None else float(value)
+    report = reports.read_report(model_dir)
+    return None if report is None else report.global_sparsity
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -382,6 +425,8 @@ def fingerprint(spec: str) -> str:
 
     A stage whose output is rewritten gets new mtimes, so every later stage that reads it runs again.
     """
+    from sparsetune.models import BUNDLED_ALIASES, bundled_gguf_path  # the library: only when a recipe runs
+
     path = Path(spec).expanduser()
     if spec in BUNDLED_ALIASES:
         try:
@@ -400,6 +445,11 @@ def fingerprint(spec: str) -> str:
 
 def stage_hashes(stage: Stage) -> dict[str, str]:
     settings = {k: v for k, v in stage.settings().items() if k not in UNHASHED}
+    # a renamed setting counts under its old name, so a run dir from before the rename resumes (where the unit
+    # changed too, as smet's warmup, the value differs and the stage runs again)
+    for old, new in getattr(STAGES[stage.kind].schema, "RENAMED", {}).items():
+        if new in settings:
+            settings[old] = settings.pop(new)
     settings_hash = hashlib.sha256(json.dumps([stage.kind, settings], sort_keys=True).encode()).hexdigest()[:16]
     input_hash = hashlib.sha256(json.dumps([fingerprint(s) for s in stage.inputs]).encode()).hexdigest()[:16]
     return {"settings_hash": settings_hash, "input_hash": input_hash}
@@ -465,6 +515,9 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
     run's own files. Returns the run summary (also written to OUT/summary.json): per-stage status and timings,
     the final metrics and the gate results.
     """
+    check_run_dir(plan, overwrite)  # before the library import: a refused OUT costs no torch import
+    from sparsetune.distributed import dist_context, launched_distributed  # the library (torch)
+
     ctx = dist_context() if launched_distributed() else None
     main = ctx is None or ctx.is_main
 
@@ -472,7 +525,6 @@ def run_plan(plan: Plan, overwrite: bool = False, verbose_output: bool = True) -
         if ctx is not None:
             ctx.barrier()
 
-    check_run_dir(plan, overwrite)
     barrier()  # every rank has checked OUT before rank 0 creates it
     out = plan.out
     if main:

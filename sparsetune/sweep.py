@@ -36,7 +36,7 @@ from sparsetune.outputs import (
     write_json,
 )
 from sparsetune.outputs import write_json_atomic as _write_json_atomic  # module-level: tests inject crashes
-from sparsetune.prune import api as prune_api  # through the module: tests replace prune_model
+from sparsetune.prune import api as prune_api  # through the module: tests replace prune_and_report
 from sparsetune.prune.config import PruneConfig
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def prune_config(cfg: SweepConfig, point: Point) -> PruneConfig:
         pattern=point.pattern,
         calib=cfg.calib,
         calib_samples=cfg.calib_samples,
-        seqlen=cfg.calib_seqlen,
+        calib_seqlen=cfg.calib_seqlen,
         seed=cfg.seed,
         calib_sampling=cfg.calib_sampling,
         calib_batch_size=cfg.calib_batch_size,
@@ -179,7 +179,9 @@ def _run_points(cfg, todo, tasks, work, show_progress) -> None:
         t0 = time.perf_counter()
         prune_report = None
         if point.method != "dense":
-            prune_report = prune_api.prune_model(model, tokenizer, prune_config(cfg, point), calib, show_progress=False)
+            prune_report = prune_api.prune_and_report(
+                model, tokenizer, prune_config(cfg, point), calib, show_progress=False
+            )
         prune_s = time.perf_counter() - t0
         measured = evaluate_model(model, tokenizer, cfg, tasks, token_ids, show_progress=show_progress)
         result = {

@@ -26,7 +26,7 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern, matrix_mask, nm_violations
 from sparsetune.prune import sparsegpt, wanda
 from sparsetune.prune.activations import ActivationStore
-from sparsetune.prune.api import plan_targets, prune_model
+from sparsetune.prune.api import plan_targets, prune_and_report, prune_model
 from sparsetune.prune.config import PruneConfig
 from sparsetune.prune.engine import EngineOptions, capture_block_inputs, prune_block, run_blocks
 
@@ -58,7 +58,7 @@ def dense(family):
 
 def _pruned(dense, settings, tokenizer):
     model = copy.deepcopy(dense)
-    report = prune_model(model, tokenizer, PruneConfig(model="x", **settings), _calib(), show_progress=False)
+    report = prune_and_report(model, tokenizer, PruneConfig(model="x", **settings), _calib(), show_progress=False)
     return model, report
 
 
@@ -382,7 +382,7 @@ def test_expert_statistics_come_from_routed_tokens_weighted_by_the_router(fam, m
     experts = dense.model.layers[0].mlp.experts
     model = copy.deepcopy(dense)
     cfg = PruneConfig(model="x", targets=[r"layers\.0\.mlp\.experts"], sparsity=0.5, moe_calibrate=mode)
-    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)  # attention stays dense
+    report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)  # attention stays dense
     got = model.model.layers[0].mlp.experts
     counts = []
     for e in range(experts.num_experts):
@@ -432,7 +432,7 @@ def test_an_expert_no_token_reaches_falls_back_to_magnitude_with_a_warning(tiny_
     model = make_family_model("mixtral")
     _starve_expert(model)
     dense_slice = model.model.layers[0].mlp.experts.gate_up_proj.detach()[3].clone()
-    report = prune_model(model, tiny_tokenizer, PruneConfig(model="x", **WANDA), _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, PruneConfig(model="x", **WANDA), _calib(), show_progress=False)
     starved = [f"model.layers.{i}.mlp.experts.{p}[3]" for i in range(2) for p in ("gate_up_proj", "down_proj")]
     assert report["moe"]["magnitude_fallback"] == sorted(starved)
     assert report["moe"]["tokens_per_expert"]["model.layers.0.mlp.experts.gate_up_proj"][3] == 0
@@ -445,7 +445,7 @@ def test_an_expert_no_token_reaches_falls_back_to_magnitude_with_a_warning(tiny_
     again = make_family_model("mixtral")
     _starve_expert(again)
     cfg = PruneConfig(model="x", moe_calibrate="all", **WANDA)
-    report = prune_model(again, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(again, tiny_tokenizer, cfg, _calib(), show_progress=False)
     assert report["moe"]["magnitude_fallback"] == []
     assert report["moe"]["tokens_per_expert"]["model.layers.0.mlp.experts.gate_up_proj"] == [8 * 32] * 4
 
@@ -453,7 +453,7 @@ def test_an_expert_no_token_reaches_falls_back_to_magnitude_with_a_warning(tiny_
 def test_targets_and_ignore_see_expert_slices(tiny_tokenizer):
     model = make_family_model("qwen3_moe")
     cfg = PruneConfig(model="x", targets=[r"experts\.down_proj\[[02]\]"], ignore=[r"layers\.1\."], **WANDA)
-    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     assert set(report["modules"]) == {f"model.layers.0.mlp.experts.down_proj[{e}]" for e in (0, 2)}
     down = model.model.layers[0].mlp.experts.down_proj.detach()
     assert [int((down[e] == 0).sum()) for e in range(4)] == [down[0].numel() // 2, 0, down[0].numel() // 2, 0]
@@ -472,7 +472,9 @@ def test_magnitude_runs_no_forward_pass_and_thresholds_each_matrix(fam, tiny_tok
         raise AssertionError("magnitude needs no forward pass")
 
     model.get_input_embeddings().register_forward_pre_hook(no_forward)
-    report = prune_model(model, None, PruneConfig(model="x", method="magnitude", sparsity=0.5), show_progress=False)
+    report = prune_and_report(
+        model, None, PruneConfig(model="x", method="magnitude", sparsity=0.5), show_progress=False
+    )
     assert report["calibration"] is None
     for name, w in _matrices(model).items():
         assert torch.equal(w != 0, matrix_mask(dense[name].abs(), 0.5)), name
@@ -485,7 +487,7 @@ def test_an_unknown_family_is_tried_generically_and_reported_so(tiny_tokenizer):
     torch.manual_seed(0)
     config = AutoConfig.for_model("falcon", hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=256)
     model = AutoModelForCausalLM.from_config(config).eval()
-    report = prune_model(model, tiny_tokenizer, PruneConfig(model="x", **WANDA), _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, PruneConfig(model="x", **WANDA), _calib(), show_progress=False)
     arch = report["architecture"]
     assert arch["model_type"] == "falcon" and arch["family"] == "untested: tried generically"
     assert arch["decoder_path"] == "transformer.h"
@@ -517,7 +519,7 @@ def test_a_weight_the_engine_does_not_know_is_refused_before_anything_is_pruned(
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing pruned
     # --ignore it: pruned around it, the unknown weight left dense
     cfg = PruneConfig(model="x", ignore=[r"up_proj\.kernel"], **WANDA)
-    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     assert "model.layers.1.mlp.up_proj" not in report["modules"] and report["modules_pruned"] == 13
     assert torch.equal(mlp.up_proj.kernel, before["model.layers.1.mlp.up_proj.kernel"])
 
@@ -570,7 +572,7 @@ def test_an_interrupted_generic_run_resumes_to_the_same_weights(fam, tiny_tokeni
     monkeypatch.setattr(Checkpointer, "save", save)
     resumed = make_family_model(fam)
     cfg = PruneConfig(model="x", checkpoint_dir=str(tmp_path / "ck"), resume=True, **settings)
-    report = prune_model(resumed, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(resumed, tiny_tokenizer, cfg, _calib(), show_progress=False)
     assert report["resumed_from_block"] == 1
     want = straight.state_dict()
     for key, tensor in resumed.state_dict().items():

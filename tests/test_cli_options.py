@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from sparsetune.cli.app import app
 from sparsetune.cli.options import (
     field_help,
+    renamed_settings,
     schema_command,
     schema_parameters,
     settings_from_flags,
@@ -71,7 +72,9 @@ def test_every_schema_field_is_one_flag_with_the_schema_help(command):
         expected = field_help(schema, name) + (" (comma-separated)" if is_list_option else "")
         assert params[key].help == expected, key
     shared = {"recipe", "overwrite", "json_out", "verbose"}
-    assert set(params) == {info.alias or n for n, info in schema.model_fields.items() if n not in recipe_only} | shared
+    renamed = set(getattr(schema, "RENAMED", {}))  # old names: hidden flags, tested below
+    fields = {info.alias or n for n, info in schema.model_fields.items() if n not in recipe_only}
+    assert set(params) == fields | shared | renamed
 
 
 def test_existing_flag_names_and_short_aliases_are_kept():
@@ -172,3 +175,40 @@ def test_literal_choices_complete_in_the_shell():
 
     assert complete("sparsetune prune --method s") == ["sparsegpt"]
     assert complete("sparsetune export -f s") == ["sparse-bitmask", "sparse-24-bitmask", "semi-structured-2:4"]
+
+
+# command -> (old flag, the new flag it stands for, a valid value, the setting the schema reads)
+RENAMED_FLAGS = {
+    "prune": ("--seqlen", "--calib-seqlen", "64", ("calib_seqlen", 64)),
+    "smet-pretrain": ("--warmup-ratio", "--warmup-steps", "0.1", ("warmup_steps", 100)),  # 0.1 x 1000 steps
+}
+
+
+@pytest.mark.parametrize("command", list(RENAMED_FLAGS))
+def test_an_old_flag_name_is_a_hidden_alias_of_the_new_one(command):
+    old, new, value, (setting, expected) = RENAMED_FLAGS[command]
+    schema = STAGE_COMMANDS[command][0]
+    param = command_params(command)[old.removeprefix("--").replace("-", "_")]
+    assert param.hidden and param.opts == [old]
+    help_text = runner.invoke(app, [command, "--help"]).output
+    assert new in help_text and f"{old} " not in help_text and f"{old}\n" not in help_text
+    flags = {key: None for key in schema.model_fields} | {old.removeprefix("--").replace("-", "_"): value}
+    settings = {k: v for k, v in settings_from_flags(schema, flags).items() if v is not None}  # as merged
+    required = {"model": "m"} if command == "prune" else {}
+    assert getattr(schema.model_validate({**required, **settings}), setting) == expected
+
+
+def test_an_old_flag_reaches_the_schema_through_the_command(tmp_path):
+    """The alias is parsed, passed on, read as the new setting and validated as it: a bad value is one error line."""
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", "some-model", "--seqlen", "0", "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+        "error: prune: calib_seqlen: Input should be greater than or equal to 1"
+    ]
+    both = runner.invoke(app, ["prune", "some-model", "--seqlen", "32", "--calib-seqlen", "64", "-o", str(out)])
+    assert both.exit_code == 2 and "seqlen is the old name of calib_seqlen; give only calib_seqlen" in both.output
+    smet = runner.invoke(app, ["smet-pretrain", "--warmup-ratio", "1.5", "-o", str(out)])
+    assert smet.exit_code == 2 and "warmup_ratio '1.5' must be a fraction in [0, 1)" in smet.output
+    assert not out.exists()
+    assert renamed_settings(SeftConfig) == {} and renamed_settings(PruneConfig) == {"seqlen": "calib_seqlen"}

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sparsetune.data import calibration_set, load_records, record_text, wikitext_rows
+from sparsetune.data import calibration_set, check_source, load_records, record_text, wikitext_rows
 from sparsetune.errors import SparsetuneError
 
 
@@ -30,6 +30,48 @@ def test_bad_records_name_the_field(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(SparsetuneError, match="no `text` field"):
         load_records(str(tmp_path / "bad.jsonl"))
+
+
+def _error(call, *args) -> str | None:
+    try:
+        call(*args)
+    except SparsetuneError as err:
+        return str(err)
+    return None
+
+
+BAD_SOURCES = {  # file name -> (bytes, what the error says)
+    "ls": (b"\x7fELF\x02\x01\x01\x00" + bytes(256), "unsupported data file"),
+    "bin.txt": (b"\x7fELF\x02\x01\x01\x00" + bytes(256), "is a binary file, not text"),
+    "u16.jsonl": ('{"text": "hi"}\n'.encode("utf-16"), "is UTF-16 text"),
+    "l1.json": ('[{"text": "caf\u00e9"}]'.encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 14)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SOURCES))
+def test_check_source_refuses_what_load_records_refuses_with_the_same_error(tmp_path, name):
+    content, expected = BAD_SOURCES[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    error = _error(check_source, str(path))
+    assert error is not None and expected in error
+    assert error == _error(load_records, str(path))
+
+
+def test_check_source_reads_only_the_head(tmp_path):
+    """Named sets and good files pass; a UTF-8 character cut at the end of the 8 KiB head is no error, and a bad
+    byte after the head is left for load_records to find."""
+    check_source("wikitext2")
+    missing = str(tmp_path / "none.txt")
+    assert _error(check_source, missing) == _error(load_records, missing) is not None
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes(b"a" * 8191 + "\u00e9".encode() + b" tail")  # the 2-byte character spans bytes 8191-8192
+    check_source(str(cut))
+    assert load_records(str(cut)) == [{"text": "a" * 8191 + "\u00e9 tail"}]
+    late = tmp_path / "late.txt"
+    late.write_bytes(b"a" * 9000 + b"\xe9")
+    check_source(str(late))
+    assert "byte 0xe9 at offset 9000" in _error(load_records, str(late))
 
 
 def test_named_dataset_missing_mirror_file_names_the_path(tmp_path):

@@ -47,7 +47,7 @@ def test_shipped_recipes_say_what_their_names_say():
     wanda = _plan("wanda-50")
     assert [s.kind for s in wanda.stages] == ["prune", "eval"]
     prune = wanda.stages[0].config
-    assert (prune.method, prune.sparsity, prune.pattern, prune.calib, prune.calib_samples, prune.seqlen) == (
+    assert (prune.method, prune.sparsity, prune.pattern, prune.calib, prune.calib_samples, prune.calib_seqlen) == (
         "wanda",
         0.5,
         None,
@@ -89,6 +89,26 @@ def test_shipped_recipes_say_what_their_names_say():
     )
 
 
+def test_an_override_under_a_renamed_settings_old_name_replaces_the_recipes_value():
+    """Old names stay for one release: `prune.seqlen` sets the recipe's `calib_seqlen`, `=null` drops it, and the
+    new name replaces an old one the same way; smet's `warmup_ratio` R reads as int(R x steps) warmup steps."""
+    assert _plan("wanda-50", "prune.seqlen=32").stages[0].config.calib_seqlen == 32
+    assert _plan("wanda-50", "prune.seqlen=null").stages[0].config.calib_seqlen == 2048  # the default
+    again = _plan("wanda-50", "prune.seqlen=32", "prune.calib_seqlen=16")
+    assert again.stages[0].config.calib_seqlen == 16
+    assert again.stages[0].settings()["calib_seqlen"] == 16 and "seqlen" not in again.stages[0].settings()
+    smet = _plan("smet-tiny", "smet-pretrain.warmup_ratio=0.1").stages[0].config
+    assert (smet.steps, smet.warmup_steps, smet.warmup) == (200, 20, 20)
+    assert _plan("smet-tiny").stages[0].config.warmup == 200 // 20  # the default: 5% of the steps, as before
+
+
+def test_a_run_dir_from_before_a_rename_still_resumes():
+    """Stage hashes from before `prune --seqlen` became `--calib-seqlen` (the shipped recipes then said `seqlen`)."""
+    hashes = [pipeline.stage_hashes(s)["settings_hash"] for s in _plan("prune-seft-export").stages]
+    assert hashes == ["93a88569c1d2083d", "50fc6cd49c032aad", "97cbbc3078a07dca", "26705b5c8799797f"]
+    assert pipeline.stage_hashes(_plan("wanda-50", "prune.seqlen=2048").stages[0])["settings_hash"] == hashes[0]
+
+
 def test_a_command_recipe_can_be_a_run_recipe():
     """`sparsetune prune --recipe recipes/wanda-50.yaml` reads the recipe's one prune stage (vars at defaults)."""
     settings = recipe_settings(RECIPES / "wanda-50.yaml", "prune")
@@ -98,7 +118,7 @@ def test_a_command_recipe_can_be_a_run_recipe():
         "sparsity": 0.5,
         "calib": "c4",
         "calib_samples": 128,
-        "seqlen": 2048,
+        "calib_seqlen": 2048,
     }
     assert "models" not in recipe_settings(RECIPES / "wanda-50.yaml", "eval")  # @prune is a run-only reference
     with pytest.raises(SparsetuneError, match="has 0 seft stages"):

@@ -199,3 +199,26 @@ def test_recipe_yaml_reproduces_the_run_from_another_directory(tiny_model_dir, t
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert float((second["model.layers.0.mlp.up_proj.weight"] == 0).float().mean()) == 38 / 64  # 60% of 64 per row
     assert Path(yaml.safe_load((elsewhere / "again" / "recipe.yaml").read_text())["data_dir"]) == mirror
+
+
+def test_a_recipe_key_under_a_renamed_settings_old_name_is_read_as_the_new_one(tmp_path):
+    """`seqlen` in a prune recipe is `calib_seqlen` for one release; a flag under either name replaces it."""
+    from sparsetune.prune.config import PruneConfig
+    from sparsetune.recipes import recipe_settings, validate_config
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("prune:\n  method: wanda\n  seqlen: 64\n")
+    cfg = validate_config(PruneConfig, {"model": "m", **recipe_settings(recipe, "prune")})
+    assert cfg.calib_seqlen == 64 and "seqlen" not in cfg.model_dump()
+    out = tmp_path / "out"
+    # the flag's value is the one validated (and refused), not the recipe's, and no "give only" conflict
+    result = runner.invoke(app, ["prune", "m", "--recipe", str(recipe), "--calib-seqlen", "0", "-o", str(out)])
+    assert result.exit_code == 2 and _errors(result) == [
+        f"error: recipe {recipe}: calib_seqlen: Input should be greater than or equal to 1"
+    ]
+    recipe.write_text("prune:\n  calib_seqlen: 64\n")
+    result = runner.invoke(app, ["prune", "m", "--recipe", str(recipe), "--seqlen", "0", "-o", str(out)])
+    assert result.exit_code == 2 and _errors(result) == [
+        f"error: recipe {recipe}: calib_seqlen: Input should be greater than or equal to 1"
+    ]
+    assert not out.exists()

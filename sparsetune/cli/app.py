@@ -1,8 +1,9 @@
 """The `sparsetune` Typer app. Each subcommand lives in its own thin module with a `register(app)`.
 
 Importing this module (and so `sparsetune --help`, `sparsetune COMMAND --help`, `--version`) must not import
-torch, transformers or datasets: the command modules import only the pydantic settings schemas at module level
-and the library inside the command functions (tests/cli/test_conventions.py checks it).
+torch, transformers or datasets: the command modules import only the pydantic settings schemas and the stage
+table (sparsetune/pipeline.py) at module level, and a stage imports its library after its checks passed, so bad
+input is refused without it too (tests/cli/test_conventions.py and tests/cli/test_refusals.py check both).
 """
 
 from __future__ import annotations

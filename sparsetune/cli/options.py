@@ -7,8 +7,12 @@ Types: bool -> a flag (`--x`; `--x/--no-x` when it defaults to true), Literal ->
 schema checks the value, so a bad one is one `error:` line), list -> a comma-separated value, int / float / str
 -> themselves.
 
+A renamed setting (`RENAMED` of the schema, `sparsetune.settings`) keeps its old flag for one release: hidden from
+`--help`, its value passed on under the old key, which the schema reads as the new one.
+
 Typer builds a command from a function's signature, so `schema_command` gives a `**values` function a generated
-`__signature__`. Torch-free: this imports the schemas only; the library is imported when a command runs.
+`__signature__`. Torch-free: this imports the schemas and the stage table only; a stage's checks run before
+its library is imported.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from pydantic.fields import FieldInfo
 
 from sparsetune.cli.common import setup_logging, split_list, user_errors
 from sparsetune.errors import SparsetuneError
+from sparsetune.pipeline import STAGES
 from sparsetune.recipes import merge_settings, recipe_settings, validate_config
+from sparsetune.settings import without_renamed
 
 SHARED_HELP = {
     "recipe": "YAML recipe with these settings (flags given on the command line override it)",
@@ -128,15 +134,28 @@ def schema_parameters(
     if argument is not None:
         names.insert(0, names.pop(names.index(argument)))
     params = [_field_parameter(schema, n, n == argument, short.get(n)) for n in names if n not in set(skip)]
+    params += [_renamed_parameter(old, new) for old, new in renamed_settings(schema).items()]
     clash = {p.name for p in params} & set(SHARED_HELP)
     if clash:
         raise ValueError(f"{schema.__name__} fields {sorted(clash)} clash with the shared options")
     return params
 
 
+def renamed_settings(schema: type[BaseModel]) -> dict[str, str]:
+    """Old setting name -> new name, of the settings `schema` renamed (empty for a schema that renamed none)."""
+    return dict(getattr(schema, "RENAMED", {}))
+
+
+def _renamed_parameter(old: str, new: str) -> inspect.Parameter:
+    flag = f"--{old.replace('_', '-')}"
+    text = f"Old name of --{new.replace('_', '-')}"
+    return _parameter(old, str | None, typer.Option(None, flag, help=text, hidden=True, show_default=False))
+
+
 def settings_from_flags(schema: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
-    """The given flags (None = not given) as settings: comma-separated lists split, numbers in lists parsed."""
-    settings: dict[str, Any] = {}
+    """The given flags (None = not given) as settings: comma-separated lists split, numbers in lists parsed; an old
+    flag of a renamed setting under its old key (the schema reads it as the new one)."""
+    settings: dict[str, Any] = {old: values[old] for old in renamed_settings(schema) if values.get(old) is not None}
     for name, info in schema.model_fields.items():
         key = setting_key(name, info)
         value = values.get(key)
@@ -186,14 +205,14 @@ def run_stage(kind: str, schema: type[BaseModel], values: dict[str, Any], requir
     recipe, overwrite, json_out = values.pop("recipe"), values.pop("overwrite"), values.pop("json_out")
     setup_logging(values.pop("verbose"))
     with user_errors():
-        settings = merge_settings(recipe_settings(recipe, kind), settings_from_flags(schema, values))
+        flags = settings_from_flags(schema, values)
+        settings = merge_settings(without_renamed(schema, recipe_settings(recipe, kind), flags), flags)
         for key, missing in required.items():
             if not settings.get(key):
                 raise SparsetuneError(f"missing {missing}")
         cfg = validate_config(schema, settings, where=f"recipe {recipe}" if recipe else kind)
-        from sparsetune.pipeline import STAGES  # the library (torch): only now, so --help and bad flags are quick
-
         stage = STAGES[kind]
+        stage.check(cfg, overwrite)  # the output dir and local input files, before the library (torch) import
         report = stage.run(cfg, overwrite=overwrite, show_progress=not json_out)
         if report.get("rank", 0) != 0:  # in multi-process runs only rank 0 reports
             return

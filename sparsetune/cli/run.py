@@ -1,4 +1,5 @@
-"""`sparsetune run` and `sparsetune validate`: recipes that chain the commands (see sparsetune/pipeline.py)."""
+"""`sparsetune run` and `sparsetune validate`: recipes that chain the commands (see sparsetune/pipeline.py).
+The recipe and OUT are checked before any stage imports the library (torch)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import typer
 
 from sparsetune.cli.common import setup_logging, user_errors
 from sparsetune.errors import SparsetuneError
+from sparsetune.pipeline import plan_recipe, run_plan
 
 SET_HELP = "Set a recipe variable: --set model=path/to/model (repeatable)"
 
@@ -64,8 +66,6 @@ def run_command(
     """Run a recipe's stages in order; finished stages (same settings, same input) are skipped on re-run."""
     setup_logging(verbose)
     with user_errors():
-        from sparsetune.pipeline import plan_recipe, run_plan  # the library (torch): not for --help
-
         recipes, overrides = _split_args(args)
         if len(recipes) != 1:
             raise SparsetuneError(f"give one recipe file (got {len(recipes)}); overrides look like prune.sparsity=0.6")
@@ -97,8 +97,6 @@ def validate_command(
 ) -> None:
     """Check recipes without loading any model: unknown keys, bad values, stage order, variables and gates."""
     with user_errors():
-        from sparsetune.pipeline import plan_recipe  # imports the library (torch): not for --help
-
         recipes, overrides = _split_args(args)
         if not recipes:
             raise SparsetuneError("give at least one recipe file")

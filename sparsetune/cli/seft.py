@@ -14,5 +14,8 @@ MISSING = {
 
 
 def register(app: typer.Typer) -> None:
-    doc = "Fine-tune a pruned model and keep its sparsity: SEFT sparse deltas, masked fine-tuning, or LoRA + re-prune."
+    doc = (
+        "Fine-tune a pruned model and keep its sparsity: SEFT sparse deltas, masked fine-tuning, or LoRA + re-prune; "
+        "or prune gradually while training (GraNet, dense input allowed); any of them distilling from a teacher."
+    )
     app.command("seft")(stage_command("seft", SeftConfig, doc, MISSING))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import shutil
 import tempfile
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import models
+from sparsetune import models, reports
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate import harness, ppl
 from sparsetune.evaluate.config import EvalConfig, EvalSettings
@@ -29,25 +28,16 @@ from sparsetune.outputs import atomic_output_dir, check_output_dir, package_vers
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "sparsity_report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def sparsity_info(spec: str) -> dict[str, Any] | None:
-    """Method, pattern and sparsity from a pruned dir's sparsity_report.json, or None for other models."""
-    path = Path(spec).expanduser() / REPORT_FILE
-    if not path.is_file():
+    """Method, pattern and sparsity from a pruned dir's sparsity report, or None for other models."""
+    report = reports.read_report(spec)
+    if report is None:
         return None
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SparsetuneError(f"{path} is not readable JSON ({err}); re-run the prune or remove the file") from err
-    return {
-        "method": report.get("method"),
-        "pattern": report.get("pattern"),
-        "global_sparsity": report.get("global_sparsity"),
-        "target_sparsity": report.get("target_sparsity"),
-    }
+    keys = ("method", "pattern", "global_sparsity", "target_sparsity")
+    return {key: getattr(report, key) for key in keys}
 
 
 def check_model_spec(spec: str, seqlen: int | None) -> None:

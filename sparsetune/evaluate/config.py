@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from sparsetune.errors import as_value_error
 from sparsetune.patterns import check_sparsity, parse_pattern
-from sparsetune.prune.config import METHOD_NAMES
+from sparsetune.prune.registry import METHOD_NAMES
+from sparsetune.settings import CalibrationSettings, LoadSettings, Settings
 
 
-class EvalSettings(BaseModel):
+class EvalSettings(LoadSettings):
     """What to measure on a model: perplexity sources and lm-eval tasks (shared by eval and sweep)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     ppl: list[str] = Field(
         default_factory=lambda: ["wikitext2"],
@@ -41,12 +40,6 @@ class EvalSettings(BaseModel):
     include_path: list[str] = Field(
         default_factory=list, description="Extra dirs of lm-eval task YAMLs, exactly as lm-eval's --include_path"
     )
-    data_dir: str | None = Field(None, description="Local mirror dir for named datasets (or SPARSETUNE_DATA_DIR)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Model dtype; auto = checkpoint dtype on GPU, float32 on CPU"
-    )
-    device: str = Field("auto", description="Compute device: auto, cpu, cuda, cuda:N")
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it)")
 
     @field_validator("ppl")
     @classmethod
@@ -61,10 +54,10 @@ class EvalConfig(EvalSettings):
     output: str | None = Field(None, description="Write eval.json and eval.md into this dir")
 
 
-class SweepConfig(EvalSettings):
+class SweepConfig(CalibrationSettings, EvalSettings):
     model: str = Field(description="The dense base model: HF dir, hub id, .gguf file, or bundled alias")
     output: str = Field(description="Output dir for sweep.json, sweep.md, sweep.png and the per-point results")
-    methods: list[Literal["magnitude", "wanda", "sparsegpt", "alps"]] = Field(
+    methods: list[Literal[METHOD_NAMES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["wanda", "sparsegpt", "magnitude"], description="Pruning methods to sweep"
     )
     sparsities: list[float] = Field(
@@ -77,15 +70,6 @@ class SweepConfig(EvalSettings):
         "prune's --refine-values dense); none,dsnot = with and without",
     )
     calib: str = Field("c4", description="Calibration data (one set, reused by every point): c4, wikitext2, a file")
-    calib_samples: int = Field(128, ge=1, description="Number of calibration samples")
-    calib_seqlen: int = Field(
-        2048, ge=1, description="Tokens per calibration sample (capped at the model's max positions)"
-    )
-    calib_sampling: Literal["random", "consecutive"] = Field(
-        "random", description="random: windows from random documents; consecutive: join, tokenize once, slice"
-    )
-    calib_batch_size: int = Field(4, ge=1, description="Calibration samples per forward mini-batch")
-    seed: int = Field(0, description="Random seed for sampling calibration windows")
     resume: bool = Field(False, description="Continue an interrupted sweep, skipping the points already finished")
 
     @field_validator("methods")
@@ -115,8 +99,6 @@ class SweepConfig(EvalSettings):
         return list(dict.fromkeys(str(as_value_error(parse_pattern, v)) for v in value))
 
 
-class ReportConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="A pruned model dir holding sparsity_report.json")
+class ReportConfig(Settings):
+    model: str = Field(description="A pruned model dir holding its sparsity report (`sparsetune prune` output)")
     output: str | None = Field(None, description="Output dir for the PNGs and report.md (default: MODEL-report)")

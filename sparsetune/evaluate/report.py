@@ -1,33 +1,29 @@
 """`sparsetune report DIR`: sparsity charts and a short Markdown summary of a pruned model dir.
 
-Reads only `sparsity_report.json` (written by `sparsetune prune`); the weights are not loaded.
+Reads only the prune report (`sparsetune.reports`); the weights are not loaded.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
+from sparsetune import reports
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir
 
-REPORT_FILE = "sparsity_report.json"
 _BLOCK_MODULE = re.compile(r"layers\.(\d+)\.(.+)$")
 
 
 def load_report(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir).expanduser() / REPORT_FILE
-    if not path.is_file():
+    path = reports.report_path(model_dir)
+    report = reports.read_report(model_dir, fix="re-run the prune")
+    if report is None:
         raise SparsetuneError(f"{path} not found; pass a dir written by `sparsetune prune`")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SparsetuneError(f"{path} is not valid JSON ({err}); re-run the prune") from err
-    if not isinstance(report, dict) or "modules" not in report:
+    if report.modules is None:
         raise SparsetuneError(f"{path} has no per-module statistics; re-run the prune with this sparsetune")
-    return report
+    return report.model_dump(mode="json", exclude_unset=True)
 
 
 def module_table(report: dict[str, Any]) -> dict[str, dict[int, float]]:
@@ -56,6 +52,26 @@ def _title(report: dict[str, Any]) -> str:
     return f"{report.get('method', '?')} {report.get('pattern', '')}, target {report.get('target_sparsity', 0):.2f}"
 
 
+def _block_axes(ax: Any, block_ids: list[int], top: float, title: str) -> None:
+    """What both charts share: decoder blocks along x, sparsity (0 to `top`) up, a title, a light grid."""
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("sparsity (fraction of zero weights)")
+    ax.set_ylim(0, top)
+    ax.set_xticks(block_ids)
+    ax.set_xlim(min(block_ids, default=0) - 0.6, max(block_ids, default=0) + 0.6)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_blocks(report: dict[str, Any], path: Path) -> None:
     """Bar chart: sparsity of each decoder block, with the run's target as a dashed line."""
     import matplotlib
@@ -69,18 +85,9 @@ def plot_blocks(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.4, 0.32 * len(xs) + 2), 4.4))
     ax.bar(xs, ys, color="C0", label="block sparsity")
     ax.axhline(report.get("target_sparsity", 0), color="C3", linestyle="--", label="target")
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("sparsity (fraction of zero weights)")
-    ax.set_ylim(0, 1)
-    ax.set_xticks(xs)
-    ax.set_xlim(min(xs, default=0) - 0.6, max(xs, default=0) + 0.6)
-    ax.tick_params(axis="x", labelsize=8)
-    ax.set_title(f"Sparsity per decoder block ({_title(report)})")
+    _block_axes(ax, xs, 1, f"Sparsity per decoder block ({_title(report)})")
     ax.legend(loc="upper right")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_modules(report: dict[str, Any], path: Path) -> None:
@@ -100,18 +107,9 @@ def plot_modules(report: dict[str, Any], path: Path) -> None:
         ys = [table[kind][b] for b in block_ids if b in table[kind]]
         ax.bar(xs, ys, width=width, color=f"C{j % 10}", label=kind.split(".")[-1])
     ax.axhline(report.get("target_sparsity", 0), color="black", linestyle="--", linewidth=1, label="target")
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("sparsity (fraction of zero weights)")
-    ax.set_ylim(0, 1.15)
-    ax.set_xticks(block_ids)
-    ax.set_xlim(min(block_ids, default=0) - 0.6, max(block_ids, default=0) + 0.6)
-    ax.tick_params(axis="x", labelsize=8)
-    ax.set_title(f"Sparsity per module ({_title(report)})")
+    _block_axes(ax, block_ids, 1.15, f"Sparsity per module ({_title(report)})")
     ax.legend(ncol=min(8, len(kinds) + 1), loc="upper center", fontsize="small")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def markdown_summary(report: dict[str, Any], model_dir: str) -> str:

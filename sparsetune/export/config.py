@@ -5,17 +5,15 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from sparsetune.patterns import check_regexes
+from sparsetune.settings import RemoteCodeSettings
 
-FORMAT_NAMES = ("sparse-bitmask", "sparse-24-bitmask", "semi-structured-2:4", "dense")
 ExportFormat = Literal["sparse-bitmask", "sparse-24-bitmask", "semi-structured-2:4", "dense"]
 
 
-class ExportConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ExportConfig(RemoteCodeSettings):
     model: str = Field(description="Model to export: a pruned HF dir (or any model spec sparsetune loads)")
     output: str | None = Field(None, description="Output dir for the exported model")
     format: ExportFormat = Field(
@@ -34,7 +32,6 @@ class ExportConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Stored dtype; auto keeps the checkpoint's dtype"
     )
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it)")
 
     @field_validator("ignore")
     @classmethod

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sparsetune import __version__, masks, models, stream_inputs
+from sparsetune import __version__, masks, models, reports, stream_inputs
 from sparsetune.errors import SparsetuneError
 from sparsetune.export import print_size_comparison, stream
 from sparsetune.export.codecs import CODECS, force_24, mask_stats
@@ -44,7 +44,7 @@ TWO_FOUR_FORMATS = ("sparse-24-bitmask", "semi-structured-2:4")
 # The compressed-tensors release whose sparse layouts (keys, dtypes, config fields) these files follow.
 COMPRESSED_TENSORS_VERSION = "0.14.0.1"
 # Files of the source dir carried into the export (the tokenizer is re-saved through transformers).
-CARRIED_FILES = ("sparsity_report.json",)
+CARRIED_FILES = (reports.REPORT_FILE,)
 
 
 @dataclass
@@ -442,7 +442,7 @@ def estimate_output_bytes(checkpoint: StreamedCheckpoint, planner: Planner, fmt:
     """About how many bytes the export writes: dense tensors as they are, compressible ones in `fmt` at the
     sparsity the input's prune report records for them (2:4 formats: half the values), plus their masks. Without a
     report every compressible weight counts at 50%; with one, a weight it does not list counts dense."""
-    recorded = recorded_sparsity(location)
+    recorded = reports.recorded_sparsity(location)
     total = 0
     for key, meta in checkpoint.state.items():
         dense = meta.numel() * meta.element_size()
@@ -456,21 +456,6 @@ def estimate_output_bytes(checkpoint: StreamedCheckpoint, planner: Planner, fmt:
         mask = rows * -(-cols // 8) + (8 * rows if fmt == "sparse-bitmask" else 0)
         total += min(dense, int(dense * kept) + mask)
     return total
-
-
-def recorded_sparsity(location: Path) -> dict[str, float] | None:
-    """Module name -> sparsity from the prune report in `location` (sparsity_report.json), or None without one."""
-    try:
-        modules = json.loads((location / "sparsity_report.json").read_text()).get("modules")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(modules, dict):
-        return None
-    return {
-        name: float(info["sparsity"])
-        for name, info in modules.items()
-        if isinstance(info, dict) and isinstance(info.get("sparsity"), int | float)
-    }
 
 
 def write_dense_files(model: nn.Module, generation: Any, tokenizer: Any, out_dir: Path) -> None:

@@ -9,6 +9,7 @@ import logging
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,10 @@ from torch import nn
 from sparsetune import data, masks, models, stream_inputs
 from sparsetune.distributed import DistContext, dist_context
 from sparsetune.errors import SparsetuneError
-from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
+from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory
 from sparsetune.patterns import parse_pattern
 from sparsetune.progress import Progress
-from sparsetune.prune import alps, auto, dsnot, magnitude, sparsegpt, wanda
+from sparsetune.prune import auto, dsnot, registry
 from sparsetune.prune.activations import ActivationStore
 from sparsetune.prune.checkpoint import Checkpointer
 from sparsetune.prune.config import PruneConfig
@@ -29,13 +30,10 @@ from sparsetune.prune.engine import GROUP_OF, BlockTargets, EngineOptions, llama
 from sparsetune.prune.self_calibration import self_calibration_set
 from sparsetune.prune.streamed import PruneStream
 from sparsetune.recipes import dump_yaml
+from sparsetune.reports import PruneSummary, write_report
 from sparsetune.streaming import ShardWriter, human_bytes, save_config_files
 
 log = logging.getLogger(__name__)
-
-METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "alps": alps}
-REPORT_FILE = "sparsity_report.json"
-
 
 Item = tuple[str, models.Target]
 
@@ -135,7 +133,7 @@ def architecture_report(model: nn.Module, blocks: list[BlockTargets], cfg: Prune
 
 
 def needs_calibration(cfg: PruneConfig) -> bool:
-    return bool(METHODS[cfg.method].NEEDS_CALIBRATION or cfg.owl or cfg.refine != "none")
+    return bool(registry.load(cfg.method).NEEDS_CALIBRATION or cfg.owl or cfg.refine != "none")
 
 
 def make_calibration(
@@ -148,7 +146,7 @@ def make_calibration(
     """The calibration set for cfg (all ranks get the full set), or None when the run needs none."""
     if not needs_calibration(cfg):
         return None
-    seqlen = cfg.seqlen
+    seqlen = cfg.calib_seqlen
     limit = models.max_positions(model)
     if seqlen > limit:
         log.info("seqlen %d is above the model's max positions; using %d", seqlen, limit)
@@ -177,6 +175,7 @@ def settings_hash(cfg: PruneConfig) -> str:
     if cfg.moe_calibrate == "routed":  # the default: checkpoints from before the setting existed stay valid
         skip.add("moe_calibrate")
     relevant = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
+    relevant["seqlen"] = relevant.pop("calib_seqlen")  # its name before the rename: checkpoints stay valid
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -204,6 +203,28 @@ def _checkpointer(
     return ckpt
 
 
+@dataclass
+class PruneResult:
+    """What a prune run produced, besides the pruned weights themselves (in the model, or written by `stream`)."""
+
+    cfg: PruneConfig  # the settings that ran (`--method auto` resolved)
+    blocks: list[BlockTargets]
+    head: Item | None  # the output head, when it was pruned too
+    calib: data.CalibrationSet | None
+    method: Any  # the method module, or DSnoT wrapping it
+    refined: list[Item]  # the matrices DSnoT refined (empty without --refine)
+    sparsity_before: float  # of the targeted weights
+    timings: dict[str, float]
+    engine: dict[str, Any]  # what `run_blocks` returned: its timings, OWL's block targets, derived stages, resume
+    module_info: dict[str, dict[str, Any]]  # per-module details from the method (solver iterations, fallbacks)
+    block_targets: list[float | masks.NMPattern] | None  # explicit per-block targets (recipes' block_sparsity)
+    exact_total: bool  # every matrix pruned to an exact count (OWL or per-block targets)
+    method_choice: dict[str, Any] | None  # what `--method auto` chose, and why
+    processes: int
+    rank: int
+    stream: PruneStream | None  # the streamed run's weights: it recorded each block's statistics as it went
+
+
 def prune_model(
     model: nn.Module,
     tokenizer: Any,
@@ -213,10 +234,14 @@ def prune_model(
     ctx: DistContext | None = None,
     method_choice: dict[str, Any] | None = None,
     stream: PruneStream | None = None,
-) -> dict[str, Any]:
-    """Prune `model` in place as `cfg` says; returns the sparsity report (without saving anything).
-    `method_choice`: what `--method auto` chose, when the caller resolved it already (reported). `stream`: the
-    model is a skeleton whose blocks `stream` loads, writes and frees one at a time (`sparsetune.streaming`).
+    plan: tuple[list[BlockTargets], Item | None] | None = None,
+) -> PruneResult:
+    """Prune `model` in place as `cfg` says (nothing is saved); `build_report` turns the result into the report.
+
+    `method_choice`: what `--method auto` chose, when the caller resolved it already. `plan`: `plan_targets`'s
+    answer, when the caller has it. `calib`: the calibration set (made here when the run needs one and none is
+    given). `stream`: the model is a skeleton whose blocks `stream` loads, writes and frees one at a time
+    (`sparsetune.streaming`).
 
     In a multi-process run (`ctx.world > 1`) every rank passes the full calibration set; each accumulates
     statistics on its shard, the statistics are all-reduced, and every rank applies the identical masks.
@@ -226,13 +251,14 @@ def prune_model(
         cfg, method_choice = auto.resolve(cfg)
     if method_choice is not None and ctx.is_main:
         log.info("method auto -> %s", method_choice["why"])
-    blocks, head = plan_targets(model, cfg)
+    blocks, head = plan or plan_targets(model, cfg)
     if cfg.block_sparsity is not None and len(cfg.block_sparsity) != len(blocks):
         raise SparsetuneError(
             f"block_sparsity lists {len(cfg.block_sparsity)} values but the model has {len(blocks)} blocks; "
             "give one sparsity per decoder block"
         )
-    method = METHODS[cfg.method]
+    method = registry.load(cfg.method)
+    before = 0.0
     if stream is None:
         before = masks.sparsity_stats({n: t.weight() for b in blocks for n, t in b.modules()})["global_sparsity"]
     else:
@@ -311,43 +337,37 @@ def prune_model(
         if stream.writer is not None and "resumed_from_block" in engine:
             stream.restore_finished(len(blocks))
         before = stream.sparsity_before()
-    report = build_report(model, cfg, blocks, head, calib, timings, before, stream)
-    shortfall = sparsity_shortfall(cfg, blocks, head, report, method_options["exact_total"])
-    if shortfall is not None and ctx.is_main:
-        log.warning(shortfall)
-    report["summary"]["warnings"] = report["warnings"] = [shortfall] if shortfall else []
-    no_op = owl_no_op(cfg, engine.get("block_targets"))
-    if no_op is not None:
-        report["warnings"].append(no_op)
-        if ctx.is_main:
-            log.warning(no_op)
-    for name, info in module_info.items():
-        report["modules"][name].update(info)
-        if "warning" in info and ctx.is_main:  # e.g. a method's documented fallback: never silent
-            log.warning("%s: %s", name, info["warning"])
-    report["summary"]["refine"] = cfg.refine
-    if method_choice is not None:
-        report["method_choice"] = report["summary"]["method_choice"] = method_choice
-    report["architecture"] = architecture_report(model, blocks, cfg)
-    if engine.get("plans"):
-        report["architecture"]["derived_stages"] = engine["plans"]
-    moe = moe_report(cfg, blocks, module_info)
-    if moe is not None:
-        report["moe"] = moe
-    if cfg.refine == "dsnot":
-        report["refine"] = dsnot.report_section(cfg, method, [name for name, _ in refined], module_info)
-    report["processes"] = ctx.world
-    report["rank"] = ctx.rank
-    if "resumed_from_block" in engine:
-        report["resumed_from_block"] = engine["resumed_from_block"]
-    if cfg.owl or block_targets:
-        report["layerwise"] = {
-            "source": "owl" if cfg.owl else "explicit",
-            "block_targets": engine.get("block_targets", [str(t) for t in (block_targets or [])]),
-            "owl_outlier_ratios": engine.get("owl_outlier_ratios"),
-            "owl_m": cfg.owl_m if cfg.owl else None,
-            "owl_lambda": cfg.owl_lambda if cfg.owl else None,
-        }
+    return PruneResult(
+        cfg=cfg,
+        blocks=blocks,
+        head=head,
+        calib=calib,
+        method=method,
+        refined=refined,
+        sparsity_before=before,
+        timings=timings,
+        engine=engine,
+        module_info=module_info,
+        block_targets=block_targets,
+        exact_total=bool(method_options["exact_total"]),
+        method_choice=method_choice,
+        processes=ctx.world,
+        rank=ctx.rank,
+        stream=stream,
+    )
+
+
+def prune_and_report(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """`prune_model(model, ...)` (the same arguments), then its report (`build_report`); the main process logs the
+    report's warnings."""
+    result = prune_model(model, *args, **kwargs)
+    report = build_report(model, result)
+    if result.rank == 0:
+        for warning in report["warnings"]:
+            log.warning(warning)
+        for name, info in result.module_info.items():
+            if "warning" in info:  # e.g. a method's documented fallback: never silent
+                log.warning("%s: %s", name, info["warning"])
     return report
 
 
@@ -428,18 +448,10 @@ def _scratch_dir(cfg: PruneConfig) -> str | None:
     return str(Path(base) / ".sparsetune-activations") if base else None
 
 
-def build_report(
-    model: nn.Module,
-    cfg: PruneConfig,
-    blocks: list[BlockTargets],
-    head: Item | None,
-    calib: data.CalibrationSet | None,
-    timings: dict[str, float],
-    sparsity_before: float = 0.0,
-    stream: PruneStream | None = None,
-) -> dict[str, Any]:
-    """The report of a finished run. A streamed run's blocks are gone from memory: their statistics are the ones
-    `stream` recorded as each block was committed."""
+def build_report(model: nn.Module, result: PruneResult) -> dict[str, Any]:
+    """The report of a finished run (`sparsetune.reports`: its summary, then each section). A streamed run's
+    blocks are gone from memory: their statistics are the ones its stream recorded as each block was committed."""
+    cfg, blocks, head, stream = result.cfg, result.blocks, result.head, result.stream
     block_stats = [
         stream.after[b.index] if stream is not None else masks.sparsity_stats({n: t.weight() for n, t in b.modules()})
         for b in blocks
@@ -449,42 +461,73 @@ def build_report(
         modules.update(masks.sparsity_stats({head[0]: head[1].weight()})["modules"])
     zeros = sum(m["zeros"] for m in modules.values())
     numel = sum(m["numel"] for m in modules.values())
-    stats = {"global_sparsity": zeros / max(1, numel), "zeros": zeros, "numel": numel, "modules": modules}
     per_block = [
         {"block": b.index, "sparsity": s["global_sparsity"], "numel": s["numel"]}
         for b, s in zip(blocks, block_stats, strict=True)
     ]
     nm = cfg.nm
     emb = model.get_input_embeddings().weight
-    summary = {
-        "method": cfg.method,
-        "pattern": str(nm) if nm else "unstructured",
-        "target_sparsity": cfg.target_sparsity,
-        "sparsity_before": sparsity_before,
-        "global_sparsity": stats["global_sparsity"],
-        "modules_pruned": len(modules),
-        "weights_pruned": stats["zeros"],
-        "weights_targeted": stats["numel"],
-        "embedding_sparsity": (
+    summary = PruneSummary(
+        method=cfg.method,
+        pattern=str(nm) if nm else "unstructured",
+        target_sparsity=cfg.target_sparsity,
+        sparsity_before=result.sparsity_before,
+        global_sparsity=zeros / max(1, numel),
+        modules_pruned=len(modules),
+        weights_pruned=zeros,
+        weights_targeted=numel,
+        embedding_sparsity=(
             stream.embedding_sparsity
             if stream is not None and stream.embedding_sparsity is not None
             else masks.tensor_sparsity(emb.detach())
         ),
-        "prune_s": round(timings.get("prune_s", 0.0), 3),
-    }
-    return {
+        prune_s=round(result.timings.get("prune_s", 0.0), 3),
+    ).model_dump()
+    report: dict[str, Any] = {
         "summary": summary,
         **summary,
         "sequential": cfg.sequential,
         "down_stats": _down_stats_used(cfg),
         "settings": cfg.model_dump(mode="json"),
-        "calibration": calib.describe() if calib is not None else None,
+        "calibration": result.calib.describe() if result.calib is not None else None,
         "blocks": per_block,
-        "modules": stats["modules"],
-        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "modules": modules,
+        "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "memory": peak_memory(),
         "versions": package_versions(),
     }
+    shortfall = sparsity_shortfall(cfg, blocks, head, report, result.exact_total)
+    summary["warnings"] = report["warnings"] = [shortfall] if shortfall else []
+    no_op = owl_no_op(cfg, result.engine.get("block_targets"))
+    if no_op is not None:
+        report["warnings"].append(no_op)
+    for name, info in result.module_info.items():
+        report["modules"][name].update(info)
+    summary["refine"] = cfg.refine
+    if result.method_choice is not None:
+        report["method_choice"] = summary["method_choice"] = result.method_choice
+    report["architecture"] = architecture_report(model, blocks, cfg)
+    if result.engine.get("plans"):
+        report["architecture"]["derived_stages"] = result.engine["plans"]
+    moe = moe_report(cfg, blocks, result.module_info)
+    if moe is not None:
+        report["moe"] = moe
+    if cfg.refine == "dsnot":
+        refined = [name for name, _ in result.refined]
+        report["refine"] = dsnot.report_section(cfg, result.method, refined, result.module_info)
+    report["processes"] = result.processes
+    report["rank"] = result.rank
+    if "resumed_from_block" in result.engine:
+        report["resumed_from_block"] = result.engine["resumed_from_block"]
+    if cfg.owl or result.block_targets:
+        report["layerwise"] = {
+            "source": "owl" if cfg.owl else "explicit",
+            "block_targets": result.engine.get("block_targets", [str(t) for t in (result.block_targets or [])]),
+            "owl_outlier_ratios": result.engine.get("owl_outlier_ratios"),
+            "owl_m": cfg.owl_m if cfg.owl else None,
+            "owl_lambda": cfg.owl_lambda if cfg.owl else None,
+        }
+    return report
 
 
 def _down_stats_used(cfg: PruneConfig) -> str | None:
@@ -525,11 +568,11 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
     if tokenizer is None:
         tokenizer = optional_tokenizer(cfg.model, cfg.trust_remote_code)
     load_s = time.perf_counter() - t0
-    plan_targets(model, cfg)  # fail on bad targets before spending time on calibration data
+    plan = plan_targets(model, cfg)  # fail on bad targets before spending time on calibration data
     t0 = time.perf_counter()
     calib = make_calibration(model, tokenizer, cfg, ctx, records)
     calib_s = time.perf_counter() - t0
-    report = prune_model(model, tokenizer, cfg, calib, show_progress, ctx, method_choice)
+    report = prune_and_report(model, tokenizer, cfg, calib, show_progress, ctx, method_choice, plan=plan)
     report["timings"].update({"load_s": round(load_s, 3), "calibration_data_s": round(calib_s, 3)})
     report["weights"] = {"streamed": False, "why": reason}
     if ctx.is_main:  # every rank holds identical weights; one writes them
@@ -581,7 +624,7 @@ def _run_streamed(
         tokenizer = models.load_tokenizer(str(source.model_dir), cfg.trust_remote_code)
     else:
         tokenizer = optional_tokenizer(str(source.model_dir), cfg.trust_remote_code)
-    blocks, head = plan_targets(model, cfg)  # fail on bad targets before any work
+    plan = blocks, head = plan_targets(model, cfg)  # fail on bad targets before any work
     if ctx.is_main:
         check_free_space(out, streamed.output_nbytes(), cfg.checkpoint_dir)
     streamed.load_rest("cpu")  # the embeddings (and norm): capture moves them to the device for its pass
@@ -597,7 +640,7 @@ def _run_streamed(
         shard_dir = Path(cfg.checkpoint_dir) / "shards" if cfg.checkpoint_dir else tmp
         writer = ShardWriter(shard_dir, n_shards) if ctx.is_main else None
         stream = PruneStream(streamed, [], writer, body_shard=len(blocks) + 1)
-        report = prune_model(model, tokenizer, cfg, calib, show_progress, ctx, method_choice, stream)
+        report = prune_and_report(model, tokenizer, cfg, calib, show_progress, ctx, method_choice, stream, plan)
         report["timings"].update({"load_s": round(load_s, 3), "calibration_data_s": round(calib_s, 3)})
         report["weights"] = {"streamed": True, "source": str(location), "peak_block_bytes": stream.peak_block_bytes}
         if ctx.is_main:
@@ -616,7 +659,7 @@ def _run_streamed(
             report["timings"]["save_s"] = round(time.perf_counter() - t0, 3)
             report["memory"] = peak_memory()
             report["output"] = str(out)
-            write_json(Path(tmp) / REPORT_FILE, report)
+            write_report(tmp, report)
             header = "sparsetune prune --recipe recipe.yaml reproduces this run"
             dump_yaml(cfg, Path(tmp) / "recipe.yaml", header=header)
     if ctx.is_main:
@@ -684,14 +727,14 @@ def plan_device_map(cfg: PruneConfig, max_memory: dict[Any, Any] | None = None) 
 def save_pruned(
     model: nn.Module, tokenizer: Any, cfg: PruneConfig, report: dict[str, Any], out: Path, overwrite: bool
 ) -> None:
-    """Write the HF dir, sparsity_report.json and recipe.yaml into a temp dir, then rename it into place."""
+    """Write the HF dir, the report and recipe.yaml into a temp dir, then rename it into place."""
     t0 = time.perf_counter()
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         models.save_model(model, tokenizer, tmp)
         report["timings"]["save_s"] = round(time.perf_counter() - t0, 3)
         report["memory"] = peak_memory()
         report["output"] = str(out)
-        write_json(Path(tmp) / REPORT_FILE, report)
+        write_report(tmp, report)
         dump_yaml(cfg, Path(tmp) / "recipe.yaml", header="sparsetune prune --recipe recipe.yaml reproduces this run")
     report["summary"]["output"] = str(out)
 

@@ -4,26 +4,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sparsetune.errors import as_value_error
 from sparsetune.patterns import NMPattern, check_regexes, check_sparsity, parse_pattern
+from sparsetune.prune.registry import METHOD_NAMES, spoken_list
+from sparsetune.settings import CalibrationSettings, LoadSettings
 
 # DSnoT defaults live here, not in prune/dsnot.py, so the schema (and so `--help`) imports no torch.
 DSNOT_MAX_CYCLES = 50  # the paper's
 DSNOT_THRESHOLD = 0.1 / 2048  # the public code's 0.1 on sums over 2048-token samples, per token
 
-METHOD_NAMES = ("magnitude", "wanda", "sparsegpt", "alps")
 
-
-class PruneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PruneConfig(CalibrationSettings, LoadSettings):
+    RENAMED = {"seqlen": "calib_seqlen"}  # `--seqlen` until the release after next (sweep's name: one per idea)
 
     model: str = Field(description="HF model dir, hub id, .gguf file, or bundled alias (smollm2, llama)")
     output: str | None = Field(None, description="Output dir for the pruned model")
-    method: Literal["auto", "magnitude", "wanda", "sparsegpt", "alps"] = Field(
+    method: Literal[("auto", *METHOD_NAMES)] = Field(  # type: ignore[valid-type]
         "auto",
-        description="Pruning method: magnitude, wanda, sparsegpt or alps; auto = the one (with OWL and DSnoT "
+        description=f"Pruning method: {spoken_list()}; auto = the one (with OWL and DSnoT "
         "settings) that measured best at this sparsity within 3x Wanda's prune time (prints its choice)",
     )
     sparsity: float | None = Field(
@@ -35,19 +35,7 @@ class PruneConfig(BaseModel):
         description="Calibration data: c4, wikitext2, alpaca, self (sampled from the model), "
         "or a .txt/.jsonl/.json/.parquet file",
     )
-    calib_samples: int = Field(128, ge=1, description="Number of calibration samples")
-    seqlen: int = Field(2048, ge=1, description="Tokens per calibration sample (capped at the model's max positions)")
-    seed: int = Field(0, description="Random seed for sampling calibration windows")
-    calib_sampling: Literal["random", "consecutive"] = Field(
-        "random", description="random: windows from random documents; consecutive: join, tokenize once, slice"
-    )
-    calib_batch_size: int = Field(4, ge=1, description="Samples per forward mini-batch in the calibration pass")
-    data_dir: str | None = Field(None, description="Local mirror dir for named datasets (or SPARSETUNE_DATA_DIR)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Model dtype; auto = checkpoint dtype on GPU, float32 on CPU"
-    )
-    device: str = Field("auto", description="Compute device: auto, cpu, cuda, cuda:N")
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it)")
+    self_temperature: float = Field(1.0, gt=0, description="Sampling temperature for --calib self")
     targets: list[str] = Field(
         default_factory=list,
         description="Regexes of Linear names to prune (default: every Linear inside the decoder blocks)",
@@ -71,7 +59,6 @@ class PruneConfig(BaseModel):
     block_sparsity: list[float] | None = Field(
         None, description="Explicit per-block sparsity list (one per decoder block; recipes only)"
     )
-    self_temperature: float = Field(1.0, gt=0, description="Sampling temperature for --calib self")
     offload_activations: Literal["cpu", "disk"] = Field(
         "cpu", description="Where calibration activations live between blocks: cpu (RAM) or disk (memory-mapped)"
     )
@@ -177,7 +164,8 @@ class PruneConfig(BaseModel):
     @property
     def dense_down_stats(self) -> bool:
         """Wanda does not compensate for pruning error, and its down_proj scores are better from the dense
-        gate/up output (testbed, Wanda 2:4: 171 vs 187 ppl); SparseGPT's and ALPS's updates need the real input."""
+        gate/up output (bench/results/prune.jsonl, suite llmc, run wanda-2:4: variant default against
+        strict-sequential); SparseGPT's and ALPS's updates need the real input."""
         if self.down_stats == "auto":
             return self.method == "wanda"
         return self.down_stats == "dense"

@@ -296,7 +296,7 @@ def refine_selection(targets: list[tuple[str, Any]], patterns: list[str]) -> lis
 
 
 def report_section(cfg: Any, refiner: DSnoT, refined: list[str], module_info: dict[str, dict[str, Any]]) -> dict:
-    """The `refine` section of sparsity_report.json."""
+    """The `refine` section of the prune report."""
     infos = [module_info[name] for name in refined if "dsnot_swaps" in module_info.get(name, {})]
     return {
         "method": "dsnot",

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from sparsetune.errors import SparsetuneError
+from sparsetune.train.distill_config import DistillSettings
+from sparsetune.train.granet.config import GranetSettings
 from sparsetune.train.guard import new_guard
 from sparsetune.train.memory_config import LOSS_CHUNK_TOKENS
 
@@ -78,3 +80,7 @@ NOT_IDENTITY = {
 # Settings that joined the identity after checkpoints were written, with the value those checkpoints ran with: a
 # checkpoint whose identity lacks one resumes a run that sets it to that value.
 IDENTITY_ADDED: dict[str, Any] = {"loss_chunk_tokens": LOSS_CHUNK_TOKENS}
+# GraNet's and distillation's settings joined with their defaults (a checkpoint written before ran without both).
+IDENTITY_ADDED.update(
+    {name: setting.default for name, setting in {**GranetSettings.model_fields, **DistillSettings.model_fields}.items()}
+)

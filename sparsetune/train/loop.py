@@ -1,8 +1,9 @@
 """The one training loop of `seft` and `smet-pretrain`, with the method-specific parts as strategy objects.
 
 `Trainer.run()`: setup -> for each step: the rank's share of the batch, forward/backward through the shared token
-NLL, the loss guard, gradient averaging over processes, the optimizer step, the weight guard, the scheduled
-topology (or reselection) update, logging, checkpoint -> finish (write the output and the report).
+NLL (plus a teacher's distillation loss when the task set `distiller`, `distill.py`), the loss guard, gradient
+averaging over processes, the optimizer step, the weight guard, the scheduled topology (or reselection) update,
+logging, checkpoint -> finish (write the output and the report).
 
 A task (`seft.FinetuneRun` for `seft`, `smet.PretrainRun` for `smet-pretrain`) subclasses `Trainer` for what
 differs between them: what it loads (`load`), which method it trains with (`build_method`), which settings a
@@ -28,9 +29,10 @@ from torch import nn
 from sparsetune import models
 from sparsetune.distributed import DistContext, dist_context, reduce_sum
 from sparsetune.errors import SparsetuneError
-from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory, write_json
+from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory
 from sparsetune.progress import Progress
 from sparsetune.recipes import dump_yaml
+from sparsetune.reports import write_report
 from sparsetune.train.activations import Checkpointing
 from sparsetune.train.checkpoint import (
     CKPT_NAME,
@@ -40,6 +42,7 @@ from sparsetune.train.checkpoint import (
     check_checkpoint_dir,
     replace_dir,
 )
+from sparsetune.train.distill import Distiller
 from sparsetune.train.examples import IGNORE, DataOrder, Examples, collate, label_count
 from sparsetune.train.guard import (
     DIVERGENCE_FACTOR,
@@ -54,8 +57,6 @@ from sparsetune.train.sparse_start import SparseStart
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "sparsity_report.json"
-
 
 @dataclass
 class TrainingContext:
@@ -69,6 +70,8 @@ class TrainingContext:
     dist: DistContext  # the process group: rank, world size, device
     state: TrainingState  # the run's progress (step, logged rows, topology history); read only
     nll: Callable[[list[int]], torch.Tensor]  # summed token NLL of training examples `idx` (this rank's share)
+    order: DataOrder  # which training examples each step's global batch holds
+    example_labels: list[int]  # label tokens of each training example (a batch's sum normalises its loss)
     start: SparseStart | None = None  # `seft`: the pruned input's sparse matrices, masks and counts to keep
 
 
@@ -166,6 +169,7 @@ class Trainer:
     _weight_limits: dict[str, float] | None = None
     _uniform_loss: float | None = None  # ln(vocab): the loss of uniform guessing
     activation_checkpointing: Checkpointing | None = None  # the decoder blocks' activation checkpointing while training
+    distiller: Distiller | None = None  # the teacher's objective when the run distils (set by the task's `load`)
 
     def __init__(self, cfg: Any, overwrite: bool = False, show_progress: bool = True) -> None:
         self.cfg, self.overwrite, self.show_progress = cfg, overwrite, show_progress
@@ -226,7 +230,8 @@ class Trainer:
         ]
         # the settings as the task's load left them (smet-pretrain resolves --density auto)
         loaded = (self.cfg, self.model, self.tokenizer, self.pad_id, self.train_data)
-        self.context = TrainingContext(*loaded, dist=self.ctx, state=self.state, nll=self.train_nll, start=self.start)
+        progress = (self.ctx, self.state, self.train_nll, self.order, self.example_labels)  # dist ... example_labels
+        self.context = TrainingContext(*loaded, *progress, start=self.start)
         self.method = self.build_method(self.context)
         self.model = self.context.model  # as the method left it (LoRA wraps it)
         self.init_guard()
@@ -283,6 +288,14 @@ class Trainer:
         """Summed token NLL of this rank's share of the training examples `idx` (a method's growth scoring)."""
         return self.nll(self.batch(self.train_data, idx))
 
+    def objective(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed token NLL, the summed loss to minimise) of one micro-batch: the NLL both, unless distilling (the
+        logged loss and the divergence guard stay on the NLL)."""
+        if self.distiller is None:
+            nll = self.nll(batch)
+            return nll, nll
+        return self.distiller.objective(self.model, batch, self.cfg.loss_chunk_tokens)
+
     def train(self) -> None:
         cfg, method = self.cfg, self.method
         with Progress(
@@ -325,9 +338,9 @@ class Trainer:
         micro = cfg.batch_size // cfg.grad_accum
         nll = torch.zeros((), dtype=torch.float64)
         for start in range(0, cfg.batch_size, micro):
-            loss_sum = self.nll(self.batch(self.train_data, idx[start : start + micro]))
+            loss_sum, objective = self.objective(self.batch(self.train_data, idx[start : start + micro]))
             # Gradients are averaged over processes: scale the loss so the average is the global mean.
-            (loss_sum * self.ctx.world / total).backward()
+            (objective * self.ctx.world / total).backward()
             nll += loss_sum.detach().double().cpu()
         loss = float(reduce_sum(nll)) / total
         self.check_loss(step, loss)
@@ -494,8 +507,12 @@ class Trainer:
         path = self.ckpt_dir / CKPT_NAME
         saved = torch.load(path / "state.pt", weights_only=True)
         identity = self.identity()
-        # a checkpoint written before a setting joined the identity ran with the value IDENTITY_ADDED gives it
+        # a checkpoint written before a setting joined the identity ran with the value IDENTITY_ADDED gives it, and
+        # one written before a setting was renamed holds its old name (and, for a changed meaning, its old value)
         saved_identity = {**{k: v for k, v in IDENTITY_ADDED.items() if k in identity}, **saved["identity"]}
+        for old, new in type(self.cfg).RENAMED.items():
+            if old in saved_identity and new not in saved_identity:
+                saved_identity[new] = type(self.cfg).renamed_value(old, saved_identity.pop(old), saved_identity)
         if saved_identity != identity:
             diff = sorted(k for k in identity if saved_identity.get(k) != identity[k])
             raise SparsetuneError(
@@ -558,7 +575,7 @@ class Trainer:
                 if finished.write_model:
                     models.save_model(self.model, self.tokenizer, tmp)
                 (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
-                write_json(tmp / REPORT_FILE, report)
+                write_report(tmp, report)
                 header = f"sparsetune {command} --recipe recipe.yaml reproduces this run"
                 dump_yaml(self.cfg, tmp / "recipe.yaml", header=header)
                 if finished.write_files is not None:

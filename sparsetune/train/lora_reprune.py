@@ -2,7 +2,7 @@
 weights (q/k/v/o/gate/up/down in Llama), merge, re-prune with Wanda.
 
 The re-prune restores the starting model's sparsity (or N:M pattern) on exactly the Linear / Conv1D matrices that
-were sparse, with calibration windows taken from the training data, through the prune library (`prune_model`).
+were sparse, with calibration windows taken from the training data, through the prune library (`prune_and_report`).
 peft's LoRA wraps modules, not the fused 3-D expert parameters of MoE models: those stay frozen, exactly as pruned,
 are not re-pruned, and the report counts them (`frozen_sparse_matrices`).
 """
@@ -24,7 +24,7 @@ from sparsetune.data import CalibrationSet, token_hash
 from sparsetune.distributed import DistContext
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern
-from sparsetune.prune.api import prune_model
+from sparsetune.prune.api import prune_and_report
 from sparsetune.prune.config import PruneConfig
 from sparsetune.train.adamw import dense_adamw
 from sparsetune.train.examples import DataOrder, Examples
@@ -243,7 +243,7 @@ def reprune_config(
         targets=[f"^{re.escape(name)}$" for name in module_names],
         calib="training-data",
         calib_samples=calib_samples,
-        seqlen=seqlen,
+        calib_seqlen=seqlen,
         device="cpu",
         **target,
     )
@@ -258,4 +258,4 @@ def reprune(
 ) -> dict[str, Any]:
     """Wanda re-prune in place (each rank calibrates on its share; statistics are all-reduced)."""
     cfg = cfg.model_copy(update={"device": str(ctx.device)})
-    return prune_model(model, tokenizer, cfg, calib=calib, show_progress=False, ctx=ctx)
+    return prune_and_report(model, tokenizer, cfg, calib=calib, show_progress=False, ctx=ctx)

@@ -30,6 +30,20 @@ class _CaptureHead(nn.Module):
         return hidden
 
 
+def final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's forward pass with its output head bypassed: the hidden states the head would read."""
+    head = model.get_output_embeddings()
+    capture = _CaptureHead()
+    model.set_output_embeddings(capture)
+    kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+    finally:
+        model.set_output_embeddings(head)
+    assert capture.hidden is not None, "the model's forward pass did not run its output head"
+    return capture.hidden
+
+
 def token_nll_sum(
     model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = LOSS_CHUNK_TOKENS
 ) -> torch.Tensor:
@@ -43,15 +57,7 @@ def token_nll_sum(
     What the model does to its logits after the head (Gemma-2's soft-cap, Granite's and Cohere's scales) is
     applied to each chunk's logits (`logit_transform`)."""
     head = model.get_output_embeddings()
-    capture = _CaptureHead()
-    model.set_output_embeddings(capture)
-    kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
-    try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-    finally:
-        model.set_output_embeddings(head)
-    hidden = capture.hidden
-    assert hidden is not None, "the model's forward pass did not run its output head"
+    hidden = final_hidden(model, batch)
     transform = logit_transform(model.config)
     labels = batch["labels"][:, 1:].reshape(-1)
     keep = labels != IGNORE

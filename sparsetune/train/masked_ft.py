@@ -10,11 +10,33 @@ densely with its parameter).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from sparsetune.train.compact_adamw import SparseAdamW, SparseWeight, untrained_zeros
 from sparsetune.train.loop import Finished, MethodReport, TrainingContext, TrainingMethod
-from sparsetune.train.sparse_start import SparseStart
+from sparsetune.train.sparse_start import ParameterGroup, SparseStart
+
+
+def active_weights_adamw(
+    start: SparseStart, groups: list[ParameterGroup], cfg: Any
+) -> tuple[dict[str, SparseWeight], SparseAdamW]:
+    """The groups' parameters made trainable as sparse weights under their start masks, by name, and the AdamW over
+    their active entries (the run's betas, eps, weight decay and --optim)."""
+    weights = []
+    for group in groups:
+        group.param.requires_grad_(True)
+        weights.append(SparseWeight.from_mask(group.name, group.param, start.parameter_mask(group)))
+    adamw = SparseAdamW(
+        weights,
+        dense_params=[],
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        eight_bit=cfg.optim == "adamw8bit",
+    )
+    return {w.name: w for w in weights}, adamw
 
 
 class MaskedFineTuning(TrainingMethod):
@@ -26,19 +48,7 @@ class MaskedFineTuning(TrainingMethod):
         start: SparseStart = self.start
         # One sparse weight per stored parameter: a Linear or Conv1D weight, or a whole fused expert parameter.
         self.groups = {g.name: g for g in start.parameter_groups()}
-        weights = []
-        for name, group in self.groups.items():
-            group.param.requires_grad_(True)
-            weights.append(SparseWeight.from_mask(name, group.param, start.parameter_mask(group)))
-        self.optimizer = SparseAdamW(
-            weights,
-            dense_params=[],
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            eight_bit=cfg.optim == "adamw8bit",
-        )
-        self.sparse = {w.name: w for w in weights}
+        self.sparse, self.optimizer = active_weights_adamw(start, list(self.groups.values()), cfg)
         self.trainable = {name: g.param for name, g in self.groups.items()}
         self.group_of = {member: name for name, g in self.groups.items() for member in g.members}
         self.peak_grad_bytes = 0

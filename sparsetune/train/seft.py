@@ -4,7 +4,11 @@ Methods (the strategy objects in METHODS; adding one is a class and a table entr
 - `seft` (the default): sparse-delta fine-tuning, a budget of trainable entries over the frozen pruned base
   (`sparse_delta.method.SparseDelta`);
 - `masked-ft`: the active weights under a fixed mask (`masked_ft.py`);
-- `lora-reprune` (LoRA*): dense LoRA, merge, Wanda re-prune to the starting sparsity/pattern (`lora_reprune.py`).
+- `lora-reprune` (LoRA*): dense LoRA, merge, Wanda re-prune to the starting sparsity/pattern (`lora_reprune.py`);
+- `granet`: GraNet's gradual pruning with neuroregeneration to a target sparsity or N:M (`granet/`); its input may
+  be dense.
+
+Any method may distil from a dense teacher (`--distill-loss`, `distill.py`).
 
 A start whose mask drifted from its target counts (a dense edit after pruning) is first restored by a
 sensitivity re-prune. Multi-process runs (torchrun / accelerate launch) join the process group through accelerate.
@@ -26,7 +30,9 @@ from sparsetune.distributed import sum_in_place
 from sparsetune.outputs import package_versions, peak_memory
 from sparsetune.streaming import trim_heap
 from sparsetune.train.checkpoint import NOT_IDENTITY
+from sparsetune.train.distill import build_distiller
 from sparsetune.train.examples import DataOrder, Examples, instruction_examples, packed_windows
+from sparsetune.train.granet.method import GranetTraining
 from sparsetune.train.loop import Trainer, TrainingContext, TrainingMethod, mean_step_s
 from sparsetune.train.loop import print_summary as print_table
 from sparsetune.train.lora_reprune import LoraReprune
@@ -43,6 +49,7 @@ METHODS: dict[str, Callable[[TrainingContext], TrainingMethod]] = {
     "seft": SparseDelta,
     "masked-ft": MaskedFineTuning,
     "lora-reprune": LoraReprune,
+    "granet": GranetTraining,
 }
 
 
@@ -71,11 +78,12 @@ class FinetuneRun(Trainer):
             model, tokenizer = models.load_model(
                 cfg.model, dtype=cfg.dtype, device=str(self.ctx.device), trust_remote_code=cfg.trust_remote_code
             )
-            self.start = find_sparse_start(model, report)
+            self.start = find_sparse_start(model, report, allow_dense=cfg.method == "granet")
         else:
             model, tokenizer, self.start = loaded
         self.model, self.tokenizer = model, tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.distiller = build_distiller(cfg, model, tokenizer, self.start.report, self.ctx.device)
         self.train_data = load_examples(tokenizer, cfg.data, cfg, cfg.skip_tokens)
         self.val_data = load_examples(tokenizer, cfg.val_data, cfg) if cfg.val_data else None
         for p in model.parameters():
@@ -221,6 +229,8 @@ def build_report(
     losses = [r["loss"] for r in state.log]
     totals = topology_totals(state.topology)
     fields = recipe.method.report().fields
+    distiller = recipe.distiller
+    distillation = {"distillation": distiller.report(mean_step_s(state), cfg.grad_accum)} if distiller else {}
     entry = {
         "method": cfg.method,
         "data": cfg.data,
@@ -239,6 +249,7 @@ def build_report(
         "mean_step_s": mean_step_s(state),
         "finish_s": round(finish_s, 3),
         "reprune": reprune["summary"] if reprune else None,
+        **distillation,
         "settings": cfg.model_dump(mode="json"),
         "versions": package_versions(),
     }
@@ -269,6 +280,7 @@ def build_report(
         "loss_chunk_tokens": memory.get("loss_chunk_tokens"),
         "sparsity": stats["global_sparsity"],
         **fields,
+        **distillation,
         "mean_step_s": entry["mean_step_s"],
         "output": str(recipe.out),
     }
@@ -309,4 +321,9 @@ def print_summary(report: dict[str, Any]) -> None:
             rows.append((key.removesuffix("_bytes").replace("_", " "), f"{s[key] / 2**20:.1f} MiB"))
     if s.get("activation_checkpointing") is not None:
         rows.append(("activation checkpointing / loss chunk", activation_row(s)))
+    d = s.get("distillation")
+    if d:
+        share = f"{d['teacher_step_share']:.0%} of the step" if d["teacher_step_share"] is not None else ""
+        teacher = f"{d['teacher']} ({d['teacher_dtype']}, {d['teacher_weight_bytes'] / 2**20:.1f} MiB) {share}"
+        rows.append((f"distillation: {d['loss']}", teacher))
     print_table(f"sparsetune seft: {s['method']}", s, rows)

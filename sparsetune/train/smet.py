@@ -520,7 +520,9 @@ class PretrainRun(Trainer):
         return getattr(torch, self.cfg.dtype)
 
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
+        # the warmup as it runs (the default is 5% of the steps): a checkpoint's old `warmup_ratio` maps onto it
+        settings = {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
+        return {**settings, "warmup_steps": self.cfg.warmup}
 
     @property
     def itop(self) -> dict[str, torch.Tensor]:

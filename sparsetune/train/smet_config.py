@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from sparsetune.train.memory_config import activation_checkpointing_field, loss_chunk_tokens_field
+from sparsetune.train.training_config import TrainingSettings, batch_size_field, steps_field
 
 PRESETS = ("tiny", "mini", "small", "llama-60m", "llama-130m", "llama-350m", "llama-1b")
 
 
-class SmetConfig(BaseModel):
+class SmetConfig(TrainingSettings):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+    # `--warmup-ratio R` until the release after next: seft's name and unit, R x steps warmup steps
+    RENAMED = {"warmup_ratio": "warmup_steps"}
 
     model_config_name: str = Field(
         "tiny",
@@ -29,7 +31,6 @@ class SmetConfig(BaseModel):
         "tinyshakespeare",
         description="Training text: c4, tinyshakespeare, wikitext2, or a .txt/.jsonl/.json/.parquet file",
     )
-    data_dir: str | None = Field(None, description="Local mirror dir for named datasets (or SPARSETUNE_DATA_DIR)")
     val_fraction: float = Field(
         0.05, ge=0, lt=0.5, description="Fraction of the packed windows held out for validation loss"
     )
@@ -62,26 +63,14 @@ class SmetConfig(BaseModel):
         1.0, ge=0, description="Sparse layers train with lr / density^e (0 = the same lr as dense layers)"
     )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (cosine schedule)")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps for linear learning-rate warmup")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of --lr")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (2-D weights only)")
-    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
-    beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
-    optim: Literal["adamw", "adamw8bit"] = Field(
-        "adamw", description="Optimizer state: adamw (fp32 m, v) or adamw8bit (bitsandbytes blockwise 8-bit m, v)"
-    )
-    batch_size: int = Field(16, ge=1, description="Global batch: sequences per optimizer step over all processes")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (the batch is split into them)")
+    batch_size: int = batch_size_field(16)
     seqlen: int = Field(256, ge=8, description="Tokens per training window")
-    steps: int = Field(1000, ge=1, description="Optimizer steps")
+    steps: int = steps_field(1000)
     seed: int = Field(0, description="Seed for initialisation, layout, data order and random growth")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU"
     )
-    device: str = Field("auto", description="Compute device: auto, cpu, cuda, cuda:N")
-    activation_checkpointing: bool = activation_checkpointing_field()
-    loss_chunk_tokens: int = loss_chunk_tokens_field()
     eval_every: int = Field(0, ge=0, description="Compute validation loss every N steps (0 = only at the end)")
     val_batches: int = Field(4, ge=1, description="Batches of held-out windows per validation")
     spike_probe: bool = Field(
@@ -90,20 +79,12 @@ class SmetConfig(BaseModel):
         "held-out batch, and report the spike ratios it gives: free of the batch-to-batch noise of the "
         "training loss (20 extra forward passes per update)",
     )
-    log_every: int = Field(1, ge=1, description="Write a train_log.jsonl line every N steps")
-    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0 = off)")
-    checkpoint_dir: str | None = Field(
-        None, description="Where checkpoints go (default: OUTPUT.ckpt next to the output dir)"
-    )
-    resume: bool = Field(False, description="Continue from the checkpoint in --checkpoint-dir")
     trust_remote_code: bool = Field(False, description="Allow tokenizer code from the hub (off unless you trust it)")
 
     @model_validator(mode="after")
     def _consistent(self) -> SmetConfig:
         if self.drop_fraction_end > self.drop_fraction:
             raise ValueError("drop_fraction_end must not exceed drop_fraction (the fraction decays)")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if self.unique_tokens is not None and self.density != "auto":
             raise ValueError("unique_tokens is read by --density auto only; drop it or pass --density auto")
         if self.spike_probe and self.val_fraction == 0:
@@ -121,14 +102,14 @@ class SmetConfig(BaseModel):
         """Tokens the run trains on: steps x batch size x sequence length."""
         return self.steps * self.batch_size * self.seqlen
 
-    @property
-    def warmup(self) -> int:
-        return int(self.warmup_ratio * self.steps)
-
-    def checkpoint_path(self) -> str | None:
-        """The checkpoint dir in use: --checkpoint-dir, else OUTPUT.ckpt when checkpointing or resuming."""
-        if self.checkpoint_dir is not None:
-            return self.checkpoint_dir
-        if (self.checkpoint_every or self.resume) and self.output is not None:
-            return self.output.rstrip("/") + ".ckpt"
-        return None
+    @classmethod
+    def renamed_value(cls, old: str, value: Any, data: dict[str, Any]) -> Any:
+        """`warmup_ratio` R (a fraction of the steps in [0, 1)) -> int(R x steps) warmup steps, as it ran."""
+        try:
+            ratio = -1.0 if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            ratio = -1.0
+        if not 0 <= ratio < 1:
+            raise ValueError(f"warmup_ratio {value!r} must be a fraction in [0, 1); or give warmup_steps instead")
+        steps = data.get("steps", cls.model_fields["steps"].default)
+        return int(ratio * steps) if isinstance(steps, int) else None  # a bad --steps is reported as itself

@@ -4,19 +4,15 @@ and the N:M pattern, read from its zeros and its sparsity report."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsetune import masks, models
+from sparsetune import masks, models, reports
 from sparsetune.errors import SparsetuneError
 from sparsetune.train.sparse_delta.delta_linear import unpack_bits
-
-REPORT_FILE = "sparsity_report.json"
 
 
 class TargetView:
@@ -63,7 +59,7 @@ class SparseStart:
     masks: dict[str, torch.Tensor]  # name -> bool [out, in] (True = active), the mask the run starts from
     targets: dict[str, int]  # name -> the active count to keep (from the report; else the non-zeros)
     pattern: masks.NMPattern | None
-    report: dict[str, Any] | None  # the input dir's sparsity_report.json
+    report: dict[str, Any] | None  # the input dir's sparsity report (`sparsetune.reports`)
     matrices: dict[str, models.Target] = field(default_factory=dict)  # name -> where the matrix is stored
     packed: dict[str, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)  # name -> (bitmap, shape)
     deltas: Any = None  # `sparse_delta.streamed_base.LoadedDeltas`: the Linears the load already wrapped
@@ -185,15 +181,7 @@ def _resolve(model: nn.Module, names: list[str]) -> dict[str, models.Target]:
 
 
 def read_input_report(model_spec: str) -> dict[str, Any] | None:
-    path = Path(model_spec).expanduser() / REPORT_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SparsetuneError(
-            f"{path} is not valid JSON ({err}); fix or delete it to take the mask from zeros"
-        ) from err
+    return reports.read_raw(model_spec, fix="fix or delete it to take the mask from zeros")
 
 
 def find_sparse_start(
@@ -201,9 +189,11 @@ def find_sparse_start(
     report: dict[str, Any] | None,
     packed: dict[str, tuple[torch.Tensor, tuple[int, int]]] | None = None,
     order: list[str] | None = None,
+    allow_dense: bool = False,
 ) -> SparseStart:
     """The sparse matrices (those the report lists, else every decoder matrix holding zeros: Linears, Conv1D
-    weights, expert slices) and their masks.
+    weights, expert slices) and their masks. With `allow_dense` (a method that prunes, GraNet), a model without a
+    report listing its matrices starts from every decoder matrix, dense or not.
 
     `packed`: the non-zero bitmaps (and shapes) of matrices already wrapped as they loaded, whose input weights are
     gone; `order`: the decoder matrices' names as `models.named_targets` lists them before that wrapping."""
@@ -214,9 +204,12 @@ def find_sparse_start(
         missing = [n for n in names if n not in matrices and n not in packed]
         if missing:
             raise SparsetuneError(
-                f"{REPORT_FILE} names {missing[0]}, which is not a prunable weight (Linear, Conv1D or expert slice) "
-                "of this model; pass the model dir the report was written with"
+                f"{reports.REPORT_FILE} names {missing[0]}, which is not a prunable weight (Linear, Conv1D or expert "
+                "slice) of this model; pass the model dir the report was written with"
             )
+    elif allow_dense:
+        matrices = models.named_targets(model)
+        names = list(matrices)
     else:
         found = models.named_targets(model)
         names = [
@@ -232,7 +225,7 @@ def find_sparse_start(
     start = SparseStart(
         modules, start_masks, {}, pattern, report, matrices, {n: packed[n] for n in names if n in packed}
     )
-    if report is None and all(start.active_counts[n] == start.numel[n] for n in names):
+    if report is None and not allow_dense and all(start.active_counts[n] == start.numel[n] for n in names):
         raise SparsetuneError(
             "the model has no zero weights in its decoder matrices (Linears, Conv1D, experts): seft repairs a pruned "
             "model; run `sparsetune prune MODEL -o PRUNED` first and fine-tune PRUNED"

@@ -51,8 +51,10 @@ def test_prune_cli_end_to_end_and_recipe_reproduces(tiny_model_dir, text_file, t
     report = json.loads((out / "sparsity_report.json").read_text())
     assert report["calibration"]["token_hash"] and report["versions"]["torch"]
     assert set(report["timings"]) >= {"load_s", "prune_s", "save_s", "calibration_data_s"}
+    assert list(report)[-1] == "schema_version" and report["schema_version"] == 1
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["method"] == "sparsegpt" and recipe["pattern"] == "2:4"
+    assert recipe["calib_seqlen"] == 32 and "seqlen" not in recipe  # given as the old --seqlen: written new
     out2 = tmp_path / "out2"
     result = _run("prune", "--recipe", out / "recipe.yaml", "-o", out2)
     assert result.exit_code == 0, result.output
@@ -84,7 +86,7 @@ def test_help_lists_every_flag_with_defaults():
         "--pattern",
         "--calib",
         "--calib-samples",
-        "--seqlen",
+        "--calib-seqlen",
         "--seed",
         "--calib-sampling",
         "--no-sequential",
@@ -101,6 +103,7 @@ def test_help_lists_every_flag_with_defaults():
     ):
         assert flag in result.output, flag
     assert "default: auto" in result.output and "default: 128" in result.output
+    assert "--seqlen" not in result.output  # the old name of --calib-seqlen: accepted, not listed
 
 
 def _corrupt_model(tiny_model_dir):

@@ -61,7 +61,7 @@ def test_sweep_resume_skips_finished_points(tmp_path, tiny_model_dir, eval_text,
     import sparsetune.prune.api as api
 
     out = tmp_path / "sweep"
-    real_prune = api.prune_model
+    real_prune = api.prune_and_report
     calls: list[str] = []
 
     def failing_prune(model, tokenizer, cfg, *args, **kwargs):
@@ -70,7 +70,7 @@ def test_sweep_resume_skips_finished_points(tmp_path, tiny_model_dir, eval_text,
             raise RuntimeError("killed")  # a crash in the middle of the sweep
         return real_prune(model, tokenizer, cfg, *args, **kwargs)
 
-    monkeypatch.setattr(api, "prune_model", failing_prune)
+    monkeypatch.setattr(api, "prune_and_report", failing_prune)
     with pytest.raises(RuntimeError, match="killed"):
         run_cli(*sweep_args(tiny_model_dir, out, eval_text, text_file))
     partial = tmp_path / "sweep.partial"
@@ -81,8 +81,8 @@ def test_sweep_resume_skips_finished_points(tmp_path, tiny_model_dir, eval_text,
     assert refused.exit_code == 2 and "--resume" in refused.output
 
     calls.clear()
-    monkeypatch.setattr(api, "prune_model", real_prune)
-    monkeypatch.setattr(api, "prune_model", lambda *a, **k: calls.append("x") or real_prune(*a, **k))
+    monkeypatch.setattr(api, "prune_and_report", real_prune)
+    monkeypatch.setattr(api, "prune_and_report", lambda *a, **k: calls.append("x") or real_prune(*a, **k))
     resumed = run_cli(*sweep_args(tiny_model_dir, out, eval_text, text_file, "--resume"))
     assert resumed.exit_code == 0, resumed.output
     assert len(calls) == 4  # magnitude-2:4 and the three wanda points; nothing finished is redone

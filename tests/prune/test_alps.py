@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from sparsetune.cli.app import app
 from sparsetune.masks import NMPattern, nm_violations, prune_count
 from sparsetune.prune import alps, magnitude, sparsegpt
-from sparsetune.prune.api import prune_model
+from sparsetune.prune.api import prune_and_report, prune_model
 from sparsetune.prune.config import PruneConfig
 
 INFO_KEYS = {"admm_iterations", "rho", "support_converged", "support_change", "cg_iterations", "recon_error"}
@@ -192,7 +192,7 @@ def test_all_zero_hessian_falls_back_to_magnitude_with_a_warning(target):
 def test_engine_exact_sparsity_and_pattern(family, target, sequential, tiny_tokenizer, one_thread):
     model = make_tiny_model(family)
     cfg = PruneConfig(model="x", method="alps", sequential=sequential, **target)
-    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     assert report["down_stats"] == ("pruned" if sequential else "dense")
     for name, mod in _block_linears(model).items():
         w = mod.weight
@@ -210,7 +210,7 @@ def test_engine_exact_sparsity_and_pattern(family, target, sequential, tiny_toke
 def test_engine_owl_and_block_lists_meet_each_block_target_exactly(tiny_tokenizer, one_thread):
     model = make_tiny_model("llama", num_hidden_layers=4)
     cfg = PruneConfig(model="x", method="alps", sparsity=0.7, owl=True, owl_lambda=0.1)
-    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     targets = report["layerwise"]["block_targets"]
     assert len(set(targets)) > 1
     for i, layer in enumerate(model.model.layers):
@@ -228,7 +228,7 @@ def test_engine_owl_and_block_lists_meet_each_block_target_exactly(tiny_tokenize
 
     model = make_tiny_model("llama", num_hidden_layers=4)
     cfg = PruneConfig(model="x", method="alps", pattern="4:8", owl=True, owl_lambda=0.2)
-    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     patterns = [NMPattern(*map(int, t.split(":"))) for t in report["layerwise"]["block_targets"]]
     assert sum(p.n for p in patterns) == 16 and len(set(patterns)) > 1
     for i, layer in enumerate(model.model.layers):
@@ -246,7 +246,7 @@ def test_engine_warns_naming_the_module_whose_hessian_is_all_zero(tiny_tokenizer
     expected = magnitude.prune_group([o_proj.weight.data], None, 0.5)[0]
     cfg = PruneConfig(model="x", method="alps", sparsity=0.5)
     with caplog.at_level(logging.WARNING, logger="sparsetune"):
-        report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+        report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     name = "model.layers.0.self_attn.o_proj"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert [w for w in warnings if "all zero" in w] == [f"{name}: {report['modules'][name]['warning']}"]
@@ -335,10 +335,10 @@ def test_prune_help_lists_the_alps_settings():
 
 def test_resume_keeps_the_finished_blocks_module_info(tiny_tokenizer, tmp_path, one_thread):
     cfg = PruneConfig(model="x", method="alps", sparsity=0.7, checkpoint_dir=str(tmp_path / "ckpt"))
-    first = prune_model(make_tiny_model("llama"), tiny_tokenizer, cfg, _calib(), show_progress=False)
+    first = prune_and_report(make_tiny_model("llama"), tiny_tokenizer, cfg, _calib(), show_progress=False)
     resumed_cfg = cfg.model_copy(update={"resume": True})
     model = make_tiny_model("llama")
-    resumed = prune_model(model, tiny_tokenizer, resumed_cfg, _calib(), show_progress=False)
+    resumed = prune_and_report(model, tiny_tokenizer, resumed_cfg, _calib(), show_progress=False)
     assert resumed["resumed_from_block"] == 2  # every block was finished: all of it comes from the checkpoint
     for name in _block_linears(model):
         assert resumed["modules"][name] == first["modules"][name], name

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from sparsetune.cli.app import app
 from sparsetune.masks import NMPattern, nm_mask, nm_violations, row_mask
 from sparsetune.prune import alps, dsnot, magnitude, sparsegpt, wanda
-from sparsetune.prune.api import prune_model
+from sparsetune.prune.api import prune_and_report, prune_model
 from sparsetune.prune.config import PruneConfig
 from sparsetune.recipes import validate_config
 
@@ -204,7 +204,7 @@ def test_every_method_keeps_its_counts_in_the_engine(method, target, tiny_tokeni
     plain_model, model = make_tiny_model(), make_tiny_model()
     prune_model(plain_model, tiny_tokenizer, PruneConfig(model="x", method=method, **target), calib, False)
     cfg = PruneConfig(model="x", method=method, refine="dsnot", **target)
-    report = prune_model(model, tiny_tokenizer, cfg, calib, show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, calib, show_progress=False)
     plain = _block_linears(plain_model)
     for name, module in _block_linears(model).items():
         if method != "sparsegpt":  # SparseGPT's later blocks see other inputs once earlier masks changed
@@ -218,9 +218,9 @@ def test_every_method_keeps_its_counts_in_the_engine(method, target, tiny_tokeni
 
 def test_refine_with_owl_and_two_pass_keeps_every_count(tiny_tokenizer):
     settings = {"model": "x", "sparsity": 0.6, "owl": True, "sequential": False}
-    plain = prune_model(make_tiny_model(), tiny_tokenizer, PruneConfig(**settings), _calib(), show_progress=False)
+    plain = prune_and_report(make_tiny_model(), tiny_tokenizer, PruneConfig(**settings), _calib(), show_progress=False)
     cfg = PruneConfig(**settings, refine="dsnot")
-    report = prune_model(make_tiny_model(), tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(make_tiny_model(), tiny_tokenizer, cfg, _calib(), show_progress=False)
     # two-pass: every statistic comes from the dense block, so the base masks (and their counts) are the plain ones
     assert report["layerwise"]["block_targets"] == plain["layerwise"]["block_targets"]
     assert {n: m["zeros"] for n, m in report["modules"].items()} == {n: m["zeros"] for n, m in plain["modules"].items()}
@@ -233,7 +233,7 @@ def test_refine_targets_restrict_refinement(tiny_tokenizer):
     plain, model = make_tiny_model(), make_tiny_model()
     prune_model(plain, tiny_tokenizer, PruneConfig(model="x", method="magnitude"), calib, show_progress=False)
     cfg = PruneConfig(model="x", method="magnitude", refine="dsnot", refine_targets=["self_attn"])
-    report = prune_model(model, tiny_tokenizer, cfg, calib, show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, calib, show_progress=False)
     expected, changed = _block_linears(plain), []
     for name, module in _block_linears(model).items():
         if "self_attn" in name:
@@ -259,7 +259,9 @@ def test_refine_with_device_map_matches_moving_blocks(tiny_tokenizer):
     a, b = make_tiny_model(), make_tiny_model()
     settings = {"model": "x", "refine": "dsnot", "refine_targets": ["self_attn"]}
     prune_model(a, tiny_tokenizer, PruneConfig(**settings), _calib(), show_progress=False)
-    report = prune_model(b, tiny_tokenizer, PruneConfig(**settings, device_map="auto"), _calib(), show_progress=False)
+    report = prune_and_report(
+        b, tiny_tokenizer, PruneConfig(**settings, device_map="auto"), _calib(), show_progress=False
+    )
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert report["refine"]["modules_refined"] == 8 and report["refine"]["swaps"] > 0
 
@@ -390,7 +392,9 @@ def test_checkpoints_and_sweeps_from_before_refinement_stay_resumable():
     skip = {"output", "device", "data_dir", "checkpoint_dir", "resume", "device_map", "trust_remote_code", "model"}
     # moe_calibrate (issue 19) is newer still and, at its default, equally left out; stream (issue 32) says only
     # where the weights live, never what is computed
-    assert settings_hash(cfg) == old_hash(cfg.model_dump(mode="json"), skip | {"moe_calibrate", "stream"})
+    dumped = cfg.model_dump(mode="json")
+    dumped["seqlen"] = dumped.pop("calib_seqlen")  # its name when those checkpoints were written
+    assert settings_hash(cfg) == old_hash(dumped, skip | {"moe_calibrate", "stream"})
     assert settings_hash(PruneConfig(model="m", sparsity=0.6, stream=False)) == settings_hash(cfg)
     assert settings_hash(PruneConfig(model="m", sparsity=0.6, refine="dsnot")) != settings_hash(cfg)
     assert settings_hash(PruneConfig(model="m", sparsity=0.6, moe_calibrate="all")) != settings_hash(cfg)

@@ -12,7 +12,7 @@ from helpers import random_calibration as _calib
 from sparsetune.errors import SparsetuneError
 from sparsetune.prune import wanda
 from sparsetune.prune.activations import ActivationStore
-from sparsetune.prune.api import plan_targets, prune_model
+from sparsetune.prune.api import PruneResult, build_report, plan_targets, prune_and_report, prune_model
 from sparsetune.prune.config import PruneConfig
 from sparsetune.prune.engine import EngineOptions, capture_block_inputs, prune_block_sequential
 
@@ -83,7 +83,7 @@ def test_down_stats_default_is_dense_for_wanda_and_pruned_for_sparsegpt():
 def test_report_records_where_down_stats_came_from(settings, recorded, tiny_tokenizer):
     cfg = PruneConfig(model="x", **settings)
     calib = None if cfg.method == "magnitude" else _calib()
-    report = prune_model(make_tiny_model("llama"), tiny_tokenizer, cfg, calib, show_progress=False)
+    report = prune_and_report(make_tiny_model("llama"), tiny_tokenizer, cfg, calib, show_progress=False)
     assert report["down_stats"] == recorded
 
 
@@ -108,7 +108,7 @@ def test_sequential_and_two_pass_differ_after_first_sublayer(tiny_tokenizer):
 def test_targets_and_ignore_regexes(tiny_tokenizer):
     model = make_tiny_model("llama")
     cfg = PruneConfig(model="x", targets=["mlp"], ignore=[r"layers\.1\."], sparsity=0.5)
-    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     assert set(report["modules"]) == {f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")}
     assert float((model.model.layers[1].mlp.up_proj.weight == 0).float().mean()) == 0.0
     assert float((model.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) == 0.0
@@ -138,7 +138,7 @@ def test_untie_embeddings_prunes_a_copy_of_lm_head(tiny_tokenizer):
     model = make_tiny_model("llama", tie=True)
     embed = model.model.embed_tokens.weight.clone()
     cfg = PruneConfig(model="x", targets=["lm_head"], untie_embeddings=True, sparsity=0.5)
-    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     assert list(report["modules"]) == ["lm_head"]
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert torch.equal(model.model.embed_tokens.weight, embed)
@@ -162,3 +162,29 @@ def test_a_model_whose_blocks_cannot_be_found_is_refused_naming_its_type():
     config.model_type = "mystery"
     with pytest.raises(SparsetuneError, match=r"decoder blocks of model type 'mystery' \(Flat\).*no ModuleList"):
         plan_targets(Flat(config), PruneConfig(model="x"))
+
+
+def test_prune_model_returns_what_it_produced_and_the_report_is_built_from_that(tiny_tokenizer):
+    """`prune_model` prunes and returns a `PruneResult`; `build_report` only reads it (and the model), and
+    `prune_and_report` is the two in a row."""
+    model, twin = make_tiny_model("llama"), make_tiny_model("llama")
+    calib = _calib()
+    cfg = PruneConfig(model="x", method="wanda", sparsity=0.5)
+    result = prune_model(model, tiny_tokenizer, cfg, calib, show_progress=False)
+    assert isinstance(result, PruneResult) and result.cfg.method == "wanda" and result.calib is calib
+    assert result.sparsity_before == 0.0 and result.head is None and (result.processes, result.rank) == (1, 0)
+    weights = {n: t.weight() for b in result.blocks for n, t in b.modules()}
+    assert len(weights) == 2 * 7  # two blocks of q, k, v, o, gate, up, down
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    assert zeros == sum(w.numel() for w in weights.values()) // 2  # Wanda at 50%, row by row: exactly half
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    report = build_report(model, result)
+    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())  # reading only
+    assert report["global_sparsity"] == report["summary"]["global_sparsity"] == 0.5
+    assert report["weights_pruned"] == zeros and set(report["modules"]) == set(weights)
+    assert report["calibration"] == calib.describe() and report["settings"]["calib_seqlen"] == cfg.calib_seqlen
+    together = prune_and_report(twin, tiny_tokenizer, cfg, calib, show_progress=False)
+    for key in ("timings", "memory", "summary", "prune_s"):  # measured, not computed
+        together.pop(key), report.pop(key)
+    assert together == report
+    assert all(torch.equal(v, snapshot[k]) for k, v in twin.state_dict().items())

@@ -16,7 +16,7 @@ from helpers import random_calibration as _calib
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern, nm_violations
 from sparsetune.prune import owl
-from sparsetune.prune.api import plan_device_map, prune_model
+from sparsetune.prune.api import plan_device_map, prune_and_report, prune_model
 from sparsetune.prune.config import PruneConfig
 
 
@@ -39,7 +39,7 @@ def test_owl_mixed_nm_keeps_the_mean_n():
 def test_owl_global_sparsity_is_exact_and_recorded(method, tiny_tokenizer):
     model = make_tiny_model("llama", num_hidden_layers=4)
     cfg = PruneConfig(model="x", method=method, sparsity=0.7, owl=True, owl_lambda=0.1)
-    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     linears = _block_linears(model)
     zeros = sum(int((m.weight == 0).sum()) for m in linears.values())
     total = sum(m.weight.numel() for m in linears.values())
@@ -55,7 +55,7 @@ def test_owl_global_sparsity_is_exact_and_recorded(method, tiny_tokenizer):
 def test_owl_with_nm_pattern(tiny_tokenizer):
     model = make_tiny_model("llama", num_hidden_layers=4)
     cfg = PruneConfig(model="x", method="wanda", pattern="4:8", owl=True, owl_lambda=0.2)
-    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     patterns = [NMPattern(*map(int, t.split(":"))) for t in report["layerwise"]["block_targets"]]
     assert sum(p.n for p in patterns) == 16
     for i, layer in enumerate(model.model.layers):
@@ -71,7 +71,7 @@ def test_owl_that_leaves_every_block_at_2_4_says_so(tiny_tokenizer, caplog, lam,
     model = make_tiny_model("llama")
     cfg = PruneConfig(model="x", method="wanda", pattern="2:4", owl=True, owl_lambda=lam)
     with caplog.at_level("WARNING", logger="sparsetune.prune.api"):
-        report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+        report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     targets = report["layerwise"]["block_targets"]
     warned = [w for w in report["warnings"] if w.startswith("OWL left every block at 2:4")]
     if no_op:
@@ -89,7 +89,7 @@ def test_owl_that_leaves_every_block_at_2_4_says_so(tiny_tokenizer, caplog, lam,
 def test_explicit_block_sparsity_list(tiny_tokenizer):
     model = make_tiny_model("llama")
     cfg = PruneConfig(model="x", method="wanda", block_sparsity=[0.3, 0.6])
-    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     assert [round(b["sparsity"], 3) for b in report["blocks"]] == [0.3, 0.6]
     with pytest.raises(SparsetuneError, match="one sparsity per decoder block"):
         prune_model(

@@ -10,7 +10,7 @@ from helpers import random_calibration as _calib
 
 from sparsetune.masks import NMPattern, nm_violations
 from sparsetune.prune import sparsegpt, wanda
-from sparsetune.prune.api import prune_model
+from sparsetune.prune.api import prune_and_report
 from sparsetune.prune.config import PruneConfig
 
 
@@ -22,7 +22,7 @@ def test_exact_sparsity_and_pattern(family, method, target, sequential, tiny_tok
     model = make_tiny_model(family)
     embed_before = model.get_input_embeddings().weight.clone()
     cfg = PruneConfig(model="x", method=method, sequential=sequential, **target)
-    report = prune_model(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
+    report = prune_and_report(model, tiny_tokenizer, cfg, _calib(), show_progress=False)
     linears = _block_linears(model)
     assert report["modules_pruned"] == len(linears) == 14
     for name, mod in linears.items():

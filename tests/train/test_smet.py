@@ -368,6 +368,44 @@ def test_resume_after_a_crash_restores_the_itop_bitmap(corpus, tmp_path):
     ]
 
 
+def test_a_checkpoint_with_the_old_warmup_ratio_resumes(corpus, tmp_path):
+    """A checkpoint written before --warmup-ratio became --warmup-steps (its identity names warmup_ratio 0.25 of
+    12 steps) resumes a run given --warmup-steps 3, and ends as an uninterrupted run does; another value refuses."""
+    tok_dir, text = corpus
+    reference = PretrainRun(
+        SmetConfig(**settings(tok_dir, text, tmp_path / "ref", warmup_steps=3)), show_progress=False
+    )
+    reference.setup()
+    reference.train()
+    reference.finish()
+
+    class Crashing(PretrainRun):
+        def nll(self, batch):
+            if self.state.step == 7:
+                raise RuntimeError("simulated crash")
+            return super().nll(batch)
+
+    cfg = settings(tok_dir, text, tmp_path / "out", checkpoint_every=3, warmup_steps=3)
+    crashed = Crashing(SmetConfig(**cfg), show_progress=False)
+    crashed.setup()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.train()
+    state_file = crashed.ckpt_dir / "checkpoint" / "state.pt"
+    saved = torch.load(state_file, weights_only=True)
+    assert saved["identity"].pop("warmup_steps") == 3
+    saved["identity"]["warmup_ratio"] = 0.25  # as the code before the rename wrote it: int(0.25 x 12) = 3 steps
+    torch.save(saved, state_file)
+    with pytest.raises(SparsetuneError, match="warmup_steps differ"):
+        PretrainRun(SmetConfig(**{**cfg, "warmup_steps": 2}, resume=True), show_progress=False).setup()
+    resumed = PretrainRun(SmetConfig(**cfg, resume=True), show_progress=False)
+    resumed.setup()
+    assert resumed.state.step == 6
+    resumed.train()
+    resumed.finish()
+    for name, param in reference.model.named_parameters():
+        assert torch.equal(param, dict(resumed.model.named_parameters())[name]), name
+
+
 def cli_args(s: dict) -> list[str]:
     return [sys.executable, "-m", "sparsetune", "smet-pretrain", "--json", *cli_flags(s)]
 

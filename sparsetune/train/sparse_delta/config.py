@@ -5,16 +5,18 @@ Torch-free: the CLI builds its flags from these Field descriptions, and `--help`
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sparsetune.patterns import check_regexes
+from sparsetune.settings import Settings
+
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Schedule = Literal["linear", "cosine"]  # how --replace-fraction decays
 
 
-class DeltaSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DeltaSettings(Settings):
     delta_rank: int = Field(
         16,
         ge=1,
@@ -28,14 +30,12 @@ class DeltaSettings(BaseModel):
     select_window: int = Field(
         5, ge=1, description="Steps before each reselection whose gradients score the growth candidates"
     )
-    replace_fraction: float = Field(
+    replace_fraction: Fraction = Field(
         0.2,
-        ge=0,
-        le=1,
         description="Fraction of entries replaced at the second reselection, decayed to 0 at the end "
         "(the first replaces all: entries start at random positions)",
     )
-    replace_schedule: Literal["linear", "cosine"] = Field(
+    replace_schedule: Schedule = Field(
         "linear", description="Decay of --replace-fraction over training: linear or cosine"
     )
     reactivate: bool = Field(
