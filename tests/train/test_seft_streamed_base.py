@@ -211,3 +211,13 @@ def test_a_budget_larger_than_a_module_is_refused_as_it_loads(tmp_path):
         assert "--delta-rank 16 gives model.layers.0.self_attn.q_proj 1821 entries" in str(err.value)
         assert "only 1229 non-zero weights of 4096" in str(err.value)
         assert not out.exists()
+
+
+def test_distillation_over_a_streamed_base_equals_the_whole_load(tmp_path):
+    """SquareHead distillation (per-block features of the student) from the dense model the report names."""
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+    extra = {"distill_loss": "squarehead", "steps": 4}
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "whole", stream=False, **extra)), False, False)
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "streamed", **extra)), False, False)
+    assert_same_outputs(tmp_path / "whole", tmp_path / "streamed")
