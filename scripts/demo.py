@@ -31,12 +31,12 @@ def main() -> None:
     from sparsetune.cli.common import setup_logging
 
     setup_logging()  # the one-line notices (hub offline, embedded sample) and progress lines go to stderr
-    from sparsetune import models
+    from sparsetune import loading
     from sparsetune.prune.api import make_calibration, print_summary, prune_model, save_pruned
     from sparsetune.prune.config import PruneConfig
 
     t0 = step("import torch, transformers and sparsetune", start)
-    model, tok = models.load_model("smollm2")
+    model, tok = loading.load_model("smollm2")
     t0 = step("load the bundled SmolLM2-135M (the first run converts its GGUF once)", t0)
 
     cfg = PruneConfig(

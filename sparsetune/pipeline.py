@@ -46,7 +46,7 @@ from sparsetune.export.config import ExportConfig
 from sparsetune.export.writer import print_summary as print_export
 from sparsetune.export.writer import run_export
 from sparsetune.gates import check_gate_names, check_gates, eval_metrics
-from sparsetune.models import BUNDLED_ALIASES, bundled_gguf_path
+from sparsetune.loading import BUNDLED_ALIASES, bundled_gguf_path
 from sparsetune.outputs import check_parent_writable, write_json_atomic
 from sparsetune.prune.api import print_summary as print_prune
 from sparsetune.prune.api import run_prune

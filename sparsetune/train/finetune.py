@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsetune import data, masks, models
+from sparsetune import data, loading, masks
 from sparsetune.distributed import sum_in_place
 from sparsetune.outputs import package_versions, peak_memory
 from sparsetune.prune import wanda
@@ -64,7 +64,7 @@ class FinetuneRun(Trainer):
     def load(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        model, tokenizer = models.load_model(
+        model, tokenizer = loading.load_model(
             cfg.model, dtype=cfg.dtype, device=str(self.ctx.device), trust_remote_code=cfg.trust_remote_code
         )
         self.model, self.tokenizer = model, tokenizer

@@ -1,5 +1,5 @@
 """What `sparsetune seft` starts from and must preserve: the pruned model's sparse matrices (Linears, Conv1D weights
-and the expert slices of fused 3-D expert parameters, see `models.named_targets`), their masks and target counts,
+and the expert slices of fused 3-D expert parameters, see `structure.named_targets`), their masks and target counts,
 and the N:M pattern, read from its zeros and its sparsity report."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import masks, models
+from sparsetune import masks, structure
 from sparsetune.errors import SparsetuneError
 
 REPORT_FILE = "sparsity_report.json"
@@ -24,7 +24,7 @@ class TargetView:
     memory (writing into it changes the model) but is no autograd leaf: methods that train such a matrix do it
     through its stored parameter (`SparseStart.parameter_groups`)."""
 
-    def __init__(self, target: models.Target) -> None:
+    def __init__(self, target: structure.Target) -> None:
         self.target = target
 
     @property
@@ -60,7 +60,7 @@ class SparseStart:
     targets: dict[str, int]  # name -> the active count to keep (from the report; else the non-zeros)
     pattern: masks.NMPattern | None
     report: dict[str, Any] | None  # the input dir's sparsity_report.json
-    matrices: dict[str, models.Target] = field(default_factory=dict)  # name -> where the matrix is stored
+    matrices: dict[str, structure.Target] = field(default_factory=dict)  # name -> where the matrix is stored
 
     def __post_init__(self) -> None:
         self.active_counts = {name: int(m.sum()) for name, m in self.masks.items()}
@@ -147,23 +147,23 @@ class SparseStart:
         self.modules = {n: _entry(t) for n, t in found.items()}
 
 
-def _entry(target: models.Target) -> nn.Linear | TargetView:
+def _entry(target: structure.Target) -> nn.Linear | TargetView:
     return target.module if target.kind == "linear" else TargetView(target)
 
 
-def _resolve(model: nn.Module, names: list[str]) -> dict[str, models.Target]:
-    """The Target of each name: a decoder matrix (`models.named_targets`), or a Linear / Conv1D elsewhere (a pruned
+def _resolve(model: nn.Module, names: list[str]) -> dict[str, structure.Target]:
+    """The Target of each name: a decoder matrix (`structure.named_targets`), or a Linear / Conv1D elsewhere (a pruned
     lm_head). Names that are neither are left out."""
-    found = models.named_targets(model)
+    found = structure.named_targets(model)
     missing = [n for n in names if n not in found]
     if missing:
         named = dict(model.named_modules())
         for n in missing:
             module = named.get(n)
             if isinstance(module, nn.Linear):
-                found[n] = models.Target(n, module, "linear")
-            elif module is not None and models.is_conv1d(module):
-                found[n] = models.Target(n, module, "conv1d")
+                found[n] = structure.Target(n, module, "linear")
+            elif module is not None and structure.is_conv1d(module):
+                found[n] = structure.Target(n, module, "conv1d")
     return {n: found[n] for n in names if n in found}
 
 
@@ -192,7 +192,7 @@ def find_sparse_start(model: nn.Module, report: dict[str, Any] | None) -> Sparse
                 "of this model; pass the model dir the report was written with"
             )
     else:
-        matrices = {n: t for n, t in models.named_targets(model).items() if bool((t.weight() == 0).any())}
+        matrices = {n: t for n, t in structure.named_targets(model).items() if bool((t.weight() == 0).any())}
     modules = {n: _entry(t) for n, t in matrices.items()}
     start_masks = {n: (t.weight() != 0).contiguous() for n, t in matrices.items()}
     if report is None and all(bool(m.all()) for m in start_masks.values()):

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
 from sparsetune.evaluate import compare, ppl
-from sparsetune.models import load_model
+from sparsetune.loading import load_model
 from sparsetune.streaming import StreamedModel
 
 TIMING_KEYS = ("seconds", "tokens_per_s")
