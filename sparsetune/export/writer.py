@@ -22,7 +22,7 @@ from torch import nn
 
 from sparsetune import __version__, devices, loading, masks, stream_inputs, structure
 from sparsetune.errors import SparsetuneError
-from sparsetune.export import print_size_comparison, stream
+from sparsetune.export import stream
 from sparsetune.export.codecs import CODECS, force_24, mask_stats
 from sparsetune.export.config import ExportConfig, shard_size_bytes
 from sparsetune.export.formats import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256
@@ -592,14 +592,3 @@ def print_summary(report: dict[str, Any]) -> None:
             f"sparsity {report['global_sparsity']:.4f}"
         )
     print(line)
-
-
-def demo_export(pruned_dir: str | Path, out_dir: str | Path, fmt: str = "sparse-bitmask") -> dict[str, Any]:
-    """Export a pruned dir, load it back, check the weights match, and print the sizes on disk."""
-    run_export(ExportConfig(model=str(pruned_dir), output=str(out_dir), format=fmt), overwrite=True)
-    sparse, _ = loading.load_model(str(out_dir), dtype="float32", device="cpu", need_tokenizer=False)
-    dense, _ = loading.load_model(str(pruned_dir), dtype="float32", device="cpu", need_tokenizer=False)
-    ref = dense.state_dict()
-    same = all(torch.equal(t, ref[k]) for k, t in sparse.state_dict().items())
-    print(f"[export] {fmt} loaded back from {out_dir}: weights {'identical' if same else 'DIFFER'}", flush=True)
-    return {**print_size_comparison(pruned_dir, out_dir), "identical": same}

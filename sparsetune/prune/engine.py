@@ -61,7 +61,6 @@ GROUP_OF = {
     "mlp.down_proj": "mlp_mid",
 }
 GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
-MOE_CALIBRATE = ("routed", "all")
 
 Item = tuple[str, structure.Target]
 
@@ -117,7 +116,6 @@ class EngineOptions:
     keep_placement: bool = False  # device_map runs: compute each block where accelerate placed it
     module_info: dict[str, dict[str, Any]] | None = None  # filled with each module's per-method info, when given
     moe_calibrate: str = "routed"  # routed: each expert sees its routed tokens; all: every token, statistics only
-    force_generic: bool = False  # run the derived (generic) path on Llama-layout blocks too (tests compare them)
     weights: BlockWeights | None = None  # streamed weights: each block is loaded for its turn, None = all in memory
 
 
@@ -728,7 +726,7 @@ class _Plans:
     def get(
         self, layer: nn.Module, X: torch.Tensor | DiskTensor, call: BlockCall, targets: BlockTargets, dev: torch.device
     ) -> BlockPlan:
-        if targets.fast and not self.opts.force_generic:
+        if targets.fast:
             return plan_for_llama(targets)
         key = _structure_key(layer, targets)
         if key not in self.cache:
@@ -746,7 +744,7 @@ def prune_block(
 ) -> None:
     """Prune one block on `opts.device` (the fast path for a Llama-layout block, else the derived stages); X
     becomes the pruned block's output in place."""
-    if block.fast and opts.sequential and not opts.force_generic:
+    if block.fast and opts.sequential:
         prune_block_sequential(layer, X, call, block, opts)
     elif block.targets:
         plan = (plans or _Plans(opts)).get(layer, X, call, block, opts.device)
