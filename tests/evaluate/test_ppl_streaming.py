@@ -201,7 +201,7 @@ def test_tasks_that_do_not_fit_are_refused_before_anything_loads(tmp_path, task_
     def no_loading(*args, **kwargs):
         raise AssertionError("nothing may load before the memory check")
 
-    monkeypatch.setattr(compare.models, "load_model", no_loading)
+    monkeypatch.setattr(compare.loading, "load_model", no_loading)
     monkeypatch.setattr(compare, "streamed_perplexities", no_loading)
     result = run_cli("eval", dense, "--tasks", "tiny_task", "--include-path", task_dir, "--dtype", "float32")
     assert result.exit_code == 2
