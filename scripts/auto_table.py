@@ -16,9 +16,59 @@ import json
 import sys
 from pathlib import Path
 
-from sparsetune.prune.auto import MAX_TIME_VS_WANDA, VARIANTS, build_choices, table_rows
-
 ROOT = Path(__file__).resolve().parents[1]
+MAX_TIME_VS_WANDA = 3.0  # the issue's limit: auto never picks a method slower than 3x Wanda at the same target
+
+VARIANTS = {  # table variant -> (owl, refine)
+    "plain": (False, "none"),
+    "owl": (True, "none"),
+    "dsnot": (False, "dsnot"),
+    "owl+dsnot": (True, "dsnot"),
+}
+
+
+def table_rows(results: Path, since: str = "") -> dict[tuple[str, str, str], dict]:
+    """(method, target, variant) -> the newest full-size table row dated `since` ("YYYY-MM-DD HH:MM") or later.
+
+    `since` keeps the table to one machine: prune times only compare within it, and even perplexity moves a little
+    between CPUs (see bench/results/prune.jsonl, suite table: the plain wanda-0.7 rows of 2026-12-01 and 2026-12-02).
+    """
+    rows = {}
+    for line in results.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("suite") != "table" or row.get("quick") or "ppl" not in row or row["variant"] not in VARIANTS:
+            continue
+        if row.get("date", "") >= since:
+            method, target = row["run"].split("-", 1)
+            rows[method, target, row["variant"]] = row
+    return rows
+
+
+def build_choices(rows: dict[tuple[str, str, str], dict]) -> dict[str, dict]:
+    choices = {}
+    for target in sorted({t for _, t, _ in rows}):
+        wanda = rows.get(("wanda", target, "plain"))
+        if wanda is None:
+            continue
+        candidates = []
+        for (method, t, variant), row in rows.items():
+            ratio = row["prune_s"] / wanda["prune_s"]
+            if t == target and ratio <= MAX_TIME_VS_WANDA:
+                candidates.append((row["ppl"], method, variant, ratio, row))
+        ppl, method, variant, ratio, row = min(candidates, key=lambda c: c[0])
+        owl, refine = VARIANTS[variant]
+        choices[target] = {
+            "method": method,
+            "owl": owl,
+            "refine": refine,
+            "ppl": round(ppl, 4),
+            "prune_s": round(row["prune_s"], 2),
+            "time_vs_wanda": round(ratio, 3),
+            "wanda_ppl": round(wanda["ppl"], 4),
+            "rows_compared": len(candidates),
+            "measured": row.get("date"),
+        }
+    return choices
 
 
 def main() -> None:

@@ -271,10 +271,10 @@ def sparsity_check(counts: list[tuple[int, int]], target: float) -> dict[str, ob
 def evaluate(model_dir, eval_ids, arc_limit: float | None, sparsity_target: float | None = None) -> dict[str, object]:
     """Testbed perplexity and ARC-Easy accuracy (offline lm-eval task) of a saved model; with `sparsity_target`,
     also its decoder's zeros against that sparsity (`sparsity_check`)."""
-    from sparsetune import models
+    from sparsetune import loading
     from sparsetune.evaluate import harness
 
-    model, tok = models.load_model(str(model_dir), dtype="float32", device="cpu")
+    model, tok = loading.load_model(str(model_dir), dtype="float32", device="cpu")
     result: dict[str, object] = {
         "wikitext2_ppl": round(perplexity(model, eval_ids), 4),
         "decoder_sparsity": decoder_sparsity(model),

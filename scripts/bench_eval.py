@@ -43,24 +43,24 @@ def bare_loop(model, windows: torch.Tensor, batch_size: int) -> float:
 
 def ppl_memory(args: argparse.Namespace) -> None:
     """One JSON line: peak RSS of this whole process and wall time of one perplexity run on `args.ppl_dir`."""
-    from sparsetune import models
+    from sparsetune import devices, loading
     from sparsetune.evaluate.ppl import eval_token_ids, perplexity_on_ids, streamed_perplexity_on_ids
     from sparsetune.streaming import StreamedModel
 
-    device = models.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     n = args.windows * args.seqlen
-    if any(os.path.exists(os.path.join(args.ppl_dir, f)) for f in models.TOKENIZER_FILES):
-        ids, tokens = eval_token_ids(models.load_tokenizer(args.ppl_dir), "wikitext2", args.data_dir)[:n], "wikitext2"
+    if any(os.path.exists(os.path.join(args.ppl_dir, f)) for f in loading.TOKENIZER_FILES):
+        ids, tokens = eval_token_ids(loading.load_tokenizer(args.ppl_dir), "wikitext2", args.data_dir)[:n], "wikitext2"
     else:
-        vocab = int(models.read_config(args.ppl_dir).get("vocab_size") or 32000)
+        vocab = int(loading.read_config(args.ppl_dir).get("vocab_size") or 32000)
         ids, tokens = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)), "random"
     t0 = time.perf_counter()
     if args.in_memory:
-        model, _ = models.load_model(args.ppl_dir, dtype=args.dtype, device=str(device), need_tokenizer=False)
+        model, _ = loading.load_model(args.ppl_dir, dtype=args.dtype, device=str(device), need_tokenizer=False)
         load_s = time.perf_counter() - t0
         result = perplexity_on_ids(model, ids, args.seqlen, limit_windows=args.windows, batch_size=args.batch_size)
     else:
-        streamed = StreamedModel(args.ppl_dir, models.resolve_dtype(args.dtype, device))
+        streamed = StreamedModel(args.ppl_dir, devices.resolve_dtype(args.dtype, device))
         load_s = time.perf_counter() - t0
         result = streamed_perplexity_on_ids(
             streamed, ids, args.seqlen, limit_windows=args.windows, batch_size=args.batch_size, device=device
@@ -113,7 +113,7 @@ def main() -> None:
         args.seqlen, args.windows, args.reps = 256, 2, 1
 
     from sparsetune.evaluate.ppl import eval_token_ids, perplexity_on_ids
-    from sparsetune.models import load_model
+    from sparsetune.loading import load_model
 
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model, dtype="float32", device="cpu")

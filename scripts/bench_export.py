@@ -81,7 +81,7 @@ def prune_with_cli(out: Path, sparsity_args: list[str], method: str, quick: bool
 
 def to_bf16_dir(src: Path, out: Path) -> Path:
     """The pruned model stored in bf16 (bf16 keeps fp32's exponent range, so zeros and 2:4 groups survive)."""
-    from sparsetune.models import load_model, save_model
+    from sparsetune.loading import load_model, save_model
 
     model, tok = load_model(str(src), dtype="bfloat16", device="cpu")
     save_model(model, tok, out)
@@ -185,7 +185,7 @@ def bench_one(label: str, pruned: Path, work: Path, repeats: int) -> list[dict]:
     from sparsetune.export import disk_bytes, module_bytes, tensor_bytes
     from sparsetune.export.config import ExportConfig
     from sparsetune.export.writer import export_model
-    from sparsetune.models import load_model
+    from sparsetune.loading import load_model
 
     model = AutoModelForCausalLM.from_pretrained(str(pruned), dtype=torch.bfloat16)
     materialize(model)
@@ -334,7 +334,7 @@ def parse_random_config(text: str) -> tuple[str, tuple[int, int, int, int]]:
 
 def bundled_tokenizer_dir() -> Path | None:
     try:
-        from sparsetune.models import bundled_model_dir
+        from sparsetune.loading import bundled_model_dir
 
         return bundled_model_dir()
     except Exception:  # noqa: BLE001 - the bundled model is optional here: the checkpoint just has no tokenizer

@@ -189,9 +189,9 @@ def tiny_dense(work: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sparsetune import models
+    from sparsetune import loading
 
-    _, tok = models.load_model("smollm2", dtype="float32", device="cpu")
+    _, tok = loading.load_model("smollm2", dtype="float32", device="cpu")
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=2048,
@@ -218,14 +218,14 @@ def prune_start(
 
 
 def pipelines_suite(args: argparse.Namespace, work: Path) -> None:
-    from sparsetune import models
+    from sparsetune import loading
 
     tree = Path(args.tree).resolve() if args.tree else None
     calib_windows = 4 if args.quick else CALIB_WINDOWS
     dense = str(tiny_dense(work)) if args.quick else "smollm2"
     base = base_settings(args)
     recorded = recorded_rows(base)
-    _, tok = models.load_model(dense, dtype="float32", device="cpu")
+    _, tok = loading.load_model(dense, dtype="float32", device="cpu")
     wiki = Path(os.environ["SPARSETUNE_DATA_DIR"]) / "wikitext-2-raw" / "wiki.test.raw"
     eval_ids = wikitext_eval_ids(tok, str(wiki), args.eval_windows)
     wanted = args.pipelines.split(",")

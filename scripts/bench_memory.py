@@ -109,12 +109,12 @@ def dir_gb(path: Path) -> float:
 def random_checkpoint(work: Path, config: str) -> Path:
     from bench_common import make_random_checkpoint
 
-    from sparsetune import models
+    from sparsetune import loading
 
     hidden, inter, layers = CONFIGS[config]
     t0 = time.perf_counter()
     path = make_random_checkpoint(
-        work / f"random-{config}", hidden, inter, layers, 49152, tokenizer_from=models.bundled_model_dir()
+        work / f"random-{config}", hidden, inter, layers, 49152, tokenizer_from=loading.bundled_model_dir()
     )
     emit(
         {
@@ -274,9 +274,9 @@ def plain_load(path: str, offload: str) -> None:
 
 
 def suite_bundled(args: argparse.Namespace, work: Path) -> None:
-    from sparsetune import models
+    from sparsetune import loading
 
-    model = str(models.bundled_model_dir())
+    model = str(loading.bundled_model_dir())
     c4 = ROOT.parent / "shared" / "data" / "c4" / "c4_sample.jsonl"
     calib = ["--calib", str(c4) if c4.exists() else "c4", "--calib-samples", "32", "--seqlen", "512"]
     calib += ["--calib-sampling", "consecutive", "--dtype", "float32"]
@@ -338,9 +338,9 @@ def llmc_rows(python: Path, work: Path) -> dict[str, dict[str, object]]:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from sparsetune import models
+    from sparsetune import loading
 
-    model = str(models.bundled_model_dir())
+    model = str(loading.bundled_model_dir())
     shared = ROOT.parent / "shared" / "data"
     tok = AutoTokenizer.from_pretrained(model)
     calib, ev = testbed_ids(

@@ -40,13 +40,13 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from sparsetune import models
+    from sparsetune import loading
     from sparsetune.data import CalibrationSet, token_hash
     from sparsetune.prune.api import prune_and_report
     from sparsetune.prune.config import PruneConfig
 
     ids = load_file(args.ids)
-    model, tok = models.load_model(args.model, dtype="float32")
+    model, tok = loading.load_model(args.model, dtype="float32")
     if args.blocks:  # memory benchmarks: the peak is reached within the first blocks
         model.model.layers = model.model.layers[: args.blocks]
         model.config.num_hidden_layers = args.blocks
@@ -142,10 +142,10 @@ def main() -> None:
 
     from safetensors.torch import save_file
 
-    from sparsetune import models
+    from sparsetune import loading
 
-    model_dir = str(models.bundled_model_dir())
-    _, tok = models.load_model(model_dir, need_tokenizer=True)
+    model_dir = str(loading.bundled_model_dir())
+    _, tok = loading.load_model(model_dir, need_tokenizer=True)
     calib_n, eval_n = (4, 2) if args.quick else (CALIB_WINDOWS, EVAL_WINDOWS)
     data = Path(args.data_dir)
     calib, eval_ids = testbed_ids(
@@ -225,7 +225,7 @@ def other_suite(args: argparse.Namespace, me: list[str], emit, model_dir: str, t
     elif args.suite == "selfcalib":
         import shutil
 
-        from sparsetune.models import cache_dir
+        from sparsetune.loading import cache_dir
 
         shutil.rmtree(cache_dir() / "self-calibration", ignore_errors=True)  # time one real generation
         n, seqlen = (4, 128) if args.quick else (32, 512)

@@ -145,12 +145,12 @@ def override_learning_rates(spec: str) -> None:
 
 
 def quality_suite(args: argparse.Namespace, work: Path) -> None:
-    from sparsetune import models
+    from sparsetune import loading
 
     calib_windows = 4 if args.quick else CALIB_WINDOWS
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
         pruned = prune_testbed(work, calib_windows, sparsity)
-        _, tok = models.load_model(str(pruned), dtype="float32", device="cpu")
+        _, tok = loading.load_model(str(pruned), dtype="float32", device="cpu")
         wiki = Path(os.environ["SPARSETUNE_DATA_DIR"]) / "wikitext-2-raw" / "wiki.test.raw"
         eval_ids = wikitext_eval_ids(tok, str(wiki), args.eval_windows)
         base = {"suite": "quality", "start": f"wanda{round(sparsity * 100)}", "steps": args.steps}
@@ -282,12 +282,12 @@ def random_llama(work: Path, size: str, quick: bool) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sparsetune import models
+    from sparsetune import loading
 
     shape = dict(MEMORY_CONFIGS[size])
     if quick:
         shape |= {"num_hidden_layers": 2}
-    _, tok = models.load_model("smollm2", dtype="float32", device="cpu")
+    _, tok = loading.load_model("smollm2", dtype="float32", device="cpu")
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
         num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["heads"],

@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "demo-out"
@@ -31,12 +32,12 @@ def main() -> None:
     from sparsetune.cli.common import setup_logging
 
     setup_logging()  # the one-line notices (hub offline, embedded sample) and progress lines go to stderr
-    from sparsetune import models
+    from sparsetune import loading
     from sparsetune.prune.api import make_calibration, print_summary, prune_and_report, save_pruned
     from sparsetune.prune.config import PruneConfig
 
     t0 = step("import torch, transformers and sparsetune", start)
-    model, tok = models.load_model("smollm2")
+    model, tok = loading.load_model("smollm2")
     t0 = step("load the bundled SmolLM2-135M (the first run converts its GGUF once)", t0)
 
     cfg = PruneConfig(
@@ -85,10 +86,26 @@ def _perplexity_or_none(model, tok) -> dict | None:
 
 
 def _export_demo(t0: float) -> None:
-    from sparsetune.export.writer import demo_export
-
     demo_export(OUT, ROOT / "demo-out-sparse-bitmask")
     step("export sparse-bitmask and load it back", t0)
+
+
+def demo_export(pruned_dir: Path, out_dir: Path, fmt: str = "sparse-bitmask") -> dict[str, Any]:
+    """Export a pruned dir, load it back, check the weights match, and print the sizes on disk."""
+    import torch
+
+    from sparsetune.export import print_size_comparison
+    from sparsetune.export.config import ExportConfig
+    from sparsetune.export.writer import run_export
+    from sparsetune.loading import load_model
+
+    run_export(ExportConfig(model=str(pruned_dir), output=str(out_dir), format=fmt), overwrite=True)
+    sparse, _ = load_model(str(out_dir), dtype="float32", device="cpu", need_tokenizer=False)
+    dense, _ = load_model(str(pruned_dir), dtype="float32", device="cpu", need_tokenizer=False)
+    ref = dense.state_dict()
+    same = all(torch.equal(t, ref[k]) for k, t in sparse.state_dict().items())
+    print(f"[export] {fmt} loaded back from {out_dir}: weights {'identical' if same else 'DIFFER'}", flush=True)
+    return {**print_size_comparison(pruned_dir, out_dir), "identical": same}
 
 
 if __name__ == "__main__":

@@ -81,12 +81,12 @@ def check_prune(work: Path, config: str) -> None:
     from bench_common import make_random_checkpoint
     from bench_memory import CONFIGS
 
-    from sparsetune import models
+    from sparsetune import loading
 
     hidden, inter, layers = CONFIGS[config]
     t0 = time.perf_counter()
     model = make_random_checkpoint(
-        work / "model", hidden, inter, layers, 49152, tokenizer_from=models.bundled_model_dir()
+        work / "model", hidden, inter, layers, 49152, tokenizer_from=loading.bundled_model_dir()
     )
     emit({"what": f"random {config} checkpoint", "generate_s": round(time.perf_counter() - t0, 1)})
     gpu = prune_run(model, work / "gpu", "cuda")
@@ -104,9 +104,9 @@ def check_semi_structured(work: Path) -> None:
     import torch
     from bench_common import make_random_checkpoint
 
-    from sparsetune import load, models
+    from sparsetune import load, loading
 
-    model = make_random_checkpoint(work / "small", 1024, 2816, 4, 49152, tokenizer_from=models.bundled_model_dir())
+    model = make_random_checkpoint(work / "small", 1024, 2816, 4, 49152, tokenizer_from=loading.bundled_model_dir())
     pruned, exported = work / "small-24", work / "small-24-export"
     for args in (
         ["prune", str(model), "--method", "magnitude", "--pattern", "2:4", "--dtype", "bfloat16", "-o", str(pruned)],

@@ -155,7 +155,7 @@ def driver(python: str, keep: bool) -> int:
 
     from sparsetune.export.config import ExportConfig
     from sparsetune.export.writer import run_export
-    from sparsetune.models import load_model
+    from sparsetune.loading import load_model
 
     root = Path(tempfile.mkdtemp(prefix="sparsetune-interop-"))
     specs, dense_states = [], {}

@@ -78,10 +78,10 @@ def main() -> None:
 
     from safetensors.torch import load_file
 
-    from sparsetune import models
+    from sparsetune import loading
 
     adapter = load_file(args.adapter)
-    model, tok = models.load_model(args.base, dtype="float32", device="cpu")
+    model, tok = loading.load_model(args.base, dtype="float32", device="cpu")
     eval_ids = wikitext_eval_ids(tok, str(data / "wikitext-2-raw" / "wiki.test.raw"), args.eval_windows)
     docs = [json.loads(line)["text"] for line in (data / "c4" / "c4_sample.jsonl").read_text().splitlines() if line]
     c4 = tok("\n\n".join(docs[-400:]), verbose=False)["input_ids"][: args.stat_batches * 8 * 256]

@@ -225,12 +225,12 @@ def _jsonl_rows(path: Path) -> list[Any]:
 
 
 def read_records_file(path: Path) -> list[dict[str, Any]]:
-    # Hand-written rather than `datasets.load_dataset("json"/"text"/"parquet", data_files=...)`, which was measured
-    # 4-150x slower per file (c4_sample.jsonl 9 vs 54 ms, alpaca_small.json 2 vs 57 ms, a 1 MB .txt 0.1 vs 15 ms,
-    # a c4 .parquet 7 vs 32 ms; plus a 0.6-1.2 s import this path otherwise avoids) and changes records: it fills
-    # fields missing from a row with None (a text row mixed with Alpaca rows gets instruction=None, an Alpaca row
-    # text=None), parses timestamp strings to datetimes, and reports a bad .jsonl line as "row N" of a pyarrow
-    # error instead of the line and column, with no UTF-16 / binary / non-UTF-8 diagnosis.
+    # Hand-written rather than `datasets.load_dataset("json"/"text"/"parquet", data_files=...)`, which measured
+    # slower on every file type tried, plus an import this path otherwise avoids (no bench suite covers it; the
+    # figures are in the comment commit ae53ba8 added), and changes records: it fills fields missing from a row
+    # with None (a text row mixed with Alpaca rows gets instruction=None, an Alpaca row text=None), parses
+    # timestamp strings to datetimes, and reports a bad .jsonl line as "row N" of a pyarrow error instead of the
+    # line and column, with no UTF-16 / binary / non-UTF-8 diagnosis.
     suffix = path.suffix.lower()
     check_suffix(path)
     if suffix in (".txt", ".raw"):

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from sparsetune.models import resolve_device
+from sparsetune.devices import resolve_device
 
 T = TypeVar("T")
 

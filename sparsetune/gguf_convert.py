@@ -20,7 +20,7 @@ import torch
 
 from sparsetune.errors import SparsetuneError
 
-# (sparsetune.models imports this module for its GGUF inputs, so nothing here imports models or streaming.)
+# (sparsetune.loading imports this module for its GGUF inputs, so nothing here imports loading or streaming.)
 SAFE_INDEX = "model.safetensors.index.json"
 
 log = logging.getLogger(__name__)

@@ -107,9 +107,3 @@ def go_offline() -> None:
     if datasets_config is not None:
         datasets_config.HF_HUB_OFFLINE = True
         datasets_config.HF_DATASETS_OFFLINE = True
-
-
-def reset() -> None:
-    """Forget the answer (tests)."""
-    global _reachable
-    _reachable = None

@@ -425,7 +425,7 @@ def fingerprint(spec: str) -> str:
 
     A stage whose output is rewritten gets new mtimes, so every later stage that reads it runs again.
     """
-    from sparsetune.models import BUNDLED_ALIASES, bundled_gguf_path  # the library: only when a recipe runs
+    from sparsetune.loading import BUNDLED_ALIASES, bundled_gguf_path  # the library: only when a recipe runs
 
     path = Path(spec).expanduser()
     if spec in BUNDLED_ALIASES:

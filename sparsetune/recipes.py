@@ -309,8 +309,8 @@ OUTPUT_PATH_KEYS = ("output", "checkpoint_dir", "data_dir")  # always paths
 def reproducible_settings(data: dict[str, Any]) -> dict[str, Any]:
     """Settings as a recipe that reproduces the run from any working directory: local paths made absolute,
     and `data_dir` set to the mirror actually used (from SPARSETUNE_DATA_DIR when the flag was not given)."""
-    from sparsetune.data import NAMED_DATASETS, mirror_dir  # data and models import torch: the CLI imports
-    from sparsetune.models import BUNDLED_ALIASES  # this module for --help
+    from sparsetune.data import NAMED_DATASETS, mirror_dir  # data and loading import torch: the CLI imports
+    from sparsetune.loading import BUNDLED_ALIASES  # this module for --help
 
     def absolute(value: Any) -> Any:
         if isinstance(value, list):

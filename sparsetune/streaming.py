@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import models
+from sparsetune import loading, structure
 from sparsetune.errors import SparsetuneError
 from sparsetune.gguf_convert import shard_name
 
@@ -119,7 +119,7 @@ class CheckpointFiles:
                 header, data_start = _header(path)
             except Exception as err:  # noqa: BLE001 - OSError, or the hub parser's SafetensorsParsingError
                 raise SparsetuneError(
-                    f"could not load model {self.folder}: shard {path.name} is unreadable ({models.first_line(err)}); "
+                    f"could not load model {self.folder}: shard {path.name} is unreadable ({loading.first_line(err)}); "
                     "check the files are complete (re-download or re-save the model)"
                 ) from err
             self.stats[path] = (st.st_size, st.st_mtime_ns)
@@ -280,14 +280,14 @@ class StreamedModel:
             config = AutoConfig.from_pretrained(str(self.location), trust_remote_code=trust_remote_code)
         except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad config
             hint = "check config.json"
-            if not trust_remote_code and models.needs_remote_code(err):
-                hint = models.REMOTE_CODE_HINT
-            raise SparsetuneError(f"could not load model {self.location}: {models.first_line(err)}; {hint}") from err
+            if not trust_remote_code and loading.needs_remote_code(err):
+                hint = loading.REMOTE_CODE_HINT
+            raise SparsetuneError(f"could not load model {self.location}: {loading.first_line(err)}; {hint}") from err
         if getattr(self.files, "decompressed", False) and hasattr(config, "quantization_config"):
             del config.quantization_config  # the files decompress on read: transformers must not look for a quantizer
         self.model = build_skeleton(config, dtype, trust_remote_code)
         self.dtype = self.model.dtype
-        self.decoder_path, self.layers = models.find_decoder(self.model)
+        self.decoder_path, self.layers = structure.find_decoder(self.model)
         self.mapping = get_model_conversion_mapping(self.model)
         meta_state = self.model.state_dict()
         renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
@@ -308,7 +308,7 @@ class StreamedModel:
             if target.startswith(block_prefix):
                 index = int(target[len(block_prefix) :].split(".", 1)[0])
                 self.block_keys[index].append(key)
-            elif target in head_params and not models.embeddings_tied(self.model):
+            elif target in head_params and not structure.embeddings_tied(self.model):
                 self.head_keys.append(key)
             else:
                 self.rest_keys.append(key)
@@ -328,7 +328,7 @@ class StreamedModel:
     def _validate(self) -> None:
         """Load the whole checkpoint as meta tensors of its header shapes: transformers' own loader then reports
         every missing, unexpected and mis-shaped tensor, at no cost, before a byte of weights is read."""
-        tied = models.embeddings_tied(self.model)
+        tied = structure.embeddings_tied(self.model)
         state = {k: torch.empty(e.shape, dtype=e.dtype, device="meta") for k, e in self.files.entries.items()}
         info = self._load_state(state, "meta")
         if tied:
@@ -384,7 +384,7 @@ class StreamedModel:
     def load_rest(self, device: torch.device | str = "cpu") -> None:
         """Everything outside the decoder blocks except a separate output head: embeddings, final norm, ..."""
         self._load_keys(self.rest_keys, device)
-        if models.embeddings_tied(self.model) or not self.head_keys:
+        if structure.embeddings_tied(self.model) or not self.head_keys:
             self.model.tie_weights()
 
     def load_head(self, device: torch.device | str = "cpu") -> None:
@@ -419,7 +419,7 @@ class StreamedModel:
 
         block_prefix = self.decoder_path + "."
         head = self._module_name(self.model.get_output_embeddings()) + "."
-        tied = models.embeddings_tied(self.model)
+        tied = structure.embeddings_tied(self.model)
         state = {}
         for key, value in self.model.state_dict().items():
             in_head = key.startswith(head)
@@ -433,7 +433,7 @@ class StreamedModel:
         """Free the embedding table (once the calibration inputs are captured and it is written); a head tied to
         it is freed with it."""
         head = self.model.get_output_embeddings()
-        if head is not None and models.embeddings_tied(self.model):
+        if head is not None and structure.embeddings_tied(self.model):
             release(head)  # the same tensor: keep nothing alive through the head
         release(self.model.get_input_embeddings())
         trim_heap()
@@ -612,4 +612,4 @@ def save_config_files(model: nn.Module, tokenizer: Any, location: Path, out_dir:
         generation.save_pretrained(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
-    models.drop_dangling_auto_map(out_dir)
+    loading.drop_dangling_auto_map(out_dir)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from sparsetune import models
+from sparsetune import loading
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate import harness
 from sparsetune.evaluate.compare import check_model_spec, check_sources, evaluate_model, markdown_table, ppl_row_name
@@ -167,7 +167,7 @@ def run_sweep(cfg: SweepConfig, overwrite: bool = False, show_progress: bool = T
 def _run_points(cfg, todo, tasks, work, show_progress) -> None:
     """Load the base model once, draw one calibration set, and evaluate every point still to do."""
     t0 = time.perf_counter()
-    model, tokenizer = models.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = loading.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     log.info("loaded %s in %.1f s", cfg.model, time.perf_counter() - t0)
     calibrated = {p.key for p in todo if p.method != "dense" and prune_api.needs_calibration(prune_config(cfg, p))}
     needs_calib = [p for p in todo if p.key in calibrated]

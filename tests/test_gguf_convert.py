@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import load_weights
 
-from sparsetune import models
+from sparsetune import loading
 from sparsetune.errors import SparsetuneError
 from sparsetune.gguf_convert import convert_gguf
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def gguf():
     try:
-        return models.bundled_gguf_path()
+        return loading.bundled_gguf_path()
     except SparsetuneError as err:
         pytest.skip(str(err))
 

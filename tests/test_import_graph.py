@@ -1,9 +1,10 @@
-"""The package's import graph has no cycle: every import of a sparsetune module, at module level or inside a
-function, is an edge (a function-level import only postpones a cycle, it does not remove it)."""
+"""The package's import graph has no cycle, and its layers hold: every import of a sparsetune module, at module
+level or inside a function, is an edge (a function-level import only postpones a cycle, it does not remove it)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sparsetune"
@@ -104,3 +105,51 @@ def test_sparsetune_has_no_import_cycle():
     assert "sparsetune.cli.app" in graph and "sparsetune.pipeline" in graph["sparsetune.cli.run"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+# (importer, imported): regexes over module names; no edge may go from a match of the first to one of the second.
+# Loading and model structure sit below export and training (the formats those write register with
+# `input_formats` instead); SEFT's sparse deltas choose their targets through `structure`, not the prune library;
+# the multi-process helpers resolve devices below loading.
+LOADING = r"sparsetune\.(loading|structure|input_formats|devices|streaming|stream_inputs)"
+FORBIDDEN = (
+    (LOADING, r"sparsetune\.(train|export)(\..+)?"),
+    (r"sparsetune\.train\.sparse_delta(\..+)?", r"sparsetune\.prune(\..+)?"),
+    (r"sparsetune\.distributed", r"sparsetune\.(loading|structure)"),
+)
+
+
+def layer_violations(graph: dict[str, set[str]], rules=FORBIDDEN) -> list[str]:
+    """Each edge some rule forbids, as "importer -> imported"."""
+    return sorted(
+        f"{src} -> {dst}"
+        for src, targets in graph.items()
+        for dst in targets
+        for importer, imported in rules
+        if re.fullmatch(importer, src) and re.fullmatch(imported, dst)
+    )
+
+
+def test_layer_check_finds_a_forbidden_edge_and_only_that():
+    graph = {
+        "sparsetune.loading": {"sparsetune.devices", "sparsetune.export.formats"},
+        "sparsetune.export.writer": {"sparsetune.loading"},
+        "sparsetune.train.sparse_delta.method": {"sparsetune.structure", "sparsetune.prune.api"},
+        "sparsetune.train.smet": {"sparsetune.prune.engine"},  # above sparse_delta: allowed
+        "sparsetune.distributed": {"sparsetune.devices"},
+        "sparsetune.streaming_extra": {"sparsetune.train"},  # not a loading module (full names only)
+    }
+    assert layer_violations(graph) == [
+        "sparsetune.loading -> sparsetune.export.formats",
+        "sparsetune.train.sparse_delta.method -> sparsetune.prune.api",
+    ]
+    assert layer_violations({"sparsetune.distributed": {"sparsetune.loading"}}) == [
+        "sparsetune.distributed -> sparsetune.loading"
+    ]
+
+
+def test_sparsetune_layers_hold():
+    graph = import_graph()
+    assert {"sparsetune.loading", "sparsetune.structure", "sparsetune.train.sparse_delta.method"} <= set(graph)
+    violations = layer_violations(graph)
+    assert not violations, "imports across layers: " + ", ".join(violations)

@@ -231,8 +231,8 @@ COMMANDS = ["prune", "export", "eval", "seft", "smet-pretrain", "sweep", "run"]
 @pytest.mark.parametrize("command", COMMANDS)
 def test_an_output_under_a_file_is_refused_before_any_work(command, tiny_model_dir, text_file, tmp_path, monkeypatch):
     """A path component that is a file: the one unwritable parent every user (root too) can produce."""
-    monkeypatch.setattr("sparsetune.models.load_model", _fail_if_called)
-    monkeypatch.setattr("sparsetune.models.load_tokenizer", _fail_if_called)
+    monkeypatch.setattr("sparsetune.loading.load_model", _fail_if_called)
+    monkeypatch.setattr("sparsetune.loading.load_tokenizer", _fail_if_called)
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file")
     result = runner.invoke(app, _command_args(command, tiny_model_dir, text_file, blocker / "sub" / "out"))
@@ -246,7 +246,7 @@ def test_an_output_under_a_file_is_refused_before_any_work(command, tiny_model_d
 @pytest.mark.parametrize("command", ["prune", "eval", "run"])
 def test_an_output_where_nothing_can_be_made_is_refused_for_root_too(command, tiny_model_dir, text_file, monkeypatch):
     """/proc accepts no new entries, for root too (where os.access would say yes)."""
-    monkeypatch.setattr("sparsetune.models.load_model", _fail_if_called)
+    monkeypatch.setattr("sparsetune.loading.load_model", _fail_if_called)
     result = runner.invoke(app, _command_args(command, tiny_model_dir, text_file, Path("/proc/sparsetune-out/x")))
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]

@@ -320,7 +320,7 @@ def test_prune_seft_eval_export_end_to_end_skips_finished_stages_and_gates(tmp_p
     config = json.loads((out / "04-export" / "config.json").read_text())
     assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-bitmask"
 
-    from sparsetune.models import load_model
+    from sparsetune.loading import load_model
 
     exported, _ = load_model(str(out / "04-export"), dtype="float32", device="cpu", need_tokenizer=False)
     state = exported.state_dict()

@@ -24,7 +24,7 @@ from sparsetune.export.config import ExportConfig
 from sparsetune.export.loader import decompress_state, integrity_record, module_keys, read_tensors
 from sparsetune.export.stream_input import ExportedFiles
 from sparsetune.export.writer import run_export
-from sparsetune.models import load_model
+from sparsetune.loading import load_model
 from sparsetune.prune.api import run_prune
 from sparsetune.prune.config import PruneConfig
 from sparsetune.streaming import StreamedModel

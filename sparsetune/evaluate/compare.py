@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import models, reports
+from sparsetune import devices, loading, reports, structure
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluate import harness, ppl
 from sparsetune.evaluate.config import EvalConfig, EvalSettings
-from sparsetune.export import loader_for
+from sparsetune.input_formats import detect_format
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory, write_json
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,11 @@ def sparsity_info(spec: str) -> dict[str, Any] | None:
 
 def check_model_spec(spec: str, seqlen: int | None) -> None:
     """Fail before any work for a model that cannot be evaluated: missing, no tokenizer, too short a context."""
-    kind, location = models.resolve_model_path(spec)
+    kind, location = loading.resolve_model_path(spec)
     if kind != "dir":
         return
     path = Path(location)
-    path = Path(models.seft_adapter_base(path) or path)  # a seft adapter is evaluated on the base it names
+    path = Path(loading.wrapped_base(path) or path)  # a seft adapter is evaluated on the base it names
     if not (path / "config.json").exists():
         raise SparsetuneError(f"{path} has no config.json; pass a HF model dir (save_pretrained output)")
     if not any((path / name).exists() for name in TOKENIZER_FILES):
@@ -55,7 +55,7 @@ def check_model_spec(spec: str, seqlen: int | None) -> None:
             "save one into it with tokenizer.save_pretrained(dir)"
         )
     if seqlen is not None:
-        limit = int(models.read_config(path).get("max_position_embeddings") or seqlen)
+        limit = int(loading.read_config(path).get("max_position_embeddings") or seqlen)
         ppl.resolve_seqlen(seqlen, limit)
 
 
@@ -116,7 +116,7 @@ def evaluate_model(
             for j in jobs
         ]
 
-    ppl_results = perplexities(run, tokenizer, settings, models.max_positions(model), token_ids)
+    ppl_results = perplexities(run, tokenizer, settings, structure.max_positions(model), token_ids)
     return {"ppl": ppl_results, **evaluate_tasks(model, tokenizer, settings, tasks)}
 
 
@@ -149,7 +149,7 @@ def hub_snapshot(repo_id: str, trust_remote_code: bool = False) -> Path | None:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; the ordinary load reports them
-        log.info("no local snapshot of %s (%s): it loads whole", repo_id, models.first_line(err))
+        log.info("no local snapshot of %s (%s): it loads whole", repo_id, loading.first_line(err))
         return None
 
 
@@ -160,16 +160,16 @@ def stream_location(spec: str, trust_remote_code: bool = False) -> Path | None:
     estimate reads these headers."""
     from sparsetune.streaming import SAFE_INDEX, SAFE_SINGLE
 
-    kind, location = models.resolve_model_path(spec)
+    kind, location = loading.resolve_model_path(spec)
     if kind == "bundled":
-        path: Path | None = models.bundled_model_dir()
+        path: Path | None = loading.bundled_model_dir()
     elif kind == "hub":
         path = hub_snapshot(location, trust_remote_code)
     elif kind == "dir":
         path = Path(location)
     else:
         return None
-    if path is None or models.seft_adapter_base(path) is not None or loader_for(path) is not None:
+    if path is None or detect_format(path) is not None:  # an exported or adapter dir (check_model_spec ran first)
         return None
     if not (path / "config.json").is_file() or not ((path / SAFE_INDEX).is_file() or (path / SAFE_SINGLE).is_file()):
         return None
@@ -184,7 +184,7 @@ def ppl_stream_location(spec: str, trust_remote_code: bool = False) -> Path | No
         return location
     from sparsetune import stream_inputs
 
-    kind, path = models.resolve_model_path(spec)
+    kind, path = loading.resolve_model_path(spec)
     if kind != "dir":
         return None
     source, _ = stream_inputs.stream_input(Path(path))
@@ -228,8 +228,8 @@ def task_placement(spec: str, cfg: EvalSettings) -> TaskPlacement:
     location = stream_location(spec, cfg.trust_remote_code)
     if location is None:  # GGUF, exported or adapter dirs: no estimate from the headers; they load as before
         return TaskPlacement()
-    dev = models.resolve_device(cfg.device)
-    dtype = models.resolve_dtype(cfg.dtype, dev)
+    dev = devices.resolve_device(cfg.device)
+    dtype = devices.resolve_dtype(cfg.dtype, dev)
     weights = model_bytes(location, dtype)
     need = int(weights * (1 + TASK_MEMORY_OVERHEAD))
     ram = int(psutil.virtual_memory().available)
@@ -269,7 +269,7 @@ def _loaded_whole(spec: str, cfg: EvalConfig, placement: TaskPlacement) -> Itera
             folder,
         )
     try:
-        model, tokenizer = models.load_model(
+        model, tokenizer = loading.load_model(
             spec, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code, **kwargs
         )
         try:
@@ -289,18 +289,18 @@ def streamed_perplexities(location: Path, cfg: EvalConfig, show_progress: bool) 
     from sparsetune import stream_inputs
 
     t0 = time.perf_counter()
-    dev = models.resolve_device(cfg.device)
+    dev = devices.resolve_device(cfg.device)
     source, why = stream_inputs.stream_input(location)  # a plain, exported or seft adapter dir
     if source is None:
         raise SparsetuneError(f"{location} does not stream: {why}")
-    tokenizer = models.load_tokenizer(str(source.model_dir), cfg.trust_remote_code)
-    streamed = stream_inputs.open_streamed(source, models.resolve_dtype(cfg.dtype, dev), cfg.trust_remote_code)
+    tokenizer = loading.load_tokenizer(str(source.model_dir), cfg.trust_remote_code)
+    streamed = stream_inputs.open_streamed(source, devices.resolve_dtype(cfg.dtype, dev), cfg.trust_remote_code)
     setup_s = time.perf_counter() - t0
 
     def run(jobs: list[ppl.PplJob]) -> list[dict[str, Any]]:
         return ppl.streamed_perplexities(streamed, jobs, cfg.ppl_batch_size, show_progress, device=dev)
 
-    return perplexities(run, tokenizer, cfg, models.max_positions(streamed.model)), setup_s
+    return perplexities(run, tokenizer, cfg, structure.max_positions(streamed.model)), setup_s
 
 
 def run_eval(cfg: EvalConfig, overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from sparsetune import data, models
+from sparsetune import data, structure
 from sparsetune.errors import SparsetuneError
 from sparsetune.progress import Progress
 
@@ -169,7 +169,7 @@ def _has_plain_head(model: nn.Module) -> bool:
     """True when logits are exactly lm_head(last hidden state): no soft-capping or logit scaling to copy."""
     cfg = model.config
     return (
-        getattr(cfg, "model_type", None) in models.SUPPORTED_FAMILIES
+        getattr(cfg, "model_type", None) in structure.SUPPORTED_FAMILIES
         and isinstance(getattr(model, "model", None), nn.Module)
         and isinstance(model.get_output_embeddings(), nn.Linear)
         and getattr(cfg, "final_logit_softcapping", None) is None
@@ -511,7 +511,7 @@ def perplexity(
     and `dataset`, the source's label (`wikitext2 (embedded sample)` when the embedded sample was used).
     `seqlen=None` means 2048 capped at the model's max positions.
     """
-    seq = resolve_seqlen(seqlen, models.max_positions(model))
+    seq = resolve_seqlen(seqlen, structure.max_positions(model))
     ids, label = eval_source(tokenizer, source, data_dir)
     protocol = protocol_for(source)
     if protocol.max_windows is not None:

@@ -1,23 +1,25 @@
 """`sparsetune export`: compressed sparse checkpoints and loading them back.
 
-This module stays light (json + pathlib only at import time): `sparsetune.models` asks `loader_for(path)`
-on every dir it loads. The codecs, writer and loader live in submodules; `loader_for` imports the loader on use.
+Importing this package registers exported compressed dirs as an input format (`sparsetune.input_formats`): any
+command loads one decompressed, or streams it. It stays light (json + pathlib only at import time): the
+`sparsetune` package imports it, and the loader asks it about every dir it loads. The codecs, writer and loader
+live in submodules, imported on use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sparsetune.export.formats import COMPRESSED_FORMATS, FORMATS, read_export_format
 from sparsetune.export.formats import read_json as _read_json
+from sparsetune.input_formats import register_format
 
 __all__ = [
     "COMPRESSED_FORMATS",
     "FORMATS",
     "disk_bytes",
-    "loader_for",
+    "is_exported_dir",
     "module_bytes",
     "print_size_comparison",
     "read_export_format",
@@ -26,16 +28,24 @@ __all__ = [
 ]
 
 
-def loader_for(path: str | Path) -> Callable[..., Any] | None:
-    """The loader for a dir `sparsetune export` wrote in a compressed format (or compressed-tensors did), else None.
+def is_exported_dir(path: str | Path) -> bool:
+    """A dir `sparsetune export` wrote in a compressed format (or compressed-tensors did)."""
+    return read_export_format(path) is not None
 
-    The loader is called as `loader(path, dtype=torch_dtype, **kwargs)` and returns a decompressed model.
-    """
-    if read_export_format(path) is None:
-        return None
+
+def _load(path: Path, dtype: Any = None, **kwargs: Any) -> Any:
     from sparsetune.export.loader import load_exported  # torch: the CLI's --help imports this package
 
-    return load_exported
+    return load_exported(path, dtype=dtype, **kwargs)
+
+
+def _stream_files(path: Path, base_files: Any, verify: bool) -> Any:
+    from sparsetune.export.stream_input import ExportedFiles  # as above
+
+    return ExportedFiles(path, verify=verify)
+
+
+register_format("exported", "exported compressed dir", is_exported_dir, _stream_files, load=_load)
 
 
 # ----- bytes on disk -------------------------------------------------------------------------------------------

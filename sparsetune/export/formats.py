@@ -1,7 +1,8 @@
 """What an export dir is: its file names, its format (read from its JSON), and file digests.
 
-Light on purpose (json, hashlib, mmap): `sparsetune.models` asks `sparsetune.export.loader_for` about every dir
-it loads, and both the writer and the loader use these names, so neither has to import the other.
+Light on purpose (json, hashlib, mmap): the loader asks `read_export_format` about every dir it loads (through
+the input format `sparsetune.export` registers), and both the writer and the loader use these names, so neither
+has to import the other.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as safetensors_load_file
 from torch import nn
 
+from sparsetune.devices import DTYPES
 from sparsetune.errors import SparsetuneError
 from sparsetune.export.codecs import CODECS, TWO_FOUR, CorruptTensorError, nm_group_violations
 from sparsetune.export.formats import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256, read_export_format
@@ -177,14 +178,10 @@ def decompress_state(
     return state
 
 
-# The dtypes an export stores (sparsetune.models.DTYPES; not imported from there: models imports this loader).
-STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def _stored_dtype(config: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.dtype:
     name = str(config.get("dtype") or config.get("torch_dtype") or "").removeprefix("torch.")
-    if name in STORED_DTYPES:
-        return STORED_DTYPES[name]
+    if name in DTYPES:
+        return DTYPES[name]
     floats = [t.dtype for t in state.values() if t.dtype.is_floating_point]
     return floats[0] if floats else torch.float32
 

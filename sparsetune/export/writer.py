@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sparsetune import __version__, masks, models, reports, stream_inputs
+from sparsetune import __version__, devices, loading, masks, reports, stream_inputs, structure
 from sparsetune.errors import SparsetuneError
-from sparsetune.export import print_size_comparison, stream
+from sparsetune.export import stream
 from sparsetune.export.codecs import CODECS, force_24, mask_stats
 from sparsetune.export.config import ExportConfig, shard_size_bytes
 from sparsetune.export.formats import SAFE_INDEX, SAFE_WEIGHTS, SPARSETUNE_CONFIG, file_sha256
@@ -69,7 +69,7 @@ def _candidates(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[
     in_memory = model.state_dict()
     fused = {}
     for name, module in modules.items():
-        for param in models.expert_params(module):
+        for param in structure.expert_params(module):
             fused[f"{name}.{param}" if name else param] = not getattr(module, "is_transposed", False)
     out = []
     for key, tensor in state.items():
@@ -77,7 +77,7 @@ def _candidates(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[
         module = modules.get(name) if key.endswith(".weight") else None
         if isinstance(module, nn.Linear):
             out.append((name, key, "linear", True))
-        elif module is not None and models.is_conv1d(module):
+        elif module is not None and structure.is_conv1d(module):
             out.append((name, key, "conv1d", False))
         elif key in fused and tensor.dim() == 3:
             out.append((key, key, "experts", fused[key]))
@@ -289,7 +289,7 @@ def export_model(model: nn.Module, tokenizer: Any, out_dir: Path, cfg: ExportCon
     """Write `model` into the existing (empty, temporary) `out_dir` in `cfg.format`; return a report."""
     t0 = time.perf_counter()
     if cfg.format == "dense":
-        models.save_model(model, tokenizer, out_dir, max_shard_size=cfg.max_shard_size)
+        loading.save_model(model, tokenizer, out_dir, max_shard_size=cfg.max_shard_size)
         return {"format": "dense", "timings": {"write_s": round(time.perf_counter() - t0, 3)}}
 
     state = saved_state_dict(model)
@@ -334,7 +334,7 @@ def write_export_files(
         generation_config.save_pretrained(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
-    models.drop_dangling_auto_map(out_dir)
+    loading.drop_dangling_auto_map(out_dir)
 
     dtype = str(next(iter(state[plan.keys[n]] for n in plan.compress)).dtype).removeprefix("torch.")
     meta: dict[str, Any] = {
@@ -387,7 +387,7 @@ def checkpoint_dtype(spec: str) -> str:
         except ValueError:
             return "float32"
         name = str(data.get("dtype") or data.get("torch_dtype") or "float32").removeprefix("torch.")
-        if name in models.DTYPES:
+        if name in devices.DTYPES:
             return name
     return "float32"
 
@@ -407,8 +407,8 @@ def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     log.info("export loads %s whole: %s", cfg.model, why)
     t0 = time.perf_counter()
     dtype = checkpoint_dtype(cfg.model) if cfg.dtype == "auto" else cfg.dtype
-    is_gguf = models.resolve_model_path(cfg.model)[0] == "gguf"
-    model, tokenizer = models.load_model(
+    is_gguf = loading.resolve_model_path(cfg.model)[0] == "gguf"
+    model, tokenizer = loading.load_model(
         cfg.model, dtype=dtype, device="cpu", trust_remote_code=cfg.trust_remote_code, need_tokenizer=is_gguf
     )
     if not is_gguf:
@@ -459,7 +459,7 @@ def estimate_output_bytes(checkpoint: StreamedCheckpoint, planner: Planner, fmt:
 
 
 def write_dense_files(model: nn.Module, generation: Any, tokenizer: Any, out_dir: Path) -> None:
-    """What save_pretrained (through models.save_model) writes besides the weights."""
+    """What save_pretrained (through loading.save_model) writes besides the weights."""
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(str(out_dir))
@@ -467,7 +467,7 @@ def write_dense_files(model: nn.Module, generation: Any, tokenizer: Any, out_dir
         generation.save_pretrained(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
-    models.drop_dangling_auto_map(out_dir)
+    loading.drop_dangling_auto_map(out_dir)
 
 
 def run_streamed_export(cfg: ExportConfig, source: StreamInput, out: Path, overwrite: bool) -> dict[str, Any] | None:
@@ -477,7 +477,7 @@ def run_streamed_export(cfg: ExportConfig, source: StreamInput, out: Path, overw
     t0 = time.perf_counter()
     location = source.location  # its dtype, tokenizer and carried files as the whole-model path reads them
     dtype = checkpoint_dtype(str(location)) if cfg.dtype == "auto" else cfg.dtype
-    streamed = stream_inputs.open_streamed(source, models.DTYPES[dtype], cfg.trust_remote_code)
+    streamed = stream_inputs.open_streamed(source, devices.DTYPES[dtype], cfg.trust_remote_code)
     checkpoint = StreamedCheckpoint(streamed)
     split = None
     if cfg.format == "dense":
@@ -551,11 +551,11 @@ def run_streamed_export(cfg: ExportConfig, source: StreamInput, out: Path, overw
 
 
 def _tokenizer_or_none(spec: str, trust_remote_code: bool) -> Any:
-    kind, location = models.resolve_model_path(spec)
+    kind, location = loading.resolve_model_path(spec)
     if kind == "bundled":
-        location = str(models.bundled_model_dir())
+        location = str(loading.bundled_model_dir())
     try:
-        return models.load_tokenizer(location, trust_remote_code)
+        return loading.load_tokenizer(location, trust_remote_code)
     except SparsetuneError:
         log.warning("no tokenizer found in %s; the export has none (eval will need one next to the weights)", spec)
         return None
@@ -577,14 +577,3 @@ def print_summary(report: dict[str, Any]) -> None:
             f"sparsity {report['global_sparsity']:.4f}"
         )
     print(line)
-
-
-def demo_export(pruned_dir: str | Path, out_dir: str | Path, fmt: str = "sparse-bitmask") -> dict[str, Any]:
-    """Export a pruned dir, load it back, check the weights match, and print the sizes on disk."""
-    run_export(ExportConfig(model=str(pruned_dir), output=str(out_dir), format=fmt), overwrite=True)
-    sparse, _ = models.load_model(str(out_dir), dtype="float32", device="cpu", need_tokenizer=False)
-    dense, _ = models.load_model(str(pruned_dir), dtype="float32", device="cpu", need_tokenizer=False)
-    ref = dense.state_dict()
-    same = all(torch.equal(t, ref[k]) for k, t in sparse.state_dict().items())
-    print(f"[export] {fmt} loaded back from {out_dir}: weights {'identical' if same else 'DIFFER'}", flush=True)
-    return {**print_size_comparison(pruned_dir, out_dir), "identical": same}

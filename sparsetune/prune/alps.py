@@ -146,6 +146,12 @@ def _info(admm: dict[str, Any], **errors: Any) -> dict[str, Any]:
     }
 
 
+def explicit_inverse_pays(m: int, n: int) -> bool:
+    """Whether the B-update of an (m, n) problem costs fewer flops with the explicit inverse: when n < CHECK_EVERY m,
+    which is every group but a wide down_proj."""
+    return n < CHECK_EVERY * m
+
+
 @torch.no_grad()
 def admm_support(
     Wn0: torch.Tensor,
@@ -156,20 +162,17 @@ def admm_support(
     rho: float,
     rho_growth: float,
     max_iter: int,
-    explicit: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run the ADMM on Hn = Q diag(L) Q^T from Wn0 (m, n); returns its last B and what the report needs.
 
     Every buffer is allocated once. The B-update solves with (Hn + rho I)^-1 in one of two ways, whichever costs
     fewer flops over the CHECK_EVERY steps between changes of rho: through the eigenbasis (two GEMMs of m n^2 a
     step), or as the explicit n x n matrix Q diag(1 / (L + rho)) Q^T (one GEMM of m n^2 a step, plus n^3 whenever
-    rho changes). The second wins when n < CHECK_EVERY m, which is every group but a wide down_proj; `explicit`
-    forces one (tests).
+    rho changes): `explicit_inverse_pays`.
     """
     growth = tuple(f**rho_growth for f in GROWTH)
     m, n = Wn0.shape
-    if explicit is None:
-        explicit = n < CHECK_EVERY * m
+    explicit = explicit_inverse_pays(m, n)
     P0 = Wn0 @ Q  # Wn0 in the eigenbasis
     row_norms = (P0.pow(2) * L).sum(dim=1)  # tr(Wn0 Hn Wn0^T) per row, for the relative error
     CQ = P0.mul_(L)  # C Q = Wn0 Hn Q, for C = Wn0 Hn

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import data, masks, models, stream_inputs
+from sparsetune import data, devices, loading, masks, stream_inputs, structure
 from sparsetune.distributed import DistContext, dist_context
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, package_versions, peak_memory
@@ -35,39 +34,21 @@ from sparsetune.streaming import ShardWriter, human_bytes, save_config_files
 
 log = logging.getLogger(__name__)
 
-Item = tuple[str, models.Target]
+Item = tuple[str, structure.Target]
 
 
 def plan_targets(model: nn.Module, cfg: PruneConfig) -> tuple[list[BlockTargets], Item | None]:
-    """Resolve --targets/--ignore to the matrices to prune, per block; refuse anything unsafe or impossible.
+    """Resolve --targets/--ignore to the matrices to prune, per block (`structure.select_targets`, which refuses a
+    block weight the engine does not know); then refuse what the pattern or --refine-targets cannot do.
 
     Targets are the decoder blocks' Linears, Conv1Ds and fused expert slices (`...experts.gate_up_proj[3]`).
-    A block weight of any other kind (not an MoE router) is refused unless --ignore matches it: the engine would
-    not know how the block uses it, and skipping it silently would leave the model partly pruned.
     """
-    path, layers = models.find_decoder(model)
-    include = [re.compile(p) for p in cfg.targets]
-    exclude = [re.compile(p) for p in cfg.ignore]
-
-    def chosen(name: str, in_block: bool) -> bool:
-        if any(p.search(name) for p in exclude):
-            return False
-        return any(p.search(name) for p in include) if include else in_block
-
+    chosen, head_target = structure.select_targets(model, cfg.targets, cfg.ignore, cfg.untie_embeddings)
+    path, layers = structure.find_decoder(model)
     blocks = []
-    for i, layer in enumerate(layers):
+    for i, (layer, targets) in enumerate(zip(layers, chosen, strict=True)):
         prefix = f"{path}.{i}"
-        unknown = [
-            (n, what) for n, what in models.unknown_weights(layer, prefix) if not any(p.search(n) for p in exclude)
-        ]
-        if unknown:
-            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-            raise SparsetuneError(
-                f"model type {models.model_type(model)!r}: {unknown[0][0]} ({unknown[0][1]}){more} is a weight the "
-                "prune engine does not know (it prunes Linear, Conv1D and fused MoE expert parameters); nothing was "
-                "pruned. --ignore it to leave it dense"
-            )
-        block = BlockTargets(i, [t for t in models.block_targets(layer, prefix) if chosen(t.name, in_block=True)])
+        block = BlockTargets(i, targets)
         block.prefix = prefix
         locals_ = [t.name.removeprefix(prefix + ".") for t in block.targets]
         if block.targets and llama_layout(model, layer) and all(local in GROUP_OF for local in locals_):
@@ -75,23 +56,9 @@ def plan_targets(model: nn.Module, cfg: PruneConfig) -> tuple[list[BlockTargets]
             for local, target in zip(locals_, block.targets, strict=True):
                 block.groups.setdefault(GROUP_OF[local], []).append((target.name, target))
         blocks.append(block)
-
-    head = None
-    lm_head = model.get_output_embeddings()
-    if include and isinstance(lm_head, nn.Linear) and chosen("lm_head", in_block=False):
-        if models.embeddings_tied(model) and not cfg.untie_embeddings:
-            raise SparsetuneError(
-                "lm_head shares its weight with the embedding table, so pruning it would prune the embeddings; "
-                "pass --untie-embeddings to prune a separate copy, or --ignore lm_head"
-            )
-        head = ("lm_head", models.Target("lm_head", lm_head, "linear"))
+    head = (head_target.name, head_target) if head_target is not None else None
 
     chosen_all = [item for b in blocks for item in b.modules()] + ([head] if head else [])
-    if not chosen_all:
-        raise SparsetuneError(
-            f"--targets {','.join(cfg.targets) or '(default)'} matched no Linear, Conv1D or expert weight "
-            f"(model type {models.model_type(model)!r}); use regexes such as 'q_proj|k_proj' or drop --targets"
-        )
     nm = cfg.nm
     if nm is not None:
         for name, target in chosen_all:
@@ -121,11 +88,11 @@ def architecture_report(model: nn.Module, blocks: list[BlockTargets], cfg: Prune
     for b in blocks:
         for t in b.targets:
             kinds[t.kind] = kinds.get(t.kind, 0) + 1
-    known = models.is_known_family(model)
+    known = structure.is_known_family(model)
     return {
-        "model_type": models.model_type(model),
+        "model_type": structure.model_type(model),
         "family": "tested" if known else "untested: tried generically",
-        "decoder_path": models.find_decoder(model)[0],
+        "decoder_path": structure.find_decoder(model)[0],
         "blocks": len(blocks),
         "engine": engine_path(blocks, cfg),
         "target_kinds": kinds,
@@ -147,12 +114,12 @@ def make_calibration(
     if not needs_calibration(cfg):
         return None
     seqlen = cfg.calib_seqlen
-    limit = models.max_positions(model)
+    limit = structure.max_positions(model)
     if seqlen > limit:
         log.info("seqlen %d is above the model's max positions; using %d", seqlen, limit)
         seqlen = limit
     if cfg.calib == "self":
-        ctx = ctx or DistContext(0, 1, models.resolve_device(cfg.device))
+        ctx = ctx or DistContext(0, 1, devices.resolve_device(cfg.device))
         args = (model, tokenizer, cfg.calib_samples, seqlen, cfg.seed, cfg.self_temperature)
         if not ctx.is_main:  # rank 0 generates and caches; the others read its cache
             ctx.barrier()
@@ -187,7 +154,7 @@ def _checkpointer(
         return None
     identity = {
         # a streamed model is identified by its files (its weights are not in memory)
-        "model_fingerprint": stream.streamed.files.fingerprint() if stream else models.model_fingerprint(model),
+        "model_fingerprint": stream.streamed.files.fingerprint() if stream else structure.model_fingerprint(model),
         "settings_hash": settings_hash(cfg),
         "calibration_hash": calib.token_hash,
     }
@@ -246,7 +213,7 @@ def prune_model(
     In a multi-process run (`ctx.world > 1`) every rank passes the full calibration set; each accumulates
     statistics on its shard, the statistics are all-reduced, and every rank applies the identical masks.
     """
-    ctx = ctx or DistContext(0, 1, models.resolve_device(cfg.device))
+    ctx = ctx or DistContext(0, 1, devices.resolve_device(cfg.device))
     if cfg.method == "auto":
         cfg, method_choice = auto.resolve(cfg)
     if method_choice is not None and ctx.is_main:
@@ -265,9 +232,9 @@ def prune_model(
         stream.targets = [b.modules() for b in blocks]
         if head is not None:
             stream.streamed.load_head(ctx.device if ctx.device.type == "cuda" else "cpu")
-    if head is not None and models.embeddings_tied(model):
-        models.untie_embeddings(model)
-        head = ("lm_head", models.Target("lm_head", model.get_output_embeddings(), "linear"))
+    if head is not None and structure.embeddings_tied(model):
+        structure.untie_embeddings(model)
+        head = ("lm_head", structure.Target("lm_head", model.get_output_embeddings(), "linear"))
     refined: list[Item] = []
     if cfg.refine == "dsnot":  # the base method wrapped: same pass, two more statistics, masks refined
         refined = dsnot.refine_selection(
@@ -557,7 +524,7 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, show_progress: bool = T
         log.info("loading the whole model: %s", reason)
     t0 = time.perf_counter()
     device_map = plan_device_map(cfg) if cfg.device_map else None
-    model, tokenizer = models.load_model(
+    model, tokenizer = loading.load_model(
         cfg.model,
         dtype=cfg.dtype,
         device="cpu" if ctx.device.type == "cuda" else cfg.device,  # blocks visit the GPU one at a time
@@ -589,16 +556,16 @@ def streamable_location(cfg: PruneConfig) -> tuple[Path | None, str]:
         return None, "--device-map places the whole model"
     if needs_calibration(cfg) and cfg.calib == "self":
         return None, "--calib self generates its calibration text with the whole model"
-    kind, location = models.resolve_model_path(cfg.model)
+    kind, location = loading.resolve_model_path(cfg.model)
     if kind == "bundled":
-        kind, location = "dir", str(models.bundled_model_dir())
+        kind, location = "dir", str(loading.bundled_model_dir())
     if kind == "hub":
-        snapshot = models.hub_snapshot(location)
+        snapshot = loading.hub_snapshot(location)
         if snapshot is None:
             return None, "the hub id has no complete local snapshot of safetensors files"
         kind, location = "dir", str(snapshot)
     if kind == "gguf":  # converted once, tensor by tensor, into a cached HF dir
-        kind, location = "dir", str(models.gguf_dir(Path(location)))
+        kind, location = "dir", str(loading.gguf_dir(Path(location)))
     path = Path(location)
     source, why = stream_inputs.stream_input(path)  # a plain dir, an exported dir, a seft adapter dir
     return (path, "") if source is not None else (None, why)
@@ -618,10 +585,10 @@ def _run_streamed(
     t0 = time.perf_counter()
     source, _ = stream_inputs.stream_input(location)
     assert source is not None
-    streamed = stream_inputs.open_streamed(source, models.resolve_dtype(cfg.dtype, ctx.device), cfg.trust_remote_code)
+    streamed = stream_inputs.open_streamed(source, devices.resolve_dtype(cfg.dtype, ctx.device), cfg.trust_remote_code)
     model = streamed.model
     if needs_calibration(cfg):
-        tokenizer = models.load_tokenizer(str(source.model_dir), cfg.trust_remote_code)
+        tokenizer = loading.load_tokenizer(str(source.model_dir), cfg.trust_remote_code)
     else:
         tokenizer = optional_tokenizer(str(source.model_dir), cfg.trust_remote_code)
     plan = blocks, head = plan_targets(model, cfg)  # fail on bad targets before any work
@@ -687,17 +654,17 @@ def check_free_space(out: Path, need: int, checkpoint_dir: str | None) -> None:
 def optional_tokenizer(spec: str, trust_remote_code: bool) -> Any:
     """The model's tokenizer for a run that needs none (magnitude), carried into the output. A model dir without
     any tokenizer file gets one warning and an output without one; a tokenizer that fails to load is an error."""
-    kind, location = models.resolve_model_path(spec)
+    kind, location = loading.resolve_model_path(spec)
     if kind == "bundled":
-        location = str(models.bundled_model_dir())
-    if not models.has_tokenizer_files(location):
+        location = str(loading.bundled_model_dir())
+    if not loading.has_tokenizer_files(location):
         log.warning(
             "%s holds no tokenizer; magnitude pruning needs none, so the output is written without one "
             "(save one into it with tokenizer.save_pretrained before eval or seft)",
             spec,
         )
         return None
-    return models.load_tokenizer(location, trust_remote_code)
+    return loading.load_tokenizer(location, trust_remote_code)
 
 
 def plan_device_map(cfg: PruneConfig, max_memory: dict[Any, Any] | None = None) -> dict[str, Any]:
@@ -708,15 +675,15 @@ def plan_device_map(cfg: PruneConfig, max_memory: dict[Any, Any] | None = None) 
 
     if cfg.device_map != "auto":
         raise SparsetuneError(f"--device-map {cfg.device_map!r} is not supported; use --device-map auto")
-    kind, location = models.resolve_model_path(cfg.model)
+    kind, location = loading.resolve_model_path(cfg.model)
     if kind == "bundled":
-        location = str(models.bundled_model_dir())
+        location = str(loading.bundled_model_dir())
     if kind == "gguf":
         raise SparsetuneError("--device-map auto needs a HF model dir or hub id, not a .gguf file; convert it first")
     config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
     with init_empty_weights():
         empty = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
-    dtype = models.resolve_dtype(cfg.dtype, models.resolve_device(cfg.device)) or torch.float16
+    dtype = devices.resolve_dtype(cfg.dtype, devices.resolve_device(cfg.device)) or torch.float16
     empty.to(dtype)
     no_split = getattr(empty, "_no_split_modules", None) or []
     if max_memory is None:
@@ -730,7 +697,7 @@ def save_pruned(
     """Write the HF dir, the report and recipe.yaml into a temp dir, then rename it into place."""
     t0 = time.perf_counter()
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        models.save_model(model, tokenizer, tmp)
+        loading.save_model(model, tokenizer, tmp)
         report["timings"]["save_s"] = round(time.perf_counter() - t0, 3)
         report["memory"] = peak_memory()
         report["output"] = str(out)

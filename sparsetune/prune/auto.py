@@ -16,7 +16,6 @@ from typing import Any
 from sparsetune.patterns import parse_pattern
 
 CHOICES_FILE = Path(__file__).with_name("auto_choices.json")
-MAX_TIME_VS_WANDA = 3.0  # the issue's limit: auto never picks a method slower than 3x Wanda at the same target
 NEAREST_MEASURED = 0.1  # how far (in sparsity) a measured choice is carried to an unmeasured target
 FALLBACK = {"method": "wanda", "owl": False, "refine": "none"}  # before any table row exists for a target
 
@@ -89,57 +88,3 @@ def resolve(cfg: Any) -> tuple[Any, dict[str, Any] | None]:
             update[setting] = choice[setting]
     resolved = cfg.model_copy(update=update)
     return resolved, {"requested": "auto", **choice, "owl": resolved.owl, "refine": resolved.refine}
-
-
-# ---- building the table from benchmark rows (scripts/auto_table.py) ----------------------------------------------
-
-VARIANTS = {  # table variant -> (owl, refine)
-    "plain": (False, "none"),
-    "owl": (True, "none"),
-    "dsnot": (False, "dsnot"),
-    "owl+dsnot": (True, "dsnot"),
-}
-
-
-def table_rows(results: Path, since: str = "") -> dict[tuple[str, str, str], dict]:
-    """(method, target, variant) -> the newest full-size table row dated `since` ("YYYY-MM-DD HH:MM") or later.
-
-    `since` keeps the table to one machine: prune times only compare within it, and even perplexity moves a little
-    between CPUs (Wanda 70% measured 1025.6 on one and 1034.1 on another).
-    """
-    rows = {}
-    for line in results.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("suite") != "table" or row.get("quick") or "ppl" not in row or row["variant"] not in VARIANTS:
-            continue
-        if row.get("date", "") >= since:
-            method, target = row["run"].split("-", 1)
-            rows[method, target, row["variant"]] = row
-    return rows
-
-
-def build_choices(rows: dict[tuple[str, str, str], dict]) -> dict[str, dict]:
-    choices = {}
-    for target in sorted({t for _, t, _ in rows}):
-        wanda = rows.get(("wanda", target, "plain"))
-        if wanda is None:
-            continue
-        candidates = []
-        for (method, t, variant), row in rows.items():
-            ratio = row["prune_s"] / wanda["prune_s"]
-            if t == target and ratio <= MAX_TIME_VS_WANDA:
-                candidates.append((row["ppl"], method, variant, ratio, row))
-        ppl, method, variant, ratio, row = min(candidates, key=lambda c: c[0])
-        owl, refine = VARIANTS[variant]
-        choices[target] = {
-            "method": method,
-            "owl": owl,
-            "refine": refine,
-            "ppl": round(ppl, 4),
-            "prune_s": round(row["prune_s"], 2),
-            "time_vs_wanda": round(ratio, 3),
-            "wanda_ppl": round(wanda["ppl"], 4),
-            "rows_compared": len(candidates),
-            "measured": row.get("date"),
-        }
-    return choices

@@ -20,8 +20,8 @@ from torch import nn
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern
-from sparsetune.models import decoder_layers
 from sparsetune.prune.activations import DiskTensor, read_rows, write_rows
+from sparsetune.structure import decoder_layers
 
 FORMAT_VERSION = 1
 

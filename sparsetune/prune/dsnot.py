@@ -223,7 +223,7 @@ def refine_weight(
 
 
 class DSnoT:
-    """A prune method: run `base`, then refine the masks of the targets in `refine` (`models.Target`s; None:
+    """A prune method: run `base`, then refine the masks of the targets in `refine` (`structure.Target`s; None:
     every target)."""
 
     NEEDS_CALIBRATION = True

@@ -1,11 +1,11 @@
 """The one calibration engine every method shares: block by block over the decoder layers of any causal LM.
 
-Targets are 2-D [out, in] matrices (`models.Target`): Linears, transformers' Conv1D (its weight transposed) and each
+Targets are 2-D [out, in] matrices (`structure.Target`): Linears, transformers' Conv1D (its weight transposed) and each
 expert's slice of a fused 3-D expert parameter. Per block, targets that read the same input tensor form a group
 sharing one statistic, and groups run in true-sequential order: each group is calibrated on the output of the
 already-pruned ones. Two paths compute that:
 
-- The Llama-layout fast path (the families in `models.SUPPORTED_FAMILIES`, whose block forward is known): one pass
+- The Llama-layout fast path (the families in `structure.SUPPORTED_FAMILIES`, whose block forward is known): one pass
   of compute per block: statistics for [q, k, v] from the block input -> prune them -> attention with the pruned
   q, k, v gives the o_proj input -> prune o -> residual + norm give the [gate, up] input -> prune them ->
   act(gate) * up gives the down input -> prune down -> the pruned block's output becomes the next block's input.
@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from sparsetune import models
+from sparsetune import structure
 from sparsetune.distributed import sum_in_place
 from sparsetune.errors import SparsetuneError
 from sparsetune.masks import NMPattern
@@ -61,9 +61,8 @@ GROUP_OF = {
     "mlp.down_proj": "mlp_mid",
 }
 GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
-MOE_CALIBRATE = ("routed", "all")
 
-Item = tuple[str, models.Target]
+Item = tuple[str, structure.Target]
 
 
 @dataclass
@@ -72,7 +71,7 @@ class BlockTargets:
     group name -> [(full name, target)]); other blocks get their groups derived from the forward pass."""
 
     index: int
-    targets: list[models.Target] = field(default_factory=list)
+    targets: list[structure.Target] = field(default_factory=list)
     groups: dict[str, list[Item]] | None = None
     prefix: str = ""
 
@@ -117,7 +116,6 @@ class EngineOptions:
     keep_placement: bool = False  # device_map runs: compute each block where accelerate placed it
     module_info: dict[str, dict[str, Any]] | None = None  # filled with each module's per-method info, when given
     moe_calibrate: str = "routed"  # routed: each expert sees its routed tokens; all: every token, statistics only
-    force_generic: bool = False  # run the derived (generic) path on Llama-layout blocks too (tests compare them)
     weights: BlockWeights | None = None  # streamed weights: each block is loaded for its turn, None = all in memory
 
 
@@ -160,7 +158,7 @@ def batches(n: int, size: int) -> Iterator[slice]:
 
 
 def _record(model: nn.Module, input_ids: torch.Tensor, stop_at: int) -> dict[str, Any]:
-    path, layers = models.find_decoder(model)
+    path, layers = structure.find_decoder(model)
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     sink: dict[str, Any] = {}
@@ -176,8 +174,8 @@ def _record(model: nn.Module, input_ids: torch.Tensor, stop_at: int) -> dict[str
 
 def _outside_blocks(model: nn.Module) -> list[nn.Module]:
     """The decoder root's modules other than the block list (embeddings, rotary, final norm): what runs first."""
-    path, layers = models.find_decoder(model)
-    root = models.decoder_root(model)[1]
+    path, layers = structure.find_decoder(model)
+    root = structure.decoder_root(model)[1]
     return [m for m in root.children() if m is not layers]
 
 
@@ -191,7 +189,7 @@ def capture_block_inputs(
     recorded for every layer from one sample, since families like Qwen2 give sliding-window layers a different
     mask; batch-1 tensors broadcast.
     """
-    n_layers = len(models.decoder_layers(model))
+    n_layers = len(structure.decoder_layers(model))
     head = [m for m in _outside_blocks(model) if any(True for _ in (*m.parameters(), *m.buffers()))]
     homes = [_module_device(m) for m in head]
     for m in head:
@@ -246,8 +244,8 @@ def reduce_stats(stats: Any) -> Any:
 
 
 def llama_layout(model: nn.Module, layer: nn.Module) -> bool:
-    """A block of a family whose forward the fast path knows (see `models.SUPPORTED_FAMILIES`)."""
-    if models.model_type(model) not in models.SUPPORTED_FAMILIES:
+    """A block of a family whose forward the fast path knows (see `structure.SUPPORTED_FAMILIES`)."""
+    if structure.model_type(model) not in structure.SUPPORTED_FAMILIES:
         return False
     try:
         return all(isinstance(layer.get_submodule(local), nn.Linear) for local in GROUP_OF) and all(
@@ -388,7 +386,7 @@ def _structure_key(layer: nn.Module, targets: BlockTargets) -> tuple[Any, ...]:
 
 def _expert_order(experts: nn.Module) -> list[str]:
     """An experts module's fused parameters in the order its forward uses them (gate/up before down)."""
-    return [p for p in models.EXPERT_PARAMS if p in models.expert_params(experts)]
+    return [p for p in structure.EXPERT_PARAMS if p in structure.expert_params(experts)]
 
 
 @torch.no_grad()
@@ -479,7 +477,12 @@ class _Collector:
     """Statistics of the groups of some stages over one or more forward passes, via hooks on their readers."""
 
     def __init__(
-        self, layer: nn.Module, stages: list[Stage], targets: dict[str, models.Target], opts: EngineOptions, stop: bool
+        self,
+        layer: nn.Module,
+        stages: list[Stage],
+        targets: dict[str, structure.Target],
+        opts: EngineOptions,
+        stop: bool,
     ) -> None:
         self.layer, self.stages, self.targets, self.opts, self.stop = layer, stages, targets, opts, stop
         method, dev = opts.method, opts.device
@@ -539,7 +542,7 @@ class _Collector:
     def _experts_forward(self, owner: str, experts: nn.Module, params: dict[str, int]) -> Callable[..., Any]:
         original = type(experts).forward
         accumulate = self.opts.method.accumulate
-        in_param = next((p for p in ("gate_up_proj", "up_proj") if p in models.expert_params(experts)), None)
+        in_param = next((p for p in ("gate_up_proj", "up_proj") if p in structure.expert_params(experts)), None)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             hidden_states, top_k_index, top_k_weights = (*args, *kwargs.values())[:3]
@@ -629,7 +632,7 @@ def _prune_by_magnitude(items: list[Item], opts: EngineOptions) -> None:
             opts.module_info.setdefault(name, {}).update({"fallback": "magnitude", "warning": warning})
 
 
-def _targets_by_local(targets: BlockTargets) -> dict[str, models.Target]:
+def _targets_by_local(targets: BlockTargets) -> dict[str, structure.Target]:
     prefix = targets.prefix + "."
     return {t.name.removeprefix(prefix): t for t in targets.targets}
 
@@ -673,7 +676,7 @@ def dense_stats(
     targets: BlockTargets,
     plan: BlockPlan,
     opts: EngineOptions,
-) -> list[tuple[list[models.Target], Any]]:
+) -> list[tuple[list[structure.Target], Any]]:
     """(group targets, statistic) of every group, from one pass of the block as it is (all-reduced)."""
     by_local = _targets_by_local(targets)
     with _Collector(layer, plan.stages, by_local, opts, stop=False) as collector:
@@ -696,14 +699,14 @@ def plan_for_llama(targets: BlockTargets) -> BlockPlan:
 
 @torch.no_grad()
 def prune_head(
-    model: nn.Module, X: torch.Tensor | DiskTensor, head: tuple[str, models.Target], opts: EngineOptions
+    model: nn.Module, X: torch.Tensor | DiskTensor, head: tuple[str, structure.Target], opts: EngineOptions
 ) -> None:
     """Prune lm_head (only when explicitly targeted) from the final-norm output of the pruned blocks."""
-    norm = models.final_norm(model)
+    norm = structure.final_norm(model)
     if norm is None:
         raise SparsetuneError(
-            f"model type {models.model_type(model)!r}: no final norm found next to the decoder blocks "
-            f"(looked for {', '.join(models.FINAL_NORM_NAMES)}), so lm_head's input is unknown; --ignore lm_head"
+            f"model type {structure.model_type(model)!r}: no final norm found next to the decoder blocks "
+            f"(looked for {', '.join(structure.FINAL_NORM_NAMES)}), so lm_head's input is unknown; --ignore lm_head"
         )
     home = _module_device(norm)
     norm.to(opts.device)
@@ -723,7 +726,7 @@ class _Plans:
     def get(
         self, layer: nn.Module, X: torch.Tensor | DiskTensor, call: BlockCall, targets: BlockTargets, dev: torch.device
     ) -> BlockPlan:
-        if targets.fast and not self.opts.force_generic:
+        if targets.fast:
             return plan_for_llama(targets)
         key = _structure_key(layer, targets)
         if key not in self.cache:
@@ -741,7 +744,7 @@ def prune_block(
 ) -> None:
     """Prune one block on `opts.device` (the fast path for a Llama-layout block, else the derived stages); X
     becomes the pruned block's output in place."""
-    if block.fast and opts.sequential and not opts.force_generic:
+    if block.fast and opts.sequential:
         prune_block_sequential(layer, X, call, block, opts)
     elif block.targets:
         plan = (plans or _Plans(opts)).get(layer, X, call, block, opts.device)
@@ -753,7 +756,7 @@ def prune_block(
 
 def prune_uncalibrated(
     blocks: list[BlockTargets],
-    head: tuple[str, models.Target] | None,
+    head: tuple[str, structure.Target] | None,
     opts: EngineOptions,
     on_block_done: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
@@ -780,7 +783,7 @@ def run_blocks(
     model: nn.Module,
     input_ids: torch.Tensor | None,
     blocks: list[BlockTargets],
-    head: tuple[str, models.Target] | None,
+    head: tuple[str, structure.Target] | None,
     opts: EngineOptions,
     on_block_done: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
@@ -794,7 +797,7 @@ def run_blocks(
     t0 = time.perf_counter()
     X, calls = capture_block_inputs(model, input_ids, opts.batch_size, opts.device, opts.store)
     result: dict[str, Any] = {"capture_s": time.perf_counter() - t0}
-    layers = models.decoder_layers(model)
+    layers = structure.decoder_layers(model)
     plans = _Plans(opts)
     start = 0
     if opts.resume and opts.checkpoint is not None and opts.checkpoint.exists():
@@ -888,7 +891,7 @@ def owl_targets(
     plans = plans or _Plans(opts)
     H = opts.store.copy(X)
     ratios, sizes = [], []
-    for i, layer in enumerate(models.decoder_layers(model)):
+    for i, layer in enumerate(structure.decoder_layers(model)):
         with _block_on_device(layer, opts, i) as dev:
             call = _on_device(calls[i], dev)
             plan = plans.get(layer, H, call, blocks[i], dev)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from sparsetune.data import CalibrationSet, token_hash
-from sparsetune.models import cache_dir, model_fingerprint
+from sparsetune.loading import cache_dir
+from sparsetune.structure import model_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sparsetune import models
+from sparsetune import structure
 
 _ORIGINAL_FORWARD = "_sparsetune_unchecked_forward"  # set on a block whose forward `torch` mode wrapped
 
@@ -49,7 +49,7 @@ class Checkpointing:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.layers = list(models.decoder_layers(model))
+        self.layers = list(structure.decoder_layers(model))
         self.mechanism = "torch"
         self.active = True
         layer_class = _hf_layer_class()

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sparsetune import models
+from sparsetune import loading, structure
 from sparsetune.errors import SparsetuneError
 from sparsetune.train.examples import IGNORE
 from sparsetune.train.loss import LOSS_CHUNK_TOKENS, final_hidden, logit_transform
@@ -82,7 +82,7 @@ def captured_layers(model: nn.Module, enabled: bool = True) -> Iterator[list[tor
         if recording[0]:
             outputs.append(output[0] if isinstance(output, tuple) else output)
 
-    handles = [layer.register_forward_hook(hook) for layer in models.decoder_layers(model)]
+    handles = [layer.register_forward_hook(hook) for layer in structure.decoder_layers(model)]
     try:
         yield outputs
     finally:
@@ -166,11 +166,11 @@ def load_teacher(
 ) -> Teacher:
     """Load the teacher in `dtype` (bf16 or nf4), refusing one whose vocabulary or tokenizer differs from the
     student's (read from its config and tokenizer before its weights when it is a local dir)."""
-    kind, location = models.resolve_model_path(spec)
+    kind, location = loading.resolve_model_path(spec)
     student_vocab = int(student.config.get_text_config().vocab_size)
     student_tokens = student_tokenizer.get_vocab() if student_tokenizer is not None else None
     if kind == "dir" and (Path(location) / "config.json").is_file():
-        config = models.read_config(location)
+        config = loading.read_config(location)
         vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
         if vocab is not None:
             check_same_vocabulary(student_vocab, int(vocab), None, None)
@@ -182,14 +182,14 @@ def load_teacher(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
         kwargs["device_map"] = {"": str(device)}
-    model, tokenizer = models.load_model(
+    model, tokenizer = loading.load_model(
         spec, dtype="bfloat16", device=str(device), trust_remote_code=trust_remote_code, **kwargs
     )
     teacher_tokens = tokenizer.get_vocab() if tokenizer is not None else None
     check_same_vocabulary(student_vocab, int(model.config.get_text_config().vocab_size), student_tokens, teacher_tokens)
     if capture_layers:
         shapes = [
-            (len(models.decoder_layers(m)), int(m.config.get_text_config().hidden_size)) for m in (student, model)
+            (len(structure.decoder_layers(m)), int(m.config.get_text_config().hidden_size)) for m in (student, model)
         ]
         if shapes[0] != shapes[1]:
             raise SparsetuneError(

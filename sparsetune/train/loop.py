@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import models
+from sparsetune import loading
 from sparsetune.distributed import DistContext, dist_context, reduce_sum
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory
@@ -573,7 +573,7 @@ class Trainer:
         if self.ctx.is_main:
             with atomic_output_dir(self.out, overwrite=self.overwrite) as tmp:
                 if finished.write_model:
-                    models.save_model(self.model, self.tokenizer, tmp)
+                    loading.save_model(self.model, self.tokenizer, tmp)
                 (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
                 write_report(tmp, report)
                 header = f"sparsetune {command} --recipe recipe.yaml reproduces this run"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import distributed, models
+from sparsetune import distributed, structure
 from sparsetune.data import CalibrationSet, token_hash
 from sparsetune.distributed import DistContext
 from sparsetune.errors import SparsetuneError
@@ -54,8 +54,8 @@ class LoraReprune(TrainingMethod):
             )
         if not self.lora_modules:
             raise SparsetuneError(
-                f"lora-reprune: model type {models.model_type(context.model)!r} has no Linear or Conv1D weight in its "
-                "decoder blocks for LoRA to wrap; use --method masked-ft"
+                f"lora-reprune: model type {structure.model_type(context.model)!r} has no Linear or Conv1D weight in "
+                "its decoder blocks for LoRA to wrap; use --method masked-ft"
             )
         context.model = attach_lora(context.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, self.lora_modules)
         context.model.train()
@@ -137,7 +137,7 @@ class LoraReprune(TrainingMethod):
 def subset_block_sparsity(model: nn.Module, start: Any, names: list[str], fallback: list[float]) -> list[float]:
     """Per decoder block, the start sparsity of the matrices `names` inside it (a block without any keeps its
     `fallback` entry)."""
-    path = models.find_decoder(model)[0]
+    path = structure.find_decoder(model)[0]
     out = []
     for i, default in enumerate(fallback):
         inside = [n for n in names if n.startswith(f"{path}.{i}.")]
@@ -157,7 +157,7 @@ def calibration_windows(examples: Examples, idx: list[int], seqlen: int, pad_id:
 
 def lora_target_names(model: nn.Module) -> list[str]:
     """The modules LoRA wraps: every Linear and Conv1D of the decoder blocks (peft cannot wrap fused experts)."""
-    return [name for name, t in models.named_targets(model).items() if t.kind in ("linear", "conv1d")]
+    return [name for name, t in structure.named_targets(model).items() if t.kind in ("linear", "conv1d")]
 
 
 def attach_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: list[str]) -> nn.Module:
@@ -166,7 +166,7 @@ def attach_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets:
     from peft import LoraConfig, get_peft_model
 
     named = dict(model.named_modules())
-    conv1d = all(models.is_conv1d(named[n]) for n in targets)  # GPT-2: Conv1D stores [in, out]
+    conv1d = all(structure.is_conv1d(named[n]) for n in targets)  # GPT-2: Conv1D stores [in, out]
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", fan_in_fan_out=conv1d
     )

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsetune import data, masks, models
+from sparsetune import data, loading, masks
 from sparsetune.distributed import sum_in_place
 from sparsetune.outputs import package_versions, peak_memory
 from sparsetune.streaming import trim_heap
@@ -75,7 +75,7 @@ class FinetuneRun(Trainer):
         report = read_input_report(cfg.model)
         loaded = self.load_streamed(report)
         if loaded is None:
-            model, tokenizer = models.load_model(
+            model, tokenizer = loading.load_model(
                 cfg.model, dtype=cfg.dtype, device=str(self.ctx.device), trust_remote_code=cfg.trust_remote_code
             )
             self.start = find_sparse_start(model, report, allow_dense=cfg.method == "granet")

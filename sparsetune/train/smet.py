@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import data, masks, models
+from sparsetune import data, loading, masks, structure
 from sparsetune.distributed import mean_in_place, reduce_sum
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import package_versions
@@ -109,14 +109,14 @@ def load_tokenizer(spec: str, trust_remote_code: bool) -> Any:
         from transformers import ByT5Tokenizer
 
         return ByT5Tokenizer(extra_ids=0)  # UTF-8 bytes plus pad/eos/unk; needs no vocabulary file
-    location = str(models.bundled_model_dir()) if spec in models.BUNDLED_ALIASES else spec
-    return models.load_tokenizer(location, trust_remote_code)
+    location = str(loading.bundled_model_dir()) if spec in loading.BUNDLED_ALIASES else spec
+    return loading.load_tokenizer(location, trust_remote_code)
 
 
 def sparse_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every decoder Linear (the 2-D weights besides embeddings and lm_head), named as in `model.named_modules()`
-    wherever the family keeps its blocks (`models.find_decoder`)."""
-    path, layers = models.find_decoder(model)
+    wherever the family keeps its blocks (`structure.find_decoder`)."""
+    path, layers = structure.find_decoder(model)
     return {
         f"{path}.{i}.{local}": mod
         for i, layer in enumerate(layers)

@@ -1,5 +1,5 @@
 """What `sparsetune seft` starts from and must preserve: the pruned model's sparse matrices (Linears, Conv1D weights
-and the expert slices of fused 3-D expert parameters, see `models.named_targets`), their masks and target counts,
+and the expert slices of fused 3-D expert parameters, see `structure.named_targets`), their masks and target counts,
 and the N:M pattern, read from its zeros and its sparsity report."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import masks, models, reports
+from sparsetune import masks, reports, structure
 from sparsetune.errors import SparsetuneError
 from sparsetune.train.sparse_delta.delta_linear import unpack_bits
 
@@ -21,7 +21,7 @@ class TargetView:
     memory (writing into it changes the model) but is no autograd leaf: methods that train such a matrix do it
     through its stored parameter (`SparseStart.parameter_groups`)."""
 
-    def __init__(self, target: models.Target) -> None:
+    def __init__(self, target: structure.Target) -> None:
         self.target = target
 
     @property
@@ -60,7 +60,7 @@ class SparseStart:
     targets: dict[str, int]  # name -> the active count to keep (from the report; else the non-zeros)
     pattern: masks.NMPattern | None
     report: dict[str, Any] | None  # the input dir's sparsity report (`sparsetune.reports`)
-    matrices: dict[str, models.Target] = field(default_factory=dict)  # name -> where the matrix is stored
+    matrices: dict[str, structure.Target] = field(default_factory=dict)  # name -> where the matrix is stored
     packed: dict[str, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)  # name -> (bitmap, shape)
     deltas: Any = None  # `sparse_delta.streamed_base.LoadedDeltas`: the Linears the load already wrapped
 
@@ -160,23 +160,23 @@ class SparseStart:
         self.modules = {n: _entry(t) for n, t in found.items()}
 
 
-def _entry(target: models.Target) -> nn.Linear | TargetView:
+def _entry(target: structure.Target) -> nn.Linear | TargetView:
     return target.module if target.kind == "linear" else TargetView(target)
 
 
-def _resolve(model: nn.Module, names: list[str]) -> dict[str, models.Target]:
-    """The Target of each name: a decoder matrix (`models.named_targets`), or a Linear / Conv1D elsewhere (a pruned
+def _resolve(model: nn.Module, names: list[str]) -> dict[str, structure.Target]:
+    """The Target of each name: a decoder matrix (`structure.named_targets`), or a Linear / Conv1D elsewhere (a pruned
     lm_head). Names that are neither are left out."""
-    found = models.named_targets(model)
+    found = structure.named_targets(model)
     missing = [n for n in names if n not in found]
     if missing:
         named = dict(model.named_modules())
         for n in missing:
             module = named.get(n)
             if isinstance(module, nn.Linear):
-                found[n] = models.Target(n, module, "linear")
-            elif module is not None and models.is_conv1d(module):
-                found[n] = models.Target(n, module, "conv1d")
+                found[n] = structure.Target(n, module, "linear")
+            elif module is not None and structure.is_conv1d(module):
+                found[n] = structure.Target(n, module, "conv1d")
     return {n: found[n] for n in names if n in found}
 
 
@@ -196,7 +196,7 @@ def find_sparse_start(
     report listing its matrices starts from every decoder matrix, dense or not.
 
     `packed`: the non-zero bitmaps (and shapes) of matrices already wrapped as they loaded, whose input weights are
-    gone; `order`: the decoder matrices' names as `models.named_targets` lists them before that wrapping."""
+    gone; `order`: the decoder matrices' names as `structure.named_targets` lists them before that wrapping."""
     packed = packed or {}
     if report and report.get("modules"):
         names = list(report["modules"])
@@ -208,10 +208,10 @@ def find_sparse_start(
                 "slice) of this model; pass the model dir the report was written with"
             )
     elif allow_dense:
-        matrices = models.named_targets(model)
+        matrices = structure.named_targets(model)
         names = list(matrices)
     else:
-        found = models.named_targets(model)
+        found = structure.named_targets(model)
         names = [
             n
             for n in (order or list(found))

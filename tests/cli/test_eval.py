@@ -32,7 +32,7 @@ def pruned_dir(tmp_path, tiny_model_dir, text_file):
 
 def test_eval_compares_dense_and_pruned(tmp_path, tiny_model_dir, pruned_dir, eval_text, tiny_tokenizer):
     from sparsetune.evaluate.ppl import perplexity
-    from sparsetune.models import load_model
+    from sparsetune.loading import load_model
 
     out = tmp_path / "cmp"
     result = run(

@@ -130,7 +130,7 @@ def test_bad_sources(tmp_path, tiny_tokenizer, model):
 @pytest.mark.slow
 def test_bundled_model_wikitext2_matches_hf_loss(bundled_model_dir, shared_data):
     """On the real model: our chunked NLL equals the model's own loss (labels=) on the same window."""
-    from sparsetune.models import load_model
+    from sparsetune.loading import load_model
 
     model, tokenizer = load_model(str(bundled_model_dir), device="cpu")
     stream = ppl.eval_token_ids(tokenizer, "wikitext2", shared_data)

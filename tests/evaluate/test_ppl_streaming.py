@@ -14,7 +14,7 @@ from architectures import make_family_model
 from helpers import make_tiny_model, make_tokenizer, random_text, run_cli, write_choice_task
 
 from sparsetune.evaluate import compare, ppl
-from sparsetune.models import load_model
+from sparsetune.loading import load_model
 from sparsetune.streaming import StreamedModel
 
 TIMING_KEYS = ("seconds", "tokens_per_s")
@@ -176,7 +176,7 @@ def test_tasks_that_do_not_fit_are_refused_before_anything_loads(tmp_path, task_
     def no_loading(*args, **kwargs):
         raise AssertionError("nothing may load before the memory check")
 
-    monkeypatch.setattr(compare.models, "load_model", no_loading)
+    monkeypatch.setattr(compare.loading, "load_model", no_loading)
     monkeypatch.setattr(compare, "streamed_perplexities", no_loading)
     result = run_cli("eval", dense, "--tasks", "tiny_task", "--include-path", task_dir, "--dtype", "float32")
     assert result.exit_code == 2

@@ -26,7 +26,7 @@ def sweep_args(model_dir, out, eval_text, calib_text, *extra):
 def test_sweep_points_equal_separate_prune_runs(tmp_path, tiny_model_dir, eval_text, text_file):
     from sparsetune.data import calibration_set
     from sparsetune.evaluate.ppl import perplexity
-    from sparsetune.models import load_model
+    from sparsetune.loading import load_model
     from sparsetune.prune.api import prune_model
     from sparsetune.prune.config import PruneConfig
 

@@ -16,7 +16,7 @@ from sparsetune.export import module_bytes, print_size_comparison, read_export_f
 from sparsetune.export.codecs import bitmask_compress, nm_group_violations, pack_bitmask, unpack_bitmask
 from sparsetune.export.config import ExportConfig
 from sparsetune.export.writer import run_export
-from sparsetune.models import load_tokenizer
+from sparsetune.loading import load_tokenizer
 
 
 def assert_same_model(got, want):

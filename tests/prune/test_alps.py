@@ -413,7 +413,7 @@ def test_unstructured_select_drops_exactly_the_count_per_matrix():
         assert float(seg[~kept].max()) < float(seg[kept].min())  # the k smallest, nothing else
 
 
-def test_the_two_forms_of_the_b_update_give_the_same_admm():
+def test_the_two_forms_of_the_b_update_give_the_same_admm(monkeypatch):
     """(Hn + rho I)^-1 through the eigenbasis (two GEMMs a step) and as an explicit matrix (one GEMM a step) are
     the same algebra: forced each way on one problem, the schedule is the same and the final iterate agrees to
     rounding. The reported row norms are tr(Wn0 Hn Wn0^T) per row, computed here directly."""
@@ -424,12 +424,12 @@ def test_the_two_forms_of_the_b_update_give_the_same_admm():
     Wn0 = W0 * d
     L, Q = torch.linalg.eigh(Hn.double())
     n_prune = prune_count(Wn0.numel(), 0.6)
+    assert alps.explicit_inverse_pays(16, 47) and not alps.explicit_inverse_pays(16, 48)  # n < CHECK_EVERY m = 48
     runs = {}
     for explicit in (False, True):
+        monkeypatch.setattr(alps, "explicit_inverse_pays", lambda m, n, explicit=explicit: explicit)
         select = alps._UnstructuredSelect([24], [n_prune], cols=16, device=Wn0.device)
-        runs[explicit] = alps.admm_support(
-            Wn0, Q.float(), L.float(), select, Wn0.numel() - n_prune, 0.1, 1.0, 12, explicit=explicit
-        )
+        runs[explicit] = alps.admm_support(Wn0, Q.float(), L.float(), select, Wn0.numel() - n_prune, 0.1, 1.0, 12)
     (B_eig, info_eig), (B_exp, info_exp) = runs[False], runs[True]
     assert info_eig["iterations"] == info_exp["iterations"] == 12 and info_eig["rho"] == info_exp["rho"]
     assert torch.allclose(B_eig, B_exp, rtol=1e-4, atol=1e-4)

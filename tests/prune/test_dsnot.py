@@ -421,7 +421,7 @@ def test_magnitude_with_refine_needs_calibration():
 def test_sweep_crosses_methods_with_refinement(tiny_model_dir, text_file, tmp_path):
     from sparsetune.data import calibration_set
     from sparsetune.evaluate.ppl import perplexity
-    from sparsetune.models import load_model
+    from sparsetune.loading import load_model
 
     eval_text = tmp_path / "eval.txt"
     eval_text.write_text(text_file.read_text())

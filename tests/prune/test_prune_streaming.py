@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from stream_cases import CALIB, CASES, case_dirs
 from typer.testing import CliRunner
 
-from sparsetune import models, streaming
+from sparsetune import streaming, structure
 from sparsetune.cli.app import app
 from sparsetune.prune.api import run_prune
 from sparsetune.prune.config import PruneConfig
@@ -60,7 +60,7 @@ def test_streamed_prune_writes_the_in_memory_paths_tensors(case, dirs, tmp_path)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     dense = make_family_model(family)
-    separate_head = not models.embeddings_tied(dense)
+    separate_head = not structure.embeddings_tied(dense)
     assert len(shards) == dense.config.num_hidden_layers + 1 + separate_head
     assert sorted(set(index["weight_map"].values())) == shards
     assert set(index["weight_map"]) == set(REFERENCE[case])

@@ -13,7 +13,7 @@ from architectures import FAMILY_CONFIGS, make_family_model
 from helpers import load_weights, make_pruned, make_tokenizer, smet_settings, write_alpaca, write_text
 from helpers import seft_settings as tiny_seft_settings
 
-from sparsetune import models
+from sparsetune import structure
 from sparsetune.errors import SparsetuneError
 from sparsetune.train.activations import Checkpointing
 from sparsetune.train.loss import token_nll_sum
@@ -39,7 +39,7 @@ class Probe:
             if torch.is_grad_enabled():  # not the no-grad validation passes; a replay in backward runs with grad
                 self.mlp_calls += 1
 
-        for layer in models.decoder_layers(model):
+        for layer in structure.decoder_layers(model):
             layer.mlp.register_forward_pre_hook(count)
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -183,7 +183,7 @@ def test_torch_checkpoint_where_transformers_does_not_apply(inputs, tmp_path, mo
 
     class Watch(probed(FinetuneRun)):
         def end_checkpointing(self) -> None:
-            layers = list(models.decoder_layers(self.model))
+            layers = list(structure.decoder_layers(self.model))
             if self.activation_checkpointing is not None:
                 assert all("forward" in layer.__dict__ for layer in layers)  # the wrapper sits on the instance
                 assert not any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
@@ -204,7 +204,7 @@ def test_transformers_checkpointing_is_switched_off_after_training(inputs, tmp_p
 
     class Watch(FinetuneRun):
         def end_checkpointing(self) -> None:
-            layers = list(models.decoder_layers(self.model))
+            layers = list(structure.decoder_layers(self.model))
             seen["during"] = [layer.gradient_checkpointing for layer in layers]
             super().end_checkpointing()
             seen["after"] = [layer.gradient_checkpointing for layer in layers]
@@ -320,7 +320,7 @@ def test_every_family_replays_its_blocks_and_gets_the_same_gradients(family):
     model = make_family_model(family).train()
     ids = torch.randint(4, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    layers = list(models.decoder_layers(model))
+    layers = list(structure.decoder_layers(model))
     calls = [0] * len(layers)
 
     def counter(i: int):

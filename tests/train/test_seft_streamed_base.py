@@ -50,10 +50,10 @@ class Recorder:
     """Counts the load paths: whole-model loads and streamed blocks."""
 
     def __init__(self, monkeypatch) -> None:
-        from sparsetune import models
+        from sparsetune import loading
 
         self.whole, self.blocks = 0, []
-        load_model, load_block = models.load_model, StreamedModel.load_block
+        load_model, load_block = loading.load_model, StreamedModel.load_block
 
         def counting_load(*args, **kwargs):
             self.whole += 1
@@ -63,7 +63,7 @@ class Recorder:
             self.blocks.append(index)
             return load_block(streamed, index, device)
 
-        monkeypatch.setattr(models, "load_model", counting_load)
+        monkeypatch.setattr(loading, "load_model", counting_load)
         monkeypatch.setattr(StreamedModel, "load_block", counting_block)
 
 

@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparsetune.errors import SparsetuneError
+from sparsetune.train.sparse_delta.adapter_dir import ADAPTER_FILE
 from sparsetune.train.sparse_delta.delta_linear import DeltaLinear
 from sparsetune.train.sparse_delta.wrap import merge_model, weight_identity, wrap_model
 
-ADAPTER_FILE = "seft_adapter.safetensors"
 FORMAT = "sparsetune-seft-adapter/1"
 
 
@@ -100,12 +100,6 @@ def apply_adapter_tensors(
     if merge:
         merge_model(model, layers)
     return layers
-
-
-def adapter_only_dir(path: str | Path) -> bool:
-    """Whether `path` is a `seft --no-merge` output: an adapter (whose config names its base) and no model."""
-    path = Path(path)
-    return path.is_dir() and (path / ADAPTER_FILE).is_file() and not (path / "config.json").exists()
 
 
 def base_model_of(adapter: str | Path) -> str:

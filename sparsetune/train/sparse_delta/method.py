@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import distributed
+from sparsetune import distributed, structure
 from sparsetune.errors import SparsetuneError
 from sparsetune.train.loop import Finished, MethodReport, TrainingContext, TrainingMethod
 from sparsetune.train.sparse_delta import reprune as rp
@@ -47,13 +47,10 @@ def select_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> d
     Sparse deltas wrap nn.Linear only: a targeted Conv1D weight (GPT-2) or expert slice of a fused MoE parameter stays
     frozen exactly as pruned (one warning says how many); a model with no targeted Linear at all is refused.
     """
-    from sparsetune.prune.api import plan_targets  # the prune library imports models, which loads adapters from here
-    from sparsetune.prune.config import PruneConfig
-
-    blocks, head = plan_targets(model, PruneConfig(model="(in memory)", targets=targets, ignore=ignore))
-    chosen = [item for block in blocks for item in block.modules()] + ([head] if head else [])
-    linears = {name: target.module for name, target in chosen if target.kind == "linear"}
-    others = sorted({target.kind for _, target in chosen if target.kind != "linear"})
+    blocks, head = structure.select_targets(model, targets, ignore)
+    chosen = [target for block in blocks for target in block] + ([head] if head else [])
+    linears = {target.name: target.module for target in chosen if target.kind == "linear"}
+    others = sorted({target.kind for target in chosen if target.kind != "linear"})
     if not linears:
         raise SparsetuneError(
             f"seft's sparse deltas train nn.Linear weights, and this model's targets are {' and '.join(others)} "

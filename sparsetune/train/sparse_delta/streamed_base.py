@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import models, stream_inputs
+from sparsetune import devices, loading, stream_inputs, structure
 from sparsetune.streaming import trim_heap
 from sparsetune.train.sparse_delta.budget import budget_total, check_capacity, module_budgets
 from sparsetune.train.sparse_delta.delta_linear import DeltaLinear, require_bitsandbytes
@@ -40,7 +40,7 @@ class LoadedDeltas:
     plans: dict[str, ModulePlan]
     budgets: dict[str, int]
     layers: dict[str, DeltaLinear]
-    target_order: list[str]  # the decoder matrices' names as `models.named_targets` listed them before wrapping
+    target_order: list[str]  # the decoder matrices' names as `structure.named_targets` listed them before wrapping
 
     def packed(self) -> dict[str, tuple[torch.Tensor, tuple[int, int]]]:
         """name -> (the input's non-zero bitmap, shape) of each wrapped Linear: its start mask."""
@@ -53,13 +53,13 @@ def streamable(cfg: Any) -> tuple[stream_inputs.StreamInput | None, str]:
         return None, "only an NF4 base is built block by block"
     if not cfg.stream:
         return None, "--no-stream"
-    kind, location = models.resolve_model_path(cfg.model)
+    kind, location = loading.resolve_model_path(cfg.model)
     if kind == "bundled":
-        location = str(models.bundled_model_dir())
+        location = str(loading.bundled_model_dir())
     elif kind == "gguf":  # converted once, tensor by tensor, into a cached HF dir
-        location = str(models.gguf_dir(Path(location)))
+        location = str(loading.gguf_dir(Path(location)))
     elif kind == "hub":
-        snapshot = models.hub_snapshot(location)
+        snapshot = loading.hub_snapshot(location)
         if snapshot is None:
             return None, "the hub id has no complete local snapshot of safetensors files"
         location = str(snapshot)
@@ -72,11 +72,11 @@ def load_streamed(
     """The model (in eval mode on `device`) with its targeted Linears wrapped over NF4 bases, its tokenizer, and
     the wrapped layers. Raises `StartDrifted` as soon as a start mask is off its target."""
     require_bitsandbytes(device)
-    tokenizer = models.load_tokenizer(str(source.model_dir), cfg.trust_remote_code)
-    streamed = stream_inputs.open_streamed(source, models.resolve_dtype(cfg.dtype, device), cfg.trust_remote_code)
+    tokenizer = loading.load_tokenizer(str(source.model_dir), cfg.trust_remote_code)
+    streamed = stream_inputs.open_streamed(source, devices.resolve_dtype(cfg.dtype, device), cfg.trust_remote_code)
     model = streamed.model
     settings = delta_settings(cfg)
-    target_order = list(models.named_targets(model))
+    target_order = list(structure.named_targets(model))
     # on the skeleton, names and shapes only: holding the modules would keep their weights alive once loaded
     shapes = {
         name: (linear.out_features, linear.in_features)

@@ -1,7 +1,6 @@
 """Module surgery: plan the targeted Linears, swap them for DeltaLinear, and swap merged Linears back.
 
-(Which Linears are targeted is `method.select_targets`; this module imports nothing of the prune library, so the
-model loader can apply an adapter without an import cycle.)
+(Which Linears are targeted is `method.select_targets`, through `sparsetune.structure` as prune's targets are.)
 """
 
 from __future__ import annotations
