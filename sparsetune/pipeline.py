@@ -59,6 +59,8 @@ from sparsetune.recipes import (
     validate_stage,
 )
 from sparsetune.settings import without_renamed
+from sparsetune.train.distill_config import DistillSettings
+from sparsetune.train.granet.config import GranetSettings
 from sparsetune.train.seft_config import SeftConfig
 from sparsetune.train.smet_config import SmetConfig
 
@@ -70,6 +72,11 @@ STATE_DIR = ".stages"
 SUMMARY_FILE = "summary.json"
 # Settings that neither change a stage's result nor name its input (the input hash covers the model files).
 UNHASHED = {"output", "model", "models", "resume", "device", "log_every", "checkpoint_every", "checkpoint_dir"}
+# Settings that joined a stage kind's schema after run dirs were written: left out of its hash while at their
+# default, so such a run dir resumes (a run that sets one runs the stage again).
+ADDED_LATER: dict[str, set[str]] = {
+    "seft": {*GranetSettings.model_fields, *DistillSettings.model_fields, "stream"},
+}
 
 Scalar = str | int | float | bool | None
 
@@ -445,6 +452,10 @@ def fingerprint(spec: str) -> str:
 
 def stage_hashes(stage: Stage) -> dict[str, str]:
     settings = {k: v for k, v in stage.settings().items() if k not in UNHASHED}
+    fields = STAGES[stage.kind].schema.model_fields
+    for name in ADDED_LATER.get(stage.kind, set()) & settings.keys():
+        if settings[name] == fields[name].default:
+            del settings[name]
     # a renamed setting counts under its old name, so a run dir from before the rename resumes (where the unit
     # changed too, as smet's warmup, the value differs and the stage runs again)
     for old, new in getattr(STAGES[stage.kind].schema, "RENAMED", {}).items():

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sparsetune import loading, structure
+from sparsetune import loading, reports, structure
 from sparsetune.errors import SparsetuneError
 from sparsetune.train.examples import IGNORE
 from sparsetune.train.loss import LOSS_CHUNK_TOKENS, final_hidden, logit_transform
@@ -148,7 +148,7 @@ def check_same_vocabulary(
 
 
 def source_model(report: dict[str, Any] | None) -> str | None:
-    """The dense source an input's sparsity_report.json records: its `source_model`, else the model its prune ran
+    """The dense source an input's sparsity report records: its `source_model`, else the model its prune ran
     on (`settings.model`)."""
     if not report:
         return None
@@ -311,7 +311,7 @@ def build_distiller(
     spec = cfg.distill_from or source_model(report)
     if spec is None:
         raise SparsetuneError(
-            f"--distill-loss {cfg.distill_loss} needs a teacher, and {cfg.model} has no sparsity_report.json naming "
+            f"--distill-loss {cfg.distill_loss} needs a teacher, and {cfg.model} has no {reports.REPORT_FILE} naming "
             "the model it was pruned from; pass --distill-from DENSE_MODEL"
         )
     teacher = load_teacher(

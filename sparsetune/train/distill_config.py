@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sparsetune.reports import REPORT_FILE
+
 
 class DistillSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -14,7 +16,7 @@ class DistillSettings(BaseModel):
     distill_from: str | None = Field(
         None,
         description="Teacher for --distill-loss: the dense model (default: the source model the input's "
-        "sparsity_report.json records)",
+        f"{REPORT_FILE} records)",
     )
     distill_loss: Literal["none", "kl", "squarehead"] = Field(
         "none",
