@@ -265,6 +265,28 @@ def test_the_final_write_holds_one_merged_block_at_a_time(tmp_path, monkeypatch,
         assert not shards  # the adapter only
 
 
+def test_a_failed_end_check_writes_nothing(tmp_path):
+    """The end-of-run check runs over the blocks as they are written: a module off its start count (here the start
+    is told down_proj of block 1, the last block written, had 1000 more non-zeros) stops the run with the whole
+    load's error, and nothing is left at -o."""
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+
+    class OffCount(FinetuneRun):
+        def finish(self):
+            self.start.active_counts["model.layers.1.mlp.down_proj"] += 1000
+            return super().finish()
+
+    errors = []
+    for stream in (False, True):
+        out = tmp_path / f"out-{stream}"
+        with pytest.raises(SparsetuneError, match="the sparsity changed") as err:
+            OffCount(SeftConfig(**nf4_settings(pruned, data, out, steps=2, stream=stream)), show_progress=False).run()
+        errors.append(str(err.value))
+        assert not out.exists() and not list(tmp_path.glob(f".{out.name}*"))
+    assert errors[0] == errors[1]
+
+
 def test_a_drifted_start_loads_the_whole_model(tmp_path, monkeypatch):
     """A mask off its report's target needs the whole model in full precision for its re-prune: the run falls back
     to the whole load, and equals --no-stream."""
