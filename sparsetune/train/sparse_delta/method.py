@@ -249,7 +249,8 @@ class SparseDelta(TrainingMethod):
 
     def finish(self) -> Finished:
         """Merge the deltas into the model (unless --no-merge: then the merged weights are computed for the
-        end-of-run check and the report only); the adapter is written either way."""
+        end-of-run check and the report only); the adapter is written either way. A model loaded block by block is
+        merged so too, as the run's end walks it (`merged_parts`)."""
         if self.settings.base_dtype == "nf4":
             self.nf4_zeroed = self.count_nf4_zeroed()
         base_model = str(Path(self.context.cfg.model).expanduser().resolve())
