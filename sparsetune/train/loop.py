@@ -18,7 +18,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetune import loading
+from sparsetune import loading, masks
 from sparsetune.distributed import DistContext, dist_context, reduce_sum
 from sparsetune.errors import SparsetuneError
 from sparsetune.outputs import atomic_output_dir, check_output_dir, peak_memory
 from sparsetune.progress import Progress
 from sparsetune.recipes import dump_yaml
 from sparsetune.reports import write_report
+from sparsetune.streaming import ShardWriter, save_config_files
 from sparsetune.train.activations import Checkpointing
 from sparsetune.train.checkpoint import (
     CKPT_NAME,
@@ -93,6 +94,30 @@ class Finished:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # trained weights the model does not hold
     untrained_zeros: dict[str, int] = field(default_factory=dict)  # zeros the sparsity check does not count
     zero_tolerance: dict[str, int] = field(default_factory=dict)  # how far a module's zero count may move
+    # The model merged, checked and (when write_model) written one decoder block at a time, instead of whole
+    blocks: MergedBlocks | None = None
+
+
+@dataclass
+class MergedPart:
+    """One part of a model merged block by block: its trained modules' merged weights, their untrained zeros, and
+    the part's tensors in the checkpoint's layout (empty when the model is not written)."""
+
+    weights: dict[str, torch.Tensor]
+    untrained_zeros: dict[str, int]
+    state: dict[str, torch.Tensor]
+
+
+@dataclass
+class MergedBlocks:
+    """A model the method's end merges one part at a time: each decoder block, then everything outside them.
+    `parts(write)` yields them in that order, merging a part just before it is yielded and freeing it after, so
+    at most one part's merged weights exist at a time; `shards` parts in all; `location` holds the input's config
+    files."""
+
+    parts: Callable[[bool], Iterator[MergedPart]]
+    shards: int
+    location: Path
 
 
 class TrainingMethod:
@@ -557,12 +582,7 @@ class Trainer:
     ) -> None:
         """`check_sparsity_kept` over `weights` (name -> weight), less the untrained zeros the method's end counted,
         within its tolerance."""
-        counts = {}
-        for name, weight in weights.items():
-            w = weight.detach()
-            zeros = w.numel() - int(w.count_nonzero()) - finished.untrained_zeros.get(name, 0)
-            counts[name] = (w.numel(), start_zeros[name], zeros)
-        self.check_sparsity_kept(counts, finished.zero_tolerance)
+        self.check_sparsity_kept(final_counts(weights, start_zeros, finished.untrained_zeros), finished.zero_tolerance)
 
     def cleanup(self) -> None:
         self.ctx.barrier()
@@ -574,14 +594,54 @@ class Trainer:
             with atomic_output_dir(self.out, overwrite=self.overwrite) as tmp:
                 if finished.write_model:
                     loading.save_model(self.model, self.tokenizer, tmp)
-                (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
-                write_report(tmp, report)
-                header = f"sparsetune {command} --recipe recipe.yaml reproduces this run"
-                dump_yaml(self.cfg, tmp / "recipe.yaml", header=header)
-                if finished.write_files is not None:
-                    finished.write_files(tmp)
+                self.write_run_files(tmp, report, command, finished)
         self.ctx.barrier()
         report["rank"] = self.ctx.rank
+
+    def write_run_files(self, tmp: Path, report: dict[str, Any], command: str, finished: Finished) -> None:
+        """The output's files besides the model: the log, the report, the recipe and the method's own files."""
+        (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.state.log))
+        write_report(tmp, report)
+        header = f"sparsetune {command} --recipe recipe.yaml reproduces this run"
+        dump_yaml(self.cfg, tmp / "recipe.yaml", header=header)
+        if finished.write_files is not None:
+            finished.write_files(tmp)
+
+    def merge_blocks(
+        self, blocks: MergedBlocks, tmp: Path | None, start_zeros: Callable[[str, torch.Tensor], int]
+    ) -> tuple[dict[str, Any], dict[str, tuple[int, int, int]]]:
+        """Walk a model merged block by block (`Finished.blocks`): each part's modules are counted for the
+        end-of-run check and measured for the report (`masks.sparsity_stats`), and, when `tmp` is given, the part
+        is written as one shard of `tmp` (then the index and the config files). Returns (the stats of every
+        module, the check's counts); `start_zeros(name, weight)` is a module's zero count at the start."""
+        writer = ShardWriter(tmp, blocks.shards) if tmp is not None else None
+        modules: dict[str, Any] = {}
+        counts: dict[str, tuple[int, int, int]] = {}
+        k = 0  # not enumerate: its reused result tuple would keep the last part alive while the next one merges
+        for part in blocks.parts(writer is not None):
+            k += 1  # noqa: SIM113
+            starts = {name: start_zeros(name, w) for name, w in part.weights.items()}
+            counts.update(final_counts(part.weights, starts, part.untrained_zeros))
+            modules.update(masks.sparsity_stats(part.weights)["modules"])
+            if writer is not None:
+                writer.write(k, part.state)
+            del part
+        if writer is not None and tmp is not None:
+            writer.write_index()
+            save_config_files(self.model, self.tokenizer, blocks.location, tmp)
+        return modules, counts
+
+
+def final_counts(
+    weights: dict[str, torch.Tensor], start_zeros: dict[str, int], untrained_zeros: dict[str, int]
+) -> dict[str, tuple[int, int, int]]:
+    """`check_sparsity_kept`'s counts of `weights`: (numel, zeros at the start, zeros now less the untrained ones)."""
+    counts = {}
+    for name, weight in weights.items():
+        w = weight.detach()
+        zeros = w.numel() - int(w.count_nonzero()) - untrained_zeros.get(name, 0)
+        counts[name] = (w.numel(), start_zeros[name], zeros)
+    return counts
 
 
 def _abs_max(tensors: list[torch.Tensor]) -> list[float]:

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,13 +28,13 @@ import torch
 
 from sparsetune import data, loading, masks
 from sparsetune.distributed import sum_in_place
-from sparsetune.outputs import package_versions, peak_memory
+from sparsetune.outputs import atomic_output_dir, package_versions, peak_memory
 from sparsetune.streaming import trim_heap
 from sparsetune.train.checkpoint import NOT_IDENTITY
 from sparsetune.train.distill import build_distiller
 from sparsetune.train.examples import DataOrder, Examples, instruction_examples, packed_windows
 from sparsetune.train.granet.method import GranetTraining
-from sparsetune.train.loop import Trainer, TrainingContext, TrainingMethod, mean_step_s
+from sparsetune.train.loop import Finished, Trainer, TrainingContext, TrainingMethod, mean_step_s
 from sparsetune.train.loop import print_summary as print_table
 from sparsetune.train.lora_reprune import LoraReprune
 from sparsetune.train.masked_ft import MaskedFineTuning
@@ -189,11 +190,44 @@ class FinetuneRun(Trainer):
         finished = self.finish_method()
         finish_s = time.perf_counter() - t0
         start = self.start
+        if finished.blocks is not None:
+            return self.finish_by_blocks(finished, finish_s)
         weights = {n: finished.weights[n] if n in finished.weights else start.modules[n].weight for n in start.numel}
         start_zeros = {n: w.numel() - start.active_counts[n] for n, w in weights.items()}
         self.check_final_sparsity(weights, start_zeros, finished)
-        report = build_report(self, weights, self.memory_report(), finished.reprune, finish_s)
+        stats = masks.sparsity_stats(weights)
+        report = build_report(self, stats, self.memory_report(), finished.reprune, finish_s)
         self.write_output(report, "seft", finished)
+        return report
+
+    def finish_by_blocks(self, finished: Finished, finish_s: float) -> dict[str, Any]:
+        """`finish` for a model the method merges block by block (`Finished.blocks`): each block is merged, checked,
+        measured and (rank 0, when the model is written) written as one shard, then freed; nothing is written
+        unless the whole check passes (the output dir is renamed into place at the end)."""
+        assert finished.blocks is not None
+        start = self.start
+
+        def start_zeros(name: str, weight: torch.Tensor) -> int:
+            return weight.numel() - start.active_counts[name]
+
+        def conclude(tmp: Path | None) -> dict[str, Any]:
+            write = tmp if finished.write_model else None
+            assert finished.blocks is not None
+            modules, counts = self.merge_blocks(finished.blocks, write, start_zeros)
+            self.check_sparsity_kept({n: counts[n] for n in start.numel}, finished.zero_tolerance)
+            stats = combined_stats({n: modules[n] for n in start.numel})
+            report = build_report(self, stats, self.memory_report(), finished.reprune, finish_s)
+            if tmp is not None:
+                self.write_run_files(tmp, report, "seft", finished)
+            return report
+
+        if self.ctx.is_main:
+            with atomic_output_dir(self.out, overwrite=self.overwrite) as tmp:
+                report = conclude(tmp)
+        else:
+            report = conclude(None)
+        self.ctx.barrier()
+        report["rank"] = self.ctx.rank
         return report
 
 
@@ -214,17 +248,23 @@ def run_identity(cfg: SeftConfig, start: SparseStart) -> dict[str, Any]:
     return {**settings, "start_mask": digest.hexdigest()}
 
 
+def combined_stats(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`masks.sparsity_stats` of modules measured apart (its per-module entries, in order): the same totals."""
+    zeros = sum(m["zeros"] for m in modules.values())
+    total = sum(m["numel"] for m in modules.values())
+    return {"global_sparsity": zeros / max(1, total), "zeros": zeros, "numel": total, "modules": modules}
+
+
 def build_report(
     recipe: FinetuneRun,
-    weights: dict[str, torch.Tensor],
+    stats: dict[str, Any],
     memory: dict[str, Any],
     reprune: dict[str, Any] | None,
     finish_s: float,
 ) -> dict[str, Any]:
-    """The input's sparsity report, with this run's module stats (of the trained `weights`) and one more entry in
-    `finetune_history`."""
+    """The input's sparsity report, with this run's module stats (`masks.sparsity_stats` of the trained weights)
+    and one more entry in `finetune_history`."""
     cfg, start, state = recipe.cfg, recipe.start, recipe.state
-    stats = masks.sparsity_stats(weights)
     before = start.global_sparsity()
     losses = [r["loss"] for r in state.log]
     totals = topology_totals(state.topology)

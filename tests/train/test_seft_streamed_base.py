@@ -14,6 +14,7 @@ from architectures import make_family_model
 from helpers import load_weights, make_pruned, make_pruned_dir, make_tokenizer, seft_settings, write_text
 from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.streaming import StreamedModel
@@ -33,17 +34,54 @@ def losses(out) -> list[float]:
     return [json.loads(r)["loss"] for r in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def assert_same_outputs(a, b, merged: bool = True) -> None:
+TIMINGS = {"step_s", "tokens_per_s", "mean_step_s", "finish_s", "teacher_s_per_step", "teacher_step_share"}
+TIMINGS |= {"peak_rss_bytes", "cuda_peak_bytes"}
+
+
+def without_timings(value, path: tuple[str, ...] = ()):
+    """`value` (a report or a log line) less what a run measures (times, memory peaks) and the run's own output
+    path and --stream setting."""
+    if isinstance(value, dict):
+        skip = TIMINGS | ({"output", "stream"} if path[-1:] in (("settings",), ("summary",)) else set())
+        return {k: without_timings(v, (*path, k)) for k, v in value.items() if k not in skip}
+    if isinstance(value, list):
+        return [without_timings(v, path) for v in value]
+    return value
+
+
+def assert_same_outputs(a, b, merged: bool = True, settings: bool = True) -> None:
+    """The same log, report, adapter and (merged) model tensor for tensor; a streamed run's model (b) is one shard
+    per decoder block plus one for the rest, with the index and the same config files, and loads in transformers."""
     assert losses(a) == losses(b)
+    log_a, log_b = ([json.loads(r) for r in (d / "train_log.jsonl").read_text().splitlines()] for d in (a, b))
+    assert without_timings(log_a) == without_timings(log_b)
     if merged:
         wa, wb = load_weights(a), load_weights(b)
         assert wa.keys() == wb.keys()
-        assert all(torch.equal(wa[k].view(torch.uint8), wb[k].view(torch.uint8)) for k in wa)
+        assert all(
+            wa[k].dtype == wb[k].dtype and torch.equal(wa[k].view(torch.uint8), wb[k].view(torch.uint8)) for k in wa
+        )
+        for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+            assert json.loads((a / name).read_text()) == json.loads((b / name).read_text())
+        if list(b.glob("model-*.safetensors")):  # streamed: the blocks, then the rest, and their index
+            blocks = AutoConfig.from_pretrained(b).num_hidden_layers
+            assert len(list(b.glob(f"model-*-of-{blocks + 1:05d}.safetensors"))) == blocks + 1
+            index = json.loads((b / "model.safetensors.index.json").read_text())
+            assert sorted(index["weight_map"]) == sorted(wb)
+        # and transformers loads it as it loads the whole run's (fused experts in its own layout)
+        sa, sb = (AutoModelForCausalLM.from_pretrained(d, dtype="auto").state_dict() for d in (a, b))
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    else:
+        assert not list(a.glob("model*.safetensors")) and not list(b.glob("model*.safetensors"))
     ra, rb = load_file(str(a / "seft_adapter.safetensors")), load_file(str(b / "seft_adapter.safetensors"))
     assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
     report_a, report_b = (json.loads((d / "sparsity_report.json").read_text()) for d in (a, b))
     assert report_a["modules"] == report_b["modules"]
     assert report_a["finetune_history"][-1]["nf4_zeroed"] == report_b["finetune_history"][-1]["nf4_zeroed"]
+    if not settings:  # runs told apart by their checkpoint settings
+        for report in (report_a, report_b):
+            del report["finetune_history"][-1]["settings"]
+    assert without_timings(report_a) == without_timings(report_b)
 
 
 class Recorder:
@@ -80,14 +118,17 @@ def test_streamed_nf4_base_equals_the_whole_load(tmp_path, monkeypatch, merge):
     assert_same_outputs(tmp_path / "whole", tmp_path / "streamed", merged=merge)
 
 
-def test_tied_embeddings_and_no_report(tmp_path):
+@pytest.mark.parametrize("merge", [True, False])
+def test_tied_embeddings_and_no_report(tmp_path, merge):
     """A tied head, and masks read from the zeros (no sparsity report): the start's matrices in named order."""
     pruned = make_pruned_dir(tmp_path / "tied", make_tokenizer(), tie=True)
     assert not (pruned / "sparsity_report.json").exists()
     data = write_text(tmp_path / "t.txt")
-    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "whole", stream=False)), False, False)
-    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "streamed")), False, False)
-    assert_same_outputs(tmp_path / "whole", tmp_path / "streamed")
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "whole", stream=False, merge=merge)), False, False)
+    run_seft(SeftConfig(**nf4_settings(pruned, data, tmp_path / "streamed", merge=merge)), False, False)
+    assert_same_outputs(tmp_path / "whole", tmp_path / "streamed", merged=merge)
+    if merge:
+        assert "lm_head.weight" not in load_weights(tmp_path / "streamed")  # tied: written once, as save_pretrained
 
 
 def test_resume_of_a_streamed_run_is_bit_identical(tmp_path):
@@ -112,12 +153,12 @@ def test_resume_of_a_streamed_run_is_bit_identical(tmp_path):
     with pytest.raises(Stop):
         StopAfter5(SeftConfig(**cut), show_progress=False).run()
     run_seft(SeftConfig(**{**cut, "resume": True}), False, False)
-    assert_same_outputs(tmp_path / "ref", tmp_path / "cut")
+    assert_same_outputs(tmp_path / "ref", tmp_path / "cut", settings=False)
     cut2 = {**cut, "output": str(tmp_path / "cut2"), "checkpoint_dir": str(tmp_path / "cut2.ckpt")}
     with pytest.raises(Stop):
         StopAfter5(SeftConfig(**{**cut2, "stream": False}), False, False).run()
     run_seft(SeftConfig(**{**cut2, "resume": True}), False, False)
-    assert_same_outputs(tmp_path / "ref", tmp_path / "cut2")
+    assert_same_outputs(tmp_path / "ref", tmp_path / "cut2", settings=False)
 
 
 def test_at_most_one_block_of_full_precision_linears_exists(tmp_path, monkeypatch):
@@ -161,6 +202,89 @@ def test_at_most_one_block_of_full_precision_linears_exists(tmp_path, monkeypatc
             return method
 
     Inspect(SeftConfig(**nf4_settings(pruned, data, tmp_path / "out2", steps=1)), show_progress=False).run()
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_final_write_holds_one_merged_block_at_a_time(tmp_path, monkeypatch, merge):
+    """The end of a streamed run merges, checks and writes one block at a time: when a block is merged, no earlier
+    block's merged weights are alive (merged into the model: its full-precision Linears; --no-merge: the weights
+    computed for the check and the report), and each shard is written while only its own block's exist."""
+    from sparsetune.streaming import ShardWriter
+    from sparsetune.train.sparse_delta import method as method_module
+
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+    model: list[nn.Module] = []
+    computed: list[tuple[str, weakref.ref]] = []  # --no-merge: every merged weight computed, by its module
+    merges: list[list[str]] = []  # --merge: the modules of each merge
+    shards: list[set[str]] = []  # the merged modules alive at each shard's write
+
+    def block_of(name: str) -> str:
+        return name.split(".layers.")[1].split(".")[0] if ".layers." in name else "rest"
+
+    def merged_alive() -> set[str]:
+        gc.collect()
+        linears = {n for n, m in model[0].named_modules() if type(m) is nn.Linear and ".layers." in n}
+        linears = {n for n in linears if model[0].get_submodule(n).weight.device.type != "meta"}
+        return linears | {n for n, ref in computed if ref() is not None}
+
+    merge_model, merged_weight, write = method_module.merge_model, method_module.merged_weight, ShardWriter.write
+
+    def checked_merge(m, layers):
+        assert not merged_alive()  # the blocks before were written and freed
+        merges.append(list(layers))
+        return merge_model(m, layers)
+
+    def checked_weight(layer):
+        name = next(n for n, m in model[0].named_modules() if m is layer)
+        assert {block_of(n) for n in merged_alive()} <= {block_of(name)}
+        weight = merged_weight(layer)
+        computed.append((name, weakref.ref(weight)))
+        return weight
+
+    def checked_write(writer, k, tensors):
+        shards.append(merged_alive())
+        return write(writer, k, tensors)
+
+    monkeypatch.setattr(method_module, "merge_model", checked_merge)
+    monkeypatch.setattr(method_module, "merged_weight", checked_weight)
+    monkeypatch.setattr(ShardWriter, "write", checked_write)
+
+    class Keep(FinetuneRun):
+        def build_method(self, context):
+            model.append(self.model)
+            return super().build_method(context)
+
+    Keep(SeftConfig(**nf4_settings(pruned, data, tmp_path / "out", steps=2, merge=merge)), show_progress=False).run()
+    if merge:
+        assert [sorted({block_of(n) for n in names}) for names in merges] == [["0"], ["1"], []]
+        assert [len(names) for names in merges] == [7, 7, 0]  # q, k, v, o, gate, up, down; the head is not trained
+        assert [sorted({block_of(n) for n in alive}) for alive in shards] == [["0"], ["1"], []]
+    else:
+        assert [block_of(n) for n, _ in computed] == ["0"] * 7 + ["1"] * 7
+        assert not shards  # the adapter only
+
+
+def test_a_failed_end_check_writes_nothing(tmp_path):
+    """The end-of-run check runs over the blocks as they are written: a module off its start count (here the start
+    is told down_proj of block 1, the last block written, had 1000 more non-zeros) stops the run with the whole
+    load's error, and nothing is left at -o."""
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+
+    class OffCount(FinetuneRun):
+        def finish(self):
+            self.start.active_counts["model.layers.1.mlp.down_proj"] += 1000
+            return super().finish()
+
+    errors = []
+    for stream in (False, True):
+        out = tmp_path / f"out-{stream}"
+        with pytest.raises(SparsetuneError, match="the sparsity changed") as err:
+            OffCount(SeftConfig(**nf4_settings(pruned, data, out, steps=2, stream=stream)), show_progress=False).run()
+        errors.append(str(err.value))
+        assert not out.exists() and not list(tmp_path.glob(f".{out.name}*"))
+    assert errors[0] == errors[1]
 
 
 def test_a_drifted_start_loads_the_whole_model(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ plus the window's step count, with a state dict that holds everything a resume n
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from torch import nn
 
 from sparsetune import distributed, structure
 from sparsetune.errors import SparsetuneError
-from sparsetune.train.loop import Finished, MethodReport, TrainingContext, TrainingMethod
+from sparsetune.streaming import trim_heap
+from sparsetune.train.loop import Finished, MergedBlocks, MergedPart, MethodReport, TrainingContext, TrainingMethod
 from sparsetune.train.sparse_delta import reprune as rp
 from sparsetune.train.sparse_delta import selection
 from sparsetune.train.sparse_delta.adapter import ADAPTER_FILE, save_adapter
@@ -102,11 +103,13 @@ class SparseDelta(TrainingMethod):
             self.plans: dict[str, ModulePlan] = check_sparse(loaded.plans)
             self.budgets = loaded.budgets
             self.layers: dict[str, DeltaLinear] = loaded.layers
+            self.streamed = loaded.streamed
             for p in model.parameters():
                 p.requires_grad_(False)
             for layer in self.layers.values():  # the run's load froze every parameter, the entries' too
                 layer.delta.requires_grad_(True)
         else:
+            self.streamed = None
             modules = select_targets(model, settings.targets, settings.ignore)
             self.plans = plan_modules(modules)
             self.budgets = module_budgets(
@@ -243,9 +246,20 @@ class SparseDelta(TrainingMethod):
 
     def finish(self) -> Finished:
         """Merge the deltas into the model (unless --no-merge: then the merged weights are computed for the
-        end-of-run check and the report only); the adapter is written either way."""
+        end-of-run check and the report only); the adapter is written either way. A model loaded block by block is
+        merged so too, as the run's end walks it (`merged_parts`)."""
         if self.settings.base_dtype == "nf4":
             self.nf4_zeroed = self.count_nf4_zeroed()
+        base_model = str(Path(self.context.cfg.model).expanduser().resolve())
+
+        def write_adapter(out_dir: Path) -> None:
+            self.save_adapter(str(out_dir / ADAPTER_FILE), extra={"base_model": base_model})
+
+        if self.streamed is not None:  # loaded block by block: merged, checked and written so too
+            self.sparsity()  # checked and cached while the bases exist: the merge releases them
+            self.merged = self.settings.merge
+            blocks = MergedBlocks(self.merged_parts, len(self.streamed.layers) + 1, self.streamed.location)
+            return Finished(write_model=self.merged, write_files=write_adapter, blocks=blocks)
         weights: dict[str, torch.Tensor] = {}
         if self.settings.merge:
             self.sparsity()  # checked and cached while the bases exist: the merge releases them
@@ -259,12 +273,42 @@ class SparseDelta(TrainingMethod):
             untrained = {
                 name: merged_counts(layer, weights[name])["untrained_zeros"] for name, layer in self.layers.items()
             }
-        base_model = str(Path(self.context.cfg.model).expanduser().resolve())
-
-        def write_adapter(out_dir: Path) -> None:
-            self.save_adapter(str(out_dir / ADAPTER_FILE), extra={"base_model": base_model})
-
         return Finished(write_model=self.merged, write_files=write_adapter, weights=weights, untrained_zeros=untrained)
+
+    def merged_parts(self, write: bool) -> Iterator[MergedPart]:
+        """The streamed model's parts (each decoder block, then everything outside them), one at a time: each
+        part's layers merged as `merge_model` merges them (into the model with --merge, its Linears then in the
+        part's checkpoint-layout tensors when `write`; else into weights for the check and the report only), and
+        a merged block freed as soon as the caller has it."""
+        streamed, start = self.streamed, self.context.start
+        # the start's matrices seft does not wrap (fused experts, Conv1D) stay frozen: measured with their block
+        frozen = [name for name in start.numel if name not in self.layers] if start is not None else []
+        prefixes = [f"{streamed.decoder_path}.{i}." for i in range(len(streamed.layers))]
+
+        def part_of(name: str) -> int:
+            return next((i for i, prefix in enumerate(prefixes) if name.startswith(prefix)), len(prefixes))
+
+        for index in range(len(prefixes) + 1):
+            layers = {name: layer for name, layer in self.layers.items() if part_of(name) == index}
+            names = list(layers)
+            if self.settings.merge:
+                merge_model(self.model, layers)
+                weights = {name: self.model.get_submodule(name).weight for name in names}
+                untrained = {name: layer.merged_counts["untrained_zeros"] for name, layer in layers.items()}
+            else:
+                weights = {name: merged_weight(layer) for name, layer in layers.items()}
+                untrained = {
+                    name: merged_counts(layer, weights[name])["untrained_zeros"] for name, layer in layers.items()
+                }
+            weights.update({name: start.modules[name].weight for name in frozen if part_of(name) == index})
+            state: dict[str, torch.Tensor] = {}
+            if write:
+                state = streamed.block_state(index) if index < len(prefixes) else streamed.rest_state()
+            yield MergedPart(weights, untrained, state)
+            del weights, state
+            if self.settings.merge and index < len(prefixes):
+                streamed.release_block(index)  # the run is over: the merged block is written and measured
+            trim_heap()
 
     def count_nf4_zeroed(self) -> int:
         """Input non-zeros the NF4 base read as 0 during training and the merge gives back (those not re-pruned);

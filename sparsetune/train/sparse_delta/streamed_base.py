@@ -41,6 +41,7 @@ class LoadedDeltas:
     budgets: dict[str, int]
     layers: dict[str, DeltaLinear]
     target_order: list[str]  # the decoder matrices' names as `structure.named_targets` listed them before wrapping
+    streamed: Any = None  # the `StreamedModel` it came from: the run's end merges and writes it block by block
 
     def packed(self) -> dict[str, tuple[torch.Tensor, tuple[int, int]]]:
         """name -> (the input's non-zero bitmap, shape) of each wrapped Linear: its start mask."""
@@ -118,4 +119,4 @@ def load_streamed(
     trim_heap()
     model.to(device)  # the skeleton's buffers (rotary tables) were built on the CPU
     model.eval()
-    return model, tokenizer, LoadedDeltas(plans, budgets, layers, target_order)
+    return model, tokenizer, LoadedDeltas(plans, budgets, layers, target_order, streamed)
