@@ -104,11 +104,11 @@ def main() -> None:
     parser.add_argument("--baseline-tree", required=True, help="a checkout of the revision to compare against")
     parser.add_argument("--repeats", type=int, default=2, help="alternated pairs per command")
     parser.add_argument("--seft-steps", type=int, default=5)
-    parser.add_argument("--only", default="prune,eval,export,seft", help="commands to measure (prune always runs)")
+    parser.add_argument("--only", default="prune,eval,export,seft", help="what to measure (prune runs anyway)")
     parser.add_argument("--work", default=None, help="scratch dir (default: a temp dir)")
     args = parser.parse_args()
     baseline = Path(args.baseline_tree).resolve()
-    wanted = set(args.only.split(",")) | {"prune"}
+    wanted = set(args.only.split(","))
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         for side in ("this", "baseline"):
@@ -117,6 +117,9 @@ def main() -> None:
         plans = {side: commands(work, side, args.seft_steps) for side in sides}
         for i, (name, _, _) in enumerate(plans["this"]):
             if name not in wanted:
+                if name == "prune":  # the input of the others: run once a side, not measured
+                    for side, tree in sides.items():
+                        run(plans[side][i][1], tree)
                 continue
             times: dict[str, list[float]] = {side: [] for side in sides}
             for repeat in range(args.repeats):
@@ -127,12 +130,17 @@ def main() -> None:
                     emit({"bench": "before_after", "command": name, "side": side, "repeat": repeat,
                           "wall_s": round(wall, 2), "peak_rss_bytes": rss})  # fmt: skip
             ratios = [a / b for a, b in zip(times["this"], times["baseline"], strict=True)]
-            same = digest(plans["this"][i][2], work / "this") == digest(plans["baseline"][i][2], work / "baseline")
+            ours = digest(plans["this"][i][2], work / "this")
+            theirs = digest(plans["baseline"][i][2], work / "baseline")
+            differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+            weights = [k for k in ours.keys() | theirs.keys() if k.endswith(".safetensors")]
+            same_weights = all(ours.get(k) == theirs.get(k) for k in weights)
             emit({
                 "bench": "before_after", "summary": True, "command": name, "baseline": str(baseline),
                 "median_wall_this_s": round(statistics.median(times["this"]), 2),
                 "median_wall_baseline_s": round(statistics.median(times["baseline"]), 2),
-                "time_ratio_median": round(statistics.median(ratios), 3), "outputs_identical": same,
+                "time_ratio_median": round(statistics.median(ratios), 3), "outputs_identical": not differ,
+                "weights_identical": same_weights, "files_differing": differ,
             })  # fmt: skip
 
 
