@@ -30,7 +30,7 @@ UNTIMED_DROP = {"timings", "memory", "created", "versions"}
 
 
 def _timed(key: str) -> bool:
-    return key in UNTIMED_DROP or key.endswith("_s") or "rss" in key or key.endswith("_per_s")
+    return key in UNTIMED_DROP or key.endswith("_s") or key == "seconds" or "rss" in key
 
 
 def emit(row: dict[str, object]) -> None:
