@@ -269,6 +269,7 @@ def pipelines_suite(args: argparse.Namespace, work: Path) -> None:
         )  # fmt: skip
         row = {**base, "run": name, "pipeline": pid, "start_run": names[start], "lr": LEARNING_RATES[pid]}
         row |= {"distill_loss": args.distill_loss if pid in DISTILLED else "none"}
+        row |= {"omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # set when two sittings share the cores
         row |= {"peak_rss_bytes": rss, "wall_s": round(wall, 1), **run_fields(summary)}
         row |= evaluate(out, eval_ids, args.arc_limit, TARGET_SPARSITY)
         rows[name] = row

@@ -359,6 +359,17 @@ def run_sparsetune(args: list[str], processes: int = 1):
     return subprocess.run([*launcher, "-m", "sparsetune", *args], capture_output=True, text=True, env=env)
 
 
+def run_one_and_two_processes(args: list[str], root: Path) -> tuple[Path, Path]:
+    """`sparsetune ARGS` once in one process (-o ROOT/one) and once under torchrun with two (-o ROOT/two), both
+    asserted to succeed; returns the two output dirs."""
+    torchrun_or_skip()  # skip before the single-process run, not after it
+    outputs = (root / "one", root / "two")
+    for processes, out in zip((1, 2), outputs, strict=True):
+        done = run_sparsetune([*args, "-o", str(out)], processes=processes)
+        assert done.returncode == 0, f"{processes} process(es): {done.stderr[-3000:]}"
+    return outputs
+
+
 def kill_after_logged_step(proc, live_log: Path, step: int, timeout_s: float = 300.0) -> None:
     """SIGKILL a training subprocess once its live train_log.jsonl (in the checkpoint dir) holds the row of `step`
     or a later one: the kill lands after a known point of the run, decided by the run's own output, not a timer."""

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import load_weights, make_pruned, run_sparsetune, torchrun_or_skip, write_text
+from helpers import load_weights, make_pruned, run_one_and_two_processes, write_text
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,17 +16,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.dist
 @pytest.mark.parametrize("method", ["seft", "masked-ft"])
 def test_two_processes_match_one(tmp_path, method):
-    torchrun_or_skip()
     pruned = make_pruned(tmp_path)
     data = write_text(tmp_path / "t.txt")
     common = ["seft", str(pruned), "--data", str(data), "--seqlen", "32", "--batch-size", "4", "--steps", "7",
               "--lr", "5e-3", "--delta-rank", "4", "--reselect-every", "3", "--select-window", "2",
               *(["--reactivate"] if method == "seft" else []),
               "--method", method]  # fmt: skip
-    one = run_sparsetune([*common, "-o", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = run_sparsetune([*common, "-o", str(tmp_path / "two")], processes=2)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_one_and_two_processes(common, tmp_path)
     a = load_weights(tmp_path / "one")
     b = load_weights(tmp_path / "two")
     for name in a:

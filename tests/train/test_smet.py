@@ -330,14 +330,17 @@ def test_byte_tokenizer_trains_a_259_token_model(shared_data, tmp_path):
     assert report["summary"]["steps"] == 2
 
 
-def test_resume_after_a_crash_restores_the_itop_bitmap(corpus, tmp_path):
-    """A run that fails at step 8 resumes from its step-6 checkpoint (right after the update at step 6) and ends
-    exactly like an uninterrupted run: weights, ITOP bitmaps and the logged update fields."""
-    tok_dir, text = corpus
-    reference = PretrainRun(SmetConfig(**settings(tok_dir, text, tmp_path / "ref")), show_progress=False)
-    reference.setup()
-    reference.train()
-    reference.finish()
+def finished_run(settings_: dict) -> PretrainRun:
+    """An uninterrupted run of `settings_`, set up, trained and finished: the reference a resumed run must equal."""
+    run = PretrainRun(SmetConfig(**settings_), show_progress=False)
+    run.setup()
+    run.train()
+    run.finish()
+    return run
+
+
+def crashed_at_step_7(cfg: dict) -> PretrainRun:
+    """A run of `cfg` that raises at step 7, after its step-6 checkpoint (checkpoint_every=3) was written."""
 
     class Crashing(PretrainRun):
         def nll(self, batch):
@@ -345,11 +348,20 @@ def test_resume_after_a_crash_restores_the_itop_bitmap(corpus, tmp_path):
                 raise RuntimeError("simulated crash")
             return super().nll(batch)
 
-    cfg = settings(tok_dir, text, tmp_path / "out", checkpoint_every=3)
     crashed = Crashing(SmetConfig(**cfg), show_progress=False)
     crashed.setup()
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.train()
+    return crashed
+
+
+def test_resume_after_a_crash_restores_the_itop_bitmap(corpus, tmp_path):
+    """A run that fails at step 8 resumes from its step-6 checkpoint (right after the update at step 6) and ends
+    exactly like an uninterrupted run: weights, ITOP bitmaps and the logged update fields."""
+    tok_dir, text = corpus
+    reference = finished_run(settings(tok_dir, text, tmp_path / "ref"))
+    cfg = settings(tok_dir, text, tmp_path / "out", checkpoint_every=3)
+    crashed = crashed_at_step_7(cfg)
     resumed = PretrainRun(SmetConfig(**cfg, resume=True), show_progress=False)
     resumed.setup()
     assert resumed.state.step == 6
@@ -372,24 +384,9 @@ def test_a_checkpoint_with_the_old_warmup_ratio_resumes(corpus, tmp_path):
     """A checkpoint written before --warmup-ratio became --warmup-steps (its identity names warmup_ratio 0.25 of
     12 steps) resumes a run given --warmup-steps 3, and ends as an uninterrupted run does; another value refuses."""
     tok_dir, text = corpus
-    reference = PretrainRun(
-        SmetConfig(**settings(tok_dir, text, tmp_path / "ref", warmup_steps=3)), show_progress=False
-    )
-    reference.setup()
-    reference.train()
-    reference.finish()
-
-    class Crashing(PretrainRun):
-        def nll(self, batch):
-            if self.state.step == 7:
-                raise RuntimeError("simulated crash")
-            return super().nll(batch)
-
+    reference = finished_run(settings(tok_dir, text, tmp_path / "ref", warmup_steps=3))
     cfg = settings(tok_dir, text, tmp_path / "out", checkpoint_every=3, warmup_steps=3)
-    crashed = Crashing(SmetConfig(**cfg), show_progress=False)
-    crashed.setup()
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        crashed.train()
+    crashed = crashed_at_step_7(cfg)
     state_file = crashed.ckpt_dir / "checkpoint" / "state.pt"
     saved = torch.load(state_file, weights_only=True)
     assert saved["identity"].pop("warmup_steps") == 3

@@ -7,15 +7,11 @@ Expected values come from an independent numpy float64 computation of |cos| betw
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import ONE_THREAD_ENV
+from helpers import run_one_and_two_processes
 from helpers import smet_settings as settings
 from safetensors.torch import load_file
 
@@ -143,28 +139,11 @@ def test_ctre_trains_without_dense_gradients(corpus, tmp_path, monkeypatch):
 
 @pytest.mark.dist
 def test_ctre_two_processes_match_one(corpus, tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed next to this python")
     tok_dir, text = corpus
     s = settings(tok_dir, text, tmp_path / "unused", steps=8, growth="ctre-sim")
     del s["output"]
     common = ["smet-pretrain", "--json"] + [a for k, v in s.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-    env = {**os.environ, **ONE_THREAD_ENV, "ACCELERATE_USE_CPU": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "sparsetune", *common, "-o", str(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "sparsetune", *common, "-o", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]  # each update's index digest matched across the two ranks
+    run_one_and_two_processes(common, tmp_path)  # each update's index digest matched across the two ranks
     reports = [json.loads((tmp_path / d / "sparsity_report.json").read_text()) for d in ("one", "two")]
     assert [t["grown_at_random"] for t in reports[0]["topology_history"]] == [
         t["grown_at_random"] for t in reports[1]["topology_history"]

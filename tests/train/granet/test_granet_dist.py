@@ -5,43 +5,22 @@ position, and each rank's teacher sees that rank's share of the batch."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ONE_THREAD_ENV, load_weights, make_pruned, write_text
+from helpers import load_weights, make_pruned, run_one_and_two_processes, write_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.dist
 def test_two_processes_match_one(tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed next to this python")
     pruned = make_pruned(tmp_path)
     data = write_text(tmp_path / "t.txt")
     common = ["seft", str(pruned), "--data", str(data), "--seqlen", "32", "--batch-size", "4", "--steps", "7",
               "--lr", "1e-3", "--method", "granet", "--target-sparsity", "0.7", "--granet-interval", "3",
               "--granet-end", "6", "--granet-score", "wanda", "--distill-loss", "kl"]  # fmt: skip
-    env = {**os.environ, **ONE_THREAD_ENV, "ACCELERATE_USE_CPU": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "sparsetune", *common, "-o", str(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "sparsetune", *common, "-o", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_one_and_two_processes(common, tmp_path)
     a, b = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
     decoder = [n for n in a if ".layers." in n and n.endswith("proj.weight")]
     for weights in (a, b):
