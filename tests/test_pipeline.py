@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_every_required_recipe_ships():
     names = {p.stem for p in SHIPPED}
-    assert {"wanda-50", "sparsegpt-2of4", "owl-wanda-70", "prune-seft-export", "smet-tiny", "sweep"} <= names
+    assert {"wanda-50", "sparsegpt-2of4", "owl-wanda-70", "prune-seft-export", "smet-tiny", "sweep", "prune-70"} <= names
 
 
 @pytest.mark.parametrize("recipe", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -80,6 +80,16 @@ def test_shipped_recipes_say_what_their_names_say():
     assert (smet.stages[0].config.model_config_name, smet.stages[0].config.density) == ("tiny", 0.5)
     assert smet.stages[0].inputs == []
     assert smet.stages[1].config.models == ["/tmp/out/01-smet-pretrain"]
+
+    p70 = _plan("prune-70")
+    assert [s.kind for s in p70.stages] == ["prune", "seft", "eval"]
+    assert (p70.stages[0].config.method, p70.stages[0].config.sparsity) == ("auto", 0.7)
+    calib = p70.stages[0].config
+    seft = p70.stages[1].config
+    assert seft.skip_tokens == calib.calib_samples * calib.calib_seqlen  # trains past the calibration tokens
+    assert (seft.method, seft.lr, seft.delta_rank, seft.distill_loss) == ("seft", 1e-3, 16, "squarehead")
+    assert seft.distill_from is None  # the teacher: the dense model the prune stage's report records
+    assert p70.stages[2].config.models == ["smollm2", "/tmp/out/01-prune", "/tmp/out/02-seft"]
 
     sweep = _plan("sweep").stages[0].config
     assert (sweep.methods, sweep.sparsities, sweep.patterns) == (
