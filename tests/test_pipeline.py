@@ -29,7 +29,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_every_required_recipe_ships():
     names = {p.stem for p in SHIPPED}
-    assert {"wanda-50", "sparsegpt-2of4", "owl-wanda-70", "prune-seft-export", "smet-tiny", "sweep", "prune-70"} <= names
+    assert {
+        "wanda-50",
+        "sparsegpt-2of4",
+        "owl-wanda-70",
+        "prune-seft-export",
+        "smet-tiny",
+        "sweep",
+        "prune-70",
+    } <= names
 
 
 @pytest.mark.parametrize("recipe", SHIPPED, ids=[p.stem for p in SHIPPED])
