@@ -22,9 +22,8 @@ def test_two_processes_match_one(tmp_path, method):
               "--lr", "5e-3", "--delta-rank", "4", "--reselect-every", "3", "--select-window", "2",
               *(["--reactivate"] if method == "seft" else []),
               "--method", method]  # fmt: skip
-    run_one_and_two_processes(common, tmp_path)
-    a = load_weights(tmp_path / "one")
-    b = load_weights(tmp_path / "two")
+    one, two = run_one_and_two_processes(common, tmp_path)
+    a, b = load_weights(one), load_weights(two)
     for name in a:
         assert torch.equal(a[name] != 0, b[name] != 0), f"{name}: masks differ"
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), (
@@ -33,12 +32,12 @@ def test_two_processes_match_one(tmp_path, method):
     pruned_w = load_weights(pruned)
     assert any(not torch.equal(pruned_w[n], a[n]) for n in a)  # training moved the weights
     if method == "seft":
-        adapter_a = load_file(str(tmp_path / "one" / "seft_adapter.safetensors"))
-        adapter_b = load_file(str(tmp_path / "two" / "seft_adapter.safetensors"))
+        adapter_a = load_file(str(one / "seft_adapter.safetensors"))
+        adapter_b = load_file(str(two / "seft_adapter.safetensors"))
         for key in adapter_a:  # the same entry positions (slot order may differ on near-ties) and re-pruned positions
             if key.endswith((".indices", ".repruned")):
                 assert torch.equal(adapter_a[key].sort().values, adapter_b[key].sort().values), key
-        log_a = (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()
-        log_b = (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()
+        log_a = (one / "train_log.jsonl").read_text().splitlines()
+        log_b = (two / "train_log.jsonl").read_text().splitlines()
         topology = [[json.loads(r).get("topology") for r in log] for log in (log_a, log_b)]
         assert topology[0] == topology[1] and sum(t is not None for t in topology[0]) == 2

@@ -143,12 +143,11 @@ def test_ctre_two_processes_match_one(corpus, tmp_path):
     s = settings(tok_dir, text, tmp_path / "unused", steps=8, growth="ctre-sim")
     del s["output"]
     common = ["smet-pretrain", "--json"] + [a for k, v in s.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-    run_one_and_two_processes(common, tmp_path)  # each update's index digest matched across the two ranks
-    reports = [json.loads((tmp_path / d / "sparsity_report.json").read_text()) for d in ("one", "two")]
+    outputs = run_one_and_two_processes(common, tmp_path)  # each update's index digest matched across the ranks
+    reports = [json.loads((d / "sparsity_report.json").read_text()) for d in outputs]
     assert [t["grown_at_random"] for t in reports[0]["topology_history"]] == [
         t["grown_at_random"] for t in reports[1]["topology_history"]
     ]
-    a = load_file(str(tmp_path / "one" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    a, b = (load_file(str(d / "model.safetensors")) for d in outputs)
     for name in a:  # the halves of a batch on two ranks, all-reduced, choose what the whole batch does on one
         assert torch.equal(a[name] != 0, b[name] != 0), f"{name}: masks differ"

@@ -20,8 +20,8 @@ def test_two_processes_match_one(tmp_path):
     common = ["seft", str(pruned), "--data", str(data), "--seqlen", "32", "--batch-size", "4", "--steps", "7",
               "--lr", "1e-3", "--method", "granet", "--target-sparsity", "0.7", "--granet-interval", "3",
               "--granet-end", "6", "--granet-score", "wanda", "--distill-loss", "kl"]  # fmt: skip
-    run_one_and_two_processes(common, tmp_path)
-    a, b = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
+    outputs = run_one_and_two_processes(common, tmp_path)
+    a, b = (load_weights(d) for d in outputs)
     decoder = [n for n in a if ".layers." in n and n.endswith("proj.weight")]
     for weights in (a, b):
         for n in decoder:
@@ -29,6 +29,6 @@ def test_two_processes_match_one(tmp_path):
     for name in a:
         assert torch.equal(a[name] != 0, b[name] != 0), f"{name}: masks differ"
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), name
-    logs = [(tmp_path / d / "train_log.jsonl").read_text().splitlines() for d in ("one", "two")]
+    logs = [(d / "train_log.jsonl").read_text().splitlines() for d in outputs]
     topology = [[json.loads(r).get("topology") for r in log] for log in logs]
     assert topology[0] == topology[1] and sum(t is not None for t in topology[0]) == 2
