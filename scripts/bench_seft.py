@@ -84,17 +84,19 @@ LEARNING_RATES = {
 }  # fmt: skip
 
 
-# --activation-runs name -> its extra flags; the comparison row is on against off.
+# --activation-runs name -> its extra flags; the comparison rows are each checkpointing run against off and before.
 ACTIVATION_RUNS = {
-    "on": ["--activation-checkpointing"],
+    "on": ["--activation-checkpointing"],  # seft's defaults: the CPU block cache for tensors of 1 MB and more
     "off": ["--no-activation-checkpointing"],
     "off-whole-logits": ["--no-activation-checkpointing", "--loss-chunk-tokens", "0"],
     "before": [],  # the code of --baseline-tree (a checkout from before issue 32), which has neither switch
-    "on-mmap-4mb": ["--activation-checkpointing"],  # with ACTIVATION_ENV's allocator setting
+    "on-glibc-heap": ["--activation-checkpointing", "--cpu-block-cache-mb", "0"],  # glibc's heap, as before
+    "on-cache-4mb": ["--activation-checkpointing", "--cpu-block-cache-mb", "4"],
+    "on-mmap-4mb": ["--activation-checkpointing", "--cpu-block-cache-mb", "0"],  # with ACTIVATION_ENV's setting
 }
-# glibc keeps freed 4-8 MB chunks (the hidden states of a step) in its heap; above this threshold they are mapped
-# and unmapped instead: less resident memory, more page faults. The README's memory section quotes both runs.
+# glibc's heap with a fixed 4 MB mmap threshold: the freed activations are unmapped, every new one faulted in
 ACTIVATION_ENV = {"on-mmap-4mb": {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4194304"}}
+CHECKPOINTING_RUNS = ("on", "on-glibc-heap", "on-cache-4mb", "on-mmap-4mb")
 
 
 def set_results(path: Path) -> None:
@@ -246,6 +248,9 @@ def activations_suite(args: argparse.Namespace, work: Path) -> None:
                 "run": f"activation-checkpointing-{run}",
                 "activation_checkpointing": summary.get("activation_checkpointing"),
                 "loss_chunk_tokens": summary.get("loss_chunk_tokens"),
+                "cpu_block_cache_mb": summary.get("cpu_block_cache_mb"),
+                "cpu_block_cache": summary.get("cpu_block_cache"),
+                "env": ACTIVATION_ENV.get(run),
                 "peak_rss_bytes": rss,
                 "report_peak_rss_bytes": summary.get("peak_rss_bytes"),  # the run's own, taken before it saves
                 "mean_step_s": summary.get("mean_step_s"),
@@ -254,7 +259,7 @@ def activations_suite(args: argparse.Namespace, work: Path) -> None:
             }
             emit(rows[run])
         for reference in ("off", "before"):
-            for run in ("on", "on-mmap-4mb"):
+            for run in CHECKPOINTING_RUNS:
                 if {run, reference} <= rows.keys():
                     compare_activation_runs(base, rows[run], rows[reference], reference, run)
 

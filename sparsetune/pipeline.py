@@ -71,7 +71,10 @@ RUN_FILE = "run.json"  # marks OUT as a sparsetune run dir: resuming into it nee
 STATE_DIR = ".stages"
 SUMMARY_FILE = "summary.json"
 # Settings that neither change a stage's result nor name its input (the input hash covers the model files).
-UNHASHED = {"output", "model", "models", "resume", "device", "log_every", "checkpoint_every", "checkpoint_dir"}
+UNHASHED = {
+    "output", "model", "models", "resume", "device", "log_every", "checkpoint_every", "checkpoint_dir",
+    "cpu_block_cache_mb",  # where the allocator puts tensors, not what a stage computes
+}  # fmt: skip
 # Settings that joined a stage kind's schema after run dirs were written: left out of its hash while at their
 # default, so such a run dir resumes (a run that sets one runs the stage again).
 ADDED_LATER: dict[str, set[str]] = {

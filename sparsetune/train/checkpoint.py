@@ -65,7 +65,8 @@ def replace_dir(new: Path, target: Path) -> None:
 
 
 # Settings that change where a run writes or how often it reports, not its result: a resume may differ in them.
-# Activation checkpointing recomputes the same values: the losses and weights are those of a run without it.
+# Activation checkpointing recomputes the same values: the losses and weights are those of a run without it; where
+# the allocator puts tensors does not change them either.
 NOT_IDENTITY = {
     "output",
     "device",
@@ -75,6 +76,7 @@ NOT_IDENTITY = {
     "log_every",
     "data_dir",
     "activation_checkpointing",
+    "cpu_block_cache_mb",
     "stream",
 }
 # Settings that joined the identity after checkpoints were written, with the value those checkpoints ran with: a

@@ -52,6 +52,7 @@ from sparsetune.train.guard import (
     WEIGHT_LIMIT_FACTOR,
     loss_bound,
 )
+from sparsetune.train.heap import block_cache_stats, install_block_cache, stop_block_cache
 from sparsetune.train.loss import token_nll_sum
 from sparsetune.train.schedule import lr_at
 from sparsetune.train.sparse_start import SparseStart
@@ -194,6 +195,8 @@ class Trainer:
     _weight_limits: dict[str, float] | None = None
     _uniform_loss: float | None = None  # ln(vocab): the loss of uniform guessing
     activation_checkpointing: Checkpointing | None = None  # the decoder blocks' activation checkpointing while training
+    block_cache = False  # whether this run installed the CPU block cache (train/heap.py)
+    block_cache_counts: dict[str, int] | None = None  # its counters when the run stopped it
     distiller: Distiller | None = None  # the teacher's objective when the run distils (set by the task's `load`)
 
     def __init__(self, cfg: Any, overwrite: bool = False, show_progress: bool = True) -> None:
@@ -226,6 +229,7 @@ class Trainer:
             self.end_checkpointing()
             return self.finish()
         finally:
+            self.end_block_cache()
             if hasattr(self, "ctx"):
                 self.cleanup()
 
@@ -238,6 +242,7 @@ class Trainer:
         self.ckpt_dir = Path(ckpt).expanduser().resolve() if ckpt else None
         if self.ckpt_dir is not None:
             check_checkpoint_dir(self.ckpt_dir, cfg.resume)
+        self.block_cache = install_block_cache(cfg.cpu_block_cache_mb)  # before anything is loaded (train/heap.py)
         self.ctx = dist_context(cfg.device)
         micro = cfg.batch_size // cfg.grad_accum
         if micro < self.ctx.world:
@@ -277,13 +282,24 @@ class Trainer:
         """How the run bounds its activations: the checkpointing mechanism ("transformers", "torch" or "off") and
         the loss chunk (0: the whole logits at once)."""
         mechanism = self.activation_checkpointing.mechanism if self.activation_checkpointing is not None else "off"
-        return {"activation_checkpointing": mechanism, "loss_chunk_tokens": self.cfg.loss_chunk_tokens}
+        return {
+            "activation_checkpointing": mechanism,
+            "loss_chunk_tokens": self.cfg.loss_chunk_tokens,
+            "cpu_block_cache_mb": self.cfg.cpu_block_cache_mb,
+            "cpu_block_cache": self.block_cache_counts or block_cache_stats() if self.block_cache else None,
+        }
 
     def end_checkpointing(self) -> None:
-        """After the last step: the model as loaded again (the blocks' checkpointing off), for the method's end
-        and the output."""
+        """After the last step: the model as loaded again (the blocks' checkpointing off) and the CPU block cache
+        ended, for the method's end and the output."""
         if self.activation_checkpointing is not None:
             self.activation_checkpointing.disable()
+        self.end_block_cache()
+
+    def end_block_cache(self) -> None:
+        """Stop the CPU block cache this run installed (its cached blocks handed back), keeping its counters."""
+        if self.block_cache and self.block_cache_counts is None:
+            self.block_cache_counts = stop_block_cache()
 
     def finish_method(self) -> Finished:
         """The method's end; the run goes on with the model as the method left it (LoRA* merged)."""

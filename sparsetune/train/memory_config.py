@@ -1,7 +1,8 @@
 """The activation-memory settings every training command shares (`seft` with each --method, `smet-pretrain`).
 
-Each command's schema declares the two fields with these factories, beside its other settings, so their help text
-lives here once. Torch-free: the CLI builds its flags from the Field descriptions, and `--help` must not import torch.
+Each command's schema declares these fields with their factories, beside its other settings, so their help text
+lives here once (the CPU block cache with each command's own default: on for `seft`, off for `smet-pretrain`, whose
+whole-model steps it was not measured on). Torch-free: the CLI builds its flags from the Field descriptions, and `--help` must not import torch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ def activation_checkpointing_field() -> Any:
         "backward (transformers' activation checkpointing, non-reentrant; torch's checkpoint around each block "
         "where transformers' does not apply): the activations of one block instead of all of them, for about one "
         "more forward pass per step; losses and weights are the same bit for bit",
+    )
+
+
+def cpu_block_cache_field(default: float) -> Any:
+    return Field(
+        default,
+        ge=0,
+        description="Keep freed CPU tensors of at least this many MB for reuse at the same size (a caching "
+        "allocator for torch's CPU tensors, compiled once with the system's C++ compiler), instead of glibc's heap "
+        "keeping the freed activations resident and fragmented; 0 = off",
     )
 
 

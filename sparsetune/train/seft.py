@@ -318,6 +318,8 @@ def build_report(
         "cuda_peak_bytes": memory.get("cuda_peak_bytes"),
         "activation_checkpointing": memory.get("activation_checkpointing"),
         "loss_chunk_tokens": memory.get("loss_chunk_tokens"),
+        "cpu_block_cache_mb": memory.get("cpu_block_cache_mb"),
+        "cpu_block_cache": memory.get("cpu_block_cache"),
         "sparsity": stats["global_sparsity"],
         **fields,
         **distillation,

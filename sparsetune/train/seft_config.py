@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from sparsetune.train.distill_config import DistillSettings
 from sparsetune.train.granet.config import GranetSettings
+from sparsetune.train.memory_config import cpu_block_cache_field
 from sparsetune.train.sparse_delta.config import DeltaSettings
 from sparsetune.train.training_config import TrainingSettings, batch_size_field, steps_field
 
@@ -40,6 +41,7 @@ class SeftConfig(TrainingSettings, DeltaSettings, GranetSettings, DistillSetting
     seqlen: int = Field(256, ge=8, description="Tokens per packed window; the length cap of instruction examples")
     batch_size: int = batch_size_field(8)
     steps: int = steps_field(300)
+    cpu_block_cache_mb: float = cpu_block_cache_field(1)
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (cosine schedule with linear warmup)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     lora_r: int = Field(16, ge=1, description="lora-reprune: LoRA rank")

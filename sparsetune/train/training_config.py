@@ -12,7 +12,11 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from sparsetune.settings import DataSettings, DeviceSettings
-from sparsetune.train.memory_config import activation_checkpointing_field, loss_chunk_tokens_field
+from sparsetune.train.memory_config import (
+    activation_checkpointing_field,
+    cpu_block_cache_field,
+    loss_chunk_tokens_field,
+)
 
 
 def batch_size_field(default: int) -> Any:
@@ -42,6 +46,7 @@ class TrainingSettings(DataSettings, DeviceSettings):
     )
     activation_checkpointing: bool = activation_checkpointing_field()
     loss_chunk_tokens: int = loss_chunk_tokens_field()
+    cpu_block_cache_mb: float = cpu_block_cache_field(0)
     log_every: int = Field(1, ge=1, description="Write a train_log.jsonl line every N steps")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0 = off)")
     checkpoint_dir: str | None = Field(
