@@ -90,6 +90,12 @@ def install_block_cache(min_mb: float) -> bool:
     return bool(_library.sparsetune_block_cache_install(int(min_mb * 2**20)))
 
 
+def release_cached_blocks() -> int:
+    """Unmap the cached free blocks and go on caching (e.g. after loading, whose block sizes training does not
+    reuse); the bytes handed back."""
+    return int(_library.sparsetune_block_cache_release()) if _library is not None else 0
+
+
 def stop_block_cache() -> dict[str, int] | None:
     """End caching: unmap the cached blocks now and the live ones as they are freed; new allocations go to c10's
     own. Returns the counters as they were before it stopped (None when the cache was not installed)."""

@@ -52,7 +52,7 @@ from sparsetune.train.guard import (
     WEIGHT_LIMIT_FACTOR,
     loss_bound,
 )
-from sparsetune.train.heap import block_cache_stats, install_block_cache, stop_block_cache
+from sparsetune.train.heap import block_cache_stats, install_block_cache, release_cached_blocks, stop_block_cache
 from sparsetune.train.loss import token_nll_sum
 from sparsetune.train.schedule import lr_at
 from sparsetune.train.sparse_start import SparseStart
@@ -267,6 +267,8 @@ class Trainer:
         self.init_guard()
         if cfg.resume:
             self.load_checkpoint()
+        if self.block_cache:
+            release_cached_blocks()  # what loading freed: training allocates other sizes
 
     @property
     def optimizer(self) -> Any:

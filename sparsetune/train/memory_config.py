@@ -1,8 +1,9 @@
 """The activation-memory settings every training command shares (`seft` with each --method, `smet-pretrain`).
 
 Each command's schema declares these fields with their factories, beside its other settings, so their help text
-lives here once (the CPU block cache with each command's own default: on for `seft`, off for `smet-pretrain`, whose
-whole-model steps it was not measured on). Torch-free: the CLI builds its flags from the Field descriptions, and `--help` must not import torch.
+lives here once (the CPU block cache with each command's own default: on for `seft`, off for `smet-pretrain`,
+whose whole-model steps it was not measured on). Torch-free: the CLI builds its flags from the Field descriptions,
+and `--help` must not import torch.
 """
 
 from __future__ import annotations

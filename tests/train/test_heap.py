@@ -99,3 +99,16 @@ def test_without_a_compiler_the_run_goes_on_with_glibc_and_says_so(monkeypatch, 
         assert heap.install_block_cache(1) is False
     assert "could not be built" in caplog.text
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_releasing_the_cached_blocks_keeps_caching(cache):
+    freed = torch.ones(2**20 + 2048)
+    del freed
+    cached = cache.block_cache_stats()["cached_bytes"]
+    assert cached > 0
+    assert cache.release_cached_blocks() == cached
+    assert cache.block_cache_stats()["cached_bytes"] == 0
+    again = torch.ones(2**20 + 2048)
+    del again  # still caching: the block waits for the next tensor of its size
+    assert cache.block_cache_stats()["cached_bytes"] == (4 * 2**20 + 8192 + 4095) // 4096 * 4096
+    assert cache.block_cache_stats()["min_bytes"] == 2**20
