@@ -95,7 +95,9 @@ def test_shipped_recipes_say_what_their_names_say():
     calib = p70.stages[0].config
     seft = p70.stages[1].config
     assert seft.skip_tokens == calib.calib_samples * calib.calib_seqlen  # trains past the calibration tokens
-    assert (seft.method, seft.lr, seft.delta_rank, seft.distill_loss) == ("seft", 1e-3, 16, "none")
+    assert (seft.method, seft.lr, seft.distill_loss) == ("masked-ft", 1e-3, "none")
+    deltas = _plan("prune-70", set_vars=("method=seft",)).stages[1].config
+    assert (deltas.method, deltas.lr, deltas.delta_rank) == ("seft", 1e-3, 16)
     distilled = _plan("prune-70", set_vars=("distill=squarehead",)).stages[1].config
     assert (distilled.distill_loss, distilled.distill_from) == ("squarehead", None)  # teacher: the prune's source
     assert p70.stages[2].config.models == ["smollm2", "/tmp/out/01-prune", "/tmp/out/02-seft"]
