@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 
 #include <cstddef>
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <new>
@@ -29,7 +30,7 @@ std::size_t page_round(std::size_t n) {
 
 struct Cache {
   std::mutex mutex;
-  std::size_t min_bytes = 0;
+  std::atomic<std::size_t> min_bytes{0};  // read without the lock: small allocations never take it
   std::unordered_map<std::size_t, std::vector<void*>> free_blocks;  // mapped size -> cached blocks
   std::unordered_map<void*, std::size_t> live;  // blocks handed out -> mapped size
   std::size_t cached_bytes = 0;
@@ -51,7 +52,7 @@ void release(void* ptr) {
     if (it != c.live.end()) {
       std::size_t size = it->second;
       c.live.erase(it);
-      if (c.min_bytes != 0) {
+      if (c.min_bytes.load() != 0) {
         c.free_blocks[size].push_back(ptr);
         c.cached_bytes += size;
         return;
@@ -61,7 +62,12 @@ void release(void* ptr) {
       return;
     }
   }
-  c10::free_cpu(ptr);  // a small block (or one from before the cache was installed)
+  c10::free_cpu(ptr);  // a raw allocation of a small block
+}
+
+bool cached_size(std::size_t nbytes) {
+  std::size_t min_bytes = cache().min_bytes.load();
+  return min_bytes != 0 && nbytes >= min_bytes;
 }
 
 void* acquire(std::size_t nbytes) {
@@ -69,9 +75,6 @@ void* acquire(std::size_t nbytes) {
   std::size_t size = page_round(nbytes);
   {
     std::lock_guard<std::mutex> guard(c.mutex);
-    if (c.min_bytes == 0 || nbytes < c.min_bytes) {
-      return c10::alloc_cpu(nbytes);  // small: c10's own allocation, as without the cache
-    }
     auto it = c.free_blocks.find(size);
     if (it != c.free_blocks.end() && !it->second.empty()) {
       void* ptr = it->second.back();
@@ -99,9 +102,14 @@ void raw_delete(void* ptr) {
 
 struct BlockCacheAllocator final : public c10::Allocator {
   c10::DataPtr allocate(std::size_t nbytes) override {
-    void* ptr = nbytes == 0 ? nullptr : acquire(nbytes);
+    if (nbytes == 0 || !cached_size(nbytes)) {  // small: c10's own allocation and deleter, as without the cache
+      void* ptr = nbytes == 0 ? nullptr : c10::alloc_cpu(nbytes);
+      return {ptr, ptr, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
+    }
+    void* ptr = acquire(nbytes);
     return {ptr, ptr, &raw_delete, c10::Device(c10::DeviceType::CPU)};
   }
+  // raw_allocate's blocks (either kind) come back through raw_delete, which tells cached blocks from small ones
   c10::DeleterFnPtr raw_deleter() const override {
     return &raw_delete;
   }
@@ -122,10 +130,7 @@ extern "C" {
 // Make the cache torch's CPU allocator; blocks of at least min_bytes are cached. 0 stops caching: new allocations
 // go to c10's alloc_cpu, and the blocks still live are unmapped when freed (call release for the cached ones).
 int sparsetune_block_cache_install(std::size_t min_bytes) {
-  {
-    std::lock_guard<std::mutex> guard(cache().mutex);
-    cache().min_bytes = min_bytes;
-  }
+  cache().min_bytes.store(min_bytes);
   c10::SetCPUAllocator(allocator(), /*priority=*/10);
   return c10::GetCPUAllocator() == allocator() ? 1 : 0;
 }
@@ -162,7 +167,7 @@ void sparsetune_block_cache_stats(std::uint64_t* out) {
   out[1] = c.misses;
   out[2] = c.cached_bytes;
   out[3] = c.mapped_bytes;
-  out[4] = c.min_bytes;
+  out[4] = c.min_bytes.load();
 }
 
 }  // extern "C"

@@ -1,4 +1,4 @@
-"""Where large CPU tensors live during training (`--cpu-block-cache`, on by default for `seft`).
+"""Where large CPU tensors live during training (`--cpu-block-cache-mb`, on by default for `seft`).
 
 glibc serves an allocation from its heap unless it is at least the mmap threshold, which starts at 128 KB and rises
 to the size of the largest mapped chunk freed so far (up to 32 MB). A training step allocates and frees hundreds of
@@ -13,7 +13,8 @@ A step allocates the same shapes block after block, so nearly every large alloca
 no heap to fragment, no page faults after the first step. What it holds beyond the live tensors is, per size, the
 most blocks of that size ever live at once. Torch has no CPU caching allocator on desktop builds (its
 CPUCachingAllocator is the mobile one), so this is compiled here, once per torch version, with the system's C++
-compiler; without one the run goes on with glibc's heap and says so in its report.
+compiler; without one the run goes on with glibc's heap, logs a warning, and its report's `cpu_block_cache` is
+null.
 
 Process-wide: a training run installs it as it starts and stops it after its last step (the cached blocks are
 handed back before the model is merged and saved, and the ones still live as they are freed).
