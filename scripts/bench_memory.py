@@ -44,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "memory.jsonl"
+GIB = 2**30  # the peaks are /usr/bin/time's kB / 1024**2: sizes set beside them use the same unit
 CONFIGS = {  # hidden, intermediate, layers (vocab: the bundled tokenizer's 49,152)
     "tiny": (256, 512, 4),
     "small": (1024, 2816, 8),
@@ -85,7 +86,7 @@ def measure(argv: list[str], env: dict[str, str] | None = None, python: str | No
     row: dict[str, object] = {
         "exit": proc.returncode,
         "wall_s": round(wall, 2),
-        "peak_rss_gb": round(int(rss_kb.group(1)) / 1024**2, 3) if rss_kb else None,
+        "peak_rss_gb": round(int(rss_kb.group(1)) * 1024 / GIB, 3) if rss_kb else None,
         "read_gb": round(io.get("rchar", 0) / 1e9, 3),
         "written_gb": round(io.get("wchar", 0) / 1e9, 3),
     }
@@ -233,6 +234,7 @@ def suite_seft_nf4(args: argparse.Namespace, work: Path) -> None:
         "suite": "seft-nf4",
         "config": args.config,
         "summary": True,
+        "units": "GiB (the peaks' unit: /usr/bin/time's kB / 1024**2)",
         "nf4_base_gb": nf4_gb,
         "block_gb": block_gb,
         "base_two_blocks_gb": round(nf4_gb + 2 * block_gb, 3),  # the target, less the activations
@@ -240,16 +242,26 @@ def suite_seft_nf4(args: argparse.Namespace, work: Path) -> None:
     for mode, measured in rows.items():
         summary[f"rss_{mode}_gb"] = min(r["peak_rss_gb"] for r in measured)
         summary[f"wall_{mode}_s"] = sorted(r["wall_s"] for r in measured)[len(measured) // 2]
-    if "streamed" in rows:  # what the streamed peak holds beyond the NF4 base and two blocks: activations, runtime
+    if "streamed" in rows:
+        # what the streamed peak holds beyond the NF4 base and two blocks: the trainable entries with their
+        # gradients and AdamW state (from the run's own report), then activations, the interpreter and the heap
+        memory = json.loads((work / "seft-streamed" / "sparsity_report.json").read_text())["finetune_history"][-1][
+            "memory"
+        ]
+        trainable = sum(memory[k] for k in ("delta_bytes", "index_bytes", "grad_bytes", "optimizer_state_bytes"))
+        summary["trainable_state_gb"] = round(trainable / GIB, 3)
         summary["rss_streamed_over_target_gb"] = round(summary["rss_streamed_gb"] - nf4_gb - 2 * block_gb, 3)
+        over = summary["rss_streamed_over_target_gb"] - summary["trainable_state_gb"]
+        summary["rss_streamed_over_target_and_trainable_gb"] = round(over, 3)
     if set(rows) == {"streamed", "whole"}:
         summary["outputs_identical"] = _same_tensors(work / "seft-streamed", work / "seft-whole")
     emit(summary)
 
 
 def nf4_sizes(pruned: Path) -> tuple[float, float]:
-    """(GB of the NF4 base: the decoder blocks' 2-D weights at 4 bits plus one fp32 scale per 64, everything else
-    as stored; GB of one decoder block as stored), from the checkpoint's headers."""
+    """(GiB of the NF4 base: the decoder blocks' 2-D weights at 4 bits plus one fp32 scale per 64 and the bitmap of
+    their non-zeros (one bit each), everything else as stored; GiB of one decoder block as stored), from the
+    checkpoint's headers."""
     from sparsetune.streaming import CheckpointFiles
 
     entries = CheckpointFiles(pruned).entries
@@ -257,9 +269,9 @@ def nf4_sizes(pruned: Path) -> tuple[float, float]:
     for name, e in entries.items():
         in_block = ".layers." in name
         numel = e.nbytes // e.dtype.itemsize
-        base += numel // 2 + numel // 64 * 4 if in_block and len(e.shape) == 2 else e.nbytes
+        base += numel // 2 + numel // 64 * 4 + numel // 8 if in_block and len(e.shape) == 2 else e.nbytes
         block += e.nbytes if ".layers.0." in name else 0
-    return round(base / 1e9, 3), round(block / 1e9, 3)
+    return round(base / GIB, 3), round(block / GIB, 3)
 
 
 def plain_load(path: str, offload: str) -> None:
@@ -378,7 +390,7 @@ def llmc_rows(python: Path, work: Path) -> dict[str, dict[str, object]]:
             "run": name,
             "exit": proc.returncode,
             "wall_s": round(time.perf_counter() - t0, 2),
-            "peak_rss_gb": round(int(rss.group(1)) / 1024**2, 3) if rss else None,
+            "peak_rss_gb": round(int(rss.group(1)) * 1024 / GIB, 3) if rss else None,
         }
         if proc.returncode == 0:
             inner = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -18,8 +18,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.streaming import StreamedModel
+from sparsetune.train import heap
 from sparsetune.train.seft import FinetuneRun, run_seft
 from sparsetune.train.seft_config import SeftConfig
+from sparsetune.train.sparse_delta import streamed_base
 from sparsetune.train.sparse_delta.delta_linear import DeltaLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -202,6 +204,36 @@ def test_at_most_one_block_of_full_precision_linears_exists(tmp_path, monkeypatc
             return method
 
     Inspect(SeftConfig(**nf4_settings(pruned, data, tmp_path / "out2", steps=1)), show_progress=False).run()
+
+
+def test_each_block_hands_the_block_caches_freed_blocks_back(tmp_path, monkeypatch):
+    """With the CPU block cache on (a 1 KB threshold, so the tiny blocks' tensors go through it), quantizing a block
+    leaves freed temporaries in the cache; they are unmapped before the next block is read, not kept for sizes the
+    next block would only partly reuse."""
+    if not heap.install_block_cache(0.001):
+        pytest.skip("no C++ compiler to build the block cache with")
+    heap.stop_block_cache()
+    pruned = make_pruned(tmp_path)
+    data = write_text(tmp_path / "t.txt")
+    load_block, release = StreamedModel.load_block, streamed_base.release_cached_blocks
+    cached_at_read: list[int] = []  # as each block is read
+    cached_at_release: list[int] = []  # as the load hands the cache's blocks back
+
+    def checked_read(streamed, index, device="cpu"):
+        cached_at_read.append(heap.block_cache_stats()["cached_bytes"])
+        return load_block(streamed, index, device)
+
+    def checked_release():
+        cached_at_release.append(heap.block_cache_stats()["cached_bytes"])
+        return release()
+
+    monkeypatch.setattr(StreamedModel, "load_block", checked_read)
+    monkeypatch.setattr(streamed_base, "release_cached_blocks", checked_release)
+    settings = nf4_settings(pruned, data, tmp_path / "out", steps=1, cpu_block_cache_mb=0.001)
+    report = run_seft(SeftConfig(**settings), False, False)
+    assert report["summary"]["cpu_block_cache"]["hits"] > 0  # the cache served the run
+    assert len(cached_at_release) == 3 and cached_at_release[0] > 0  # each block, then the head: block 0 left some
+    assert cached_at_read[1:] == [0]  # and they were handed back before block 1 was read
 
 
 @pytest.mark.parametrize("merge", [True, False])

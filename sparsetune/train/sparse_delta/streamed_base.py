@@ -20,6 +20,7 @@ from torch import nn
 
 from sparsetune import devices, loading, stream_inputs, structure
 from sparsetune.streaming import trim_heap
+from sparsetune.train.heap import release_cached_blocks
 from sparsetune.train.sparse_delta.budget import budget_total, check_capacity, module_budgets
 from sparsetune.train.sparse_delta.delta_linear import DeltaLinear, require_bitsandbytes
 from sparsetune.train.sparse_delta.method import delta_settings, select_targets
@@ -113,10 +114,14 @@ def load_streamed(
     for index, names in enumerate(in_block):
         streamed.load_block(index, device)
         wrap(names)
-        trim_heap()  # the block's full-precision Linears are gone: hand their pages back before the next block
+        # the block's full-precision Linears are gone: hand their pages back before the next block (the block
+        # cache's too: quantizing leaves temporaries of many sizes that the next block would only partly reuse)
+        trim_heap()
+        release_cached_blocks()
     streamed.load_head(device)
     wrap(outside)
     trim_heap()
+    release_cached_blocks()
     model.to(device)  # the skeleton's buffers (rotary tables) were built on the CPU
     model.eval()
     return model, tokenizer, LoadedDeltas(plans, budgets, layers, target_order, streamed)
